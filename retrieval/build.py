@@ -1,0 +1,390 @@
+"""Incremental builds: find what changed under the sources, embed only that, commit in batches.
+
+The protocol, per file found:
+1. same path, size and mtime as recorded -> unchanged, not even read;
+2. otherwise read and hash it: same hash as recorded -> unchanged (only the stat is updated);
+3. same hash as a recorded file that has disappeared -> moved: paths change, ids and vectors stay;
+4. same hash as another recorded file -> copy: its vector is reused, nothing is encoded;
+5. anything else is decoded, embedded and committed, a batch per SQLite transaction.
+Recorded files under the sources that were not found are removed last.
+
+Every transaction bumps the generation of the modality it touches; the FAISS files are brought
+up to date at the end and tagged with that generation. A build killed half-way leaves SQLite
+consistent and FAISS files that are merely stale; they are rebuilt from SQLite on next open.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+from .captions import CaptionFormatError
+from .corpus import (
+    ItemSpec,
+    Skipped,
+    SourceFile,
+    file_digest,
+    read_items,
+    text_digest,
+    walk_sources,
+)
+from .images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
+from .pipeline import default_workers, prefetch_map
+from .store import MODALITIES, FileRow, NewItem
+
+if TYPE_CHECKING:
+    import torch
+
+    from .index import Index
+
+TEXT_FLUSH = 4096  # texts to gather before encoding: big batches, bounded loss on a crash
+
+
+@dataclass
+class BuildOptions:
+    exclude: tuple[str, ...] = ()
+    include_hidden: bool = False
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    progress: bool = False
+    workers: int = field(default_factory=default_workers)
+
+
+@dataclass
+class BuildReport:
+    """What a build did, counted in files; `encoded` and `reused` count vectors."""
+
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    moved: int = 0
+    removed: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    images_encoded: int = 0
+    texts_encoded: int = 0
+    vectors_reused: int = 0
+    seconds: float = 0.0
+
+    @property
+    def items_per_second(self) -> float:
+        encoded = self.images_encoded + self.texts_encoded
+        return encoded / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.new} new, {self.changed} changed, {self.unchanged} unchanged, "
+                f"{self.moved} moved, {self.removed} removed, {len(self.skipped)} skipped; "
+                f"encoded {self.images_encoded} images and {self.texts_encoded} texts, "
+                f"reused {self.vectors_reused} vectors in {self.seconds:.1f} s "
+                f"({self.items_per_second:.1f} items/s)")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["items_per_second"] = self.items_per_second
+        return data
+
+
+@dataclass
+class _Prepared:
+    """A file read, hashed and (when it needs encoding) decoded by a worker thread."""
+
+    source: SourceFile
+    row: FileRow | None
+    digest: str = ""
+    pixels: torch.Tensor | None = None
+    error: str | None = None
+
+
+class Builder:
+    """One build or removal over an index; holds the index's write lock while it runs."""
+
+    def __init__(self, index: Index, options: BuildOptions) -> None:
+        self.index = index
+        self.store = index.store
+        self.options = options
+        self.report = BuildReport()
+        self.known: dict[str, FileRow] = {}
+        self.gone: dict[str, FileRow] = {}
+        self.gone_by_content: dict[tuple[str, str], FileRow] = {}
+        # item id -> new vector, or None for a removed item; applied to FAISS at the end
+        self.changes: dict[str, dict[int, np.ndarray | None]] = {m: {} for m in MODALITIES}
+        self.base = {m: index._load_vectors(m) for m in MODALITIES}
+
+    # -- the build --------------------------------------------------------------------------
+
+    def run(self, sources: Sequence[str | Path], captions: Sequence[str | Path]) -> BuildReport:
+        started = time.perf_counter()
+        try:
+            walk = walk_sources(sources, self.options.exclude, captions, self.options.include_hidden)
+        except FileNotFoundError as error:
+            from .errors import UsageError
+            raise UsageError(str(error)) from None
+        self.report.skipped += walk.skipped
+        self.known = self.store.files_by_path()
+        roots = [str(Path(s).expanduser().absolute()) for s in sources]
+        unreadable = [s.path for s in walk.skipped]
+        found = {f.key for f in walk.files}
+        self.gone = {path: row for path, row in self.known.items()
+                     if path not in found and _under(path, roots) and not _under(path, unreadable)}
+        self.gone_by_content = {(row.kind, row.sha256): row for row in self.gone.values()}
+        pending = [(f, self.known.get(f.key)) for f in walk.files if not self._unchanged(f)]
+        self._index_images([p for p in pending if p[0].kind == "image"])
+        self._index_texts([p for p in pending if p[0].kind != "image"])
+        self._remove(list(self.gone.values()))
+        with self.store.conn:
+            self.store.link_captions()
+            self.store.set_sources(self.store.sources() + roots)
+        self._finish_vectors()
+        self.report.seconds = time.perf_counter() - started
+        return self.report
+
+    def remove(self, paths: Iterable[str | Path]) -> int:
+        """Forget every recorded file at or under `paths`."""
+        prefixes = [str(Path(p).expanduser().absolute()) for p in paths]
+        rows = [row for path, row in self.store.files_by_path().items() if _under(path, prefixes)]
+        self._remove(rows)
+        with self.store.conn:
+            self.store.link_captions()
+            self.store.set_sources([s for s in self.store.sources() if not _under(s, prefixes)])
+        self._finish_vectors()
+        return len(rows)
+
+    def _unchanged(self, source: SourceFile) -> bool:
+        row = self.known.get(source.key)
+        same = (row is not None and row.kind == source.kind and row.size == source.size
+                and row.mtime_ns == source.mtime_ns)
+        self.report.unchanged += same
+        return same
+
+    # -- images -----------------------------------------------------------------------------
+
+    def _index_images(self, pending: list[tuple[SourceFile, FileRow | None]]) -> None:
+        if not pending:
+            return
+        encoder = self.index.encoder
+        # Every image file row is written with its item and vector, so these all have vectors.
+        known_hashes = {row.sha256 for row in self.known.values() if row.kind == "image"}
+        batch: list[_Prepared] = []
+        prepared = prefetch_map(lambda p: self._prepare_image(*p, known_hashes), pending,
+                                self.options.workers, ahead=encoder.batch_size * 4)
+        for item in tqdm(prepared, total=len(pending), unit="img", desc="images",
+                         disable=not self.options.progress):
+            if item.error:
+                self.report.skipped.append(Skipped(item.source.key, item.error))
+            elif not self._settled_without_encoding(item):
+                batch.append(item)
+                if len(batch) == encoder.batch_size:
+                    self._encode_images(batch)
+                    batch = []
+        if batch:
+            self._encode_images(batch)
+
+    def _prepare_image(self, source: SourceFile, row: FileRow | None,
+                       known_hashes: set[str]) -> _Prepared:
+        item = _Prepared(source, row)
+        try:
+            with open(source.path, "rb") as handle:
+                data = handle.read()
+        except OSError as error:
+            item.error = f"cannot read ({error.strerror})"
+            return item
+        if not data:
+            item.error = "empty file"
+            return item
+        item.digest = file_digest(data)
+        if item.digest not in known_hashes:  # else its vector exists: no need to decode
+            self._decode(item, data)
+        return item
+
+    def _decode(self, item: _Prepared, data: bytes) -> None:
+        try:
+            image = load_image(io.BytesIO(data), self.options.max_megapixels)
+            item.pixels = self.index.encoder.preprocess_image(image)
+        except ImageDecodeError as error:
+            item.error = str(error)
+
+    def _settled_without_encoding(self, item: _Prepared) -> bool:
+        """Handle files whose content is already indexed: touched, moved or copied."""
+        source, row = item.source, item.row
+        if row is not None and row.sha256 == item.digest and row.kind == source.kind:
+            with self.store.conn:
+                self.store.touch_file(row.id, source.size, source.mtime_ns)
+            self.report.unchanged += 1
+            return True
+        if row is None and self._move_from_gone(source, item.digest):
+            return True
+        if item.pixels is None:  # content of an indexed image at another path: reuse its vector
+            self._write_images([item], [self.store.image_vector_with_hash(item.digest)])
+            self.report.vectors_reused += 1
+            return True
+        return False
+
+    def _move_from_gone(self, source: SourceFile, digest: str) -> bool:
+        origin = self.gone_by_content.pop((source.kind, digest), None)
+        if origin is None:
+            return False
+        with self.store.conn:
+            self.store.move_file(origin.id, origin.path, source.key, source.root, source.size,
+                                 source.mtime_ns)
+        del self.gone[origin.path]
+        self.report.moved += 1
+        return True
+
+    def _encode_images(self, batch: list[_Prepared]) -> None:
+        import torch
+
+        vectors = self.index.encoder.encode_image_tensors(torch.stack([i.pixels for i in batch]))
+        self._write_images(batch, list(vectors))
+        self.report.images_encoded += len(batch)
+
+    def _write_images(self, batch: list[_Prepared], vectors: list[np.ndarray]) -> None:
+        changes = self.changes["image"]
+        with self.store.conn:
+            for item, vector in zip(batch, vectors):
+                source = item.source
+                file_id = self.store.upsert_file(source.key, source.root, source.kind, source.size,
+                                                 source.mtime_ns, item.digest)
+                existing = self.store.items_of_file(file_id) if item.row else {}
+                if source.key in existing:
+                    item_id = existing[source.key][0]
+                    self.store.replace_vector(item_id, vector, item.digest)
+                    self.report.changed += 1
+                else:
+                    new = NewItem(source.key, "image", vector, item.digest)
+                    item_id = self.store.insert_items(file_id, [new])[0]
+                    self.report.new += 1
+                changes[item_id] = vector
+            self.store.bump_generation("image")
+
+    # -- texts and captions -----------------------------------------------------------------
+
+    def _index_texts(self, pending: list[tuple[SourceFile, FileRow | None]]) -> None:
+        queue: list[tuple[SourceFile, FileRow | None, str, list[ItemSpec]]] = []
+        queued_texts = 0
+        for source, row in pending:
+            parsed = self._read_text_file(source, row)
+            if parsed is not None:
+                queue.append(parsed)
+                queued_texts += len(parsed[3])
+            if queued_texts >= TEXT_FLUSH:
+                self._write_text_files(queue)
+                queue, queued_texts = [], 0
+        if queue:
+            self._write_text_files(queue)
+
+    def _read_text_file(self, source: SourceFile, row: FileRow | None
+                        ) -> tuple[SourceFile, FileRow | None, str, list[ItemSpec]] | None:
+        try:
+            with open(source.path, "rb") as handle:
+                data = handle.read()
+        except OSError as error:
+            self.report.skipped.append(Skipped(source.key, f"cannot read ({error.strerror})"))
+            return None
+        digest = file_digest(data)
+        if row is not None and row.sha256 == digest and row.kind == source.kind:
+            with self.store.conn:
+                self.store.touch_file(row.id, source.size, source.mtime_ns)
+            self.report.unchanged += 1
+            return None
+        if row is None and self._move_from_gone(source, digest):
+            return None
+        try:
+            return source, row, digest, read_items(source, data)
+        except (CaptionFormatError, ValueError) as error:
+            kind = "captions file" if source.kind == "captions" else "text file"
+            self.report.skipped.append(Skipped(source.key, f"bad {kind}: {error}"))
+            return None
+
+    def _write_text_files(self, queue: list[tuple[SourceFile, FileRow | None, str, list[ItemSpec]]]
+                          ) -> None:
+        vectors = self._text_vectors([spec.text for *_, specs in queue for spec in specs])
+        for source, row, digest, specs in queue:
+            with self.store.conn:
+                file_id = self.store.upsert_file(source.key, source.root, source.kind, source.size,
+                                                 source.mtime_ns, digest)
+                self._sync_text_items(file_id, specs, vectors)
+                self.store.bump_generation("text")
+            if row is None:
+                self.report.new += 1
+            else:
+                self.report.changed += 1
+
+    def _text_vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Vectors by text hash: stored ones reused, the rest encoded in large batches."""
+        digests = {text_digest(text): text for text in texts}
+        vectors = self.store.vectors_for_hashes("text", digests)
+        missing = [(d, t) for d, t in digests.items() if d not in vectors]
+        self.report.vectors_reused += len(texts) - len(missing)
+        encoder = self.index.encoder if missing else None
+        step = 1024
+        with tqdm(total=len(missing), unit="text", desc="texts",
+                  disable=not self.options.progress or not missing) as bar:
+            for start in range(0, len(missing), step):
+                chunk = missing[start:start + step]
+                encoded = encoder.encode_texts([text for _, text in chunk])
+                vectors.update({digest: vector for (digest, _), vector in zip(chunk, encoded)})
+                bar.update(len(chunk))
+        self.report.texts_encoded += len(missing)
+        return vectors
+
+    def _sync_text_items(self, file_id: int, specs: list[ItemSpec],
+                         vectors: dict[str, np.ndarray]) -> None:
+        """Make a file's stored items equal `specs`, touching only the ones that differ."""
+        existing = self.store.items_of_file(file_id)
+        stale: list[int] = []
+        fresh: list[NewItem] = []
+        for spec in specs:
+            digest = text_digest(spec.text)
+            current = existing.pop(spec.uri, None)
+            if current is not None and current[1:] == (digest, spec.parent_ref):
+                continue
+            if current is not None:
+                stale.append(current[0])
+            fresh.append(NewItem(spec.uri, spec.modality, vectors[digest], digest, spec.text,
+                                 spec.parent_ref, spec.meta))
+        stale += [item_id for item_id, *_ in existing.values()]
+        self.store.delete_items(stale)
+        new_ids = self.store.insert_items(file_id, fresh)
+        changes = self.changes["text"]
+        changes.update(dict.fromkeys(stale))
+        changes.update({item_id: item.vector for item_id, item in zip(new_ids, fresh)})
+
+    # -- removal and FAISS ------------------------------------------------------------------
+
+    def _remove(self, rows: list[FileRow]) -> None:
+        if not rows:
+            return
+        with self.store.conn:
+            removed = self.store.delete_files([row.id for row in rows])
+            for modality, ids in removed.items():
+                self.changes[modality].update(dict.fromkeys(ids))
+                self.store.bump_generation(modality)
+        self.report.removed += len(rows)
+
+    def _finish_vectors(self) -> None:
+        """Apply this build's changes to each FAISS index and save it, or rebuild a stale one."""
+        for modality in MODALITIES:
+            changes, vectors = self.changes[modality], self.base[modality]
+            generation = self.store.generation(modality)
+            if vectors is None:
+                self.index._vectors[modality] = self.index._rebuild_vectors(modality)
+                continue
+            if changes:
+                vectors.remove(np.fromiter(changes, dtype=np.int64, count=len(changes)))
+                added = [(i, v) for i, v in changes.items() if v is not None]
+                if added:
+                    vectors.add(np.array([i for i, _ in added], dtype=np.int64),
+                                np.stack([v for _, v in added]))
+                self.index._save_vectors(modality, vectors, generation)
+            self.index._vectors[modality] = vectors
+        self.index._write_manifest()
+
+
+def _under(path: str, prefixes: Iterable[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip(os.sep) + os.sep) for p in prefixes)

@@ -1,0 +1,187 @@
+"""The `retrieve` command: a thin click layer over `retrieval.Index`.
+
+`retrieve "a dog in the park"` searches (the default command); `retrieve index SRC...` builds.
+Exit codes: 0 success, 1 runtime failure, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from functools import wraps
+
+import click
+from click_default_group import DefaultGroup
+
+from .errors import RetrievalError
+from .images import DEFAULT_MAX_MEGAPIXELS
+
+DEFAULT_INDEX = "indexes/default"
+
+index_option = click.option(
+    "--index", "index_dir", envvar="RETRIEVAL_INDEX", default=DEFAULT_INDEX, show_default=True,
+    type=click.Path(file_okay=False), help="Index directory (or set RETRIEVAL_INDEX).")
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps ...")
+batch_option = click.option(
+    "--batch-size", default=32, show_default=True, type=click.IntRange(1),
+    help="Items encoded per forward pass.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def reports_errors(command):
+    """Turn the engine's errors into one line on stderr and the right exit code."""
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RetrievalError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; what was committed is kept, run again to resume", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(cls=DefaultGroup, default="search", default_if_no_args=False)
+@click.version_option(package_name="retrieval")
+def cli() -> None:
+    """Search images and texts by meaning, with open_clip, FAISS and SQLite.
+
+    \b
+      retrieve index ~/Pictures --captions captions.tsv   build or update an index
+      retrieve "a dog in the park"                        text -> images
+      retrieve --image q.jpg --target text                image -> captions
+      retrieve "cat + 2:dog - grass"                      combined query
+    """
+
+
+@cli.command("search")
+@click.argument("query", nargs=-1)
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="Query image (repeatable); combined with any text query.")
+@index_option
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1),
+              help="How many results.")
+@click.option("--target", type=click.Choice(["auto", "image", "text"]), default="auto",
+              show_default=True, help="Modality to return; auto: images for text, texts for images.")
+@click.option("--where", help="SQL filter over item_view (id, modality, uri, text, path, size, "
+              "mtime, meta), e.g. \"path LIKE '%2024%'\".")
+@click.option("--under", type=click.Path(), help="Only items whose file is under this folder.")
+@click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
+@json_option
+@device_option
+@reports_errors
+def search_command(query: tuple[str, ...], images: tuple[str, ...], index_dir: str, k: int,
+                   target: str, where: str | None, under: str | None, min_score: float | None,
+                   as_json: bool, device: str) -> None:
+    """Search the index with text, images or a combined query like "cat + 2:dog - grass"."""
+    from .index import Index
+
+    text = " ".join(query) if query else None
+    with Index.open(index_dir, device=device, readonly=True) as index:
+        hits = index.search(text, image=list(images) or None, k=k, target=target, where=where,
+                            under=under, min_score=min_score)
+    if as_json:
+        click.echo(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False, indent=2))
+    elif not hits:
+        click.echo("no results", err=True)
+    else:
+        _print_hits(hits)
+
+
+def _print_hits(hits) -> None:
+    width = shutil.get_terminal_size((120, 20)).columns
+    rows = [(f"{rank:>3}", f"{hit.score:.3f}", hit.metadata.get("image", hit.uri), hit.text or "")
+            for rank, hit in enumerate(hits, 1)]
+    place_width = min(max(len(row[2]) for row in rows), max(20, width // 2))
+    for rank, score, place, text in rows:
+        line = f"{rank}  {score}  {place:<{place_width}}  {text}"
+        click.echo(line if len(line) <= width else line[:width - 1] + "…")
+
+
+@cli.command("index")
+@click.argument("sources", nargs=-1, type=click.Path())
+@index_option
+@click.option("--captions", multiple=True, type=click.Path(dir_okay=False),
+              help="Captions file: Flickr token TSV, CSV, JSONL or COCO JSON (repeatable).")
+@click.option("--exclude-dir", multiple=True,
+              help="Folder name or path not to enter (repeatable).")
+@click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")
+@click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_MAX_MEGAPIXELS, show_default=True,
+              help="Skip images larger than this (guards against decompression bombs).")
+@click.option("--model", help="open_clip model name, local-dir:PATH or hf-hub:ORG/REPO "
+              "[default for a new index: ViT-B-32].")
+@click.option("--pretrained", help="Pretrained tag (default laion2b_s34b_b79k for ViT-B-32) "
+              "or a checkpoint file.")
+@click.option("--rebuild", is_flag=True, help="Drop all vectors and re-encode with --model.")
+@device_option
+@batch_option
+@click.option("--quiet", is_flag=True, help="No progress bar, no per-file warnings.")
+@json_option
+@reports_errors
+def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str, ...],
+                  exclude_dir: tuple[str, ...], include_hidden: bool, max_megapixels: float,
+                  model: str | None, pretrained: str | None, rebuild: bool, device: str,
+                  batch_size: int, quiet: bool, as_json: bool) -> None:
+    """Build or update an index over folders and files, incrementally.
+
+    Only new and changed files are encoded; moved files keep their vectors; files gone from
+    SOURCES are forgotten. With no SOURCES, the folders indexed before are scanned again.
+    """
+    from .index import Index
+
+    with Index.open(index_dir, model=model, pretrained=pretrained, create=True, rebuild=rebuild,
+                    device=device, batch_size=batch_size) as index:
+        report = index.add(*sources, captions=captions, exclude=exclude_dir,
+                           include_hidden=include_hidden, max_megapixels=max_megapixels,
+                           progress=not quiet and sys.stderr.isatty())
+    if not quiet:
+        for skipped in report.skipped:
+            click.echo(f"warning: skipped {skipped.path}: {skipped.reason}", err=True)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
+    else:
+        click.echo(report.summary())
+
+
+@cli.command("remove")
+@click.argument("sources", nargs=-1, required=True, type=click.Path())
+@index_option
+@reports_errors
+def remove_command(sources: tuple[str, ...], index_dir: str) -> None:
+    """Forget the files at or under SOURCES (the files themselves are untouched)."""
+    from .index import Index
+
+    with Index.open(index_dir) as index:
+        removed = index.remove(*sources)
+    click.echo(f"removed {removed} files")
+
+
+@cli.command("info")
+@index_option
+@json_option
+@reports_errors
+def info_command(index_dir: str, as_json: bool) -> None:
+    """Show an index's model, vector size and item counts."""
+    from .index import Index
+
+    with Index.open(index_dir, readonly=True) as index:
+        stats = index.stats()
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    model = stats["model"]
+    click.echo(f"index   {stats['path']}")
+    click.echo(f"model   {model['name']}" + (f" ({model['pretrained']})" if model["pretrained"] else ""))
+    click.echo(f"dim     {stats['dim']}")
+    for modality, count in stats["counts"].items():
+        click.echo(f"{modality:<7} {count}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="retrieve")

@@ -1,0 +1,230 @@
+"""Walk sources, recognise each file's modality, and turn files into the items they hold.
+
+A file is one of three kinds:
+- `image`: one image item;
+- `text`: a text corpus, one text item per non-empty line (.txt) or per record (.jsonl);
+- `captions`: text items linked to images: a sidecar `<image stem>.txt`, or a captions
+  file (Flickr token TSV, CSV, JSONL, COCO JSON) named on the command line or found as
+  `captions.{tsv,csv,jsonl,json}` at the top of a source folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .captions import CAPTION_FILE_NAMES, read_caption_pairs
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+TEXT_SUFFIXES = frozenset({".txt", ".jsonl"})
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A file found under a source, with what the incremental check compares."""
+
+    path: str
+    root: str
+    kind: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def key(self) -> str:
+        """The path as stored and shown: always valid UTF-8 (see `display_path`)."""
+        return display_path(self.path)
+
+
+@dataclass(frozen=True)
+class ItemSpec:
+    """One item a file holds, before it is embedded.
+
+    `uri` is unique across the index; `parent_ref` names the image a caption belongs to,
+    as written in the captions source (resolved to an item id by the index).
+    """
+
+    uri: str
+    modality: str
+    text: str | None = None
+    parent_ref: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Skipped:
+    """A path the build could not use, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class WalkResult:
+    files: list[SourceFile]
+    skipped: list[Skipped]
+
+
+def walk_sources(sources: Iterable[str | Path], exclude_dirs: Iterable[str] = (),
+                 captions_files: Iterable[str | Path] = (), include_hidden: bool = False
+                 ) -> WalkResult:
+    """List every indexable file under `sources` (folders or single files).
+
+    Hidden entries and folders named in `exclude_dirs` (by name or by path) are not entered.
+    Symlinks to files are followed; symlinked folders are not, so loops cannot occur.
+    """
+    excluded = {str(Path(d).expanduser().absolute()) if os.sep in d else d for d in exclude_dirs}
+    found: dict[str, SourceFile] = {}
+    skipped: list[Skipped] = []
+    for source in sources:
+        root = Path(source).expanduser().absolute()
+        if root.is_dir():
+            paths = _walk_folder(root, excluded, include_hidden, skipped)
+            auto_captions = [root / name for name in CAPTION_FILE_NAMES if (root / name).is_file()]
+        elif root.exists() or root.is_symlink():
+            paths, auto_captions = [root], []
+            root = root.parent
+        else:
+            raise FileNotFoundError(f"source {source}: no such file or folder")
+        for path in paths:
+            _add(found, skipped, path, root, _kind_of(path))
+        for path in auto_captions:
+            _add(found, skipped, path, root, "captions")
+    for captions in captions_files:
+        path = Path(captions).expanduser().absolute()
+        if not path.is_file():
+            raise FileNotFoundError(f"captions file {captions}: no such file")
+        _add(found, skipped, path, path.parent, "captions")
+    _mark_sidecars(found)
+    return WalkResult(sorted(found.values(), key=lambda f: f.path), skipped)
+
+
+def _walk_folder(root: Path, excluded: set[str], include_hidden: bool,
+                 skipped: list[Skipped]) -> Iterator[Path]:
+    def on_error(error: OSError) -> None:
+        skipped.append(Skipped(str(error.filename), f"cannot read folder ({error.strerror})"))
+
+    for folder, dirs, names in os.walk(root, onerror=on_error):
+        dirs[:] = sorted(d for d in dirs if _enter(folder, d, excluded, include_hidden))
+        for name in sorted(names):
+            if include_hidden or not name.startswith("."):
+                if _kind_of(Path(name)):
+                    yield Path(folder, name)
+
+
+def _enter(folder: str, name: str, excluded: set[str], include_hidden: bool) -> bool:
+    if name.startswith(".") and not include_hidden:
+        return False
+    return name not in excluded and os.path.join(folder, name) not in excluded
+
+
+def _kind_of(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    return None
+
+
+def _add(found: dict[str, SourceFile], skipped: list[Skipped], path: Path, root: Path,
+         kind: str | None) -> None:
+    if kind is None:
+        return
+    try:
+        stat = path.stat()
+    except OSError as error:
+        reason = "broken symlink" if path.is_symlink() else f"cannot stat ({error.strerror})"
+        skipped.append(Skipped(str(path), reason))
+        return
+    found[str(path)] = SourceFile(str(path), str(root), kind, stat.st_size, stat.st_mtime_ns)
+
+
+def _mark_sidecars(found: dict[str, SourceFile]) -> None:
+    """A .txt beside an image of the same stem holds that image's captions, not a corpus."""
+    image_stems = {os.path.splitext(p)[0] for p, f in found.items() if f.kind == "image"}
+    for path, source in list(found.items()):
+        if source.kind == "text" and path.lower().endswith(".txt"):
+            if os.path.splitext(path)[0] in image_stems:
+                found[path] = SourceFile(path, source.root, "captions", source.size, source.mtime_ns)
+
+
+def read_items(source: SourceFile, data: bytes) -> list[ItemSpec]:
+    """The items a file holds, from its bytes (already read for hashing)."""
+    if source.kind == "image":
+        return [ItemSpec(uri=source.key, modality="image")]
+    text = data.decode("utf-8", errors="replace")
+    if source.kind == "captions":
+        image = _sidecar_image(source.path)
+        sidecar_for = os.path.basename(display_path(image)) if image else None
+        pairs = read_caption_pairs(source.path, text, sidecar_for)
+        return _caption_items(source.key, pairs)
+    if source.path.lower().endswith(".jsonl"):
+        return _jsonl_texts(source.key, text)
+    return [ItemSpec(uri=f"{source.key}#L{number}", modality="text", text=line.strip())
+            for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _caption_items(uri: str, pairs: list[tuple[str, str]]) -> list[ItemSpec]:
+    seen: Counter[str] = Counter()
+    items = []
+    for image, caption in pairs:
+        if caption:
+            # Numbering per image keeps a caption's uri when other lines of the file change.
+            items.append(ItemSpec(uri=f"{uri}#{image}#{seen[image]}", modality="text",
+                                  text=caption, parent_ref=image))
+            seen[image] += 1
+    return items
+
+
+def _sidecar_image(path: str) -> str | None:
+    if not path.lower().endswith(".txt"):
+        return None
+    stem = os.path.splitext(path)[0]
+    for candidate in os.listdir(os.path.dirname(path)):
+        full = os.path.join(os.path.dirname(path), candidate)
+        if os.path.splitext(full)[0] == stem and _kind_of(Path(candidate)) == "image":
+            return full
+    return None
+
+
+def _jsonl_texts(path: str, content: str) -> list[ItemSpec]:
+    """Records with a `text` field; an `id` field names the item, other fields become metadata."""
+    items = []
+    for number, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"line {number} is not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"line {number} has no string field 'text'")
+        key = record.pop("id", number)
+        text = record.pop("text").strip()
+        if text:
+            items.append(ItemSpec(uri=f"{path}#{key}", modality="text", text=text, meta=record))
+    return items
+
+
+def display_path(path: str) -> str:
+    """File names that are not UTF-8 keep their odd bytes as `\\xNN`, so SQLite can store them."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
+def file_digest(data: bytes) -> str:
+    """The content hash that detects renames and real changes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def text_digest(text: str) -> str:
+    """The content hash of one text item, so equal texts share one embedding."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

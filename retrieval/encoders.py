@@ -1,0 +1,143 @@
+"""open_clip encoders: load any model the way open_clip names it, and embed images and texts.
+
+Every vector leaving this module is float32 and L2-normalised, so inner product is cosine
+similarity and the FAISS indexes can be inner-product indexes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from .errors import ModelLoadError
+from .models import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, ModelSpec, looks_like_path
+
+
+def resolve_device(device: str = "auto") -> str:
+    """`auto` picks cuda, then mps, then cpu; anything else is passed to torch as given."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class ClipEncoder:
+    """An open_clip model with its image preprocessing and tokenizer, batched and normalised."""
+
+    def __init__(self, spec: ModelSpec, model: torch.nn.Module, preprocess, tokenizer,
+                 device: str, batch_size: int = 32) -> None:
+        self.spec = spec
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batch_size = batch_size
+        self.dim = _embedding_dim(model)
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """Resize, crop and normalise one RGB image into the model's input tensor."""
+        return self.preprocess(image)
+
+    @torch.inference_mode()
+    def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
+        """Embed a batch of preprocessed images (N, 3, H, W)."""
+        features = self.model.encode_image(pixels.to(self.device))
+        return _normalised(features)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embed RGB images, batch by batch."""
+        return self._in_batches(
+            images, lambda chunk: self.encode_image_tensors(
+                torch.stack([self.preprocess_image(image) for image in chunk])))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts, batch by batch; open_clip truncates each to the model's context length."""
+        def encode(chunk: Sequence[str]) -> np.ndarray:
+            tokens = self.tokenizer(list(chunk)).to(self.device)
+            return _normalised(self.model.encode_text(tokens))
+
+        return self._in_batches(texts, encode)
+
+    def _in_batches(self, items: Sequence, encode) -> np.ndarray:
+        chunks = [encode(items[start:start + self.batch_size])
+                  for start in range(0, len(items), self.batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
+
+
+def _normalised(features: torch.Tensor) -> np.ndarray:
+    features = torch.nn.functional.normalize(features.float(), dim=-1)
+    return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _embedding_dim(model: torch.nn.Module) -> int:
+    projection = getattr(model, "text_projection", None)
+    if isinstance(projection, torch.Tensor):
+        return int(projection.shape[-1])
+    if isinstance(projection, torch.nn.Linear):
+        return int(projection.out_features)
+    visual = getattr(model, "visual", None)
+    return int(visual.output_dim)
+
+
+def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32) -> ClipEncoder:
+    """Build the model named by `spec`; any failure to get its weights becomes a ModelLoadError."""
+    _check_weights_available(spec)
+    device = resolve_device(device)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.name, pretrained=spec.pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(spec.name)
+    except Exception as error:  # open_clip and huggingface_hub raise many kinds for one cause
+        raise ModelLoadError(_explain_load_failure(spec, error)) from error
+    return ClipEncoder(spec, model, preprocess, tokenizer, device, batch_size)
+
+
+def _check_weights_available(spec: ModelSpec) -> None:
+    """Catch what open_clip would only warn about (a weightless local dir gives a random model)."""
+    if spec.name.startswith(LOCAL_DIR):
+        folder = Path(spec.name[len(LOCAL_DIR):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise ModelLoadError(
+                f"model {spec.name}: no open_clip_config.json in {folder}; point local-dir: at a "
+                "folder holding open_clip_config.json and its weights (e.g. a downloaded hf-hub repo)")
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
+            raise ModelLoadError(
+                f"model {spec.name}: no weights file (*.safetensors, *.bin, *.pth) in {folder}; "
+                "copy the model's weights into that folder")
+        return
+    if spec.name.startswith(HF_HUB):
+        return
+    if spec.name.replace("/", "-") not in open_clip.list_models():
+        raise ModelLoadError(
+            f"unknown model {spec.name!r}; use an open_clip name (see open_clip.list_models()), "
+            "local-dir:/path or hf-hub:org/repo")
+    if spec.pretrained and looks_like_path(spec.pretrained):
+        if not Path(spec.pretrained).is_file():
+            raise ModelLoadError(
+                f"model {spec.identity}: checkpoint file {spec.pretrained} not found; "
+                "pass --pretrained with an existing checkpoint file or a known tag")
+        return
+    if spec.pretrained and spec.pretrained not in open_clip.list_pretrained_tags_by_model(spec.name):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none"
+        raise ModelLoadError(
+            f"model {spec.name}: unknown pretrained tag {spec.pretrained!r} (known tags: {tags}); "
+            "or pass a checkpoint file with --pretrained")
+
+
+def _explain_load_failure(spec: ModelSpec, error: Exception) -> str:
+    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (
+        f"could not load weights for model {spec.identity} ({cause[:200]}). Without internet, "
+        "supply weights yourself: download them on a connected machine into the Hugging Face "
+        "cache (~/.cache/huggingface), or pass --pretrained /path/to/checkpoint, or "
+        "--model local-dir:/folder with open_clip_config.json and weights")

@@ -1,0 +1,35 @@
+"""Errors the engine raises on purpose: each carries one line a person can act on."""
+
+from __future__ import annotations
+
+
+class RetrievalError(Exception):
+    """Base class: a failure with a one-line explanation and a process exit code."""
+
+    exit_code = 1
+
+
+class UsageError(RetrievalError):
+    """The caller asked for something malformed (bad argument, bad query)."""
+
+    exit_code = 2
+
+
+class ModelLoadError(RetrievalError):
+    """A model's configuration or weights cannot be had."""
+
+
+class IndexNotFoundError(RetrievalError):
+    """No index exists at the given directory."""
+
+
+class IndexFormatError(RetrievalError):
+    """The index directory is unreadable, of another format version, or damaged beyond repair."""
+
+
+class ModelMismatchError(RetrievalError):
+    """The index was built with a different model than the one requested."""
+
+
+class IndexLockedError(RetrievalError):
+    """Another process is writing to the index."""

@@ -1,0 +1,88 @@
+"""Decode image files into plain RGB, whatever mode, orientation or container they come in."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_MEGAPIXELS = 100.0
+
+# Our own megapixel cap is checked before decoding; PIL's bomb check would only duplicate it
+# with a different message, so it is lifted to let the cap be the one rule.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageDecodeError(Exception):
+    """A file that cannot become an image; the message is the reason shown to the user."""
+
+
+def load_image(path: str | Path, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> Image.Image:
+    """Open, check the size of, orient and convert an image to RGB.
+
+    Raises ImageDecodeError with a short reason for anything that is not a usable image.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the image is still fine
+            with Image.open(path) as image:
+                _check_size(image, max_megapixels)
+                image.seek(0)  # first frame of animations
+                image.load()
+                oriented = _apply_orientation(image)
+                return to_rgb(oriented)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image PIL can read") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageDecodeError(f"corrupt or truncated image ({_first_line(error)})") from None
+
+
+def _check_size(image: Image.Image, max_megapixels: float) -> None:
+    width, height = image.size
+    megapixels = width * height / 1e6
+    if megapixels > max_megapixels:
+        raise ImageDecodeError(
+            f"{width}x{height} is {megapixels:.0f} megapixels, over the {max_megapixels:g} MP cap "
+            "(raise --max-megapixels to index it)")
+
+
+def _apply_orientation(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # garbage EXIF must not cost the image itself
+        return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: 16-bit and float scaled to 8 bits, transparency on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _wide_to_8bit(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _wide_to_8bit(image: Image.Image) -> Image.Image:
+    """Scale 16-bit pixels to 8 bits (PIL's own convert clips them to white); floats by their range."""
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        low, high = float(pixels.min()), float(pixels.max())
+        pixels = (pixels - low) * (255.0 / (high - low) if high > low else 0.0)
+    else:
+        pixels = pixels / 257.0
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:120] if text else type(error).__name__

@@ -1,0 +1,329 @@
+"""Index: one directory tying the SQLite store, a FAISS index per modality and the encoder."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import (
+    IndexFormatError,
+    IndexLockedError,
+    IndexNotFoundError,
+    ModelMismatchError,
+    UsageError,
+)
+from .manifest import FORMAT_VERSION, Manifest, VectorFileState
+from .models import ModelSpec
+from .store import MODALITIES, Store
+from .vectors import VectorIndex
+
+if TYPE_CHECKING:
+    from .build import BuildReport
+    from .encoders import ClipEncoder
+    from .search import ImageQuery
+
+DB_NAME = "meta.sqlite"
+LOCK_NAME = "write.lock"
+TARGETS = ("auto", *MODALITIES)
+
+
+@dataclass
+class Hit:
+    """One search result. `text` is a text item's text, or an image's first caption."""
+
+    id: int
+    modality: str
+    uri: str
+    score: float
+    path: str | None
+    text: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Index:
+    """A retrieval index directory. Open it with `Index.open`; close it, or use `with`."""
+
+    def __init__(self, path: Path, store: Store, spec: ModelSpec, device: str, batch_size: int,
+                 readonly: bool) -> None:
+        self.path = path
+        self.store = store
+        self.spec = spec
+        self.device = device
+        self.batch_size = batch_size
+        self.readonly = readonly
+        self.dim = int(store.get_info("dim", "0"))
+        self._encoder: ClipEncoder | None = None
+        self._vectors: dict[str, VectorIndex] = {}
+
+    # -- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, *, model: str | None = None, pretrained: str | None = None,
+             create: bool = False, rebuild: bool = False, device: str = "auto",
+             batch_size: int = 32, readonly: bool = False) -> Index:
+        """Open the index at `path`, or make it when `create` is set.
+
+        `model`/`pretrained` name the model (see `ModelSpec`). An existing index refuses another
+        model unless `rebuild` is set, which drops its vectors to re-encode them all.
+        """
+        folder = Path(path).expanduser().absolute()
+        exists = (folder / DB_NAME).is_file()
+        if not exists and not create:
+            raise IndexNotFoundError(
+                f"no index at {folder}; build one with: retrieve index SOURCE... --index {path}")
+        if not exists:
+            _make_folder(folder)
+        readonly = readonly and exists
+        store = Store(folder / DB_NAME, readonly=readonly)
+        requested = ModelSpec.parse(model, pretrained) if model or pretrained else None
+        spec = _model_of(store, folder, requested, rebuild)
+        index = cls(folder, store, spec, device, batch_size, readonly)
+        if not readonly and (not exists or rebuild):
+            index._write_manifest()
+        return index
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def encoder(self) -> ClipEncoder:
+        """The index's model, loaded on first use."""
+        if self._encoder is None:
+            from .encoders import load_encoder
+
+            self._encoder = load_encoder(self.spec, self.device, self.batch_size)
+            self._record_dim(self._encoder.dim)
+        return self._encoder
+
+    def _record_dim(self, dim: int) -> None:
+        if self.dim and self.dim != dim:
+            raise IndexFormatError(
+                f"index {self.path} holds {self.dim}-d vectors but model {self.spec} makes {dim}-d; "
+                "rebuild the index with --rebuild")
+        if not self.dim and not self.readonly:
+            with self.store.conn:
+                self.store.set_info("dim", str(dim))
+            self.dim = dim
+
+    def count(self, modality: str) -> int:
+        return self.store.count(modality)
+
+    def stats(self) -> dict:
+        """Model, vector size, item counts and index type, as in the manifest."""
+        return {
+            "path": str(self.path),
+            "format_version": FORMAT_VERSION,
+            "model": {"name": self.spec.name, "pretrained": self.spec.pretrained},
+            "dim": self.dim,
+            "index_type": "flat",
+            "counts": {m: self.count(m) for m in MODALITIES},
+        }
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def add(self, *sources: str | Path, captions: Sequence[str | Path] = (),
+            exclude: Sequence[str] = (), include_hidden: bool = False,
+            max_megapixels: float | None = None, progress: bool = False) -> BuildReport:
+        """Index new and changed files under `sources`, forget files gone from them.
+
+        Unchanged files (same size and mtime, or same content) cost nothing; moved files keep
+        their vectors. With no sources, every folder indexed before is scanned again.
+        """
+        from .build import Builder, BuildOptions
+
+        if not sources:
+            sources = tuple(self._known_roots())
+            if not sources and not captions:
+                raise UsageError("nothing to index: name at least one source folder or file")
+        options = BuildOptions(exclude=tuple(exclude), include_hidden=include_hidden,
+                               progress=progress)
+        if max_megapixels is not None:
+            options.max_megapixels = max_megapixels
+        with self._write_lock():
+            report = Builder(self, options).run(sources, captions)
+        return report
+
+    def remove(self, *sources: str | Path) -> int:
+        """Forget every file at or under these paths; returns how many files were removed."""
+        from .build import Builder, BuildOptions
+
+        with self._write_lock():
+            return Builder(self, BuildOptions()).remove(sources)
+
+    def _known_roots(self) -> list[str]:
+        return [source for source in self.store.sources() if os.path.exists(source)]
+
+    @contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        if self.readonly:
+            raise UsageError(f"index {self.path} was opened read-only")
+        with open(self.path / LOCK_NAME, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise IndexLockedError(
+                    f"index {self.path} is being written by another process; wait for it to "
+                    "finish, then run again") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- vectors ----------------------------------------------------------------------------
+
+    def vectors(self, modality: str) -> VectorIndex:
+        """The FAISS index of a modality, checked against SQLite and rebuilt if stale."""
+        if modality not in self._vectors:
+            self._vectors[modality] = self._load_vectors(modality) or self._rebuild_vectors(modality)
+        return self._vectors[modality]
+
+    def _load_vectors(self, modality: str) -> VectorIndex | None:
+        manifest = Manifest.read(self.path)
+        state = manifest.vectors.get(modality) if manifest else None
+        if state is None or state.generation != self.store.generation(modality):
+            return None
+        try:
+            vectors = VectorIndex.load(self.path / state.file)
+        except RuntimeError:  # FAISS reports unreadable files this way
+            return None
+        if len(vectors) != state.count or len(vectors) != self.count(modality):
+            return None
+        return vectors
+
+    def _rebuild_vectors(self, modality: str) -> VectorIndex:
+        """Rebuild from the vectors SQLite keeps, in memory; writers also save the result."""
+        generation = self.store.generation(modality)
+        vectors = VectorIndex.empty(self.dim or 1)
+        for ids, batch in self.store.iter_vectors(modality):
+            vectors.add(ids, batch)
+        if not self.readonly and self.dim:
+            self._save_vectors(modality, vectors, generation)
+        return vectors
+
+    def _save_vectors(self, modality: str, vectors: VectorIndex, generation: int) -> None:
+        name = f"{modality}.faiss"
+        vectors.save(self.path / name)
+        manifest = self._manifest()
+        manifest.vectors[modality] = VectorFileState(name, len(vectors), generation)
+        manifest.write(self.path)
+
+    def _manifest(self) -> Manifest:
+        manifest = Manifest.read(self.path) or Manifest(FORMAT_VERSION, {}, self.dim)
+        stats = self.stats()
+        manifest.model, manifest.dim, manifest.counts = stats["model"], self.dim, stats["counts"]
+        return manifest
+
+    def _write_manifest(self) -> None:
+        self._manifest().write(self.path)
+
+    # -- searching --------------------------------------------------------------------------
+
+    def search(self, query: str | None = None, *, text: str | None = None,
+               image: ImageQuery = None, k: int = 10,
+               target: str = "auto", where: str | None = None, under: str | None = None,
+               min_score: float | None = None) -> list[Hit]:
+        """Nearest items to a query, best first.
+
+        `query` is a combined query ("cat + 2:dog - grass", terms may be image paths); `text`
+        adds a plain text term and `image` one or more images (paths or PIL images).
+        `target` picks the modality returned: `auto` gives images for text queries and texts
+        (captions) for image queries, when the index has them.
+        `where` is SQL over item_view's columns, `under` a path prefix, `min_score` a cosine floor.
+        """
+        from .search import query_vector
+
+        if k < 1:
+            raise UsageError(f"k must be at least 1, not {k}")
+        if target not in TARGETS:
+            raise UsageError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+        vector, query_modality = query_vector(self, query, text, image)
+        target = self._resolve_target(target, query_modality)
+        if not self.dim or not self.count(target):
+            return []
+        allowed = self.store.item_ids(target, where, _absolute(under)) if where or under else None
+        scores, ids = self.vectors(target).search(vector, k, allowed)
+        hits = self._hydrate(ids, scores)
+        return [hit for hit in hits if min_score is None or hit.score >= min_score]
+
+    def _resolve_target(self, target: str, query_modality: str) -> str:
+        if target != "auto":
+            return target
+        other = "text" if query_modality == "image" else "image"
+        return other if self.count(other) else query_modality
+
+    def _hydrate(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        rows = self.store.items([int(i) for i in ids])
+        captions = self.store.captions_of([i for i, row in rows.items() if row.modality == "image"])
+        parents = self.store.items([row.parent_id for row in rows.values() if row.parent_id])
+        hits = []
+        for item_id, score in zip(ids, scores):
+            row = rows[int(item_id)]
+            metadata = dict(row.meta)
+            text = row.text
+            if row.modality == "image":
+                metadata["captions"] = captions.get(row.id, [])
+                text = metadata["captions"][0] if metadata["captions"] else None
+            elif row.parent_id in parents:
+                metadata["image"] = parents[row.parent_id].uri
+            hits.append(Hit(row.id, row.modality, row.uri, float(score), row.path, text, metadata))
+        return hits
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise IndexFormatError(f"cannot create index folder {folder}: {error.strerror}") from None
+
+
+def _model_of(store: Store, folder: Path, requested: ModelSpec | None, rebuild: bool
+              ) -> ModelSpec:
+    """The index's model; a new index records the requested (or default) one."""
+    name = store.get_info("model_name")
+    if name is None:
+        spec = requested or ModelSpec.parse()
+        with store.conn:
+            _record_model(store, spec)
+        return spec
+    recorded = ModelSpec(name, store.get_info("model_pretrained") or None)
+    if requested is None or requested.identity == recorded.identity:
+        return recorded
+    if not rebuild:
+        raise ModelMismatchError(
+            f"index {folder} was built with model {recorded}, not {requested}; query without "
+            "--model, or re-encode everything with --rebuild")
+    with store.conn:
+        store.conn.execute("DELETE FROM vectors")
+        store.conn.execute("DELETE FROM items")
+        store.conn.execute("DELETE FROM files")
+        for modality in MODALITIES:
+            store.bump_generation(modality)
+        store.set_info("dim", "0")
+        _record_model(store, requested)
+    return requested
+
+
+def _record_model(store: Store, spec: ModelSpec) -> None:
+    store.set_info("format_version", str(FORMAT_VERSION))
+    store.set_info("model_name", spec.name)
+    store.set_info("model_pretrained", spec.pretrained or "")
+
+
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).expanduser().absolute()) if path else None

@@ -1,0 +1,61 @@
+"""manifest.json: what an index directory holds, readable without opening SQLite or FAISS.
+
+SQLite stays the source of truth for the model and the counts; the manifest mirrors them and
+adds, per modality, which SQLite generation its FAISS file reflects. A FAISS file whose
+generation or size disagrees with SQLite is stale and is rebuilt from the stored vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import IndexFormatError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class VectorFileState:
+    file: str
+    count: int
+    generation: int
+
+
+@dataclass
+class Manifest:
+    format_version: int
+    model: dict
+    dim: int
+    index_type: str = "flat"
+    counts: dict[str, int] = field(default_factory=dict)
+    vectors: dict[str, VectorFileState] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest | None:
+        """The manifest, or None when it is missing or unreadable (it can be rewritten)."""
+        try:
+            data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+            vectors = {m: VectorFileState(**state) for m, state in data.pop("vectors", {}).items()}
+            manifest = cls(**data, vectors=vectors)
+        except (OSError, ValueError, TypeError):
+            return None
+        if manifest.format_version > FORMAT_VERSION:
+            raise IndexFormatError(
+                f"index {folder} has format version {manifest.format_version}, newer than this "
+                f"version of retrieval understands ({FORMAT_VERSION}); upgrade retrieval")
+        return manifest
+
+    def write(self, folder: Path) -> None:
+        """Atomically replace manifest.json."""
+        target = folder / MANIFEST_NAME
+        temporary = folder / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(asdict(self), handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)

@@ -1,0 +1,56 @@
+"""Combined queries: `"cat + 2:dog - grass"`, where a term may also be an image path.
+
+Terms are separated by ` + ` or ` - ` (spaces around the sign, so "t-shirt" stays one term),
+may carry a weight as `2:` or `0.5:`, and are images when they name an existing image file.
+The query vector is the normalised weighted sum of the terms' vectors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .corpus import IMAGE_SUFFIXES
+from .errors import UsageError
+
+_SEPARATOR = re.compile(r"\s+([+-])\s+")
+_WEIGHT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*:\s*(.+)$", re.S)
+
+
+@dataclass(frozen=True)
+class QueryTerm:
+    """One part of a query: text or an image path, with a signed weight."""
+
+    weight: float
+    text: str | None = None
+    image: str | None = None
+
+
+def parse_query(query: str) -> list[QueryTerm]:
+    """Split a combined query into weighted terms."""
+    if not query.strip():
+        raise UsageError("the query is empty; give some text, e.g. retrieve \"a dog in the park\"")
+    parts = _SEPARATOR.split(query.strip())
+    signs = ["+"] + parts[1::2]
+    terms = []
+    for sign, raw in zip(signs, parts[0::2]):
+        weight, body = _weighted(raw.strip(), query)
+        terms.append(_term(weight if sign == "+" else -weight, body))
+    return terms
+
+
+def _weighted(raw: str, query: str) -> tuple[float, str]:
+    if not raw:
+        raise UsageError(f"query {query!r} has an empty term; write terms like 'cat + 2:dog - grass'")
+    match = _WEIGHT.match(raw)
+    if not match:
+        return 1.0, raw
+    return float(match.group(1)), match.group(2).strip()
+
+
+def _term(weight: float, body: str) -> QueryTerm:
+    path = Path(body).expanduser()
+    if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+        return QueryTerm(weight, image=str(path))
+    return QueryTerm(weight, text=body)
