@@ -114,7 +114,7 @@ class Builder:
         self.gone_by_content: dict[tuple[str, str], FileRow] = {}
         # item id -> new vector, or None for a removed item; applied to FAISS at the end
         self.changes: dict[str, dict[int, np.ndarray | None]] = {m: {} for m in MODALITIES}
-        self.base = {m: index._load_vectors(m) for m in MODALITIES}
+        self.base = {m: index._fresh_vectors(m) for m in MODALITIES}
 
     # -- the build --------------------------------------------------------------------------
 
@@ -371,18 +371,15 @@ class Builder:
         """Apply this build's changes to each FAISS index and save it, or rebuild a stale one."""
         for modality in MODALITIES:
             changes, vectors = self.changes[modality], self.base[modality]
-            generation = self.store.generation(modality)
-            if vectors is None:
-                self.index._vectors[modality] = self.index._rebuild_vectors(modality)
-                continue
-            if changes:
+            if vectors is None or vectors.dim != self.index.dim:
+                self.index._rebuild_vectors(modality)
+            elif changes:
                 vectors.remove(np.fromiter(changes, dtype=np.int64, count=len(changes)))
                 added = [(i, v) for i, v in changes.items() if v is not None]
                 if added:
                     vectors.add(np.array([i for i, _ in added], dtype=np.int64),
                                 np.stack([v for _, v in added]))
-                self.index._save_vectors(modality, vectors, generation)
-            self.index._vectors[modality] = vectors
+                self.index._store_vectors(modality, vectors, self.store.generation(modality))
         self.index._write_manifest()
 
 

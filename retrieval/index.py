@@ -63,7 +63,7 @@ class Index:
         self.readonly = readonly
         self.dim = int(store.get_info("dim", "0"))
         self._encoder: ClipEncoder | None = None
-        self._vectors: dict[str, VectorIndex] = {}
+        self._vectors: dict[str, tuple[VectorIndex, int]] = {}  # modality -> (index, generation)
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -88,9 +88,16 @@ class Index:
         requested = ModelSpec.parse(model, pretrained) if model or pretrained else None
         spec = _model_of(store, folder, requested, rebuild)
         index = cls(folder, store, spec, device, batch_size, readonly)
-        if not readonly and (not exists or rebuild):
-            index._write_manifest()
+        if not readonly:
+            index._repair()
         return index
+
+    def _repair(self) -> None:
+        """Rewrite a missing or damaged manifest, and rebuild FAISS files that disagree with SQLite."""
+        if self.dim:
+            for modality in MODALITIES:
+                self.vectors(modality)
+        self._write_manifest()
 
     def close(self) -> None:
         self.store.close()
@@ -188,15 +195,22 @@ class Index:
     # -- vectors ----------------------------------------------------------------------------
 
     def vectors(self, modality: str) -> VectorIndex:
-        """The FAISS index of a modality, checked against SQLite and rebuilt if stale."""
-        if modality not in self._vectors:
-            self._vectors[modality] = self._load_vectors(modality) or self._rebuild_vectors(modality)
-        return self._vectors[modality]
+        """The FAISS index of a modality, in step with SQLite: reloaded or rebuilt when stale.
 
-    def _load_vectors(self, modality: str) -> VectorIndex | None:
+        Checking the generation on every call is what lets a long-lived reader see a build
+        that ran beside it.
+        """
+        return self._fresh_vectors(modality) or self._rebuild_vectors(modality)
+
+    def _fresh_vectors(self, modality: str) -> VectorIndex | None:
+        """The cached or saved FAISS index if it reflects SQLite's current generation."""
+        generation = self.store.generation(modality)
+        cached = self._vectors.get(modality)
+        if cached is not None and cached[1] == generation:
+            return cached[0]
         manifest = Manifest.read(self.path)
         state = manifest.vectors.get(modality) if manifest else None
-        if state is None or state.generation != self.store.generation(modality):
+        if state is None or state.generation != generation:
             return None
         try:
             vectors = VectorIndex.load(self.path / state.file)
@@ -204,17 +218,25 @@ class Index:
             return None
         if len(vectors) != state.count or len(vectors) != self.count(modality):
             return None
+        self._vectors[modality] = (vectors, generation)
         return vectors
 
     def _rebuild_vectors(self, modality: str) -> VectorIndex:
-        """Rebuild from the vectors SQLite keeps, in memory; writers also save the result."""
+        """Rebuild from the vectors SQLite keeps; writers also save the result."""
+        # Generation first: a commit landing in between makes the label older than the data,
+        # which only costs another rebuild later; the reverse would hide vectors.
         generation = self.store.generation(modality)
         vectors = VectorIndex.empty(self.dim or 1)
         for ids, batch in self.store.iter_vectors(modality):
             vectors.add(ids, batch)
+        self._store_vectors(modality, vectors, generation)
+        return vectors
+
+    def _store_vectors(self, modality: str, vectors: VectorIndex, generation: int) -> None:
+        """Cache a FAISS index as reflecting `generation`, and save it when writing."""
+        self._vectors[modality] = (vectors, generation)
         if not self.readonly and self.dim:
             self._save_vectors(modality, vectors, generation)
-        return vectors
 
     def _save_vectors(self, modality: str, vectors: VectorIndex, generation: int) -> None:
         name = f"{modality}.faiss"

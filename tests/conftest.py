@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny open_clip models written in local-dir form, and small corpora."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tiny_model import CLASSES, caption_for, render_shape, train_tiny_clip, write_local_dir_model
+
+# No test may reach a model hub: fail fast instead of waiting on a network that is not there.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A seeded, untrained tiny CLIP: `local-dir:` spec. Fine wherever meaning is not tested."""
+    return write_local_dir_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model(tmp_path_factory) -> str:
+    """A second tiny model with other weights, for model-mismatch tests."""
+    return write_local_dir_model(tmp_path_factory.mktemp("other-model"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory) -> str:
+    """The tiny CLIP trained for seconds on coloured-shape renders and their captions."""
+    return write_local_dir_model(tmp_path_factory.mktemp("trained-model"), train_tiny_clip(seed=0))
+
+
+def write_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> Path:
+    """A small image with some structure, so different colours embed differently."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    pixels[:] = colour
+    pixels[: size[1] // 2, : size[0] // 2] = (255 - colour[0], colour[1] // 2, 255 - colour[2])
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def photo_folder(tmp_path) -> Path:
+    """Six images in two folders, a sidecar caption file, a Flickr captions file, a text corpus."""
+    root = tmp_path / "photos"
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200),
+               (200, 30, 200)]
+    for number, colour in enumerate(colours):
+        folder = root / ("beach" if number < 3 else "city")
+        write_image(folder / f"img{number}.jpg", colour)
+    (root / "beach" / "img0.txt").write_text("a red picture\nthe first image\n")
+    (root / "captions.tsv").write_text(
+        "img3.jpg#0\ta yellow picture\nimg3.jpg#1\tsomething sunny\nimg4.jpg#0\ta cyan picture\n")
+    (root / "notes.txt").write_text("a note about cats\n\na note about dogs\n")
+    return root
+
+
+@pytest.fixture
+def shape_folder(tmp_path) -> Path:
+    """Held-out renders of every (colour, shape) class with a Flickr captions file."""
+    root = tmp_path / "shapes"
+    root.mkdir()
+    rng = np.random.default_rng(12345)
+    lines = []
+    for color, shape in CLASSES:
+        for copy in range(3):
+            name = f"{color}_{shape}_{copy}.png"
+            render_shape(color, shape, rng).save(root / name)
+            lines.append(f"{name}#0\t{caption_for(color, shape)}")
+    (root / "captions.tsv").write_text("\n".join(lines) + "\n")
+    return root

@@ -1,0 +1,401 @@
+"""The Python API: building, incremental updates, storage invariants and search."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+
+import faiss
+import numpy as np
+import pytest
+from conftest import write_image
+
+from retrieval import Index
+from retrieval.errors import (IndexLockedError, IndexNotFoundError, ModelMismatchError,
+                              UsageError)
+
+
+def build(index_dir, sources, model, **options):
+    with Index.open(index_dir, model=model, create=True) as index:
+        return index.add(*sources, **options)
+
+
+def sqlite_ids(index_dir, modality):
+    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
+        rows = conn.execute("SELECT id FROM items WHERE modality = ? ORDER BY id", [modality])
+        return [row[0] for row in rows]
+
+
+def faiss_ids(index_dir, modality):
+    index = faiss.read_index(str(index_dir / f"{modality}.faiss"))
+    return sorted(faiss.vector_to_array(index.id_map).tolist())
+
+
+def assert_consistent(index_dir):
+    """Every SQLite item has exactly one FAISS vector and vice versa; the manifest agrees."""
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    for modality in ("image", "text"):
+        ids = sqlite_ids(index_dir, modality)
+        assert faiss_ids(index_dir, modality) == ids
+        assert manifest["counts"][modality] == len(ids)
+        assert manifest["vectors"][modality]["count"] == len(ids)
+
+
+def forbid_encoding(monkeypatch):
+    """Make any encoder call fail, to prove a build encodes nothing."""
+    from retrieval.encoders import ClipEncoder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the encoder was called")
+
+    for name in ("encode_image_tensors", "encode_texts", "encode_images"):
+        monkeypatch.setattr(ClipEncoder, name, refuse)
+
+
+def test_build_indexes_images_captions_and_texts(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    report = build(index_dir, [photo_folder], tiny_model)
+    # 6 images, sidecar, captions.tsv, notes.txt
+    assert (report.new, report.images_encoded, report.skipped) == (9, 6, [])
+    assert report.texts_encoded == 2 + 3 + 2
+    with Index.open(index_dir) as index:
+        assert index.count("image") == 6 and index.count("text") == 7
+        stats = index.stats()
+    assert stats["model"]["name"] == tiny_model and stats["dim"] == 32
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["model"]["name"] == tiny_model
+    assert manifest["index_type"] == "flat"
+    assert_consistent(index_dir)
+
+
+def test_captions_link_to_their_images(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    with Index.open(index_dir) as index:
+        hits = {h.uri: h for h in index.search(image=photo_folder / "city" / "img3.jpg",
+                                               target="image", k=6)}
+        assert hits[str(photo_folder / "city" / "img3.jpg")].metadata["captions"] == [
+            "a yellow picture", "something sunny"]
+        assert hits[str(photo_folder / "beach" / "img0.jpg")].text == "a red picture"
+        assert hits[str(photo_folder / "beach" / "img1.jpg")].text is None
+        captions = index.search(image=photo_folder / "city" / "img4.jpg", target="text", k=7)
+    by_text = {hit.text: hit for hit in captions}
+    assert by_text["a cyan picture"].metadata["image"] == str(photo_folder / "city" / "img4.jpg")
+    assert "image" not in by_text["a note about cats"].metadata
+
+
+def test_unchanged_rebuild_encodes_nothing(tmp_path, photo_folder, tiny_model, monkeypatch):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    forbid_encoding(monkeypatch)
+    report = build(index_dir, [photo_folder], tiny_model)
+    assert (report.new, report.changed, report.unchanged, report.removed) == (0, 0, 9, 0)
+    # Touched files are read and hashed, but their content is known: still no encoding.
+    for path in photo_folder.rglob("*.jpg"):
+        os.utime(path, (time.time() + 10, time.time() + 10))
+    report = build(index_dir, [photo_folder], tiny_model)
+    assert (report.new, report.changed, report.unchanged) == (0, 0, 9)
+    assert_consistent(index_dir)
+
+
+def test_bare_rebuild_rescans_known_sources(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    (photo_folder / "beach" / "img1.jpg").unlink()
+    with Index.open(index_dir) as index:
+        report = index.add()
+    assert report.removed == 1
+    assert_consistent(index_dir)
+
+
+def test_changed_image_keeps_its_id_and_gets_a_new_vector(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    target = photo_folder / "beach" / "img1.jpg"
+    with Index.open(index_dir) as index:
+        before = index.search(image=target, target="image", k=1)[0]
+    write_image(target, (10, 10, 10), size=(64, 64))
+    report = build(index_dir, [photo_folder], tiny_model)
+    assert (report.changed, report.images_encoded) == (1, 1)
+    with Index.open(index_dir) as index:
+        after = index.search(image=target, target="image", k=1)[0]
+    assert after.id == before.id and after.score == pytest.approx(1.0, abs=1e-5)
+    assert_consistent(index_dir)
+
+
+def test_moved_file_keeps_id_and_vector(tmp_path, photo_folder, tiny_model, monkeypatch):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    old = photo_folder / "beach" / "img2.jpg"
+    with Index.open(index_dir) as index:
+        before = index.search(image=old, target="image", k=1)[0]
+    new = photo_folder / "city" / "renamed.jpg"
+    old.rename(new)
+    forbid_encoding(monkeypatch)
+    report = build(index_dir, [photo_folder], tiny_model)
+    assert (report.moved, report.new, report.removed) == (1, 0, 0)
+    with Index.open(index_dir) as index:
+        rows = index.store.items([before.id])
+    assert rows[before.id].uri == str(new)
+    assert_consistent(index_dir)
+
+
+def test_copied_file_reuses_the_vector(tmp_path, photo_folder, tiny_model, monkeypatch):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    shutil.copy(photo_folder / "beach" / "img2.jpg", photo_folder / "copy.jpg")
+    forbid_encoding(monkeypatch)
+    report = build(index_dir, [photo_folder], tiny_model)
+    assert (report.new, report.vectors_reused, report.images_encoded) == (1, 1, 0)
+    assert_consistent(index_dir)
+
+
+def test_deleted_files_leave_sqlite_and_faiss(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    (photo_folder / "city" / "img3.jpg").unlink()
+    (photo_folder / "notes.txt").unlink()
+    report = build(index_dir, [photo_folder], tiny_model)
+    assert report.removed == 2
+    with Index.open(index_dir) as index:
+        assert index.count("image") == 5 and index.count("text") == 5
+        uris = {h.uri for h in index.search("anything", target="image", k=10)}
+        orphan = [h for h in index.search("sunny", target="text", k=10) if h.text == "something sunny"]
+    assert str(photo_folder / "city" / "img3.jpg") not in uris
+    assert "image" not in orphan[0].metadata  # its caption no longer points at a removed image
+    assert_consistent(index_dir)
+
+
+def test_edited_captions_file_updates_only_changed_lines(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    captions = photo_folder / "captions.tsv"
+    with Index.open(index_dir) as index:
+        kept = index.store.conn.execute(
+            "SELECT id FROM items WHERE text = 'a yellow picture'").fetchone()[0]
+    captions.write_text("img3.jpg#0\ta yellow picture\nimg4.jpg#0\ta teal picture\n")
+    report = build(index_dir, [photo_folder], tiny_model)
+    assert (report.changed, report.texts_encoded) == (1, 1)
+    with Index.open(index_dir) as index:
+        texts = dict(index.store.conn.execute("SELECT text, id FROM items WHERE modality='text'"))
+    assert texts["a yellow picture"] == kept
+    assert "something sunny" not in texts and "a teal picture" in texts
+    assert_consistent(index_dir)
+
+
+def test_remove_forgets_a_folder(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    with Index.open(index_dir) as index:
+        assert index.remove(photo_folder / "beach") == 4  # 3 images and a sidecar
+        assert index.count("image") == 3
+    assert (photo_folder / "beach" / "img0.jpg").exists()
+    assert_consistent(index_dir)
+
+
+def test_exclude_dirs_and_hidden_files(tmp_path, photo_folder, tiny_model):
+    write_image(photo_folder / ".hidden" / "secret.jpg", (1, 2, 3))
+    write_image(photo_folder / ".dotfile.jpg", (1, 2, 3))
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model, exclude=["city"])
+    with Index.open(index_dir) as index:
+        paths = {row[0] for row in index.store.conn.execute("SELECT path FROM files")}
+    assert {os.path.relpath(p, photo_folder) for p in paths} == {
+        "beach/img0.jpg", "beach/img1.jpg", "beach/img2.jpg", "beach/img0.txt", "captions.tsv",
+        "notes.txt"}
+
+
+def test_interrupted_build_opens_and_resumes_without_duplicates(tmp_path, tiny_model,
+                                                                monkeypatch):
+    source = tmp_path / "many"
+    for number in range(40):
+        write_image(source / f"{number:02}.png", (number * 6, 100, 255 - number * 6))
+    reference_dir = tmp_path / "reference"
+    build(reference_dir, [source], tiny_model)
+
+    from retrieval.encoders import ClipEncoder
+    real = ClipEncoder.encode_image_tensors
+    calls = []
+
+    def crash_on_third_batch(self, pixels):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, pixels)
+
+    monkeypatch.setattr(ClipEncoder, "encode_image_tensors", crash_on_third_batch)
+    index_dir = tmp_path / "index"
+    with Index.open(index_dir, model=tiny_model, create=True, batch_size=8) as index:
+        with pytest.raises(KeyboardInterrupt):
+            index.add(source)
+    with Index.open(index_dir) as index:
+        assert index.count("image") == 16  # two batches committed
+        assert len(index.search("anything", k=100)) == 16
+    monkeypatch.setattr(ClipEncoder, "encode_image_tensors", real)
+    report = build(index_dir, [source], tiny_model)
+    assert (report.new, report.unchanged) == (24, 16)
+    assert sqlite_ids(index_dir, "image") == sqlite_ids(reference_dir, "image")
+    assert_consistent(index_dir)
+
+
+def test_stale_or_missing_faiss_file_is_rebuilt_from_sqlite(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    with Index.open(index_dir) as index:
+        expected = [h.id for h in index.search("red", k=6)]
+    (index_dir / "image.faiss").unlink()
+    (index_dir / "manifest.json").write_text("{ not json")
+    with Index.open(index_dir) as index:
+        assert [h.id for h in index.search("red", k=6)] == expected
+    assert_consistent(index_dir)
+
+
+def test_other_model_is_refused_unless_rebuilding(tmp_path, photo_folder, tiny_model,
+                                                  other_tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    with pytest.raises(ModelMismatchError, match="built with model"):
+        Index.open(index_dir, model=other_tiny_model)
+    with Index.open(index_dir, model=other_tiny_model, rebuild=True) as index:
+        report = index.add()
+        assert report.images_encoded == 6
+        assert index.stats()["model"]["name"] == other_tiny_model
+    assert_consistent(index_dir)
+
+
+def test_second_writer_is_refused(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    with Index.open(index_dir) as first, Index.open(index_dir) as second:
+        with first._write_lock():
+            with pytest.raises(IndexLockedError, match="another process"):
+                second.add(photo_folder)
+
+
+def test_missing_index_is_explained(tmp_path):
+    with pytest.raises(IndexNotFoundError, match="retrieve index"):
+        Index.open(tmp_path / "nowhere")
+
+
+def test_bad_files_are_skipped_and_counted_without_losing_items(tmp_path, photo_folder,
+                                                                tiny_model, monkeypatch):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    bad = photo_folder / "bad"
+    bad.mkdir()
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "text.png").write_text("not an image at all")
+    good = (photo_folder / "beach" / "img0.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    write_image(bad / "huge.png", (9, 9, 9), size=(1200, 1000))
+    write_image(bad / "locked.jpg", (5, 5, 5))
+    (bad / "dangling.jpg").symlink_to(bad / "missing-target.jpg")
+    import builtins
+    real_open = builtins.open
+
+    def deny_locked(path, *args, **kwargs):  # tests run as root, where chmod cannot deny reads
+        if str(path).endswith("locked.jpg"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny_locked)
+    report = build(index_dir, [photo_folder], tiny_model, max_megapixels=1.0)
+    reasons = {os.path.basename(s.path): s.reason for s in report.skipped}
+    assert set(reasons) == {"zero.jpg", "text.png", "truncated.jpg", "huge.png", "locked.jpg",
+                            "dangling.jpg"}
+    assert reasons["zero.jpg"] == "empty file"
+    assert "megapixels" in reasons["huge.png"]
+    assert "Permission denied" in reasons["locked.jpg"]
+    assert reasons["dangling.jpg"] == "broken symlink"
+    assert "truncated" in reasons["truncated.jpg"]
+    with Index.open(index_dir) as index:
+        assert index.count("image") == 6 and index.count("text") == 7
+    assert_consistent(index_dir)
+
+
+def test_unicode_and_non_utf8_names(tmp_path, tiny_model):
+    source = tmp_path / "names"
+    write_image(source / "façade 猫.jpg", (200, 100, 0))
+    raw = os.fsencode(source) + b"/caf\xe9.jpg"
+    write_image(tmp_path / "plain.jpg", (0, 100, 200))
+    shutil.copy(tmp_path / "plain.jpg", raw)
+    index_dir = tmp_path / "index"
+    report = build(index_dir, [source], tiny_model)
+    assert (report.new, report.skipped) == (2, [])
+    with Index.open(index_dir) as index:
+        uris = {hit.uri for hit in index.search("x", k=5)}
+    assert uris == {str(source / "façade 猫.jpg"), str(source) + "/caf\\xe9.jpg"}
+    assert build(index_dir, [source], tiny_model).unchanged == 2
+
+
+def test_search_filters(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    with Index.open(index_dir) as index:
+        beach = index.search("sea", k=10, under=str(photo_folder / "beach"))
+        assert {h.path for h in beach} == {str(photo_folder / "beach" / f"img{i}.jpg")
+                                           for i in range(3)}
+        named = index.search("sea", k=10, where="path LIKE '%img4%'")
+        assert [h.uri for h in named] == [str(photo_folder / "city" / "img4.jpg")]
+        scores = [h.score for h in index.search("sea", k=10)]
+        floor = scores[2]
+        assert [h.score for h in index.search("sea", k=10, min_score=floor)] == scores[:3]
+        assert index.search("sea", k=10, where="size < 0") == []
+        with pytest.raises(UsageError, match="no such column"):
+            index.search("sea", where="nonsense_column = 1")
+        with pytest.raises(UsageError):
+            index.search("sea", where="1; DROP TABLE items")
+        assert index.count("image") == 6
+
+
+def test_targets_and_combined_queries(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    image = photo_folder / "city" / "img5.jpg"
+    with Index.open(index_dir) as index:
+        assert {h.modality for h in index.search("a cat")} == {"image"}
+        assert {h.modality for h in index.search("a cat", target="text")} == {"text"}
+        assert {h.modality for h in index.search(image=image)} == {"text"}
+        self_hit = index.search(image=image, target="image", k=1)[0]
+        assert self_hit.uri == str(image) and self_hit.score == pytest.approx(1.0, abs=1e-5)
+        # An image path inside a combined query is an image term.
+        assert index.search(f"{image}", target="image", k=1)[0].uri == str(image)
+        weighted = index.search("3:a cat", target="text", k=7)
+        plain = index.search("a cat", target="text", k=7)
+        assert [h.id for h in weighted] == [h.id for h in plain]
+        assert [h.score for h in weighted] == pytest.approx([h.score for h in plain], abs=1e-5)
+        mixed = index.search(f"a cat - {image}", target="image", k=6)
+        assert mixed[-1].uri == str(image)  # subtracting an image pushes it to the bottom
+        with pytest.raises(UsageError, match="cancel"):
+            index.search("dog - dog")
+        with pytest.raises(UsageError, match="target"):
+            index.search("dog", target="audio")
+        with pytest.raises(UsageError, match="no such file"):
+            index.search(image=tmp_path / "missing.jpg")
+
+
+def test_search_on_an_empty_index(tmp_path, tiny_model):
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        assert index.search("anything") == []
+
+
+def test_progress_bar_reports_items_per_second(tmp_path, photo_folder, tiny_model, capsys):
+    build(tmp_path / "index", [photo_folder], tiny_model, progress=True)
+    assert "img/s" in capsys.readouterr().err
+
+
+def test_vectors_survive_in_sqlite(tmp_path, photo_folder, tiny_model):
+    """What FAISS holds can always be recovered from SQLite without the model."""
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    faiss_index = faiss.read_index(str(index_dir / "image.faiss"))
+    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
+        for item_id, blob in conn.execute(
+                "SELECT item_id, vector FROM vectors JOIN items ON items.id = item_id "
+                "WHERE modality = 'image'"):
+            np.testing.assert_array_equal(np.frombuffer(blob, np.float32),
+                                          faiss_index.reconstruct(item_id))
