@@ -13,21 +13,40 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 
 CAPTION_FILE_NAMES = ("captions.tsv", "captions.csv", "captions.jsonl", "captions.json")
 IMAGE_FIELDS = ("image", "file", "filename", "file_name", "path", "image_path")
 CAPTION_FIELDS = ("caption", "text")
+_CAPTION_NUMBER = re.compile(r"#\d+$")
 
 
 class CaptionFormatError(ValueError):
     """A captions file that does not parse; the message names the line and the problem."""
 
 
+def split_lines(content: str) -> list[str]:
+    """Lines split on newlines only: str.splitlines also breaks at form feeds and U+2028,
+    which are ordinary characters inside a caption or a JSON string."""
+    return [line.removesuffix("\r") for line in content.split("\n")]
+
+
+def parse_json(text: str, where: str):
+    """json.loads whose every failure is a CaptionFormatError naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CaptionFormatError(f"{where} is not JSON ({error.msg})") from None
+    except RecursionError:
+        raise CaptionFormatError(f"{where} is JSON nested too deeply") from None
+
+
 def read_caption_pairs(path: str, content: str, sidecar_image: str | None = None
                        ) -> list[tuple[str, str]]:
     """(image reference, caption) pairs from a captions source; the suffix picks the format."""
+    content = content.removeprefix("\ufeff")
     if sidecar_image is not None:
-        return [(sidecar_image, line.strip()) for line in content.splitlines()]
+        return [(sidecar_image, line.strip()) for line in split_lines(content) if line.strip()]
     suffix = path.rsplit(".", 1)[-1].lower()
     reader = {"csv": _csv_pairs, "jsonl": _jsonl_pairs, "json": _coco_pairs}.get(suffix, _token_pairs)
     return reader(content)
@@ -35,51 +54,55 @@ def read_caption_pairs(path: str, content: str, sidecar_image: str | None = None
 
 def _token_pairs(content: str) -> list[tuple[str, str]]:
     pairs = []
-    for number, line in enumerate(content.splitlines(), 1):
+    for number, line in enumerate(split_lines(content), 1):
         if not line.strip():
             continue
         name, tab, caption = line.partition("\t")
         if not tab:
             raise CaptionFormatError(f"line {number}: expected 'image#n<TAB>caption'")
-        pairs.append((name.rsplit("#", 1)[0] if "#" in name else name, caption.strip()))
+        pairs.append((_CAPTION_NUMBER.sub("", name), caption.strip()))
     return pairs
 
 
 def _csv_pairs(content: str) -> list[tuple[str, str]]:
-    rows = list(csv.DictReader(io.StringIO(content)))
-    if not rows:
-        return []
-    image_field, caption_field = _fields(rows[0].keys(), "header")
-    return [(row[image_field] or "", (row[caption_field] or "").strip()) for row in rows]
+    reader = csv.DictReader(io.StringIO(content, newline=""))
+    try:
+        if reader.fieldnames is None:
+            return []
+        image_field, caption_field = _fields(reader.fieldnames, "header")
+        return [(row[image_field] or "", (row[caption_field] or "").strip()) for row in reader]
+    except csv.Error as error:
+        raise CaptionFormatError(f"line {reader.line_num}: {error}") from None
 
 
 def _jsonl_pairs(content: str) -> list[tuple[str, str]]:
     pairs = []
-    for number, line in enumerate(content.splitlines(), 1):
+    for number, line in enumerate(split_lines(content), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise CaptionFormatError(f"line {number} is not JSON") from None
+        record = parse_json(line, f"line {number}")
         if not isinstance(record, dict):
             raise CaptionFormatError(f"line {number} is not a JSON object")
         image_field, caption_field = _fields(record.keys(), f"line {number}")
-        pairs.append((str(record[image_field]), str(record[caption_field]).strip()))
+        pairs.append(_strings(record[image_field], record[caption_field], f"line {number}"))
     return pairs
 
 
 def _coco_pairs(content: str) -> list[tuple[str, str]]:
+    data = parse_json(content, "the file")
     try:
-        data = json.loads(content)
         names = {image["id"]: image["file_name"] for image in data["images"]}
-        return [(names[note["image_id"]], str(note["caption"]).strip())
-                for note in data["annotations"]]
-    except json.JSONDecodeError as error:
-        raise CaptionFormatError(f"not JSON ({error.msg} at line {error.lineno})") from None
+        return [_strings(names[note["image_id"]], note["caption"], f"annotation {number}")
+                for number, note in enumerate(data["annotations"], 1)]
     except (KeyError, TypeError) as error:
         raise CaptionFormatError(
             f"not COCO captions JSON (missing {error}); expected 'images' and 'annotations'") from None
+
+
+def _strings(image, caption, where: str) -> tuple[str, str]:
+    if not isinstance(image, str) or not isinstance(caption, str):
+        raise CaptionFormatError(f"{where}: image and caption must be strings")
+    return image, caption.strip()
 
 
 def _fields(keys, where: str) -> tuple[str, str]:

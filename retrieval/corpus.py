@@ -11,14 +11,14 @@ A file is one of three kinds:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .captions import CAPTION_FILE_NAMES, read_caption_pairs
+from .captions import CAPTION_FILE_NAMES, parse_json, read_caption_pairs, split_lines
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 TEXT_SUFFIXES = frozenset({".txt", ".jsonl"})
@@ -136,12 +136,15 @@ def _add(found: dict[str, SourceFile], skipped: list[Skipped], path: Path, root:
     if kind is None:
         return
     try:
-        stat = path.stat()
+        info = path.stat()
     except OSError as error:
         reason = "broken symlink" if path.is_symlink() else f"cannot stat ({error.strerror})"
-        skipped.append(Skipped(str(path), reason))
+        skipped.append(Skipped(display_path(str(path)), reason))
         return
-    found[str(path)] = SourceFile(str(path), str(root), kind, stat.st_size, stat.st_mtime_ns)
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+        skipped.append(Skipped(display_path(str(path)), "not a regular file"))
+        return
+    found[str(path)] = SourceFile(str(path), str(root), kind, info.st_size, info.st_mtime_ns)
 
 
 def _mark_sidecars(found: dict[str, SourceFile]) -> None:
@@ -157,7 +160,7 @@ def read_items(source: SourceFile, data: bytes) -> list[ItemSpec]:
     """The items a file holds, from its bytes (already read for hashing)."""
     if source.kind == "image":
         return [ItemSpec(uri=source.key, modality="image")]
-    text = data.decode("utf-8", errors="replace")
+    text = data.decode("utf-8-sig", errors="replace")  # -sig: editors' byte-order marks
     if source.kind == "captions":
         image = _sidecar_image(source.path)
         sidecar_for = os.path.basename(display_path(image)) if image else None
@@ -166,7 +169,7 @@ def read_items(source: SourceFile, data: bytes) -> list[ItemSpec]:
     if source.path.lower().endswith(".jsonl"):
         return _jsonl_texts(source.key, text)
     return [ItemSpec(uri=f"{source.key}#L{number}", modality="text", text=line.strip())
-            for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+            for number, line in enumerate(split_lines(text), 1) if line.strip()]
 
 
 def _caption_items(uri: str, pairs: list[tuple[str, str]]) -> list[ItemSpec]:
@@ -195,19 +198,20 @@ def _sidecar_image(path: str) -> str | None:
 def _jsonl_texts(path: str, content: str) -> list[ItemSpec]:
     """Records with a `text` field; an `id` field names the item, other fields become metadata."""
     items = []
-    for number, line in enumerate(content.splitlines(), 1):
+    uris: set[str] = set()
+    for number, line in enumerate(split_lines(content), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"line {number} is not JSON") from None
+        record = parse_json(line, f"line {number}")
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"line {number} has no string field 'text'")
-        key = record.pop("id", number)
+        uri = f"{path}#id={record.pop('id')}" if "id" in record else f"{path}#L{number}"
+        if uri in uris:
+            raise ValueError(f"line {number} repeats the id of an earlier record")
+        uris.add(uri)
         text = record.pop("text").strip()
         if text:
-            items.append(ItemSpec(uri=f"{path}#{key}", modality="text", text=text, meta=record))
+            items.append(ItemSpec(uri=uri, modality="text", text=text, meta=record))
     return items
 
 

@@ -37,6 +37,8 @@ def load_image(path: str | Path, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS)
         raise
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image PIL can read") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+        raise ImageDecodeError(f"cannot read ({error.strerror})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise ImageDecodeError(f"corrupt or truncated image ({_first_line(error)})") from None
 
@@ -46,7 +48,7 @@ def _check_size(image: Image.Image, max_megapixels: float) -> None:
     megapixels = width * height / 1e6
     if megapixels > max_megapixels:
         raise ImageDecodeError(
-            f"{width}x{height} is {megapixels:.0f} megapixels, over the {max_megapixels:g} MP cap "
+            f"{width}x{height} is {megapixels:.1f} megapixels, over the {max_megapixels:g} MP cap "
             "(raise --max-megapixels to index it)")
 
 
@@ -63,6 +65,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = _wide_to_8bit(image)
+    if image.mode == "La":  # premultiplied; PIL converts it to nothing but LA
+        image = image.convert("LA")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -73,14 +77,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _wide_to_8bit(image: Image.Image) -> Image.Image:
-    """Scale 16-bit pixels to 8 bits (PIL's own convert clips them to white); floats by their range."""
+    """Scale wide pixels to 8 bits, where PIL's own convert would clip them to white.
+
+    16-bit values map by the 16-bit range; floats and out-of-range integers by their own
+    finite range (NaN and infinities, often 'no data' markers, become black).
+    """
     pixels = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
-        low, high = float(pixels.min()), float(pixels.max())
-        pixels = (pixels - low) * (255.0 / (high - low) if high > low else 0.0)
-    else:
-        pixels = pixels / 257.0
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
+    finite = np.isfinite(pixels)
+    low = float(pixels[finite].min()) if finite.any() else 0.0
+    high = float(pixels[finite].max()) if finite.any() else 0.0
+    if image.mode != "F" and low >= 0 and high <= 65535:
+        low, high = 0.0, 65535.0
+    scaled = (pixels - low) * (255.0 / (high - low) if high > low else 0.0)
+    scaled = np.where(finite, scaled, 0.0)
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
 
 
 def _first_line(error: Exception) -> str:

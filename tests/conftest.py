@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
-import numpy as np
-import pytest
-from PIL import Image
-
-from tiny_model import CLASSES, caption_for, render_shape, train_tiny_clip, write_local_dir_model
 
 # No test may reach a model hub: fail fast instead of waiting on a network that is not there.
+# Set before anything imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+from tiny_model import CLASSES, caption_for, render_shape, train_tiny_clip, write_local_dir_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

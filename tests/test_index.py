@@ -14,8 +14,7 @@ import pytest
 from conftest import write_image
 
 from retrieval import Index
-from retrieval.errors import (IndexLockedError, IndexNotFoundError, ModelMismatchError,
-                              UsageError)
+from retrieval.errors import IndexLockedError, IndexNotFoundError, ModelMismatchError, UsageError
 
 
 def build(index_dir, sources, model, **options):

@@ -1,0 +1,118 @@
+"""Model loading by every route open_clip knows, offline errors, and faithful vectors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from conftest import write_image
+from PIL import Image
+
+from retrieval import Index
+from retrieval.encoders import load_encoder, resolve_device
+from retrieval.errors import ModelLoadError
+from retrieval.images import load_image
+from retrieval.models import ModelSpec
+
+
+def plain_open_clip(spec: str):
+    model, _, preprocess = open_clip.create_model_and_transforms(spec)
+    return model.eval(), preprocess, open_clip.get_tokenizer(spec)
+
+
+def test_vectors_equal_plain_open_clip(tiny_model, tmp_path):
+    encoder = load_encoder(ModelSpec.parse(tiny_model), device="cpu", batch_size=2)
+    model, preprocess, tokenizer = plain_open_clip(tiny_model)
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), np.uint8))
+              for i in range(5)]
+    texts = ["a dog in the park", "a red circle", "x", "two cats on a sofa", ""]
+    with torch.no_grad():
+        expected_images = model.encode_image(torch.stack([preprocess(i) for i in images]))
+        expected_texts = model.encode_text(tokenizer(texts))
+    expected_images = torch.nn.functional.normalize(expected_images, dim=-1).numpy()
+    expected_texts = torch.nn.functional.normalize(expected_texts, dim=-1).numpy()
+    np.testing.assert_allclose(encoder.encode_images(images), expected_images, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_texts(texts), expected_texts, atol=1e-5)
+    assert encoder.dim == 32
+
+
+def test_indexed_vector_equals_plain_open_clip(tiny_model, tmp_path):
+    photo = write_image(tmp_path / "photos" / "one.png", (120, 40, 200))
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        index.add(tmp_path / "photos")
+        stored = next(index.store.iter_vectors("image"))[1][0]
+    model, preprocess, _ = plain_open_clip(tiny_model)
+    with torch.no_grad():
+        expected = model.encode_image(preprocess(Image.open(photo).convert("RGB"))[None])
+    expected = torch.nn.functional.normalize(expected, dim=-1).numpy()[0]
+    np.testing.assert_allclose(stored, expected, atol=1e-5)
+    np.testing.assert_allclose(
+        load_encoder(ModelSpec.parse(tiny_model), "cpu").encode_images([load_image(photo)])[0],
+        expected, atol=1e-5)
+
+
+def test_checkpoint_file_with_a_registered_architecture(tiny_model, tmp_path):
+    """The `--model NAME --pretrained FILE` route, with a tiny architecture registered by name."""
+    folder = Path(tiny_model.removeprefix("local-dir:"))
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "tiny-test.json").write_text(json.dumps(config["model_cfg"]))
+    open_clip.add_model_config(configs)
+    model, _, _ = plain_open_clip(tiny_model)
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    encoder = load_encoder(ModelSpec.parse("tiny-test", str(checkpoint)), "cpu")
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(
+            model.encode_text(open_clip.get_tokenizer(tiny_model)(["hello"])), dim=-1).numpy()
+    np.testing.assert_allclose(encoder.encode_texts(["hello"]), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, pretrained, message", [
+    ("ViT-B-32", None, "could not load weights for model ViT-B-32@laion2b_s34b_b79k"),
+    ("ViT-B-32", "no-such-tag", "unknown pretrained tag 'no-such-tag'"),
+    ("ViT-B-32", "/no/such/checkpoint.pt", "checkpoint file /no/such/checkpoint.pt not found"),
+    ("No-Such-Model", None, "unknown model 'No-Such-Model'"),
+    ("hf-hub:nobody/no-such-repo", None, "could not load weights for model hf-hub:nobody"),
+])
+def test_weights_that_cannot_be_had_give_one_clear_line(name, pretrained, message, tmp_path,
+                                                        monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelLoadError) as raised:
+        load_encoder(ModelSpec.parse(name, pretrained), "cpu")
+    text = str(raised.value)
+    assert message in text and "\n" not in text
+    if text.startswith("could not load"):
+        assert "--pretrained" in text and "local-dir:" in text
+
+
+def test_local_dir_without_weights_or_config_is_refused(tiny_model, tmp_path):
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="no open_clip_config.json"):
+        load_encoder(ModelSpec.parse(f"local-dir:{empty}"), "cpu")
+    config = Path(tiny_model.removeprefix("local-dir:")) / "open_clip_config.json"
+    (empty / "open_clip_config.json").write_text(config.read_text())
+    with pytest.raises(ModelLoadError, match="no weights file"):
+        load_encoder(ModelSpec.parse(f"local-dir:{empty}"), "cpu")
+
+
+def test_model_spec_identity_is_stable():
+    assert ModelSpec.parse().identity == "ViT-B-32@laion2b_s34b_b79k"
+    assert ModelSpec.parse("local-dir:./models/x").name == f"local-dir:{Path('models/x').resolve()}"
+    assert ModelSpec.parse("RN50", "openai").identity == "RN50@openai"
+    assert ModelSpec.parse("hf-hub:org/repo", "ignored").identity == "hf-hub:org/repo"
+
+
+def test_device_choice():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available() and torch.backends.mps.is_available():
+        expected = "mps"
+    assert resolve_device("auto") == expected
+    assert resolve_device("cpu") == "cpu"
