@@ -14,7 +14,7 @@ from functools import wraps
 import click
 from click_default_group import DefaultGroup
 
-from .errors import RetrievalError
+from .errors import IndexEmptyError, RetrievalError
 from .images import DEFAULT_MAX_MEGAPIXELS
 
 DEFAULT_INDEX = "indexes/default"
@@ -28,6 +28,16 @@ batch_option = click.option(
     "--batch-size", default=32, show_default=True, type=click.IntRange(1),
     help="Items encoded per forward pass.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def model_options(command):
+    """--model and --pretrained, shared by every command that names a model."""
+    command = click.option(
+        "--pretrained", help="Pretrained tag (default laion2b_s34b_b79k for ViT-B-32) "
+        "or a checkpoint file.")(command)
+    return click.option(
+        "--model", help="open_clip model name, local-dir:PATH or hf-hub:ORG/REPO "
+        "[default for a new index: ViT-B-32].")(command)
 
 
 def reports_errors(command):
@@ -72,16 +82,25 @@ def cli() -> None:
 @click.option("--under", type=click.Path(), help="Only items whose file is under this folder.")
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
 @json_option
+@model_options
 @device_option
 @reports_errors
 def search_command(query: tuple[str, ...], images: tuple[str, ...], index_dir: str, k: int,
                    target: str, where: str | None, under: str | None, min_score: float | None,
-                   as_json: bool, device: str) -> None:
-    """Search the index with text, images or a combined query like "cat + 2:dog - grass"."""
+                   as_json: bool, model: str | None, pretrained: str | None, device: str) -> None:
+    """Search the index with text, images or a combined query like "cat + 2:dog - grass".
+
+    The index's own model encodes the query; --model only checks that it is the one expected.
+    """
     from .index import Index
 
     text = " ".join(query) if query else None
-    with Index.open(index_dir, device=device, readonly=True) as index:
+    with Index.open(index_dir, model=model, pretrained=pretrained, device=device,
+                    readonly=True) as index:
+        if index.store.is_empty():
+            raise IndexEmptyError(
+                f"index {index.path} holds no items yet; add some with: "
+                f"retrieve index SOURCE... --index {index_dir}")
         hits = index.search(text, image=list(images) or None, k=k, target=target, where=where,
                             under=under, min_score=min_score)
     if as_json:
@@ -185,3 +204,7 @@ def info_command(index_dir: str, as_json: bool) -> None:
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="retrieve")
+
+
+if __name__ == "__main__":
+    main()

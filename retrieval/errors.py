@@ -23,6 +23,10 @@ class IndexNotFoundError(RetrievalError):
     """No index exists at the given directory."""
 
 
+class IndexEmptyError(RetrievalError):
+    """The index exists but holds nothing to search."""
+
+
 class IndexFormatError(RetrievalError):
     """The index directory is unreadable, of another format version, or damaged beyond repair."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -84,7 +85,7 @@ class Index:
         if not exists:
             _make_folder(folder)
         readonly = readonly and exists
-        store = Store(folder / DB_NAME, readonly=readonly)
+        store = _open_store(folder, readonly)
         requested = ModelSpec.parse(model, pretrained) if model or pretrained else None
         spec = _model_of(store, folder, requested, rebuild)
         index = cls(folder, store, spec, device, batch_size, readonly)
@@ -314,6 +315,22 @@ def _make_folder(folder: Path) -> None:
         raise IndexFormatError(f"cannot create index folder {folder}: {error.strerror}") from None
 
 
+def _open_store(folder: Path, readonly: bool) -> Store:
+    try:
+        store = Store(folder / DB_NAME, readonly=readonly)
+        version = int(store.get_info("format_version", str(FORMAT_VERSION)))
+    except sqlite3.DatabaseError as error:
+        raise IndexFormatError(
+            f"index {folder}: {DB_NAME} cannot be read ({error}); restore it from a backup or "
+            "build a new index") from None
+    if version > FORMAT_VERSION:
+        store.close()
+        raise IndexFormatError(
+            f"index {folder} has format version {version}, newer than this version of retrieval "
+            f"understands ({FORMAT_VERSION}); upgrade retrieval")
+    return store
+
+
 def _model_of(store: Store, folder: Path, requested: ModelSpec | None, rebuild: bool
               ) -> ModelSpec:
     """The index's model; a new index records the requested (or default) one."""
@@ -326,17 +343,12 @@ def _model_of(store: Store, folder: Path, requested: ModelSpec | None, rebuild: 
     recorded = ModelSpec(name, store.get_info("model_pretrained") or None)
     if requested is None or requested.identity == recorded.identity:
         return recorded
-    if not rebuild:
+    if not rebuild and not store.is_empty():
         raise ModelMismatchError(
             f"index {folder} was built with model {recorded}, not {requested}; query without "
             "--model, or re-encode everything with --rebuild")
     with store.conn:
-        store.conn.execute("DELETE FROM vectors")
-        store.conn.execute("DELETE FROM items")
-        store.conn.execute("DELETE FROM files")
-        for modality in MODALITIES:
-            store.bump_generation(modality)
-        store.set_info("dim", "0")
+        store.clear()
         _record_model(store, requested)
     return requested
 

@@ -130,6 +130,17 @@ class Store:
     def bump_generation(self, modality: str) -> None:
         self.set_info(f"generation:{modality}", str(self.generation(modality) + 1))
 
+    def is_empty(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None
+
+    def clear(self) -> None:
+        """Forget every file, item and vector (for a rebuild with another model)."""
+        for table in ("vectors", "items", "files"):
+            self.conn.execute(f"DELETE FROM {table}")
+        for modality in MODALITIES:
+            self.bump_generation(modality)
+        self.set_info("dim", "0")
+
     # -- files ------------------------------------------------------------------------------
 
     def files_by_path(self) -> dict[str, FileRow]:
