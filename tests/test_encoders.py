@@ -116,3 +116,18 @@ def test_device_choice():
         expected = "mps"
     assert resolve_device("auto") == expected
     assert resolve_device("cpu") == "cpu"
+
+
+def test_trimmed_text_encoding_equals_full_padding(tiny_model):
+    """Padding is cut after the batch's longest text: the vectors must not change."""
+    from retrieval.encoders import _can_trim_padding
+
+    encoder = load_encoder(ModelSpec.parse(tiny_model), "cpu", batch_size=4)
+    assert _can_trim_padding(encoder.model)
+    texts = ["a", "a dog in the park", "two " * 60 + "long", "", "a red circle on grey",
+             "ünïcödé 猫 text"]
+    with torch.no_grad():
+        full = encoder.model.encode_text(encoder.tokenizer(texts))
+    full = torch.nn.functional.normalize(full, dim=-1).numpy()
+    trimmed = encoder.encode_texts(texts)
+    assert np.abs(trimmed - full).max() < 1e-5
