@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     import torch
 
     from .index import Index
+    from .vectors import VectorIndex
 
 TEXT_FLUSH = 4096  # texts to gather before encoding: big batches, bounded loss on a crash
 
@@ -371,16 +372,28 @@ class Builder:
         """Apply this build's changes to each FAISS index and save it, or rebuild a stale one."""
         for modality in MODALITIES:
             changes, vectors = self.changes[modality], self.base[modality]
-            if vectors is None or vectors.dim != self.index.dim:
+            if self._needs_rebuild(vectors, changes, modality):
                 self.index._rebuild_vectors(modality)
             elif changes:
-                vectors.remove(np.fromiter(changes, dtype=np.int64, count=len(changes)))
+                if vectors.can_remove:
+                    vectors.remove(np.fromiter(changes, dtype=np.int64, count=len(changes)))
                 added = [(i, v) for i, v in changes.items() if v is not None]
                 if added:
                     vectors.add(np.array([i for i, _ in added], dtype=np.int64),
                                 np.stack([v for _, v in added]))
                 self.index._store_vectors(modality, vectors, self.store.generation(modality))
         self.index._write_manifest()
+
+    def _needs_rebuild(self, vectors: VectorIndex | None, changes: dict, modality: str) -> bool:
+        """Stale, of another size or kind than the index should now have, or unable to remove."""
+        if vectors is None or vectors.dim != self.index.dim:
+            return True
+        if vectors.kind != self.index.kind_for(self.store.count(modality)):
+            return True
+        if vectors.can_remove or not changes:
+            return False
+        held = set(vectors.ids().tolist())  # a graph can take new ids, not drop or replace one
+        return any(v is None or i in held for i, v in changes.items())
 
 
 def _under(path: str, prefixes: Iterable[str]) -> bool:

@@ -17,6 +17,8 @@ from click_default_group import DefaultGroup
 from .errors import IndexEmptyError, RetrievalError
 from .images import DEFAULT_MAX_MEGAPIXELS
 
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf-sq", "ivf-pq")  # as retrieval.index.INDEX_TYPES
+
 DEFAULT_INDEX = "indexes/default"
 
 index_option = click.option(
@@ -132,10 +134,9 @@ def _print_hits(hits) -> None:
 @click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True),
               default=DEFAULT_MAX_MEGAPIXELS, show_default=True,
               help="Skip images larger than this (guards against decompression bombs).")
-@click.option("--model", help="open_clip model name, local-dir:PATH or hf-hub:ORG/REPO "
-              "[default for a new index: ViT-B-32].")
-@click.option("--pretrained", help="Pretrained tag (default laion2b_s34b_b79k for ViT-B-32) "
-              "or a checkpoint file.")
+@model_options
+@click.option("--index-type", type=click.Choice(INDEX_TYPES),
+              help="FAISS index for a new index [default: auto, by size]; see `retrieve convert`.")
 @click.option("--rebuild", is_flag=True, help="Drop all vectors and re-encode with --model.")
 @device_option
 @batch_option
@@ -144,8 +145,8 @@ def _print_hits(hits) -> None:
 @reports_errors
 def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str, ...],
                   exclude_dir: tuple[str, ...], include_hidden: bool, max_megapixels: float,
-                  model: str | None, pretrained: str | None, rebuild: bool, device: str,
-                  batch_size: int, quiet: bool, as_json: bool) -> None:
+                  model: str | None, pretrained: str | None, index_type: str | None,
+                  rebuild: bool, device: str, batch_size: int, quiet: bool, as_json: bool) -> None:
     """Build or update an index over folders and files, incrementally.
 
     Only new and changed files are encoded; moved files keep their vectors; files gone from
@@ -154,7 +155,7 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
     from .index import Index
 
     with Index.open(index_dir, model=model, pretrained=pretrained, create=True, rebuild=rebuild,
-                    device=device, batch_size=batch_size) as index:
+                    index_type=index_type, device=device, batch_size=batch_size) as index:
         report = index.add(*sources, captions=captions, exclude=exclude_dir,
                            include_hidden=include_hidden, max_megapixels=max_megapixels,
                            progress=not quiet and sys.stderr.isatty())
@@ -180,6 +181,29 @@ def remove_command(sources: tuple[str, ...], index_dir: str) -> None:
     click.echo(f"removed {removed} files")
 
 
+@cli.command("convert")
+@click.argument("index_type", type=click.Choice(INDEX_TYPES))
+@index_option
+@click.option("--ef-search", type=click.IntRange(1), help="HNSW: graph nodes visited per query.")
+@click.option("--nprobe", type=click.IntRange(1), help="IVF: inverted lists scanned per query.")
+@click.option("--rerank", type=click.IntRange(1),
+              help="IVF: candidates re-ranked exactly, as a multiple of k.")
+@click.option("--memory-budget-mb", type=click.IntRange(1),
+              help="auto: RAM the vectors may take before a compressed index is chosen.")
+@reports_errors
+def convert_command(index_type: str, index_dir: str, ef_search: int | None, nprobe: int | None,
+                    rerank: int | None, memory_budget_mb: int | None) -> None:
+    """Switch the FAISS index type (auto, flat, hnsw, ivf-sq, ivf-pq) without re-encoding."""
+    from .index import Index
+
+    budget = memory_budget_mb << 20 if memory_budget_mb else None
+    with Index.open(index_dir) as index:
+        index.convert(index_type, ef_search=ef_search, nprobe=nprobe, rerank=rerank,
+                      memory_budget=budget)
+        kinds = {m: index.vectors(m).kind for m in ("image", "text")}
+    click.echo(f"index type {index_type}: " + ", ".join(f"{m} {k}" for m, k in kinds.items()))
+
+
 @cli.command("info")
 @index_option
 @json_option
@@ -197,6 +221,7 @@ def info_command(index_dir: str, as_json: bool) -> None:
     click.echo(f"index   {stats['path']}")
     click.echo(f"model   {model['name']}" + (f" ({model['pretrained']})" if model["pretrained"] else ""))
     click.echo(f"dim     {stats['dim']}")
+    click.echo(f"type    {stats['index_type']}")
     for modality, count in stats["counts"].items():
         click.echo(f"{modality:<7} {count}")
 

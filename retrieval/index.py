@@ -23,7 +23,7 @@ from .errors import (
 from .manifest import FORMAT_VERSION, Manifest, VectorFileState
 from .models import ModelSpec
 from .store import MODALITIES, Store
-from .vectors import VectorIndex
+from .vectors import DEFAULT_MEMORY_BUDGET, KINDS, SearchKnobs, VectorIndex, choose_kind
 
 if TYPE_CHECKING:
     from .build import BuildReport
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 DB_NAME = "meta.sqlite"
 LOCK_NAME = "write.lock"
 TARGETS = ("auto", *MODALITIES)
+INDEX_TYPES = ("auto", *KINDS)
 
 
 @dataclass
@@ -70,13 +71,18 @@ class Index:
 
     @classmethod
     def open(cls, path: str | Path, *, model: str | None = None, pretrained: str | None = None,
-             create: bool = False, rebuild: bool = False, device: str = "auto",
-             batch_size: int = 32, readonly: bool = False) -> Index:
+             create: bool = False, rebuild: bool = False, index_type: str | None = None,
+             device: str = "auto", batch_size: int = 32, readonly: bool = False) -> Index:
         """Open the index at `path`, or make it when `create` is set.
 
         `model`/`pretrained` name the model (see `ModelSpec`). An existing index refuses another
         model unless `rebuild` is set, which drops its vectors to re-encode them all.
+        `index_type` (auto, flat, hnsw, ivf-sq, ivf-pq) is recorded for a new index; an
+        existing one keeps its type until `convert`.
         """
+        if index_type is not None and index_type not in INDEX_TYPES:
+            raise UsageError(f"index type must be one of {', '.join(INDEX_TYPES)}, "
+                             f"not {index_type!r}")
         folder = Path(path).expanduser().absolute()
         exists = (folder / DB_NAME).is_file()
         if not exists and not create:
@@ -88,6 +94,9 @@ class Index:
         store = _open_store(folder, readonly)
         requested = ModelSpec.parse(model, pretrained) if model or pretrained else None
         spec = _model_of(store, folder, requested, rebuild)
+        if index_type and not readonly and store.get_info("index_type") is None:
+            with store.conn:
+                store.set_info("index_type", index_type)
         index = cls(folder, store, spec, device, batch_size, readonly)
         if not readonly:
             index._repair()
@@ -139,9 +148,44 @@ class Index:
             "format_version": FORMAT_VERSION,
             "model": {"name": self.spec.name, "pretrained": self.spec.pretrained},
             "dim": self.dim,
-            "index_type": "flat",
+            "index_type": self.index_type,
             "counts": {m: self.count(m) for m in MODALITIES},
         }
+
+    @property
+    def index_type(self) -> str:
+        """The requested FAISS index type; `auto` picks one per modality by size."""
+        return self.store.get_info("index_type") or "auto"
+
+    def search_knobs(self) -> SearchKnobs:
+        defaults = SearchKnobs()
+        return SearchKnobs(
+            ef_search=int(self.store.get_info("ef_search") or defaults.ef_search),
+            nprobe=int(self.store.get_info("nprobe") or defaults.nprobe),
+            rerank=int(self.store.get_info("rerank") or defaults.rerank))
+
+    def kind_for(self, count: int) -> str:
+        """The FAISS index kind a modality with `count` vectors should use now."""
+        budget = int(self.store.get_info("memory_budget") or DEFAULT_MEMORY_BUDGET)
+        return choose_kind(self.index_type, count, self.dim, budget)
+
+    def convert(self, index_type: str, **knobs: int) -> None:
+        """Switch every modality to another index type, from the stored vectors (no encoding).
+
+        `knobs` (ef_search, nprobe, rerank, memory_budget) are recorded for later searches.
+        """
+        if index_type not in INDEX_TYPES:
+            raise UsageError(f"index type must be one of {', '.join(INDEX_TYPES)}, "
+                             f"not {index_type!r}")
+        with self._write_lock():
+            with self.store.conn:
+                self.store.set_info("index_type", index_type)
+                for name, value in knobs.items():
+                    if value is not None:
+                        self.store.set_info(name, str(int(value)))
+            for modality in MODALITIES:
+                self._rebuild_vectors(modality)
+            self._write_manifest()
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -227,9 +271,8 @@ class Index:
         # Generation first: a commit landing in between makes the label older than the data,
         # which only costs another rebuild later; the reverse would hide vectors.
         generation = self.store.generation(modality)
-        vectors = VectorIndex.empty(self.dim or 1)
-        for ids, batch in self.store.iter_vectors(modality):
-            vectors.add(ids, batch)
+        ids, stored = self.store.all_vectors(modality)
+        vectors = VectorIndex.build(self.kind_for(len(ids)), self.dim or 1, ids, stored)
         self._store_vectors(modality, vectors, generation)
         return vectors
 
@@ -243,13 +286,14 @@ class Index:
         name = f"{modality}.faiss"
         vectors.save(self.path / name)
         manifest = self._manifest()
-        manifest.vectors[modality] = VectorFileState(name, len(vectors), generation)
+        manifest.vectors[modality] = VectorFileState(name, len(vectors), generation, vectors.kind)
         manifest.write(self.path)
 
     def _manifest(self) -> Manifest:
         manifest = Manifest.read(self.path) or Manifest(FORMAT_VERSION, {}, self.dim)
         stats = self.stats()
         manifest.model, manifest.dim, manifest.counts = stats["model"], self.dim, stats["counts"]
+        manifest.index_type = self.index_type
         return manifest
 
     def _write_manifest(self) -> None:
@@ -280,7 +324,8 @@ class Index:
         if not self.dim or not self.count(target):
             return []
         allowed = self.store.item_ids(target, where, _absolute(under)) if where or under else None
-        scores, ids = self.vectors(target).search(vector, k, allowed)
+        scores, ids = self.vectors(target).search(vector, k, allowed, self.search_knobs(),
+                                                  self.store.vectors_for_ids)
         hits = self._hydrate(ids, scores)
         return [hit for hit in hits if min_score is None or hit.score >= min_score]
 

@@ -23,6 +23,7 @@ class VectorFileState:
     file: str
     count: int
     generation: int
+    kind: str = "flat"
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Manifest:
     format_version: int
     model: dict
     dim: int
-    index_type: str = "flat"
+    index_type: str = "auto"
     counts: dict[str, int] = field(default_factory=dict)
     vectors: dict[str, VectorFileState] = field(default_factory=dict)
 

@@ -265,7 +265,15 @@ class Store:
         return self.conn.execute(
             "SELECT count(*) FROM items WHERE modality = ?", [modality]).fetchone()[0]
 
-    def iter_vectors(self, modality: str, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def all_vectors(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of every item of a modality, in id order."""
+        batches = list(self.iter_vectors(modality))
+        if not batches:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+    def iter_vectors(self, modality: str, batch: int = 65536
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, vectors) of a modality in id order, a batch at a time."""
         cursor = self.conn.execute(
             "SELECT items.id, vectors.vector FROM items JOIN vectors ON vectors.item_id = items.id "
@@ -274,6 +282,16 @@ class Store:
             ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
             vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32)
             yield ids, vectors.reshape(len(rows), -1)
+
+    def vectors_for_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of these items, in the order given (exact re-ranking reads these)."""
+        found: dict[int, bytes] = {}
+        for chunk in _chunks([int(i) for i in ids], 500):
+            marks = ",".join("?" * len(chunk))
+            found.update(self.conn.execute(
+                f"SELECT item_id, vector FROM vectors WHERE item_id IN ({marks})", chunk))
+        return np.frombuffer(b"".join(found[int(i)] for i in ids), dtype=np.float32).reshape(
+            len(ids), -1)
 
     def item_ids(self, modality: str, where: str | None = None, under: str | None = None
                  ) -> np.ndarray:

@@ -15,6 +15,7 @@ from conftest import write_image
 
 from retrieval import Index
 from retrieval.errors import IndexLockedError, IndexNotFoundError, ModelMismatchError, UsageError
+from retrieval.vectors import VectorIndex
 
 
 def build(index_dir, sources, model, **options):
@@ -29,8 +30,7 @@ def sqlite_ids(index_dir, modality):
 
 
 def faiss_ids(index_dir, modality):
-    index = faiss.read_index(str(index_dir / f"{modality}.faiss"))
-    return sorted(faiss.vector_to_array(index.id_map).tolist())
+    return VectorIndex.load(index_dir / f"{modality}.faiss").ids().tolist()
 
 
 def assert_consistent(index_dir):
@@ -67,7 +67,8 @@ def test_build_indexes_images_captions_and_texts(tmp_path, photo_folder, tiny_mo
     manifest = json.loads((index_dir / "manifest.json").read_text())
     assert manifest["format_version"] == 1
     assert manifest["model"]["name"] == tiny_model
-    assert manifest["index_type"] == "flat"
+    assert manifest["index_type"] == "auto"
+    assert manifest["vectors"]["image"]["kind"] == manifest["vectors"]["text"]["kind"] == "flat"
     assert_consistent(index_dir)
 
 
