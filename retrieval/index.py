@@ -23,6 +23,7 @@ from .errors import (
 from .manifest import FORMAT_VERSION, Manifest, VectorFileState
 from .models import ModelSpec
 from .store import MODALITIES, Store
+from .text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
 from .vectors import DEFAULT_MEMORY_BUDGET, KINDS, SearchKnobs, VectorIndex, choose_kind
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class Index:
         self.readonly = readonly
         self.dim = int(store.get_info("dim", "0"))
         self._encoder: ClipEncoder | None = None
+        self._text_tower: NumpyTextEncoder | None = None
         self._vectors: dict[str, tuple[VectorIndex, int]] = {}  # modality -> (index, generation)
 
     # -- opening ----------------------------------------------------------------------------
@@ -126,7 +128,17 @@ class Index:
 
             self._encoder = load_encoder(self.spec, self.device, self.batch_size)
             self._record_dim(self._encoder.dim)
+            if not self.readonly and load_text_tower(self.path, self.spec.identity) is None:
+                export_text_tower(self._encoder, self.path)
         return self._encoder
+
+    @property
+    def text_encoder(self) -> ClipEncoder | NumpyTextEncoder:
+        """What encodes text queries: the numpy text tower a build exported (no torch import,
+        so a query starts in well under a second), else the full model."""
+        if self._encoder is None and self._text_tower is None:
+            self._text_tower = load_text_tower(self.path, self.spec.identity)
+        return self._text_tower or self.encoder
 
     def _record_dim(self, dim: int) -> None:
         if self.dim and self.dim != dim:

@@ -40,14 +40,15 @@ def query_vector(index: Index, query: str | None, text: str | None, image: Image
                  ) -> tuple[np.ndarray, str]:
     """The weighted sum of the terms' vectors, normalised, and the query's main modality."""
     terms = query_terms(query, text, image)
-    encoder = index.encoder
     texts = [t for t in terms if t.text is not None]
     images = [t for t in terms if t.image is not None]
-    total = np.zeros(encoder.dim, dtype=np.float32)
+    parts = []
     if texts:
-        total += _weighted(encoder.encode_texts([t.text for t in texts]), texts)
+        parts.append(_weighted(index.text_encoder.encode_texts([t.text for t in texts]), texts))
     if images:
-        total += _weighted(encoder.encode_images([_open(t.image) for t in images]), images)
+        opened = [_open(t.image) for t in images]  # a bad path fails before the model loads
+        parts.append(_weighted(index.encoder.encode_images(opened), images))
+    total = np.sum(parts, axis=0)
     norm = float(np.linalg.norm(total))
     if norm < 1e-6:
         raise UsageError("the query's terms cancel out; change their weights")

@@ -1,0 +1,105 @@
+"""CLIP's byte-level BPE tokenizer without torch, for the fast text-query path.
+
+It reads open_clip's own merges file and must give exactly the token ids that open_clip's
+`SimpleTokenizer` gives (a test compares them on many texts), so that query vectors from
+the numpy text tower equal the ones the torch model makes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+import ftfy
+import numpy as np
+import regex
+
+MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
+MERGE_COUNT = 49152 - 256 - 2
+START, END = "<start_of_text>", "<end_of_text>"
+END_OF_WORD = "</w>"
+
+
+@lru_cache(maxsize=1)
+def byte_alphabet() -> dict[int, str]:
+    """Each byte as a printable character: printable Latin-1 bytes stand for themselves, the
+    rest are moved past 255, so BPE never sees whitespace or control characters.
+
+    The order (printable bytes first) is the order of the vocabulary's first 256 ids.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    moved = (b for b in range(256) if b not in keep)
+    alphabet = {b: chr(b) for b in keep}
+    alphabet.update({b: chr(256 + n) for n, b in enumerate(moved)})
+    return alphabet
+
+
+def default_merges_path() -> Path:
+    """open_clip's merges file, found without importing open_clip (which imports torch)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("open_clip is not installed; it provides the BPE merges file")
+    return Path(next(iter(spec.submodule_search_locations))) / MERGES_FILE
+
+
+class ClipTokenizer:
+    """Text -> fixed-length token ids: start token, BPE tokens, end token, zero padding."""
+
+    def __init__(self, merges_path: Path | None = None, context_length: int = 77) -> None:
+        lines = gzip.open(merges_path or default_merges_path()).read().decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1:MERGE_COUNT + 1]]
+        symbols = list(byte_alphabet().values())
+        vocabulary = symbols + [s + END_OF_WORD for s in symbols]
+        vocabulary += ["".join(pair) for pair in merges] + [START, END]
+        self.ids = {token: number for number, token in enumerate(vocabulary)}
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.start_id, self.end_id = self.ids[START], self.ids[END]
+        self.context_length = context_length
+        self.pattern = regex.compile(
+            rf"{START}|{END}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
+            regex.IGNORECASE)
+        self._words: dict[str, list[int]] = {START: [self.start_id], END: [self.end_id]}
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """Token ids for each text, (len(texts), context_length), int64."""
+        batch = np.zeros((len(texts), self.context_length), dtype=np.int64)
+        for row, text in enumerate(texts):
+            tokens = [self.start_id, *self.encode(text), self.end_id][:self.context_length]
+            tokens[-1] = self.end_id  # a truncated text still ends with the end token
+            batch[row, :len(tokens)] = tokens
+        return batch
+
+    def encode(self, text: str) -> list[int]:
+        text = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
+        alphabet = byte_alphabet()
+        ids: list[int] = []
+        for piece in self.pattern.findall(text):
+            word = "".join(alphabet[b] for b in piece.encode("utf-8"))
+            if word not in self._words:
+                self._words[word] = [self.ids[part] for part in self._merge(word)]
+            ids += self._words[word]
+        return ids
+
+    def _merge(self, word: str) -> list[str]:
+        """Apply BPE merges, lowest rank first, to one word's characters."""
+        parts = [*word[:-1], word[-1] + END_OF_WORD]
+        while len(parts) > 1:
+            pairs = {(a, b) for a, b in zip(parts, parts[1:])}
+            best = min(pairs, key=lambda pair: self.ranks.get(pair, len(self.ranks)))
+            if best not in self.ranks:
+                break
+            merged: list[str] = []
+            index = 0
+            while index < len(parts):
+                if index + 1 < len(parts) and (parts[index], parts[index + 1]) == best:
+                    merged.append(parts[index] + parts[index + 1])
+                    index += 2
+                else:
+                    merged.append(parts[index])
+                    index += 1
+            parts = merged
+        return parts
