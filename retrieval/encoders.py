@@ -44,6 +44,12 @@ class ClipEncoder:
         self.batch_size = batch_size
         self.dim = _embedding_dim(model)
 
+    @property
+    def input_side(self) -> int:
+        """The shorter side, in pixels, of what the vision tower takes in."""
+        size = getattr(self.model.visual, "image_size", 224)
+        return min(size) if isinstance(size, (tuple, list)) else int(size)
+
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         """Resize, crop and normalise one RGB image into the model's input tensor."""
         return self.preprocess(image)

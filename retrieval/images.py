@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,9 +20,13 @@ class ImageDecodeError(Exception):
     """A file that cannot become an image; the message is the reason shown to the user."""
 
 
-def load_image(path: str | Path, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> Image.Image:
+def load_image(path: str | Path | BinaryIO, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+               min_side: int | None = None) -> Image.Image:
     """Open, check the size of, orient and convert an image to RGB.
 
+    With `min_side`, a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale that keeps
+    both sides at least that long (PIL draft mode): the DCT does the downscaling, several
+    times faster than decoding every pixel only to throw most away.
     Raises ImageDecodeError with a short reason for anything that is not a usable image.
     """
     try:
@@ -29,6 +34,8 @@ def load_image(path: str | Path, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS)
             warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the image is still fine
             with Image.open(path) as image:
                 _check_size(image, max_megapixels)
+                if min_side and image.format == "JPEG":
+                    image.draft("RGB", _draft_request(image.size, min_side))
                 image.seek(0)  # first frame of animations
                 image.load()
                 oriented = _apply_orientation(image)
@@ -41,6 +48,13 @@ def load_image(path: str | Path, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS)
         raise ImageDecodeError(f"cannot read ({error.strerror})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise ImageDecodeError(f"corrupt or truncated image ({_first_line(error)})") from None
+
+
+def _draft_request(size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """The (width, height) to ask draft for so that the shorter side stays >= min_side."""
+    width, height = size
+    scale = min_side / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _check_size(image: Image.Image, max_megapixels: float) -> None:

@@ -406,3 +406,17 @@ def test_decompression_bomb_refused_quickly_with_default_cap(tmp_path):
     assert elapsed < 1.0
     message = assert_short_message(error)
     assert "400.0 megapixels" in message and "100 MP cap" in message and "--max-megapixels" in message
+
+
+def test_jpeg_draft_decoding_keeps_the_requested_side(tmp_path):
+    """Draft mode decodes big JPEGs at a reduced scale, never below min_side."""
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2000, 1500), (90, 140, 200)).save(path, quality=90)
+    small = load_image(path, min_side=448)
+    assert small.size == (1000, 750)  # 1/2 scale: 1/4 would make the short side 375
+    assert load_image(path).size == (2000, 1500)
+    png = tmp_path / "big.png"
+    Image.new("RGB", (2000, 1500), (90, 140, 200)).save(png)
+    assert load_image(png, min_side=448).size == (2000, 1500)  # only JPEG has a draft mode
+    assert small.getpixel((500, 300)) == pytest.approx(load_image(path).getpixel((1000, 600)),
+                                                       abs=3)
