@@ -140,13 +140,16 @@ def _print_hits(hits) -> None:
 @click.option("--rebuild", is_flag=True, help="Drop all vectors and re-encode with --model.")
 @device_option
 @batch_option
+@click.option("--int8", is_flag=True,
+              help="Encode with 8-bit weights on the CPU: faster, vectors within ~1e-3.")
 @click.option("--quiet", is_flag=True, help="No progress bar, no per-file warnings.")
 @json_option
 @reports_errors
 def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str, ...],
                   exclude_dir: tuple[str, ...], include_hidden: bool, max_megapixels: float,
                   model: str | None, pretrained: str | None, index_type: str | None,
-                  rebuild: bool, device: str, batch_size: int, quiet: bool, as_json: bool) -> None:
+                  rebuild: bool, device: str, batch_size: int, int8: bool, quiet: bool,
+                  as_json: bool) -> None:
     """Build or update an index over folders and files, incrementally.
 
     Only new and changed files are encoded; moved files keep their vectors; files gone from
@@ -155,7 +158,8 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
     from .index import Index
 
     with Index.open(index_dir, model=model, pretrained=pretrained, create=True, rebuild=rebuild,
-                    index_type=index_type, device=device, batch_size=batch_size) as index:
+                    index_type=index_type, device=device, batch_size=batch_size,
+                    int8=int8) as index:
         report = index.add(*sources, captions=captions, exclude=exclude_dir,
                            include_hidden=include_hidden, max_megapixels=max_megapixels,
                            progress=not quiet and sys.stderr.isatty())

@@ -7,6 +7,7 @@ similarity and the FAISS indexes can be inner-product indexes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from open_clip.transformer import text_global_pool
 from PIL import Image
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, UsageError
 from .models import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, ModelSpec, looks_like_path
 
 
@@ -125,17 +126,32 @@ def _embedding_dim(model: torch.nn.Module) -> int:
     return int(visual.output_dim)
 
 
-def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32) -> ClipEncoder:
-    """Build the model named by `spec`; any failure to get its weights becomes a ModelLoadError."""
+def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32,
+                 int8: bool = False) -> ClipEncoder:
+    """Build the model named by `spec`; any failure to get its weights becomes a ModelLoadError.
+
+    `int8` quantises the linear layers' weights to 8 bits (CPU only): faster encoding, vectors
+    within ~1e-3 cosine of fp32 (see the benchmark for the agreement on real photos).
+    """
     _check_weights_available(spec)
     device = resolve_device(device)
+    if int8 and device != "cpu":
+        raise UsageError(f"int8 encoding runs on the CPU only, not on {device}; drop --int8")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             spec.name, pretrained=spec.pretrained, device=device)
         tokenizer = open_clip.get_tokenizer(spec.name)
     except Exception as error:  # open_clip and huggingface_hub raise many kinds for one cause
         raise ModelLoadError(_explain_load_failure(spec, error)) from error
+    if int8:
+        model = _quantized(model)
     return ClipEncoder(spec, model, preprocess, tokenizer, device, batch_size)
+
+
+def _quantized(model: torch.nn.Module) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's move to torchao is announced, not done
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def _check_weights_available(spec: ModelSpec) -> None:

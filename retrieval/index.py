@@ -57,7 +57,7 @@ class Index:
     """A retrieval index directory. Open it with `Index.open`; close it, or use `with`."""
 
     def __init__(self, path: Path, store: Store, spec: ModelSpec, device: str, batch_size: int,
-                 readonly: bool) -> None:
+                 readonly: bool, int8: bool = False) -> None:
         self.path = path
         self.store = store
         self.spec = spec
@@ -65,6 +65,7 @@ class Index:
         self.batch_size = batch_size
         self.readonly = readonly
         self.dim = int(store.get_info("dim", "0"))
+        self.int8 = int8
         self._encoder: ClipEncoder | None = None
         self._text_tower: NumpyTextEncoder | None = None
         self._vectors: dict[str, tuple[VectorIndex, int]] = {}  # modality -> (index, generation)
@@ -74,13 +75,14 @@ class Index:
     @classmethod
     def open(cls, path: str | Path, *, model: str | None = None, pretrained: str | None = None,
              create: bool = False, rebuild: bool = False, index_type: str | None = None,
-             device: str = "auto", batch_size: int = 32, readonly: bool = False) -> Index:
+             device: str = "auto", batch_size: int = 32, int8: bool = False,
+             readonly: bool = False) -> Index:
         """Open the index at `path`, or make it when `create` is set.
 
         `model`/`pretrained` name the model (see `ModelSpec`). An existing index refuses another
         model unless `rebuild` is set, which drops its vectors to re-encode them all.
         `index_type` (auto, flat, hnsw, ivf-sq, ivf-pq) is recorded for a new index; an
-        existing one keeps its type until `convert`.
+        existing one keeps its type until `convert`. `int8` encodes with 8-bit weights (CPU).
         """
         if index_type is not None and index_type not in INDEX_TYPES:
             raise UsageError(f"index type must be one of {', '.join(INDEX_TYPES)}, "
@@ -99,7 +101,7 @@ class Index:
         if index_type and not readonly and store.get_info("index_type") is None:
             with store.conn:
                 store.set_info("index_type", index_type)
-        index = cls(folder, store, spec, device, batch_size, readonly)
+        index = cls(folder, store, spec, device, batch_size, readonly, int8)
         if not readonly:
             index._repair()
         return index
@@ -126,9 +128,10 @@ class Index:
         if self._encoder is None:
             from .encoders import load_encoder
 
-            self._encoder = load_encoder(self.spec, self.device, self.batch_size)
+            self._encoder = load_encoder(self.spec, self.device, self.batch_size, self.int8)
             self._record_dim(self._encoder.dim)
-            if not self.readonly and load_text_tower(self.path, self.spec.identity) is None:
+            exportable = not self.readonly and not self.int8  # export full-precision weights only
+            if exportable and load_text_tower(self.path, self.spec.identity) is None:
                 export_text_tower(self._encoder, self.path)
         return self._encoder
 

@@ -131,3 +131,19 @@ def test_trimmed_text_encoding_equals_full_padding(tiny_model):
     full = torch.nn.functional.normalize(full, dim=-1).numpy()
     trimmed = encoder.encode_texts(texts)
     assert np.abs(trimmed - full).max() < 1e-5
+
+
+def test_int8_encoding_is_close_to_fp32(tiny_model):
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), np.uint8))
+              for i in range(4)]
+    full = load_encoder(ModelSpec.parse(tiny_model), "cpu").encode_images(images)
+    int8 = load_encoder(ModelSpec.parse(tiny_model), "cpu", int8=True).encode_images(images)
+    cosines = (full * int8).sum(axis=1)
+    assert cosines.min() > 0.99 and np.abs(full - int8).max() > 0  # close, yet quantised
+
+
+def test_int8_is_refused_off_the_cpu(tiny_model):
+    from retrieval.errors import UsageError
+
+    with pytest.raises(UsageError, match="CPU only"):
+        load_encoder(ModelSpec.parse(tiny_model), "cuda", int8=True)
