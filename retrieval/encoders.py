@@ -6,8 +6,8 @@ similarity and the FAISS indexes can be inner-product indexes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np

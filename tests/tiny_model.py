@@ -34,7 +34,8 @@ TINY_PREPROCESS_CFG: dict = {
     "resize_mode": "shortest",
 }
 
-COLORS: dict[str, tuple[int, int, int]] = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 CLASSES: list[tuple[str, str]] = [(c, s) for c in COLORS for s in SHAPES]
 
@@ -115,7 +116,8 @@ def render_shape(color: str, shape: str, rng: np.random.Generator, size: int = 6
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
-def _render_batch(per_class: int, rng: np.random.Generator, preprocess: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+def _render_batch(per_class: int, rng: np.random.Generator, preprocess: Callable
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Preprocessed renders, `per_class` of each class, and their class labels."""
     labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
     images = torch.stack([preprocess(render_shape(*CLASSES[i], rng)) for i in labels.tolist()])
