@@ -273,7 +273,7 @@ class Index:
         if state is None or state.generation != generation:
             return None
         try:
-            vectors = VectorIndex.load(self.path / state.file)
+            vectors = VectorIndex.load(self.path / state.file, mmap=self.readonly)
         except RuntimeError:  # FAISS reports unreadable files this way
             return None
         if len(vectors) != state.count or len(vectors) != self.count(modality):

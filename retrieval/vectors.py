@@ -78,8 +78,9 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: Path, mmap: bool = False) -> VectorIndex:
-        """Read a saved index; `mmap` leaves IVF lists on disk, paged in as searches touch them."""
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        """Read a saved index; `mmap` maps it read-only instead of reading it whole, so a query
+        touches only the pages it needs (IVF lists it probes) and processes share them."""
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
         return cls(faiss.read_index(str(path), flags))
 
     def save(self, path: Path) -> None:
