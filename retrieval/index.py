@@ -130,8 +130,7 @@ class Index:
 
             self._encoder = load_encoder(self.spec, self.device, self.batch_size, self.int8)
             self._record_dim(self._encoder.dim)
-            exportable = not self.readonly and not self.int8  # export full-precision weights only
-            if exportable and load_text_tower(self.path, self.spec.identity) is None:
+            if not self.readonly and load_text_tower(self.path, self.spec.identity) is None:
                 export_text_tower(self._encoder, self.path)
         return self._encoder
 

@@ -12,7 +12,8 @@ scores are true cosine similarities. `choose_kind` picks one by corpus size and 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +157,8 @@ class VectorIndex:
         quantised = self.kind.startswith("ivf")
         fetch = k * knobs.rerank if quantised and exact is not None else k
         params = self._search_params(knobs, allowed)
-        scores, ids = self.index.search(_matrix(query[None, :]), fetch, params=params)
+        with _one_thread():
+            scores, ids = self.index.search(_matrix(query[None, :]), fetch, params=params)
         found = ids[0] >= 0  # FAISS pads missing results with -1
         scores, ids = scores[0][found], ids[0][found]
         if fetch > k:
@@ -173,6 +175,18 @@ class VectorIndex:
         if kind.startswith("ivf"):
             return faiss.SearchParametersIVF(nprobe=knobs.nprobe, **extra)
         return faiss.SearchParameters(**extra)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """One query is too small to split: FAISS's OpenMP threads only wait on each other, and
+    on a busy machine that wait costs milliseconds."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def _exact_top_k(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int

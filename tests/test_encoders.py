@@ -147,3 +147,10 @@ def test_int8_is_refused_off_the_cpu(tiny_model):
 
     with pytest.raises(UsageError, match="CPU only"):
         load_encoder(ModelSpec.parse(tiny_model), "cuda", int8=True)
+
+
+def test_int8_encoder_still_encodes_text_in_full_precision(tiny_model):
+    texts = ["a dog in the park", "a red circle"]
+    full = load_encoder(ModelSpec.parse(tiny_model), "cpu").encode_texts(texts)
+    int8 = load_encoder(ModelSpec.parse(tiny_model), "cpu", int8=True).encode_texts(texts)
+    np.testing.assert_allclose(int8, full, atol=1e-6)
