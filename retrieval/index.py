@@ -176,7 +176,7 @@ class Index:
         return SearchKnobs(
             ef_search=int(self.store.get_info("ef_search") or defaults.ef_search),
             nprobe=int(self.store.get_info("nprobe") or defaults.nprobe),
-            rerank=int(self.store.get_info("rerank") or defaults.rerank))
+            rerank=int(self.store.get_info("rerank") or 0) or defaults.rerank)
 
     def kind_for(self, count: int) -> str:
         """The FAISS index kind a modality with `count` vectors should use now."""

@@ -1,0 +1,802 @@
+#!/usr/bin/env python3
+"""Benchmark the retrieval engine through its own code paths and print Markdown tables.
+
+    python3 scripts/benchmark.py                    # full run (5-10 min on 2 CPU cores)
+    python3 scripts/benchmark.py --quick            # tiny model, 100 images, N=10k (~1 min)
+    python3 scripts/benchmark.py --only ann --sizes 10000 --json ann.json
+
+Sections (pick with --only / --skip):
+  images  encode-only ceiling, decode+preprocess, end-to-end build, unchanged re-index
+  text    single-query latency and batch throughput of the text encoder
+  ann     every FAISS kind in retrieval.vectors: build time, size, latency, recall@10, knobs
+  cli     cold `python -m retrieval.cli` search, warm Index.search, warm vector search
+  int8    int8 image encoding: speed-up over fp32 and top-10 agreement with it
+
+The default model is ViT-B-32 with seeded random weights written as a `local-dir:` model
+(speed does not depend on weight values, and nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import faiss
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from retrieval import ClipEncoder, Index, ModelSpec, load_encoder
+from retrieval.captions import CAPTION_FILE_NAMES
+from retrieval.corpus import read_items, walk_sources
+from retrieval.images import load_image
+from retrieval.pipeline import default_workers, prefetch_map
+from retrieval.text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
+from retrieval.vectors import KINDS, SearchKnobs, VectorIndex
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k-test"
+SECTIONS = ("images", "text", "ann", "cli", "int8")
+QUERY = "a dog in the park"
+TEXT_BATCH = 256  # batch throughput is also measured at this batch, beside --batch-size
+K = 10
+ANN_DIM = 512
+ANN_TOPICS = 50  # centres lie around topics, so neighbours past a point's own cluster are related
+ANN_CENTRES = 1000
+ANN_NOISE = 1.0  # expected norm of the noise added to a unit centre: cos(point, centre) ~ 0.7
+RECALL_TARGET = 0.95
+EF_SEARCH = (16, 32, 64, 128)
+NPROBE = (8, 16, 32, 64)
+RERANK = (1, 4, 10)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+# -- small helpers ----------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout holds nothing but the report."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def timed(function: Callable[[], T]) -> tuple[T, float]:
+    """(result, wall seconds) of one call."""
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def time_each(function: Callable[[T], R], items: Sequence[T], warmup: int = 3
+              ) -> tuple[list[R], list[float]]:
+    """Call `function` on each item after `warmup` untimed calls; (results, milliseconds)."""
+    for item in items[:warmup]:
+        function(item)
+    results, millis = [], []
+    for item in items:
+        start = time.perf_counter()
+        results.append(function(item))
+        millis.append((time.perf_counter() - start) * 1000)
+    return results, millis
+
+
+def percentiles(millis: Sequence[float]) -> dict[str, float]:
+    return {"p50_ms": float(np.percentile(millis, 50)), "p95_ms": float(np.percentile(millis, 95)),
+            "mean_ms": float(np.mean(millis))}
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# Runs the command given as its arguments and prints its wall time and peak RSS (KiB) last on
+# stderr. Measured from this small process: on Linux a child's ru_maxrss starts at the RSS of
+# the process it was forked from, which here would be the benchmark with its models loaded.
+MEASURE_CHILD = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.call(sys.argv[1:])
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+      file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_measured(command: Sequence[str]) -> tuple[float, str, int]:
+    """Run a command to its end: (wall seconds, stdout, peak RSS in bytes of that process)."""
+    result = subprocess.run([sys.executable, "-c", MEASURE_CHILD, *command],
+                            capture_output=True, text=True)
+    *errors, measured = result.stderr.splitlines()
+    if result.returncode:
+        raise RuntimeError(f"{shlex.join(command)} exited {result.returncode}: "
+                           + "\n".join(errors)[-2000:])
+    wall, rss = measured.split()
+    return float(wall), result.stdout, int(rss) * 1024  # Linux reports KiB
+
+
+def model_args(spec: ModelSpec) -> list[str]:
+    return ["--model", spec.name] + (["--pretrained", spec.pretrained] if spec.pretrained else [])
+
+
+def open_index(folder: Path, spec: ModelSpec, args: argparse.Namespace) -> Index:
+    return Index.open(folder, model=spec.name, pretrained=spec.pretrained, create=True,
+                      device=args.device, batch_size=args.batch_size, int8=args.int8)
+
+
+# -- models and data --------------------------------------------------------------------------
+
+
+def write_random_vit_b32(folder: Path, seed: int) -> str:
+    """ViT-B-32 with seeded random weights as a `local-dir:` model; returns its spec."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.create_model("ViT-B-32")
+    size = open_clip.get_model_config("ViT-B-32")["vision_cfg"]["image_size"]
+    config = {
+        "model_cfg": open_clip.get_model_config("ViT-B-32"),
+        "preprocess_cfg": {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                           "std": list(open_clip.OPENAI_DATASET_STD),
+                           "interpolation": "bicubic", "resize_mode": "shortest"},
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return f"local-dir:{folder}"
+
+
+def prepare_model(args: argparse.Namespace, workdir: Path) -> tuple[ModelSpec, str]:
+    """The model to benchmark and a description of it."""
+    if args.model:
+        return ModelSpec.parse(args.model, args.pretrained), args.model
+    if args.tiny:
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny_model import write_local_dir_model
+
+        spec = write_local_dir_model(workdir / "tiny-model", seed=args.seed)
+        return ModelSpec.parse(spec), f"tiny open_clip test model, random weights (seed {args.seed})"
+    spec = write_random_vit_b32(workdir / "vit-b-32", args.seed)
+    return ModelSpec.parse(spec), f"ViT-B-32, random weights (seed {args.seed})"
+
+
+def synthetic_image(rng: np.random.Generator, size: tuple[int, int] = (500, 375)) -> Image.Image:
+    """A smooth random picture with sensor-like noise: decodes about as fast as a photo."""
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize(size, Image.BICUBIC), dtype=np.float32)
+    noisy = smooth + rng.normal(0, 8, smooth.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def write_synthetic_images(folder: Path, count: int, seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for number in range(count):
+        synthetic_image(rng).save(folder / f"synthetic_{number:05d}.jpg", quality=90)
+
+
+@dataclass
+class Corpus:
+    """The folder the build indexes, its image files in walk order, and its texts."""
+
+    folder: Path
+    images: list[Path]
+    texts: list[str]
+    origin: str
+
+
+def prepare_corpus(args: argparse.Namespace, workdir: Path) -> Corpus:
+    """The image folder (default: the Flickr8k test split), limited or synthetic as asked."""
+    source = args.images or (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
+    if source is None:
+        count = min(args.synthetic, args.limit or args.synthetic)
+        folder = workdir / "synthetic"
+        write_synthetic_images(folder / "images", count, args.seed)
+        origin = f"{count} synthetic 500x375 JPEGs"
+    elif args.limit:
+        folder = limited_view(Path(source), args.limit, workdir / "view")
+        origin = f"first {args.limit} images of {source} (symlinked), with their captions"
+    else:
+        folder, origin = Path(source), str(source)
+    walk = walk_sources([folder])
+    images = [Path(f.path) for f in walk.files if f.kind == "image"]
+    if not images:
+        raise SystemExit(f"no images under {folder}")
+    texts = [item.text for f in walk.files if f.kind != "image"
+             for item in read_items(f, Path(f.path).read_bytes()) if item.text]
+    return Corpus(folder, images, texts, origin)
+
+
+def limited_view(source: Path, limit: int, view: Path) -> Path:
+    """A folder of symlinks to the first `limit` images of `source` (same relative paths) and
+    a captions.tsv holding the captions of those images from `source`'s top-level captions."""
+    source = source.expanduser().absolute()
+    walk = walk_sources([source])
+    images = [Path(f.path) for f in walk.files if f.kind == "image"][:limit]
+    for image in images:
+        link = view / image.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(image)
+    kept = {image.name for image in images}
+    captions = [f for f in walk.files if f.kind == "captions" and Path(f.path).parent == source
+                and Path(f.path).name in CAPTION_FILE_NAMES]
+    lines, seen = [], dict.fromkeys(kept, 0)
+    for captions_file in captions:
+        for item in read_items(captions_file, Path(captions_file.path).read_bytes()):
+            name = Path(item.parent_ref or "").name
+            if name in kept and item.text:
+                lines.append(f"{item.parent_ref}#{seen[name]}\t{item.text}")
+                seen[name] += 1
+    if lines:
+        (view / "captions.tsv").write_text("\n".join(lines) + "\n")
+    return view
+
+
+def generated_captions(count: int, seed: int) -> list[str]:
+    """Caption-like sentences of ~10 words, for when the corpus has no captions."""
+    rng = np.random.default_rng(seed)
+    subjects = ["A black dog", "Two children", "A man in a red shirt", "A woman", "A brown horse",
+                "Three people", "A little girl", "A cyclist"]
+    actions = ["runs across", "is sitting on", "jumps over", "walks along", "plays in", "stands near"]
+    places = ["a grassy park .", "the sandy beach .", "a busy city street .", "a snowy hill .",
+              "the shallow water .", "a wooden bench ."]
+    return [" ".join((rng.choice(subjects), rng.choice(actions), rng.choice(places)))
+            for _ in range(count)]
+
+
+# -- a. images --------------------------------------------------------------------------------
+
+
+def measure_encode_only(encoder: ClipEncoder, batches: int, seed: int) -> dict:
+    """`encode_image_tensors` on pre-made random pixels, after one warm-up batch."""
+    shape = encoder.preprocess_image(Image.new("RGB", (64, 64))).shape
+    pixels = torch.randn((encoder.batch_size, *shape), generator=torch.Generator().manual_seed(seed))
+    encoder.encode_image_tensors(pixels)
+    _, seconds = timed(lambda: [encoder.encode_image_tensors(pixels) for _ in range(batches)])
+    images = batches * encoder.batch_size
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+
+
+def measure_decode(encoder: ClipEncoder, paths: Sequence[Path]) -> dict:
+    """`load_image` + `preprocess_image` on the build's thread pool, nothing encoded.
+
+    `min_side` is what `Builder._decode` passes (JPEG draft decoding down to twice the input).
+    """
+    workers = default_workers()
+    min_side = 2 * encoder.input_side
+    _, seconds = timed(lambda: sum(1 for _ in prefetch_map(
+        lambda path: encoder.preprocess_image(load_image(path, min_side=min_side)), paths,
+        workers, ahead=encoder.batch_size * 4)))
+    return {"images": len(paths), "workers": workers, "seconds": seconds,
+            "images_per_s": len(paths) / seconds}
+
+
+def measure_build(corpus: Corpus, spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> dict:
+    """A fresh index: model load, then `index.add` of the image files, then of the whole folder
+    (images unchanged by stat; its captions and texts are encoded), then once more unchanged.
+
+    Splitting the build in two incremental calls times the image work on its own; the two
+    calls together do exactly the work of one `index.add(folder)`.
+    """
+    with open_index(workdir / "index-build", spec, args) as index:
+        _, load_s = timed(lambda: index.encoder)
+        images, images_s = timed(lambda: index.add(*corpus.images))
+        rest, rest_s = timed(lambda: index.add(corpus.folder))
+        again, reindex_s = timed(lambda: index.add(corpus.folder))
+    return {"model_load_s": load_s,
+            "image_phase": {**images.to_dict(), "wall_s": images_s,
+                            "images_per_s": images.images_encoded / images_s},
+            "text_phase": {**rest.to_dict(), "wall_s": rest_s,
+                           "texts_per_s": rest.texts_encoded / rest_s if rest.texts_encoded else None},
+            "whole_wall_s": images_s + rest_s,
+            "images_per_s_over_whole_wall": images.images_encoded / (images_s + rest_s),
+            "reindex": {**again.to_dict(), "wall_s": reindex_s}}
+
+
+def measure_cli_build(corpus: Corpus, spec: ModelSpec, args: argparse.Namespace,
+                      workdir: Path) -> dict:
+    """`python -m retrieval.cli index FOLDER` in a subprocess over the first `--rss-images`
+    images of the corpus and their captions: its wall time and peak RSS."""
+    folder = corpus.folder if len(corpus.images) <= args.rss_images \
+        else limited_view(corpus.folder, args.rss_images, workdir / "rss-view")
+    command = [sys.executable, "-m", "retrieval.cli", "index", str(folder),
+               "--index", str(workdir / "index-cli-build"), *model_args(spec),
+               "--device", args.device, "--batch-size", str(args.batch_size), "--quiet", "--json",
+               *(["--int8"] if args.int8 else [])]
+    wall, output, rss = run_measured(command)
+    return {"wall_s": wall, "peak_rss_bytes": rss, "report": json.loads(output)}
+
+
+def section_images(corpus: Corpus, encoder: ClipEncoder, spec: ModelSpec,
+                   args: argparse.Namespace, workdir: Path) -> tuple[dict, str]:
+    log("images: encode-only")
+    encode = measure_encode_only(encoder, args.encode_batches, args.seed)
+    log("images: decode + preprocess")
+    decode = measure_decode(encoder, corpus.images)
+    log(f"images: end-to-end build of {len(corpus.images)} images, {len(corpus.texts)} texts")
+    build = measure_build(corpus, spec, args, workdir)
+    data = {"corpus": corpus.origin, "encode_only": encode, "decode_preprocess": decode,
+            "build": build,
+            "ratio_e2e_to_encode_only": build["image_phase"]["images_per_s"] / encode["images_per_s"]}
+    if args.rss_images:
+        log("images: build in a subprocess (peak RSS)")
+        data["cli_build"] = measure_cli_build(corpus, spec, args, workdir)
+    return data, render_images(data, args)
+
+
+def render_images(data: dict, args: argparse.Namespace) -> str:
+    encode, decode, build = data["encode_only"], data["decode_preprocess"], data["build"]
+    image, text, reindex = build["image_phase"], build["text_phase"], build["reindex"]
+    rows = [
+        ("encode-only ceiling (`encode_image_tensors`, random pixels)",
+         f"{encode['images']} images, batch {args.batch_size}", f"{encode['seconds']:.2f}",
+         f"{encode['images_per_s']:.1f}"),
+        (f"decode + preprocess only (`load_image(min_side=2 x input)` + `preprocess_image`, "
+         f"{decode['workers']} threads)",
+         f"{decode['images']} images", f"{decode['seconds']:.2f}", f"{decode['images_per_s']:.1f}"),
+        ("build, image phase (`index.add(*image files)`)", f"{image['images_encoded']} images",
+         f"{image['wall_s']:.2f}", f"{image['images_per_s']:.1f}"),
+        ("build, rest of the folder (`index.add(folder)`: captions/texts)",
+         f"{text['texts_encoded']} texts", f"{text['wall_s']:.2f}",
+         f"{text['texts_per_s']:.1f} texts/s" if text["texts_per_s"] else "-"),
+        ("build, whole wall (both phases)", f"{image['images_encoded']} images + "
+         f"{text['texts_encoded']} texts", f"{build['whole_wall_s']:.2f}",
+         f"{build['images_per_s_over_whole_wall']:.1f}"),
+        ("unchanged re-index (`index.add(folder)` again)", f"{reindex['unchanged']} files unchanged",
+         f"{reindex['wall_s']:.3f}", "-"),
+    ]
+    lines = [f"Corpus: {data['corpus']}. `index.encoder` (model load and text-tower export) "
+             f"before the build: {build['model_load_s']:.2f} s, not in the build times.", "",
+             table(("measurement", "work", "seconds", "images/s"), rows), "",
+             f"End-to-end ÷ encode-only: **{data['ratio_e2e_to_encode_only']:.2f}** "
+             "(build image phase images/s over encode-only images/s)."]
+    if "cli_build" in data:
+        cli = data["cli_build"]
+        report = cli["report"]
+        lines.append(f"`python -m retrieval.cli index` in a subprocess ({report['images_encoded']} "
+                     f"images, {report['texts_encoded']} texts; interpreter start, imports and model "
+                     f"load included): {cli['wall_s']:.1f} s wall, peak RSS "
+                     f"**{cli['peak_rss_bytes'] / 2**20:.0f} MiB**.")
+    return "\n".join(lines)
+
+
+# -- b. text ----------------------------------------------------------------------------------
+
+
+
+def measure_text_latency(encoder: ClipEncoder | NumpyTextEncoder, texts: Sequence[str], count: int,
+                         seed: int) -> dict:
+    """`encode_texts([q])` for `count` texts picked at random, after five warm-up calls."""
+    picks = np.random.default_rng(seed).choice(len(texts), count, replace=len(texts) < count)
+    queries = [texts[i] for i in picks]
+    _, millis = time_each(lambda query: encoder.encode_texts([query]), queries, warmup=5)
+    return {"queries": count, "mean_words": statistics.mean(len(q.split()) for q in queries),
+            **percentiles(millis)}
+
+
+def numpy_text_tower(encoder: ClipEncoder, folder: Path) -> NumpyTextEncoder | None:
+    """The numpy text tower a build exports and index readers answer text queries with
+    (None for a model whose text tower is not the standard one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return load_text_tower(folder, encoder.spec.identity) if export_text_tower(encoder, folder) else None
+
+
+def measure_text_throughput(encoder: ClipEncoder, texts: Sequence[str], batch: int) -> dict:
+    """`encode_texts` over all `texts` by an encoder sharing the model, `batch` texts a pass."""
+    batched = ClipEncoder(encoder.spec, encoder.model, encoder.preprocess, encoder.tokenizer,
+                          encoder.device, batch)
+    batched.encode_texts(texts[:batch])
+    _, seconds = timed(lambda: batched.encode_texts(texts))
+    return {"batch": batch, "texts": len(texts), "seconds": seconds, "texts_per_s": len(texts) / seconds}
+
+
+def section_text(corpus_texts: list[str], encoder: ClipEncoder, args: argparse.Namespace,
+                 workdir: Path) -> tuple[dict, str]:
+    """Single-query latency (torch model, and the numpy tower readers use) and batch throughput."""
+    texts = corpus_texts or generated_captions(args.texts, args.seed)
+    log(f"text: {args.text_queries} single-query encodes")
+    latency = measure_text_latency(encoder, texts, args.text_queries, args.seed)
+    tower = None if args.int8 else numpy_text_tower(encoder, workdir / "text-tower")
+    tower_latency = measure_text_latency(tower, texts, args.text_queries, args.seed) if tower else None
+    many = [texts[i % len(texts)] for i in range(args.texts)]
+    throughput = []
+    for batch in sorted({args.batch_size, TEXT_BATCH}):
+        log(f"text: {len(many)} texts in batches of {batch}")
+        throughput.append(measure_text_throughput(encoder, many, batch))
+    data = {"source": "corpus captions" if corpus_texts else "generated captions",
+            "single_query": latency, "single_query_numpy_tower": tower_latency,
+            "throughput": throughput}
+    rows = [(f"single query, `ClipEncoder.encode_texts([q])` ({latency['queries']} queries, "
+             f"{latency['mean_words']:.1f} words avg)",
+             f"p50 {latency['p50_ms']:.1f} ms, p95 {latency['p95_ms']:.1f} ms"),
+            ("single query, `NumpyTextEncoder.encode_texts([q])` (what index readers use)",
+             f"p50 {tower_latency['p50_ms']:.1f} ms, p95 {tower_latency['p95_ms']:.1f} ms"
+             if tower_latency else "none: builds export no tower for this model or with --int8")]
+    rows += [(f"batch throughput, {t['texts']} texts in batches of {t['batch']}"
+              + (" (the build's batch)" if t["batch"] == args.batch_size else ""),
+              f"{t['texts_per_s']:.0f} texts/s") for t in throughput]
+    return data, f"Texts: {data['source']}.\n\n" + table(("measurement", "result"), rows)
+
+
+# -- c. ANN -----------------------------------------------------------------------------------
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+
+def clustered_points(rng: np.random.Generator, centres: np.ndarray, count: int,
+                     chunk: int = 100_000) -> np.ndarray:
+    """Unit vectors scattered around random centres, made a chunk at a time to bound memory."""
+    dim = centres.shape[1]
+    points = np.empty((count, dim), np.float32)
+    for start in range(0, count, chunk):
+        size = min(chunk, count - start)
+        noise = rng.standard_normal((size, dim), dtype=np.float32) * (ANN_NOISE / np.sqrt(dim))
+        points[start:start + size] = unit_rows(centres[rng.integers(len(centres), size=size)] + noise)
+    return points
+
+
+def ann_dataset(count: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` clustered unit vectors and held-out queries drawn around the same centres.
+
+    The centres themselves cluster around topics: with centres alone, a point's neighbours
+    beyond its own cluster (~10 points at N=10k) would be unrelated points whose order is noise.
+    """
+    rng = np.random.default_rng(seed)
+    topics = unit_rows(rng.standard_normal((ANN_TOPICS, ANN_DIM), dtype=np.float32))
+    centres = clustered_points(rng, topics, ANN_CENTRES)
+    return clustered_points(rng, centres, count), clustered_points(rng, centres, queries)
+
+
+def knob_settings(kind: str) -> list[SearchKnobs]:
+    """The sweep for a kind, always including the library's defaults."""
+    if kind == "hnsw":
+        settings = [SearchKnobs(ef_search=ef) for ef in EF_SEARCH]
+    elif kind.startswith("ivf"):
+        settings = [SearchKnobs(nprobe=p, rerank=r) for p in NPROBE for r in RERANK]
+    else:
+        settings = [SearchKnobs()]
+    return settings + [SearchKnobs()] if SearchKnobs() not in settings else settings
+
+
+def knob_label(kind: str, knobs: SearchKnobs) -> str:
+    if kind == "hnsw":
+        return f"efSearch={knobs.ef_search}"
+    if kind.startswith("ivf"):
+        return f"nprobe={knobs.nprobe}, rerank={knobs.rerank_for(kind)}"
+    return "exact"
+
+
+def recall_at_k(found: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> float:
+    return float(np.mean([len(np.intersect1d(f, t)) / K for f, t in zip(found, truth)]))
+
+
+def measure_kind(kind: str, vectors: np.ndarray, queries: np.ndarray,
+                 truth: Sequence[np.ndarray] | None) -> tuple[dict, list[np.ndarray]]:
+    """Build one kind, then search it with every knob setting; recall against `truth`
+    (None: this is the exact index, the truth itself). Returns the result and the ids found
+    at default knobs."""
+    index, build_s = timed(lambda: VectorIndex.build(kind, ANN_DIM, np.arange(len(vectors)), vectors))
+    size = len(faiss.serialize_index(index.index))
+    settings, default_found = [], []
+    for knobs in knob_settings(kind):
+        results, millis = time_each(
+            lambda q: index.search(q, K, knobs=knobs, exact=lambda ids: vectors[ids])[1],  # noqa: B023
+            list(queries), warmup=10)
+        settings.append({"label": knob_label(kind, knobs), "knobs": asdict(knobs),
+                         "default": knobs == SearchKnobs(), **percentiles(millis),
+                         "recall_at_10": recall_at_k(results, truth if truth is not None else results)})
+        if knobs == SearchKnobs():
+            default_found = results
+    reaching = [s for s in settings if s["recall_at_10"] >= RECALL_TARGET]
+    cheapest = min(reaching, key=lambda s: s["p50_ms"]) if reaching else None
+    return {"kind": index.kind, "n": len(vectors), "build_s": build_s,
+            "bytes_per_vector": size / len(vectors), "settings": settings,
+            "default": next(s for s in settings if s["default"]),
+            "cheapest_reaching_target": cheapest}, default_found
+
+
+def measure_ann_size(count: int, args: argparse.Namespace) -> list[dict]:
+    log(f"ann: N={count}: generating {count} clustered vectors")
+    vectors, queries = ann_dataset(count, args.queries, args.seed)
+    log(f"ann: N={count}: flat")
+    flat, truth = measure_kind("flat", vectors, queries, None)
+    results = [flat]
+    for kind in (k for k in KINDS if k != "flat"):
+        log(f"ann: N={count}: {kind}")
+        results.append(measure_kind(kind, vectors, queries, truth)[0])
+    return results
+
+
+def section_ann(args: argparse.Namespace) -> tuple[dict, str]:
+    results = [result for count in args.sizes for result in measure_ann_size(count, args)]
+    data = {"dim": ANN_DIM, "topics": ANN_TOPICS, "centres": ANN_CENTRES, "noise_norm": ANN_NOISE, "k": K,
+            "queries": args.queries, "recall_target": RECALL_TARGET, "results": results}
+    return data, render_ann(data)
+
+
+def render_ann(data: dict) -> str:
+    results = data["results"]
+    main = [(f"{r['n']:,}", r["kind"], f"{r['build_s']:.2f}", f"{r['bytes_per_vector']:.0f}",
+             r["default"]["label"], f"{r['default']['p50_ms']:.3f}", f"{r['default']['p95_ms']:.3f}",
+             f"{r['default']['recall_at_10']:.3f}") for r in results]
+    sweep = [(f"{r['n']:,}", r["kind"], s["label"] + (" (default)" if s["default"] else ""),
+              f"{s['p50_ms']:.3f}", f"{s['p95_ms']:.3f}", f"{s['recall_at_10']:.3f}")
+             for r in results if r["kind"] != "flat" for s in r["settings"]]
+    cheapest = [(f"{r['n']:,}", r["kind"],
+                 c["label"] if (c := r["cheapest_reaching_target"]) else "none in the sweep",
+                 f"{c['p50_ms']:.3f}" if c else "-", f"{c['recall_at_10']:.3f}" if c else "-",
+                 "yes" if r["default"]["recall_at_10"] >= RECALL_TARGET else "**no**")
+                for r in results if r["kind"] != "flat"]
+    return "\n".join([
+        f"{data['queries']} held-out queries, {data['dim']}-d unit vectors around "
+        f"{data['centres']} centres, themselves around {data['topics']} random topics (noise norm "
+        f"{data['noise_norm']} at both levels), k={data['k']}, "
+        "`VectorIndex.search(q, 10, knobs=..., exact=lambda ids: vectors[ids])`.", "",
+        "At the library's default knobs (`SearchKnobs()`):", "",
+        table(("N", "kind", "build s", "bytes/vector¹", "knobs", "p50 ms", "p95 ms", "recall@10"), main),
+        "", "Knob sweep:", "",
+        table(("N", "kind", "knobs", "p50 ms", "p95 ms", "recall@10"), sweep), "",
+        f"Cheapest setting (lowest p50) reaching recall@10 >= {RECALL_TARGET}:", "",
+        table(("N", "kind", "cheapest setting", "p50 ms", "recall@10", "defaults reach it?"), cheapest),
+        "",
+        "¹ `len(faiss.serialize_index(index)) / N`: codes or vectors, ids, graph links and lists. "
+        "It leaves out the exact vectors IVF kinds re-rank with (4 x dim bytes each, kept in "
+        "SQLite by the product; a NumPy array here, so re-ranking costs no SQLite reads).",
+    ])
+
+
+# -- d. CLI and API latency -------------------------------------------------------------------
+
+
+def measure_warm_search(reader: Index, runs: int) -> dict:
+    """`Index.search` on an index opened read-only (as the CLI opens it), then the calls it
+    makes once the query vector exists."""
+    _, api = time_each(lambda _: reader.search(QUERY, k=K), range(runs))
+    vector = reader.text_encoder.encode_texts([QUERY])[0]
+    _, vector_only = time_each(lambda _: reader.vectors("image").search(
+        vector, K, None, reader.search_knobs(), reader.store.vectors_for_ids), range(runs))
+    return {"runs": runs, "text_encoder": type(reader.text_encoder).__name__,
+            "index_kind": reader.vectors("image").kind, "api_search": percentiles(api),
+            "vector_search": percentiles(vector_only)}
+
+
+def section_cli(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> tuple[dict, str]:
+    """Cold `python -m retrieval.cli` searches, then warm in-process searches, on a small index."""
+    folder, path = workdir / "cli-images", workdir / "index-cli"
+    write_synthetic_images(folder, args.cli_images, args.seed + 1)
+    log(f"cli: building a {args.cli_images}-image index")
+    with open_index(path, spec, args) as writer:
+        writer.add(folder)
+    command = [sys.executable, "-m", "retrieval.cli", QUERY, "--index", str(path), "-k", "5",
+               "--device", args.device]
+    log(f"cli: {args.cli_runs} cold CLI searches")
+    runs = [run_measured(command) for _ in range(args.cli_runs)]
+    walls = [wall for wall, _, _ in runs]
+    log(f"cli: {args.api_runs} warm Index.search calls")
+    with Index.open(path, readonly=True, device=args.device) as reader:
+        warm = measure_warm_search(reader, args.api_runs)
+    data = {"images": args.cli_images, "query": QUERY, **warm,
+            "cold_cli": {"runs": walls, "median_s": statistics.median(walls), "min_s": min(walls),
+                         "peak_rss_bytes": max(rss for _, _, rss in runs)}}
+    cold, api, vector = data["cold_cli"], data["api_search"], data["vector_search"]
+    rows = [
+        (f"cold `python -m retrieval.cli \"{QUERY}\" -k 5` ({len(walls)} runs)",
+         f"median {cold['median_s']:.2f} s, min {cold['min_s']:.2f} s, "
+         f"peak RSS {cold['peak_rss_bytes'] / 2**20:.0f} MiB"),
+        (f"warm `index.search(\"{QUERY}\", k=10)`, text encoding included",
+         f"p50 {api['p50_ms']:.2f} ms, p95 {api['p95_ms']:.2f} ms"),
+        ("warm vector search: `index.vectors('image').search(vector, 10, ...)`²",
+         f"p50 {vector['p50_ms']:.3f} ms, p95 {vector['p95_ms']:.3f} ms"),
+    ]
+    return data, "\n".join([
+        f"Index: {args.cli_images} synthetic images ({data['index_kind']}); warm searches on an "
+        f"`Index.open(readonly=True)` reader, whose text encoder is `{data['text_encoder']}`.", "",
+        table(("measurement", "result"), rows), "",
+        "² `Index.search` takes no query vector, so this times the calls it makes after encoding "
+        "(FAISS freshness check, knobs, search) without building `Hit`s."])
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def machine_facts() -> dict[str, Any]:
+    return {"timestamp": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "faiss": faiss.__version__,
+            "faiss_omp_threads": faiss.omp_get_max_threads(), "open_clip": open_clip.__version__,
+            "load_average_start": os.getloadavg(), "library_commit": library_commit()}
+
+
+def library_commit() -> str:
+    """The checkout's commit, marked `+changes` when retrieval/ differs from it."""
+    def git(*command: str) -> str:
+        result = subprocess.run(["git", "-C", str(REPO), *command], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" +changes" if git("status", "--porcelain", "--", "retrieval") else "")
+
+
+def load_average(values: Sequence[float]) -> str:
+    return " / ".join(f"{value:.2f}" for value in values) + " (1 / 5 / 15 min)"
+
+
+def render_header(meta: dict[str, Any]) -> str:
+    return "\n".join([
+        "# retrieval benchmark", "",
+        f"- command: `{meta['command']}`",
+        f"- time: {meta['timestamp']}",
+        f"- machine: {meta['cpu_count']} CPUs, {meta['platform']}, Python {meta['python']}; "
+        f"load average at start {load_average(meta['load_average_start'])}",
+        f"- torch {meta['torch']} ({meta['torch_threads']} threads), faiss {meta['faiss']} "
+        f"({meta['faiss_omp_threads']} OpenMP threads), open_clip {meta['open_clip']}",
+        f"- retrieval at commit {meta['library_commit']}"])
+
+
+# -- e. int8 -----------------------------------------------------------------------------------
+
+
+def section_int8(corpus: Corpus, encoder: ClipEncoder, spec: ModelSpec,
+                 args: argparse.Namespace) -> tuple[dict, str]:
+    """int8 against fp32: the encode-only speed-up, and how often the same images come back.
+
+    Agreement is the mean top-10 overlap over caption queries (fp32 text vectors) searched
+    among the first `--int8-images` images encoded both ways; image queries likewise.
+    """
+    log("int8: encode-only and agreement")
+    quantised = load_encoder(spec, args.device, args.batch_size, int8=True)
+    full_speed = measure_encode_only(encoder, args.encode_batches, args.seed)["images_per_s"]
+    int8_speed = measure_encode_only(quantised, args.encode_batches, args.seed)["images_per_s"]
+    images = [load_image(path, min_side=2 * encoder.input_side)
+              for path in corpus.images[:args.int8_images]]
+    full, int8 = encoder.encode_images(images), quantised.encode_images(images)
+    texts = corpus.texts[:args.int8_images] or generated_captions(args.int8_images, args.seed)
+    text_queries = encoder.encode_texts(texts)
+    data = {"images": len(images), "text_queries": len(texts),
+            "fp32_images_per_s": full_speed, "int8_images_per_s": int8_speed,
+            "speedup": int8_speed / full_speed,
+            "text_to_image_top10_overlap": top10_overlap(text_queries, full, int8),
+            "image_to_image_top10_overlap": top10_overlap(full, full, int8),
+            "min_cosine_fp32_int8": float((full * int8).sum(axis=1).min())}
+    rows = [["encode-only, fp32", f"{full_speed:.1f} img/s"],
+            ["encode-only, int8", f"{int8_speed:.1f} img/s ({data['speedup']:.2f}x)"],
+            ["text→image top-10 overlap with fp32", f"{data['text_to_image_top10_overlap']:.3f}"],
+            ["image→image top-10 overlap with fp32", f"{data['image_to_image_top10_overlap']:.3f}"],
+            ["lowest cosine, same image fp32 vs int8", f"{data['min_cosine_fp32_int8']:.4f}"]]
+    return data, table(["int8 dynamic quantisation", f"{len(images)} images"], rows)
+
+
+def top10_overlap(queries: np.ndarray, reference: np.ndarray, other: np.ndarray) -> float:
+    """Mean share of each query's top-10 under `reference` that `other` also returns."""
+    def top(vectors: np.ndarray) -> np.ndarray:
+        return np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top(reference), top(other))]))
+
+
+def render_model(meta: dict[str, Any]) -> str:
+    load = meta["model_load_s"]
+    return (f"- model: {meta['model']} (`{meta['model_spec']}`), device {meta['device']}"
+            + (f", `load_encoder` {load:.2f} s" if load is not None else ""))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--model", help="open_clip model: name, local-dir:PATH or hf-hub:ORG/REPO "
+                        "[default: ViT-B-32 with random weights]")
+    parser.add_argument("--pretrained", help="pretrained tag or checkpoint, with a plain --model name")
+    parser.add_argument("--tiny", action="store_true", help="use the tiny test model")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps, auto [default: cpu]")
+    parser.add_argument("--batch-size", type=int, default=32, help="encoder batch [default: 32]")
+    parser.add_argument("--int8", action="store_true", help="encode with 8-bit weights (CPU), "
+                        "as `retrieve index --int8`")
+    parser.add_argument("--images", type=Path, help=f"image folder [default: {DEFAULT_DATA} if "
+                        "present, else synthetic JPEGs]")
+    parser.add_argument("--limit", type=int, help="use only the first N images (symlinked into a "
+                        "temp folder, with their captions from the folder's top-level captions file)")
+    parser.add_argument("--synthetic", type=int, default=200,
+                        help="synthetic images to generate when there is no folder [default: 200]")
+    parser.add_argument("--encode-batches", type=int, default=4,
+                        help="timed batches for the encode-only ceiling [default: 4]")
+    parser.add_argument("--texts", type=int, default=1000, help="texts for batch throughput")
+    parser.add_argument("--text-queries", type=int, default=50, help="single text queries timed")
+    parser.add_argument("--sizes", default="10000,100000", help="ANN sizes, comma-separated")
+    parser.add_argument("--million", action="store_true", help="also run the ANN section at N=1M")
+    parser.add_argument("--queries", type=int, default=200, help="held-out ANN queries [default: 200]")
+    parser.add_argument("--cli-images", type=int, default=50, help="images in the CLI test index")
+    parser.add_argument("--cli-runs", type=int, default=5, help="cold CLI searches timed")
+    parser.add_argument("--api-runs", type=int, default=50, help="warm API searches timed")
+    parser.add_argument("--int8-images", type=int, default=300,
+                        help="images encoded both ways for the int8 agreement [default: 300]")
+    parser.add_argument("--rss-images", type=int, default=200,
+                        help="images in the subprocess build that measures peak RSS; 0 skips it")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"sections to run, comma-separated: {','.join(SECTIONS)}")
+    parser.add_argument("--skip", default="", help="sections to leave out, comma-separated")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, 100 images, N=10k only: about a minute")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    args = parser.parse_args(argv)
+    if args.images and not args.images.is_dir():
+        parser.error(f"--images {args.images}: no such folder")
+    if args.quick:
+        args.tiny, args.limit, args.sizes = True, args.limit or 100, "10000"
+    args.sizes = [int(size) for size in args.sizes.split(",") if size] + [1_000_000] * args.million
+    args.sections = [s for s in SECTIONS if s in args.only.split(",") and s not in args.skip.split(",")]
+    unknown = set(filter(None, args.only.split(",") + args.skip.split(","))) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    return args
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict:
+    """Every section asked for, each printed as soon as it is done; returns all the numbers."""
+    meta = machine_facts()
+    print(render_header(meta), flush=True)
+    spec, description = prepare_model(args, workdir)
+    needs_encoder = {"images", "text", "int8"} & set(args.sections)
+    encoder, load_s = timed(lambda: load_encoder(spec, args.device, args.batch_size, args.int8)) \
+        if needs_encoder else (None, None)
+    meta.update(model=description + (", int8 weights" if args.int8 else ""),
+                model_spec=spec.identity, device=args.device, model_load_s=load_s)
+    print(render_model(meta), flush=True)
+    results: dict[str, Any] = {"meta": meta}
+    corpus = prepare_corpus(args, workdir) if needs_encoder else None
+    titles = {"images": "a. Image throughput", "text": "b. Text encoding",
+              "ann": "c. ANN indexes", "cli": "d. Cold CLI and warm search latency",
+              "int8": "e. int8 encoding against fp32"}
+    for section in args.sections:
+        if section == "images":
+            data, text = section_images(corpus, encoder, spec, args, workdir)
+        elif section == "text":
+            data, text = section_text(corpus.texts, encoder, args, workdir)
+        elif section == "ann":
+            data, text = section_ann(args)
+        elif section == "int8":
+            data, text = section_int8(corpus, encoder, spec, args)
+        else:
+            data, text = section_cli(spec, args, workdir)
+        results[section] = data
+        print(f"\n## {titles[section]}\n\n{text}", flush=True)
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="retrieval-benchmark-") as tmp:
+        results = run(args, Path(tmp))
+    meta = results["meta"]
+    meta["total_s"], meta["load_average_end"] = time.perf_counter() - started, os.getloadavg()
+    print(f"\nTotal benchmark time: {meta['total_s']:.0f} s; load average at the end "
+          f"{load_average(meta['load_average_end'])}.", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
