@@ -160,7 +160,7 @@ def train_tiny_clip(
     pool, pool_labels = _render_batch(pool_per_class, np.random.default_rng(seed), preprocess)
     generator = torch.Generator().manual_seed(seed)
     # Freeze the 49408-row token table: only ~6 caption tokens are ever used,
-    # yet its dense gradient and Adam update cost ~20% of every step. The text
+    # yet its dense gradient and Adam update were ~half of every step. The text
     # transformer learns on top of the (distinct) random token vectors.
     model.token_embedding.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
