@@ -62,7 +62,7 @@ ANN_NOISE = 1.0  # expected norm of the noise added to a unit centre: cos(point,
 RECALL_TARGET = 0.95
 EF_SEARCH = (16, 32, 64, 128)
 NPROBE = (8, 16, 32, 64)
-RERANK = (1, 4, 10)
+RERANK = (1, 4, 10, 50)
 
 T = TypeVar("T")
 R = TypeVar("R")
