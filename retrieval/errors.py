@@ -37,3 +37,7 @@ class ModelMismatchError(RetrievalError):
 
 class IndexLockedError(RetrievalError):
     """Another process is writing to the index."""
+
+
+class IndexWriteError(RetrievalError):
+    """The index folder refuses writes: disk full, read-only, or no permission."""

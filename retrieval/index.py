@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import sqlite3
@@ -17,6 +18,7 @@ from .errors import (
     IndexFormatError,
     IndexLockedError,
     IndexNotFoundError,
+    IndexWriteError,
     ModelMismatchError,
     UsageError,
 )
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from .search import ImageQuery
 
 DB_NAME = "meta.sqlite"
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 LOCK_NAME = "write.lock"
 TARGETS = ("auto", *MODALITIES)
 INDEX_TYPES = ("auto", *KINDS)
@@ -103,7 +106,8 @@ class Index:
                 store.set_info("index_type", index_type)
         index = cls(folder, store, spec, device, batch_size, readonly, int8)
         if not readonly:
-            index._repair()
+            with storage_errors(folder):
+                index._repair()
         return index
 
     def _repair(self) -> None:
@@ -237,9 +241,10 @@ class Index:
 
     @contextmanager
     def _write_lock(self) -> Iterator[None]:
+        """Hold the one writer's lock, and report a disk that refuses writes in one line."""
         if self.readonly:
             raise UsageError(f"index {self.path} was opened read-only")
-        with open(self.path / LOCK_NAME, "a+") as handle:
+        with storage_errors(self.path), open(self.path / LOCK_NAME, "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -374,9 +379,30 @@ def _make_folder(folder: Path) -> None:
         raise IndexFormatError(f"cannot create index folder {folder}: {error.strerror}") from None
 
 
+@contextmanager
+def storage_errors(folder: Path) -> Iterator[None]:
+    """A full disk or a read-only folder becomes one line; SQLite has rolled back by then."""
+    try:
+        yield
+    except sqlite3.OperationalError as error:
+        raise IndexWriteError(_cannot_write(folder, str(error))) from None
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        raise IndexWriteError(_cannot_write(folder, error.strerror or str(error))) from None
+
+
+def _cannot_write(folder: Path, reason: str) -> str:
+    if folder.exists() and not os.access(folder, os.W_OK):
+        reason = "the folder is read-only"  # SQLite only says it cannot open the database
+    return (f"cannot write to index {folder} ({reason}); free disk space or make the folder "
+            "writable, then run again: what was committed before is kept")
+
+
 def _open_store(folder: Path, readonly: bool) -> Store:
     try:
-        store = Store(folder / DB_NAME, readonly=readonly)
+        with storage_errors(folder):
+            store = Store(folder / DB_NAME, readonly=readonly)
         version = int(store.get_info("format_version", str(FORMAT_VERSION)))
     except sqlite3.DatabaseError as error:
         raise IndexFormatError(

@@ -8,11 +8,11 @@ generation or size disagrees with SQLite is stale and is rebuilt from the stored
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import IndexFormatError
+from .files import replacing
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -52,11 +52,6 @@ class Manifest:
 
     def write(self, folder: Path) -> None:
         """Atomically replace manifest.json."""
-        target = folder / MANIFEST_NAME
-        temporary = folder / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(asdict(self), handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
+        with replacing(folder / MANIFEST_NAME) as temporary:
+            temporary.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n",
+                                 encoding="utf-8")

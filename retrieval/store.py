@@ -69,7 +69,7 @@ class Store:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
         if readonly:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            conn = _connect_read_only(path)
         else:
             conn = sqlite3.connect(path, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 30000")
@@ -335,6 +335,23 @@ class Store:
                     chunk):
                 found.setdefault(parent, []).append(text)
         return found
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """Read-only, and readable from a read-only folder too.
+
+    A WAL database needs its -shm file to be read; in a folder nobody can write to, nobody
+    is writing either, so SQLite may take the file as immutable and skip the WAL machinery.
+    """
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        if os.access(path.parent, os.W_OK):
+            raise
+        return sqlite3.connect(f"file:{path}?immutable=1", uri=True, check_same_thread=False)
 
 
 def _blob(vector: np.ndarray) -> bytes:

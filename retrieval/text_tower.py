@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
+from .files import replacing
 from .tokenizer import ClipTokenizer
 
 if TYPE_CHECKING:
@@ -150,15 +152,17 @@ def _map_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]
 
 def export_text_tower(encoder: ClipEncoder, folder: Path) -> bool:
     """Write the encoder's text tower for numpy use; False when its architecture is not the
-    standard one this module computes."""
+    standard one this module computes, or the disk will not take it."""
     config = _tower_config(encoder)
     if config is None:
         return False
-    temporary = folder / f".{TOWER_FILE}.{os.getpid()}.tmp"
-    save_file(_tower_weights(encoder.model, config.layers), str(temporary),
-              metadata={"config": json.dumps(asdict(config))})
-    os.chmod(temporary, 0o644)  # safetensors creates it private; it is as public as the index
-    os.replace(temporary, folder / TOWER_FILE)
+    try:
+        with replacing(folder / TOWER_FILE) as temporary:
+            save_file(_tower_weights(encoder.model, config.layers), str(temporary),
+                      metadata={"config": json.dumps(asdict(config))})
+            os.chmod(temporary, 0o644)  # safetensors makes it private; as public as the index
+    except (OSError, SafetensorError):  # a full disk costs the fast query path, not the build
+        return False
     return True
 
 

@@ -11,7 +11,6 @@ scores are true cosine similarities. `choose_kind` picks one by corpus size and 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+from .files import replacing
 
 KINDS = ("flat", "hnsw", "ivf-sq", "ivf-pq")
 FLAT_LIMIT = 50_000  # below this, exact search is already a few milliseconds
@@ -99,11 +100,8 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         """Write beside the target and rename, so readers never see a half-written file."""
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        faiss.write_index(self.index, str(temporary))
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        with replacing(path) as temporary:
+            faiss.write_index(self.index, str(temporary))
 
     # -- properties -------------------------------------------------------------------------
 
