@@ -360,7 +360,9 @@ class Index:
         parents = self.store.items([row.parent_id for row in rows.values() if row.parent_id])
         hits = []
         for item_id, score in zip(ids, scores):
-            row = rows[int(item_id)]
+            row = rows.get(int(item_id))
+            if row is None:  # removed by a writer since this reader's FAISS snapshot
+                continue
             metadata = dict(row.meta)
             text = row.text
             if row.modality == "image":

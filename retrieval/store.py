@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class Store:
 
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
+        self._query_only = threading.Lock()
         if readonly:
             conn = _connect_read_only(path)
         else:
@@ -304,14 +306,16 @@ class Store:
             sql += " AND (path LIKE ? ESCAPE '\\' OR uri LIKE ? ESCAPE '\\')"
             prefix = _like_prefix(under)
             params += [prefix, prefix]
-        try:
-            self.conn.execute("PRAGMA query_only = 1")  # a filter may read, never write
-            rows = self.conn.execute(sql, params).fetchall()
-        except sqlite3.Error as error:
-            raise UsageError(f"--where {where!r}: {error}; columns are "
-                             "id, modality, uri, text, parent_id, meta, path, size, mtime") from None
-        finally:
-            self.conn.execute("PRAGMA query_only = 0")
+        with self._query_only:  # threads sharing this connection see one setting at a time
+            try:
+                self.conn.execute("PRAGMA query_only = 1")  # a filter may read, never write
+                rows = self.conn.execute(sql, params).fetchall()
+            except sqlite3.Error as error:
+                raise UsageError(
+                    f"--where {where!r}: {error}; columns are "
+                    "id, modality, uri, text, parent_id, meta, path, size, mtime") from None
+            finally:
+                self.conn.execute("PRAGMA query_only = 0")
         return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
 
     def items(self, item_ids: Sequence[int]) -> dict[int, ItemRow]:
