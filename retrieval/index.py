@@ -410,11 +410,16 @@ def _open_store(folder: Path, readonly: bool) -> Store:
         raise IndexFormatError(
             f"index {folder}: {DB_NAME} cannot be read ({error}); restore it from a backup or "
             "build a new index") from None
-    if version > FORMAT_VERSION:
+    if version != FORMAT_VERSION:
         store.close()
+        if version > FORMAT_VERSION:
+            raise IndexFormatError(
+                f"index {folder} has format version {version}, newer than this version of "
+                f"retrieval understands ({FORMAT_VERSION}); upgrade retrieval")
+        # No format before version 1 was ever released, so there is nothing to migrate from.
         raise IndexFormatError(
-            f"index {folder} has format version {version}, newer than this version of retrieval "
-            f"understands ({FORMAT_VERSION}); upgrade retrieval")
+            f"index {folder} has format version {version}, which this version of retrieval "
+            f"cannot read; build it again in a new folder")
     return store
 
 

@@ -14,7 +14,13 @@ import pytest
 from conftest import write_image
 
 from retrieval import Index
-from retrieval.errors import IndexLockedError, IndexNotFoundError, ModelMismatchError, UsageError
+from retrieval.errors import (
+    IndexFormatError,
+    IndexLockedError,
+    IndexNotFoundError,
+    ModelMismatchError,
+    UsageError,
+)
 from retrieval.vectors import VectorIndex
 
 
@@ -399,3 +405,34 @@ def test_vectors_survive_in_sqlite(tmp_path, photo_folder, tiny_model):
                 "WHERE modality = 'image'"):
             np.testing.assert_array_equal(np.frombuffer(blob, np.float32),
                                           faiss_index.reconstruct(item_id))
+
+
+@pytest.mark.parametrize("version, message", [(2, "newer than this version"),
+                                              (0, "cannot read; build it again")])
+def test_other_format_versions_are_refused(tmp_path, photo_folder, tiny_model, version,
+                                           message):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
+        conn.execute("UPDATE info SET value = ? WHERE key = 'format_version'", [str(version)])
+    for readonly in (True, False):
+        with pytest.raises(IndexFormatError, match=message):
+            Index.open(index_dir, readonly=readonly)
+
+
+def test_newer_manifest_is_refused(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (index_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexFormatError, match="format version 99"):
+        Index.open(index_dir).search("x")
+
+
+def test_unreadable_database_is_explained(tmp_path):
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    (index_dir / "meta.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(IndexFormatError, match="cannot be read"):
+        Index.open(index_dir)
