@@ -106,7 +106,8 @@ def walk_sources(sources: Iterable[str | Path], exclude_dirs: Iterable[str] = ()
 def _walk_folder(root: Path, excluded: set[str], include_hidden: bool,
                  skipped: list[Skipped]) -> Iterator[Path]:
     def on_error(error: OSError) -> None:
-        skipped.append(Skipped(str(error.filename), f"cannot read folder ({error.strerror})"))
+        skipped.append(Skipped(display_path(str(error.filename)),
+                               f"cannot read folder ({error.strerror})"))
 
     for folder, dirs, names in os.walk(root, onerror=on_error):
         dirs[:] = sorted(d for d in dirs if _enter(folder, d, excluded, include_hidden))
@@ -213,6 +214,16 @@ def _jsonl_texts(path: str, content: str) -> list[ItemSpec]:
         if text:
             items.append(ItemSpec(uri=uri, modality="text", text=text, meta=record))
     return items
+
+
+def existing_file(name: str) -> Path | None:
+    """`name`, with ~ expanded, if it is a file; None for anything else, including names no
+    file system could hold (an unknown ~user, a part over 255 bytes, a NUL)."""
+    try:
+        path = Path(name).expanduser()
+        return path if path.is_file() else None
+    except (OSError, RuntimeError, ValueError):
+        return None
 
 
 def display_path(path: str) -> str:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .corpus import display_path
 from .errors import (
     IndexFormatError,
     IndexLockedError,
@@ -340,11 +341,13 @@ class Index:
             raise UsageError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
         vector, query_modality = query_vector(self, query, text, image)
         target = self._resolve_target(target, query_modality)
-        if not self.dim or not self.count(target):
+        size = self.count(target)
+        if not self.dim or not size:
             return []
+        _check_text("where", where)
         allowed = self.store.item_ids(target, where, _absolute(under)) if where or under else None
-        scores, ids = self.vectors(target).search(vector, k, allowed, self.search_knobs(),
-                                                  self.store.vectors_for_ids)
+        scores, ids = self.vectors(target).search(vector, min(k, size), allowed,
+                                                  self.search_knobs(), self.store.vectors_for_ids)
         hits = self._hydrate(ids, scores)
         return [hit for hit in hits if min_score is None or hit.score >= min_score]
 
@@ -452,4 +455,18 @@ def _record_model(store: Store, spec: ModelSpec) -> None:
 
 
 def _absolute(path: str | None) -> str | None:
-    return str(Path(path).expanduser().absolute()) if path else None
+    """A folder prefix as stored: absolute, in display form (odd bytes as \\xNN)."""
+    if not path:
+        return None
+    try:
+        return display_path(str(Path(path).expanduser().absolute()))
+    except (RuntimeError, ValueError) as error:  # an unknown ~user, a NUL
+        raise UsageError(f"--under {path!r}: {error}") from None
+
+
+def _check_text(option: str, value: str | None) -> None:
+    try:
+        if value is not None:
+            value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"--{option} {value!r} holds characters that are not text") from None

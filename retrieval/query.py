@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .corpus import IMAGE_SUFFIXES
+from .corpus import IMAGE_SUFFIXES, existing_file
 from .errors import UsageError
 
 _SEPARATOR = re.compile(r"\s+([+-])\s+")
@@ -50,7 +50,5 @@ def _weighted(raw: str, query: str) -> tuple[float, str]:
 
 
 def _term(weight: float, body: str) -> QueryTerm:
-    path = Path(body).expanduser()
-    if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-        return QueryTerm(weight, image=str(path))
-    return QueryTerm(weight, text=body)
+    path = existing_file(body) if Path(body).suffix.lower() in IMAGE_SUFFIXES else None
+    return QueryTerm(weight, image=str(path)) if path else QueryTerm(weight, text=body)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from .corpus import existing_file
 from .errors import UsageError
 from .images import ImageDecodeError, load_image, to_rgb
 from .query import QueryTerm, parse_query
@@ -50,6 +51,8 @@ def query_vector(index: Index, query: str | None, text: str | None, image: Image
         parts.append(_weighted(index.encoder.encode_images(opened), images))
     total = np.sum(parts, axis=0)
     norm = float(np.linalg.norm(total))
+    if not np.isfinite(norm):
+        raise UsageError("the query's weights must be ordinary numbers")
     if norm < 1e-6:
         raise UsageError("the query's terms cancel out; change their weights")
     modality = "image" if images and not texts else "text"
@@ -64,8 +67,8 @@ def _weighted(vectors: np.ndarray, terms: list[QueryTerm]) -> np.ndarray:
 def _open(image: ImageInput) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    path = Path(image).expanduser()
-    if not path.is_file():
+    path = existing_file(str(image))
+    if path is None:
         raise UsageError(f"query image {image}: no such file")
     try:
         return load_image(path)

@@ -166,7 +166,7 @@ class VectorIndex:
                 and len(allowed) <= FLAT_LIMIT:
             return _exact_top_k(query, np.asarray(allowed, dtype=np.int64), exact(allowed), k)
         fetch = k * knobs.rerank_for(self.kind) if exact is not None else k
-        params = self._search_params(knobs, allowed)
+        params = self._search_params(knobs, allowed, fetch)
         with _one_thread():
             scores, ids = self.index.search(_matrix(query[None, :]), fetch, params=params)
         found = ids[0] >= 0  # FAISS pads missing results with -1
@@ -175,13 +175,14 @@ class VectorIndex:
             return _exact_top_k(query, ids, exact(ids), k)
         return scores.astype(np.float32), ids
 
-    def _search_params(self, knobs: SearchKnobs, allowed: np.ndarray | None):
+    def _search_params(self, knobs: SearchKnobs, allowed: np.ndarray | None, k: int):
         # Passed to the constructor, the selector is kept alive by FAISS's Python wrapper.
         extra = {"sel": faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))} \
             if allowed is not None else {}
         kind = self.kind
         if kind == "hnsw":
-            return faiss.SearchParametersHNSW(efSearch=knobs.ef_search, **extra)
+            # The graph search keeps efSearch candidates: fewer than k would cut results short.
+            return faiss.SearchParametersHNSW(efSearch=max(knobs.ef_search, k), **extra)
         if kind.startswith("ivf"):
             return faiss.SearchParametersIVF(nprobe=knobs.nprobe, **extra)
         return faiss.SearchParameters(**extra)

@@ -106,3 +106,9 @@ def test_an_hnsw_index_follows_builds(tmp_path, photo_folder, tiny_model):
         stored = [row[0] for row in index.store.conn.execute(
             "SELECT id FROM items WHERE modality = 'image' ORDER BY id")]
         assert held == stored and len(held) == 5
+
+
+def test_hnsw_returns_k_results_beyond_ef_search(corpus):
+    ids, vectors = corpus
+    index = VectorIndex.build("hnsw", DIM, ids, vectors)
+    assert len(index.search(vectors[0], 500)[1]) == 500
