@@ -1,6 +1,7 @@
 """Combined queries: `"cat + 2:dog - grass"`, where a term may also be an image path.
 
-Terms are separated by ` + ` or ` - ` (spaces around the sign, so "t-shirt" stays one term),
+Terms are separated by ` + ` or ` - ` (spaces around the sign, so "t-shirt" stays one term;
+a sign at either end is text, so no term is ever empty),
 may carry a weight as `2:` or `0.5:`, and are images when they name an existing image file.
 The query vector is the normalised weighted sum of the terms' vectors.
 """
@@ -35,14 +36,12 @@ def parse_query(query: str) -> list[QueryTerm]:
     signs = ["+"] + parts[1::2]
     terms = []
     for sign, raw in zip(signs, parts[0::2]):
-        weight, body = _weighted(raw.strip(), query)
+        weight, body = _weighted(raw.strip())
         terms.append(_term(weight if sign == "+" else -weight, body))
     return terms
 
 
-def _weighted(raw: str, query: str) -> tuple[float, str]:
-    if not raw:
-        raise UsageError(f"query {query!r} has an empty term; write terms like 'cat + 2:dog - grass'")
+def _weighted(raw: str) -> tuple[float, str]:
     match = _WEIGHT.match(raw)
     if not match:
         return 1.0, raw

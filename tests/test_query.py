@@ -1,0 +1,43 @@
+"""Combined query parsing: terms, weights, negation, image paths."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_image
+
+from retrieval.errors import UsageError
+from retrieval.query import QueryTerm, parse_query
+
+
+def test_terms_weights_and_negation():
+    assert parse_query("cat + 2:dog - grass") == [
+        QueryTerm(1.0, text="cat"), QueryTerm(2.0, text="dog"), QueryTerm(-1.0, text="grass")]
+    assert parse_query("0.5: red car -   blue") == [
+        QueryTerm(0.5, text="red car"), QueryTerm(-1.0, text="blue")]
+    assert parse_query(".25:x") == [QueryTerm(0.25, text="x")]
+
+
+def test_signs_inside_words_are_text():
+    assert parse_query("a t-shirt") == [QueryTerm(1.0, text="a t-shirt")]
+    assert parse_query("c++ code") == [QueryTerm(1.0, text="c++ code")]
+    assert parse_query("10:30 meeting") == [QueryTerm(10.0, text="30 meeting")]
+
+
+def test_image_paths_are_image_terms(tmp_path):
+    image = write_image(tmp_path / "q.png", (1, 2, 3))
+    assert parse_query(f"{image} + 2:snow") == [
+        QueryTerm(1.0, image=str(image)), QueryTerm(2.0, text="snow")]
+    assert parse_query(f"{tmp_path}/missing.png") == [
+        QueryTerm(1.0, text=f"{tmp_path}/missing.png")]
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\t\n"])
+def test_an_empty_query_is_a_usage_error(query):
+    with pytest.raises(UsageError, match="empty"):
+        parse_query(query)
+
+
+def test_a_dangling_sign_stays_text():
+    """Only ' + ' and ' - ' between two terms combine; a sign at either end is text."""
+    assert parse_query("cat + ") == [QueryTerm(1.0, text="cat +")]
+    assert parse_query("- dog") == [QueryTerm(1.0, text="- dog")]
