@@ -31,11 +31,14 @@ from .corpus import (
     ItemSpec,
     Skipped,
     SourceFile,
+    absolute_path,
+    display_path,
     file_digest,
     read_items,
     text_digest,
     walk_sources,
 )
+from .errors import UsageError
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
 from .pipeline import default_workers, prefetch_map
 from .store import MODALITIES, FileRow, NewItem
@@ -124,15 +127,15 @@ class Builder:
         try:
             walk = walk_sources(sources, self.options.exclude, captions, self.options.include_hidden)
         except FileNotFoundError as error:
-            from .errors import UsageError
             raise UsageError(str(error)) from None
         self.report.skipped += walk.skipped
         self.known = self.store.files_by_path()
-        roots = [str(Path(s).expanduser().absolute()) for s in sources]
+        roots = [str(absolute_path(s)) for s in sources]
+        keys = [display_path(root) for root in roots]  # stored paths are in display form
         unreadable = [s.path for s in walk.skipped]
         found = {f.key for f in walk.files}
         self.gone = {path: row for path, row in self.known.items()
-                     if path not in found and _under(path, roots) and not _under(path, unreadable)}
+                     if path not in found and _under(path, keys) and not _under(path, unreadable)}
         self.gone_by_content = {(row.kind, row.sha256): row for row in self.gone.values()}
         pending = [(f, self.known.get(f.key)) for f in walk.files if not self._unchanged(f)]
         self._index_images([p for p in pending if p[0].kind == "image"])
@@ -147,7 +150,10 @@ class Builder:
 
     def remove(self, paths: Iterable[str | Path]) -> int:
         """Forget every recorded file at or under `paths`."""
-        prefixes = [str(Path(p).expanduser().absolute()) for p in paths]
+        try:
+            prefixes = [display_path(str(absolute_path(p))) for p in paths]
+        except FileNotFoundError as error:
+            raise UsageError(str(error)) from None
         rows = [row for path, row in self.store.files_by_path().items() if _under(path, prefixes)]
         self._remove(rows)
         with self.store.conn:

@@ -77,15 +77,15 @@ def walk_sources(sources: Iterable[str | Path], exclude_dirs: Iterable[str] = ()
     Hidden entries and folders named in `exclude_dirs` (by name or by path) are not entered.
     Symlinks to files are followed; symlinked folders are not, so loops cannot occur.
     """
-    excluded = {str(Path(d).expanduser().absolute()) if os.sep in d else d for d in exclude_dirs}
+    excluded = {str(absolute_path(d)) if os.sep in d else d for d in exclude_dirs}
     found: dict[str, SourceFile] = {}
     skipped: list[Skipped] = []
     for source in sources:
-        root = Path(source).expanduser().absolute()
-        if root.is_dir():
+        root = absolute_path(source)
+        if _is(root, Path.is_dir):
             paths = _walk_folder(root, excluded, include_hidden, skipped)
             auto_captions = [root / name for name in CAPTION_FILE_NAMES if (root / name).is_file()]
-        elif root.exists() or root.is_symlink():
+        elif _is(root, Path.exists) or _is(root, Path.is_symlink):
             paths, auto_captions = [root], []
             root = root.parent
         else:
@@ -95,12 +95,32 @@ def walk_sources(sources: Iterable[str | Path], exclude_dirs: Iterable[str] = ()
         for path in auto_captions:
             _add(found, skipped, path, root, "captions")
     for captions in captions_files:
-        path = Path(captions).expanduser().absolute()
-        if not path.is_file():
+        path = absolute_path(captions)
+        if not _is(path, Path.is_file):
             raise FileNotFoundError(f"captions file {captions}: no such file")
         _add(found, skipped, path, path.parent, "captions")
     _mark_sidecars(found)
     return WalkResult(sorted(found.values(), key=lambda f: f.path), skipped)
+
+
+def absolute_path(name: str | Path) -> Path:
+    """`name` with ~ expanded, absolute, '..' folded away (so one folder has one spelling);
+    symlinks are kept. The empty name is refused: it would mean the working directory."""
+    text = os.fspath(name)
+    if not text.strip():
+        raise FileNotFoundError("a path is empty; name a file or folder")
+    try:
+        return Path(os.path.abspath(os.path.expanduser(text)))
+    except ValueError:  # '~' followed by a NUL or a lone surrogate
+        raise FileNotFoundError(f"{text!r} cannot name a file or folder") from None
+
+
+def _is(path: Path, test) -> bool:
+    """A Path test that is False for names no file system could hold (NUL, over-long)."""
+    try:
+        return test(path)
+    except (OSError, ValueError):
+        return False
 
 
 def _walk_folder(root: Path, excluded: set[str], include_hidden: bool,
@@ -232,7 +252,11 @@ def display_path(path: str) -> str:
         path.encode("utf-8")
         return path
     except UnicodeEncodeError:
+        pass
+    try:
         return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to: escape it as text
+        return path.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
 def file_digest(data: bytes) -> str:

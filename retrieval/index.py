@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .corpus import display_path
+from .corpus import absolute_path, display_path
 from .errors import (
     IndexFormatError,
     IndexLockedError,
@@ -91,8 +91,11 @@ class Index:
         if index_type is not None and index_type not in INDEX_TYPES:
             raise UsageError(f"index type must be one of {', '.join(INDEX_TYPES)}, "
                              f"not {index_type!r}")
-        folder = Path(path).expanduser().absolute()
-        exists = (folder / DB_NAME).is_file()
+        try:
+            folder = absolute_path(path)
+            exists = (folder / DB_NAME).is_file()
+        except (FileNotFoundError, OSError, ValueError) as error:
+            raise UsageError(f"index path {str(path)!r}: {error}") from None
         if not exists and not create:
             raise IndexNotFoundError(
                 f"no index at {folder}; build one with: retrieve index SOURCE... --index {path}")
@@ -459,9 +462,9 @@ def _absolute(path: str | None) -> str | None:
     if not path:
         return None
     try:
-        return display_path(str(Path(path).expanduser().absolute()))
-    except (RuntimeError, ValueError) as error:  # an unknown ~user, a NUL
-        raise UsageError(f"--under {path!r}: {error}") from None
+        return display_path(str(absolute_path(path)))
+    except FileNotFoundError as error:
+        raise UsageError(f"--under: {error}") from None
 
 
 def _check_text(option: str, value: str | None) -> None:
