@@ -94,7 +94,7 @@ class Index:
         try:
             folder = absolute_path(path)
             exists = (folder / DB_NAME).is_file()
-        except (FileNotFoundError, OSError, ValueError) as error:
+        except (OSError, ValueError) as error:
             raise UsageError(f"index path {str(path)!r}: {error}") from None
         if not exists and not create:
             raise IndexNotFoundError(
@@ -336,16 +336,19 @@ class Index:
         (captions) for image queries, when the index has them.
         `where` is SQL over item_view's columns, `under` a path prefix, `min_score` a cosine floor.
         """
-        from .search import query_vector
+        from .search import query_terms, query_vector
 
         if k < 1:
             raise UsageError(f"k must be at least 1, not {k}")
         if target not in TARGETS:
             raise UsageError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+        if not self.dim:  # nothing was ever encoded: no model needed to find nothing
+            query_terms(query, text, image)
+            return []
         vector, query_modality = query_vector(self, query, text, image)
         target = self._resolve_target(target, query_modality)
         size = self.count(target)
-        if not self.dim or not size:
+        if not size:
             return []
         _check_text("where", where)
         allowed = self.store.item_ids(target, where, _absolute(under)) if where or under else None
@@ -433,10 +436,11 @@ def _model_of(store: Store, folder: Path, requested: ModelSpec | None, rebuild: 
               ) -> ModelSpec:
     """The index's model; a new index records the requested (or default) one."""
     name = store.get_info("model_name")
-    if name is None:
+    if name is None:  # a new index (or one killed before its first commit)
         spec = requested or ModelSpec.parse()
-        with store.conn:
-            _record_model(store, spec)
+        if not store.readonly:
+            with store.conn:
+                _record_model(store, spec)
         return spec
     recorded = ModelSpec(name, store.get_info("model_pretrained") or None)
     if requested is None or requested.identity == recorded.identity:

@@ -69,6 +69,7 @@ class Store:
 
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
+        self.readonly = readonly
         self._query_only = threading.Lock()
         if readonly:
             conn = _connect_read_only(path)

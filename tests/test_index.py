@@ -436,3 +436,12 @@ def test_unreadable_database_is_explained(tmp_path):
     (index_dir / "meta.sqlite").write_bytes(b"this is not a database" * 100)
     with pytest.raises(IndexFormatError, match="cannot be read"):
         Index.open(index_dir)
+
+
+def test_an_index_killed_before_recording_its_model_can_be_read(tmp_path, tiny_model):
+    index_dir = tmp_path / "index"
+    Index.open(index_dir, model=tiny_model, create=True).close()
+    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
+        conn.execute("DELETE FROM info WHERE key LIKE 'model_%'")
+    with Index.open(index_dir, readonly=True) as index:
+        assert index.search("anything") == []
