@@ -1,0 +1,184 @@
+"""Decode audio files into mono waves at an encoder's rate, and cut them into fixed windows."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+DEFAULT_MAX_AUDIO_SECONDS = 3600.0  # longer files are skipped as "huge": the whole file is decoded in memory
+MIN_AUDIO_SECONDS = 0.1
+DEFAULT_WINDOW_SECONDS = 5.0
+SILENCE_PEAK = 1e-4  # -80 dBFS
+
+_BLOCK_SAMPLES = 1 << 18  # per read over all channels (1 MiB), whatever channel count a header claims
+_REASON_CHARS = 200
+# libsndfile's MPEG decoder reports "mpg123 found no stream" as SFE_BAD_FILE, whose text ("File does
+# not exist or is not a regular file") would mislead: the file was opened, by us, before libsndfile saw it.
+_SFE_BAD_FILE = 7
+
+
+class AudioDecodeError(ValueError):
+    """Why an audio file cannot be used, in one line (shown as `skipped PATH: <message>`)."""
+
+
+class AudioEncoder(Protocol):
+    """What embeds audio: our own trained tower or a CLAP model."""
+
+    identity: str  # recorded by an index, e.g. "tower:<sha>" or "clap:laion/clap-htsat-unfused"
+    sample_rate: int  # the rate waves must be given at
+    dim: int
+
+    def encode_audio(self, waves: Sequence[np.ndarray]) -> np.ndarray:
+        """Embed mono float32 waves at `sample_rate`: float32 (N, dim), L2-normalised rows."""
+
+
+@dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; windows compare by identity
+class AudioWindow:
+    """A stretch of a wave: `start` and `end` in seconds, `samples` a view into the wave."""
+
+    start: float
+    end: float
+    samples: np.ndarray
+
+
+def load_audio(source: str | Path | BinaryIO, sample_rate: int,
+               max_seconds: float = DEFAULT_MAX_AUDIO_SECONDS) -> np.ndarray:
+    """Decode to mono float32 at `sample_rate` (channels averaged, resampled with soxr).
+
+    `source` is a path or a seekable binary file object read from its current position.
+    Raises AudioDecodeError with a one-line reason for anything that is not usable audio.
+    """
+    try:
+        with _binary_stream(source) as stream:
+            mono, rate = _decode_mono(stream, max_seconds)
+    except OSError as error:  # missing, a folder, no permission, or a failing disk
+        raise AudioDecodeError(f"cannot read ({error.strerror or type(error).__name__})") from None
+    _check_samples(mono, rate)
+    if rate != sample_rate:
+        mono = soxr.resample(mono, rate, sample_rate)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _binary_stream(source: str | Path | BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
+    # Paths are opened here rather than by libsndfile: Python's errors name the real cause, and
+    # libsndfile then probes the content alone instead of trusting the file's suffix.
+    if isinstance(source, str | os.PathLike):
+        return open(source, "rb")
+    return contextlib.nullcontext(source)  # the caller's object: not ours to close
+
+
+def _decode_mono(stream: BinaryIO, max_seconds: float) -> tuple[np.ndarray, int]:
+    """Read the header, refuse long files before decoding them, then decode and mix to mono."""
+    if _is_empty(stream):
+        raise AudioDecodeError("empty file")
+    with _open_sound(stream) as sound:
+        _check_duration(sound.frames / sound.samplerate, max_seconds)
+        try:
+            return _read_mono(sound), sound.samplerate
+        except (RuntimeError, ValueError) as error:
+            raise AudioDecodeError(f"corrupt or truncated audio ({_libsndfile_reason(error)})") from None
+
+
+def _is_empty(stream: BinaryIO) -> bool:
+    start = stream.tell()
+    end = stream.seek(0, io.SEEK_END)
+    stream.seek(start)
+    return end == start
+
+
+def _open_sound(stream: BinaryIO) -> sf.SoundFile:
+    try:
+        return sf.SoundFile(stream)
+    except RuntimeError as error:  # soundfile.LibsndfileError and its kin
+        reason = _libsndfile_reason(error)
+        raise AudioDecodeError(f"not a readable audio file or unsupported codec ({reason})") from None
+
+
+def _read_mono(sound: sf.SoundFile) -> np.ndarray:
+    # Mixing block by block keeps only the mono wave in memory, not every channel of the whole file.
+    # soundfile never reads past the frame count in the header, so the duration check bounds memory too.
+    # A truncated file whose decoder simply stops early yields what it decoded; that is checked like any
+    # other wave (length, silence, finiteness), and a decoder error in the middle raises instead.
+    blocks = [block.mean(axis=1, dtype=np.float32) for block in _blocks(sound)]
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+
+
+def _blocks(sound: sf.SoundFile) -> Iterator[np.ndarray]:
+    # Not SoundFile.blocks: on a short read it yields stale buffer contents instead of stopping.
+    frames = max(1, _BLOCK_SAMPLES // sound.channels)
+    while len(block := sound.read(frames, dtype="float32", always_2d=True)):
+        yield block
+
+
+def _check_duration(seconds: float, max_seconds: float) -> None:
+    if seconds > max_seconds:
+        raise AudioDecodeError(f"too long ({_format_duration(seconds)}; the limit is "
+                               f"{_format_duration(max_seconds)}, raise it with --max-audio-seconds)")
+
+
+def _check_samples(mono: np.ndarray, rate: int) -> None:
+    seconds = len(mono) / rate
+    if seconds < MIN_AUDIO_SECONDS:
+        raise AudioDecodeError(
+            f"too short ({_format_duration(seconds)}; needs at least {_format_duration(MIN_AUDIO_SECONDS)})")
+    if not np.isfinite(mono).all():
+        raise AudioDecodeError("damaged samples (NaN or infinite values)")
+    if float(np.max(np.abs(mono))) < SILENCE_PEAK:
+        raise AudioDecodeError("silent (nothing above -80 dBFS)")
+
+
+def _format_duration(seconds: float) -> str:
+    """A duration as a person reads it: '0.02 s', '12.5 s', '3.5 min', '2.0 h'."""
+    if seconds < 1:
+        return f"{seconds:.2g} s"
+    if seconds < 60:
+        return f"{round(seconds, 1):g} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _libsndfile_reason(error: Exception) -> str:
+    if getattr(error, "code", None) == _SFE_BAD_FILE:
+        return "no decodable audio stream found"
+    # error_string is libsndfile's own text, without soundfile's "Error opening <object repr>: " prefix.
+    text = getattr(error, "error_string", None) or str(error)
+    return _first_line(text.removeprefix("Error : "))
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0][:_REASON_CHARS] if lines else "no details"
+
+
+def split_windows(wave: np.ndarray, sample_rate: int,
+                  window_seconds: float = DEFAULT_WINDOW_SECONDS) -> list[AudioWindow]:
+    """Cut a wave into back-to-back windows of `window_seconds`.
+
+    A wave no longer than one window is one window. Otherwise a shorter tail is not a window of
+    its own: the last window is aligned to the end of the wave, overlapping the one before, so that
+    every window has full length (uniform batches, no near-empty tail embeddings).
+    """
+    if window_seconds <= 0:
+        raise ValueError(f"window_seconds must be positive, got {window_seconds}")
+    size = max(1, round(window_seconds * sample_rate))
+    total = len(wave)
+    if total <= size:
+        return [_window(wave, 0, total, sample_rate)] if total else []
+    starts = list(range(0, total - size + 1, size))
+    if starts[-1] + size < total:
+        starts.append(total - size)
+    return [_window(wave, start, start + size, sample_rate) for start in starts]
+
+
+def _window(wave: np.ndarray, start: int, end: int, sample_rate: int) -> AudioWindow:
+    return AudioWindow(round(start / sample_rate, 3), round(end / sample_rate, 3), wave[start:end])
