@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioDecodeError, AudioWindow, load_audio, split_windows
 from .captions import CaptionFormatError
 from .corpus import (
     ItemSpec,
@@ -57,6 +58,7 @@ class BuildOptions:
     exclude: tuple[str, ...] = ()
     include_hidden: bool = False
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
     progress: bool = False
     workers: int = field(default_factory=default_workers)
 
@@ -73,18 +75,20 @@ class BuildReport:
     skipped: list[Skipped] = field(default_factory=list)
     images_encoded: int = 0
     texts_encoded: int = 0
+    audio_encoded: int = 0  # audio windows; a file has one per few seconds
     vectors_reused: int = 0
     seconds: float = 0.0
 
     @property
     def items_per_second(self) -> float:
-        encoded = self.images_encoded + self.texts_encoded
+        encoded = self.images_encoded + self.texts_encoded + self.audio_encoded
         return encoded / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
         return (f"{self.new} new, {self.changed} changed, {self.unchanged} unchanged, "
                 f"{self.moved} moved, {self.removed} removed, {len(self.skipped)} skipped; "
-                f"encoded {self.images_encoded} images and {self.texts_encoded} texts, "
+                f"encoded {self.images_encoded} images, {self.texts_encoded} texts and "
+                f"{self.audio_encoded} audio windows, "
                 f"reused {self.vectors_reused} vectors in {self.seconds:.1f} s "
                 f"({self.items_per_second:.1f} items/s)")
 
@@ -102,6 +106,7 @@ class _Prepared:
     row: FileRow | None
     digest: str = ""
     pixels: torch.Tensor | None = None
+    windows: list[AudioWindow] | None = None
     error: str | None = None
 
 
@@ -139,7 +144,8 @@ class Builder:
         self.gone_by_content = {(row.kind, row.sha256): row for row in self.gone.values()}
         pending = [(f, self.known.get(f.key)) for f in walk.files if not self._unchanged(f)]
         self._index_images([p for p in pending if p[0].kind == "image"])
-        self._index_texts([p for p in pending if p[0].kind != "image"])
+        self._index_audio([p for p in pending if p[0].kind == "audio"])
+        self._index_texts([p for p in pending if p[0].kind in ("text", "captions")])
         self._remove(list(self.gone.values()))
         with self.store.conn:
             self.store.link_captions()
@@ -178,7 +184,7 @@ class Builder:
         # Every image file row is written with its item and vector, so these all have vectors.
         known_hashes = {row.sha256 for row in self.known.values() if row.kind == "image"}
         batch: list[_Prepared] = []
-        prepared = prefetch_map(lambda p: self._prepare_image(*p, known_hashes), pending,
+        prepared = prefetch_map(lambda p: self._prepare(*p, known_hashes, self._decode_image), pending,
                                 self.options.workers, ahead=encoder.batch_size * 4)
         for item in tqdm(prepared, total=len(pending), unit="img", desc="images",
                          disable=not self.options.progress):
@@ -192,8 +198,9 @@ class Builder:
         if batch:
             self._encode_images(batch)
 
-    def _prepare_image(self, source: SourceFile, row: FileRow | None,
-                       known_hashes: set[str]) -> _Prepared:
+    def _prepare(self, source: SourceFile, row: FileRow | None, known_hashes: set[str],
+                 decode: Callable[[_Prepared, bytes], None]) -> _Prepared:
+        """Read and hash a file; decode it only when no indexed file has its content."""
         item = _Prepared(source, row)
         try:
             with open(source.path, "rb") as handle:
@@ -205,11 +212,11 @@ class Builder:
             item.error = "empty file"
             return item
         item.digest = file_digest(data)
-        if item.digest not in known_hashes:  # else its vector exists: no need to decode
-            self._decode(item, data)
+        if item.digest not in known_hashes:  # else its vectors exist: no need to decode
+            decode(item, data)
         return item
 
-    def _decode(self, item: _Prepared, data: bytes) -> None:
+    def _decode_image(self, item: _Prepared, data: bytes) -> None:
         try:
             encoder = self.index.encoder
             # Twice the input side: the resize that follows smooths away draft decoding's
@@ -230,9 +237,14 @@ class Builder:
             return True
         if row is None and self._move_from_gone(source, item.digest):
             return True
-        if item.pixels is None:  # content of an indexed image at another path: reuse its vector
-            self._write_images([item], [self.store.image_vector_with_hash(item.digest)])
-            self.report.vectors_reused += 1
+        if item.pixels is None and item.windows is None:  # an indexed file's content: reuse
+            stored = self.store.items_of_file_with_hash(item.digest, source.kind)
+            if source.kind == "image":
+                self._write_images([item], [stored[0][1]])
+            else:
+                self._write_audio(item, [AudioWindow(m["start"], m["end"], None) for m, _ in stored],
+                                  [vector for _, vector in stored])
+            self.report.vectors_reused += len(stored)
             return True
         return False
 
@@ -272,6 +284,69 @@ class Builder:
                     self.report.new += 1
                 changes[item_id] = vector
             self.store.bump_generation("image")
+
+    # -- audio ------------------------------------------------------------------------------
+
+    def _index_audio(self, pending: list[tuple[SourceFile, FileRow | None]]) -> None:
+        """Like images, but a file holds one item per window, all replaced when it changes."""
+        if not pending:
+            return
+        encoder = self.index.audio_encoder_or_none()
+        if encoder is None:
+            reason = (f"no audio encoder yet: train one with `retrieve train-audio PAIRS --index "
+                      f"{self.index.path}`, or build with --audio-model clap:NAME")
+            self.report.skipped += [Skipped(source.key, reason) for source, _ in pending]
+            return
+        known_hashes = {row.sha256 for row in self.known.values() if row.kind == "audio"}
+        batch: list[_Prepared] = []
+        prepared = prefetch_map(lambda p: self._prepare(*p, known_hashes, self._decode_audio),
+                                pending, self.options.workers, ahead=2 * self.options.workers)
+        for item in tqdm(prepared, total=len(pending), unit="file", desc="audio",
+                         disable=not self.options.progress):
+            if item.error:
+                self.report.skipped.append(Skipped(item.source.key, item.error))
+            elif not self._settled_without_encoding(item):
+                batch.append(item)
+                if sum(len(i.windows) for i in batch) >= encoder.batch_size:
+                    self._encode_audio(batch)
+                    batch = []
+        if batch:
+            self._encode_audio(batch)
+
+    def _decode_audio(self, item: _Prepared, data: bytes) -> None:
+        encoder = self.index.audio_encoder
+        try:
+            wave = load_audio(io.BytesIO(data), encoder.sample_rate, self.options.max_audio_seconds)
+            item.windows = split_windows(wave, encoder.sample_rate)
+        except AudioDecodeError as error:
+            item.error = str(error)
+
+    def _encode_audio(self, batch: list[_Prepared]) -> None:
+        waves = [window.samples for item in batch for window in item.windows]
+        vectors = iter(self.index.audio_encoder.encode_audio(waves))
+        for item in batch:
+            self._write_audio(item, item.windows, [next(vectors) for _ in item.windows])
+        self.report.audio_encoded += len(waves)
+
+    def _write_audio(self, item: _Prepared, windows: list[AudioWindow],
+                     vectors: list[np.ndarray]) -> None:
+        source, changes = item.source, self.changes["audio"]
+        with self.store.conn:
+            file_id = self.store.upsert_file(source.key, source.root, source.kind, source.size,
+                                             source.mtime_ns, item.digest)
+            stale = [item_id for item_id, *_ in self.store.items_of_file(file_id).values()]
+            self.store.delete_items(stale)
+            fresh = [NewItem(f"{source.key}#t={w.start:g},{w.end:g}", "audio", vector,
+                             f"{item.digest}#t={w.start:g}", meta={"start": w.start, "end": w.end})
+                     for w, vector in zip(windows, vectors)]
+            new_ids = self.store.insert_items(file_id, fresh)
+            self.store.bump_generation("audio")
+        changes.update(dict.fromkeys(stale))
+        changes.update({item_id: new.vector for item_id, new in zip(new_ids, fresh)})
+        if item.row is None:
+            self.report.new += 1
+        else:
+            self.report.changed += 1
 
     # -- texts and captions -----------------------------------------------------------------
 
@@ -396,9 +471,9 @@ class Builder:
 
     def _needs_rebuild(self, vectors: VectorIndex | None, changes: dict, modality: str) -> bool:
         """Stale, of another size or kind than the index should now have, or unable to remove."""
-        if vectors is None or vectors.dim != self.index.dim:
+        if vectors is None or vectors.dim != self.index.dim_of(modality):
             return True
-        if vectors.kind != self.index.kind_for(self.store.count(modality)):
+        if vectors.kind != self.index.kind_for(self.store.count(modality), modality):
             return True
         if vectors.can_remove or not changes:
             return False

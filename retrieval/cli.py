@@ -14,6 +14,7 @@ from functools import wraps
 import click
 from click_default_group import DefaultGroup
 
+from .audio import DEFAULT_MAX_AUDIO_SECONDS
 from .errors import IndexEmptyError, RetrievalError
 from .images import DEFAULT_MAX_MEGAPIXELS
 
@@ -60,13 +61,16 @@ def reports_errors(command):
 @click.group(cls=DefaultGroup, default="search", default_if_no_args=False)
 @click.version_option(package_name="retrieval")
 def cli() -> None:
-    """Search images and texts by meaning, with open_clip, FAISS and SQLite.
+    """Search images, texts and sounds by meaning, with open_clip, FAISS and SQLite.
 
     \b
       retrieve index ~/Pictures --captions captions.tsv   build or update an index
       retrieve "a dog in the park"                        text -> images
       retrieve --image q.jpg --target text                image -> captions
       retrieve "cat + 2:dog - grass"                      combined query
+      retrieve train-audio sounds/                        teach the index to hear
+      retrieve "a dog barking" --target audio             text -> sounds
+      retrieve --audio bark.wav --target image            sound -> images
     """
 
 
@@ -74,11 +78,14 @@ def cli() -> None:
 @click.argument("query", nargs=-1)
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
               help="Query image (repeatable); combined with any text query.")
+@click.option("--audio", "sounds", multiple=True, type=click.Path(dir_okay=False),
+              help="Query sound (repeatable): wav, flac, ogg or mp3; combined with the rest.")
 @index_option
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1),
               help="How many results.")
-@click.option("--target", type=click.Choice(["auto", "image", "text"]), default="auto",
-              show_default=True, help="Modality to return; auto: images for text, texts for images.")
+@click.option("--target", type=click.Choice(["auto", "image", "text", "audio"]), default="auto",
+              show_default=True,
+              help="Modality to return; auto: images for text, texts for images, sounds for sounds.")
 @click.option("--where", help="SQL filter over item_view (id, modality, uri, text, path, size, "
               "mtime, meta), e.g. \"path LIKE '%2024%'\".")
 @click.option("--under", type=click.Path(), help="Only items whose file is under this folder.")
@@ -87,10 +94,11 @@ def cli() -> None:
 @model_options
 @device_option
 @reports_errors
-def search_command(query: tuple[str, ...], images: tuple[str, ...], index_dir: str, k: int,
+def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tuple[str, ...],
+                   index_dir: str, k: int,
                    target: str, where: str | None, under: str | None, min_score: float | None,
                    as_json: bool, model: str | None, pretrained: str | None, device: str) -> None:
-    """Search the index with text, images or a combined query like "cat + 2:dog - grass".
+    """Search the index with text, images, sounds or a combined query like "cat + 2:dog - grass".
 
     The index's own model encodes the query; --model only checks that it is the one expected.
     """
@@ -103,8 +111,8 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], index_dir: s
             raise IndexEmptyError(
                 f"index {index.path} holds no items yet; add some with: "
                 f"retrieve index SOURCE... --index {index_dir}")
-        hits = index.search(text, image=list(images) or None, k=k, target=target, where=where,
-                            under=under, min_score=min_score)
+        hits = index.search(text, image=list(images) or None, audio=list(sounds) or None, k=k,
+                            target=target, where=where, under=under, min_score=min_score)
     if as_json:
         click.echo(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False, indent=2))
     elif not hits:
@@ -134,7 +142,13 @@ def _print_hits(hits) -> None:
 @click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True),
               default=DEFAULT_MAX_MEGAPIXELS, show_default=True,
               help="Skip images larger than this (guards against decompression bombs).")
+@click.option("--max-audio-seconds", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_MAX_AUDIO_SECONDS, show_default=True,
+              help="Skip sounds longer than this (each is decoded whole, in memory).")
 @model_options
+@click.option("--audio-model", help="Embed audio with a CLAP model: clap:NAME (e.g. "
+              "clap:laion/clap-htsat-unfused) or clap:/folder; default: the tower `retrieve "
+              "train-audio` trains.")
 @click.option("--index-type", type=click.Choice(INDEX_TYPES),
               help="FAISS index for a new index [default: auto, by size]; see `retrieve convert`.")
 @click.option("--rebuild", is_flag=True, help="Drop all vectors and re-encode with --model.")
@@ -147,7 +161,8 @@ def _print_hits(hits) -> None:
 @reports_errors
 def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str, ...],
                   exclude_dir: tuple[str, ...], include_hidden: bool, max_megapixels: float,
-                  model: str | None, pretrained: str | None, index_type: str | None,
+                  max_audio_seconds: float, model: str | None, pretrained: str | None,
+                  audio_model: str | None, index_type: str | None,
                   rebuild: bool, device: str, batch_size: int, int8: bool, quiet: bool,
                   as_json: bool) -> None:
     """Build or update an index over folders and files, incrementally.
@@ -159,9 +174,10 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
 
     with Index.open(index_dir, model=model, pretrained=pretrained, create=True, rebuild=rebuild,
                     index_type=index_type, device=device, batch_size=batch_size,
-                    int8=int8) as index:
+                    int8=int8, audio_model=audio_model) as index:
         report = index.add(*sources, captions=captions, exclude=exclude_dir,
                            include_hidden=include_hidden, max_megapixels=max_megapixels,
+                           max_audio_seconds=max_audio_seconds,
                            progress=not quiet and sys.stderr.isatty())
     if not quiet:
         for skipped in report.skipped:
@@ -204,7 +220,7 @@ def convert_command(index_type: str, index_dir: str, ef_search: int | None, npro
     with Index.open(index_dir) as index:
         index.convert(index_type, ef_search=ef_search, nprobe=nprobe, rerank=rerank,
                       memory_budget=budget)
-        kinds = {m: index.vectors(m).kind for m in ("image", "text")}
+        kinds = {m: index.vectors(m).kind for m in ("image", "text", "audio")}
     click.echo(f"index type {index_type}: " + ", ".join(f"{m} {k}" for m, k in kinds.items()))
 
 
@@ -226,8 +242,54 @@ def info_command(index_dir: str, as_json: bool) -> None:
     click.echo(f"model   {model['name']}" + (f" ({model['pretrained']})" if model["pretrained"] else ""))
     click.echo(f"dim     {stats['dim']}")
     click.echo(f"type    {stats['index_type']}")
+    click.echo(f"audio   {stats['audio_model'] or 'no audio encoder (see retrieve train-audio)'}")
     for modality, count in stats["counts"].items():
         click.echo(f"{modality:<7} {count}")
+
+
+@cli.command("train-audio")
+@click.argument("pairs", type=click.Path())
+@index_option
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2),
+              help="Pairs per step; the other pairs of a batch are each pair's negatives.")
+@click.option("--learning-rate", default=2e-3, show_default=True,
+              type=click.FloatRange(min=0, min_open=True))
+@click.option("--holdout", default=0.1, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Share of pairs kept out of training to measure recall each epoch.")
+@click.option("--width", default=32, show_default=True, type=click.IntRange(4),
+              help="Channels of the tower's first conv block (later blocks double it).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--no-reindex", is_flag=True,
+              help="Do not re-encode the index's audio with the new tower now.")
+@device_option
+@click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
+@json_option
+@reports_errors
+def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int,
+                        learning_rate: float, holdout: float, width: int, seed: int,
+                        no_reindex: bool, device: str, quiet: bool, as_json: bool) -> None:
+    """Train the index's audio tower on sounds paired with images or captions.
+
+    PAIRS is a folder where each sound has an image or a .txt caption file of the same name
+    beside it (dog.wav + dog.jpg, or dog.wav + dog.txt), or a CSV/JSONL file with an `audio`
+    column and an `image` or `caption` column (paths relative to the file). The index's CLIP
+    model stays frozen; the tower learns to put each sound next to its partner, so sounds can
+    then be searched by text, image or sound, and find images and texts in turn.
+    """
+    from .audio_training import AudioTrainingOptions
+    from .index import Index
+
+    options = AudioTrainingOptions(epochs=epochs, batch_size=batch_size,
+                                   learning_rate=learning_rate, holdout=holdout, width=width,
+                                   seed=seed, progress=not quiet and sys.stderr.isatty())
+    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    with Index.open(index_dir, create=True, device=device) as index:
+        report = index.train_audio(pairs, options, reindex=not no_reindex, log=log)
+    if not quiet:
+        for skipped in report.skipped:
+            click.echo(f"warning: skipped {skipped.path}: {skipped.reason}", err=True)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Walk sources, recognise each file's modality, and turn files into the items they hold.
 
-A file is one of three kinds:
+A file is one of four kinds:
 - `image`: one image item;
+- `audio`: one audio item per window of a few seconds (cut by the builder once decoded);
 - `text`: a text corpus, one text item per non-empty line (.txt) or per record (.jsonl);
 - `captions`: text items linked to images: a sidecar `<image stem>.txt`, or a captions
   file (Flickr token TSV, CSV, JSONL, COCO JSON) named on the command line or found as
@@ -21,6 +22,7 @@ from pathlib import Path
 from .captions import CAPTION_FILE_NAMES, parse_json, read_caption_pairs, split_lines
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3"})
 TEXT_SUFFIXES = frozenset({".txt", ".jsonl"})
 
 
@@ -149,6 +151,8 @@ def _kind_of(path: Path) -> str | None:
         return "image"
     if suffix in TEXT_SUFFIXES:
         return "text"
+    if suffix in AUDIO_SUFFIXES:
+        return "audio"
     return None
 
 

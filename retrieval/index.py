@@ -20,30 +20,40 @@ from .errors import (
     IndexLockedError,
     IndexNotFoundError,
     IndexWriteError,
+    ModelLoadError,
     ModelMismatchError,
     UsageError,
 )
 from .manifest import FORMAT_VERSION, Manifest, VectorFileState
-from .models import ModelSpec
+from .models import CLAP_PREFIX, ModelSpec
 from .store import MODALITIES, Store
 from .text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
 from .vectors import DEFAULT_MEMORY_BUDGET, KINDS, SearchKnobs, VectorIndex, choose_kind
 
 if TYPE_CHECKING:
+    from .audio import AudioEncoder
+    from .audio_training import AudioTrainingOptions, AudioTrainingReport
     from .build import BuildReport
     from .encoders import ClipEncoder
-    from .search import ImageQuery
+    from .search import AudioQuery, ImageQuery
 
 DB_NAME = "meta.sqlite"
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 LOCK_NAME = "write.lock"
 TARGETS = ("auto", *MODALITIES)
 INDEX_TYPES = ("auto", *KINDS)
+# What `target="auto"` returns for each kind of query: the first of these the index holds.
+AUTO_TARGETS = {"text": ("image", "audio", "text"), "image": ("text", "image", "audio"),
+                "audio": ("audio", "image", "text")}
 
 
 @dataclass
 class Hit:
-    """One search result. `text` is a text item's text, or an image's first caption."""
+    """One search result. `text` is a text item's text, or an image's first caption.
+
+    An audio hit is a file, represented by its best window: `uri` ends in `#t=START,END`
+    and `metadata` holds `start` and `end` in seconds.
+    """
 
     id: int
     modality: str
@@ -71,6 +81,7 @@ class Index:
         self.dim = int(store.get_info("dim", "0"))
         self.int8 = int8
         self._encoder: ClipEncoder | None = None
+        self._audio_encoder: AudioEncoder | None = None
         self._text_tower: NumpyTextEncoder | None = None
         self._vectors: dict[str, tuple[VectorIndex, int]] = {}  # modality -> (index, generation)
 
@@ -80,13 +91,15 @@ class Index:
     def open(cls, path: str | Path, *, model: str | None = None, pretrained: str | None = None,
              create: bool = False, rebuild: bool = False, index_type: str | None = None,
              device: str = "auto", batch_size: int = 32, int8: bool = False,
-             readonly: bool = False) -> Index:
+             readonly: bool = False, audio_model: str | None = None) -> Index:
         """Open the index at `path`, or make it when `create` is set.
 
         `model`/`pretrained` name the model (see `ModelSpec`). An existing index refuses another
         model unless `rebuild` is set, which drops its vectors to re-encode them all.
         `index_type` (auto, flat, hnsw, ivf-sq, ivf-pq) is recorded for a new index; an
         existing one keeps its type until `convert`. `int8` encodes with 8-bit weights (CPU).
+        `audio_model` (`clap:NAME` or `clap:/folder`) embeds audio with a CLAP model instead of
+        the audio tower `train_audio` makes; changing it on an index with audio needs `rebuild`.
         """
         if index_type is not None and index_type not in INDEX_TYPES:
             raise UsageError(f"index type must be one of {', '.join(INDEX_TYPES)}, "
@@ -109,6 +122,8 @@ class Index:
             with store.conn:
                 store.set_info("index_type", index_type)
         index = cls(folder, store, spec, device, batch_size, readonly, int8)
+        if audio_model is not None:
+            index._choose_audio_model(audio_model, rebuild)
         if not readonly:
             with storage_errors(folder):
                 index._repair()
@@ -116,8 +131,8 @@ class Index:
 
     def _repair(self) -> None:
         """Rewrite a missing or damaged manifest, and rebuild FAISS files that disagree with SQLite."""
-        if self.dim:
-            for modality in MODALITIES:
+        for modality in MODALITIES:
+            if self.dim_of(modality):
                 self.vectors(modality)
         self._write_manifest()
 
@@ -141,6 +156,84 @@ class Index:
             if not self.readonly and load_text_tower(self.path, self.spec.identity) is None:
                 export_text_tower(self._encoder, self.path)
         return self._encoder
+
+    @property
+    def audio_model(self) -> str | None:
+        """What embeds this index's audio: `tower:HASH` (ours, trained), `clap:NAME`, or None."""
+        return self.store.get_info("audio_encoder") or None
+
+    @property
+    def audio_is_clap(self) -> bool:
+        return (self.audio_model or "").startswith(CLAP_PREFIX)
+
+    @property
+    def audio_encoder(self) -> AudioEncoder:
+        """The index's audio encoder, loaded on first use."""
+        encoder = self.audio_encoder_or_none()
+        if encoder is None:
+            raise ModelLoadError(
+                f"index {self.path} has no audio encoder yet; train one with: retrieve "
+                f"train-audio PAIRS --index {self.path} (or build with --audio-model clap:NAME)")
+        return encoder
+
+    def audio_encoder_or_none(self) -> AudioEncoder | None:
+        identity = self.audio_model
+        if self._audio_encoder is None and identity:
+            if identity.startswith(CLAP_PREFIX):
+                from .clap import load_clap
+
+                self._audio_encoder = load_clap(identity, self.device)
+                if not self.readonly and self.store.get_info("audio_dim") is None:
+                    with self.store.conn:
+                        self.store.set_info("audio_dim", str(self._audio_encoder.dim))
+            else:
+                from .audio_tower import load_tower
+                from .encoders import resolve_device
+
+                self._audio_encoder = load_tower(self.path, identity, resolve_device(self.device),
+                                                 self.batch_size)
+        return self._audio_encoder
+
+    def _choose_audio_model(self, audio_model: str, rebuild: bool) -> None:
+        """Record a CLAP model for the audio; another one's vectors are dropped only on rebuild."""
+        if not audio_model.startswith(CLAP_PREFIX):
+            raise UsageError(f"--audio-model {audio_model!r}: name a CLAP model as clap:NAME or "
+                             "clap:/folder; our own tower is made with retrieve train-audio")
+        from .clap import clap_identity
+
+        identity = clap_identity(audio_model)
+        if identity == self.audio_model:
+            return
+        if self.readonly:
+            raise ModelMismatchError(f"index {self.path} embeds audio with {self.audio_model}, "
+                                     f"not {identity}; search without --audio-model")
+        if self.count("audio") and not rebuild:
+            raise ModelMismatchError(
+                f"index {self.path} embeds audio with {self.audio_model}, not {identity}; keep "
+                "it, or re-encode the audio with --rebuild")
+        with self._write_lock():
+            self._forget_audio(identity, None)
+
+    def _forget_audio(self, identity: str, dim: int | None) -> None:
+        """Drop every audio file and vector, and record a new audio encoder."""
+        with self.store.conn:
+            file_ids = self.store.file_ids_of_kind("audio")
+            self.store.delete_files(file_ids)
+            self.store.bump_generation("audio")
+            self.store.set_info("audio_encoder", identity)
+            if dim is None:
+                self.store.conn.execute("DELETE FROM info WHERE key = 'audio_dim'")
+            else:
+                self.store.set_info("audio_dim", str(dim))
+        self._audio_encoder = None
+        self._rebuild_vectors("audio")
+        self._write_manifest()
+
+    def dim_of(self, modality: str) -> int:
+        """The vector size of a modality: the CLIP model's, or a CLAP model's for audio."""
+        if modality == "audio":
+            return int(self.store.get_info("audio_dim") or 0) or self.dim
+        return self.dim
 
     @property
     def text_encoder(self) -> ClipEncoder | NumpyTextEncoder:
@@ -172,6 +265,7 @@ class Index:
             "dim": self.dim,
             "index_type": self.index_type,
             "counts": {m: self.count(m) for m in MODALITIES},
+            "audio_model": self.audio_model,
         }
 
     @property
@@ -186,10 +280,10 @@ class Index:
             nprobe=int(self.store.get_info("nprobe") or defaults.nprobe),
             rerank=int(self.store.get_info("rerank") or 0) or defaults.rerank)
 
-    def kind_for(self, count: int) -> str:
+    def kind_for(self, count: int, modality: str = "image") -> str:
         """The FAISS index kind a modality with `count` vectors should use now."""
         budget = int(self.store.get_info("memory_budget") or DEFAULT_MEMORY_BUDGET)
-        return choose_kind(self.index_type, count, self.dim, budget)
+        return choose_kind(self.index_type, count, self.dim_of(modality), budget)
 
     def convert(self, index_type: str, **knobs: int) -> None:
         """Switch every modality to another index type, from the stored vectors (no encoding).
@@ -213,7 +307,8 @@ class Index:
 
     def add(self, *sources: str | Path, captions: Sequence[str | Path] = (),
             exclude: Sequence[str] = (), include_hidden: bool = False,
-            max_megapixels: float | None = None, progress: bool = False) -> BuildReport:
+            max_megapixels: float | None = None, max_audio_seconds: float | None = None,
+            progress: bool = False) -> BuildReport:
         """Index new and changed files under `sources`, forget files gone from them.
 
         Unchanged files (same size and mtime, or same content) cost nothing; moved files keep
@@ -229,6 +324,8 @@ class Index:
                                progress=progress)
         if max_megapixels is not None:
             options.max_megapixels = max_megapixels
+        if max_audio_seconds is not None:
+            options.max_audio_seconds = max_audio_seconds
         with self._write_lock():
             report = Builder(self, options).run(sources, captions)
         return report
@@ -239,6 +336,28 @@ class Index:
 
         with self._write_lock():
             return Builder(self, BuildOptions()).remove(sources)
+
+    def train_audio(self, pairs: str | Path, options: AudioTrainingOptions | None = None,
+                    reindex: bool = True, log=lambda line: None) -> AudioTrainingReport:
+        """Train our audio tower into this index's CLIP space on audio paired with images or
+        captions (a folder or a CSV/JSONL pairs file; see `audio_training`), and save it here.
+
+        Audio indexed with an earlier encoder is dropped; with `reindex`, the folders indexed
+        before are then scanned again, so their sounds are encoded with the new tower.
+        `log` receives a line per epoch.
+        """
+        from .audio_tower import remove_other_towers, save_tower
+        from .audio_training import AudioTrainingOptions, read_audio_pairs, train_audio_tower
+
+        with self._write_lock():
+            tower, report = train_audio_tower(self.encoder, read_audio_pairs(pairs),
+                                              options or AudioTrainingOptions(), log)
+            report.identity = save_tower(tower, self.path)
+            self._forget_audio(report.identity, tower.config.embed_dim)
+            remove_other_towers(self.path, keep=report.identity)
+        if reindex and self._known_roots():
+            self.add()
+        return report
 
     def _known_roots(self) -> list[str]:
         return [source for source in self.store.sources() if os.path.exists(source)]
@@ -295,14 +414,15 @@ class Index:
         # which only costs another rebuild later; the reverse would hide vectors.
         generation = self.store.generation(modality)
         ids, stored = self.store.all_vectors(modality)
-        vectors = VectorIndex.build(self.kind_for(len(ids)), self.dim or 1, ids, stored)
+        vectors = VectorIndex.build(self.kind_for(len(ids), modality), self.dim_of(modality) or 1,
+                                    ids, stored)
         self._store_vectors(modality, vectors, generation)
         return vectors
 
     def _store_vectors(self, modality: str, vectors: VectorIndex, generation: int) -> None:
         """Cache a FAISS index as reflecting `generation`, and save it when writing."""
         self._vectors[modality] = (vectors, generation)
-        if not self.readonly and self.dim:
+        if not self.readonly and self.dim_of(modality):
             self._save_vectors(modality, vectors, generation)
 
     def _save_vectors(self, modality: str, vectors: VectorIndex, generation: int) -> None:
@@ -325,43 +445,64 @@ class Index:
     # -- searching --------------------------------------------------------------------------
 
     def search(self, query: str | None = None, *, text: str | None = None,
-               image: ImageQuery = None, k: int = 10,
+               image: ImageQuery = None, audio: AudioQuery = None, k: int = 10,
                target: str = "auto", where: str | None = None, under: str | None = None,
                min_score: float | None = None) -> list[Hit]:
         """Nearest items to a query, best first.
 
-        `query` is a combined query ("cat + 2:dog - grass", terms may be image paths); `text`
-        adds a plain text term and `image` one or more images (paths or PIL images).
-        `target` picks the modality returned: `auto` gives images for text queries and texts
-        (captions) for image queries, when the index has them.
+        `query` is a combined query ("cat + 2:dog - grass", terms may be image or audio paths);
+        `text` adds a plain text term, `image` one or more images (paths or PIL images) and
+        `audio` one or more sounds (paths or binary file objects).
+        `target` picks the modality returned: `auto` gives images for text queries, texts
+        (captions) for image queries and sounds for sound queries, or the next modality the
+        index holds. Audio hits are files, each at its best window.
         `where` is SQL over item_view's columns, `under` a path prefix, `min_score` a cosine floor.
         """
-        from .search import query_terms, query_vector
+        from .search import query_modality, query_terms, query_vector
 
         if k < 1:
             raise UsageError(f"k must be at least 1, not {k}")
         if target not in TARGETS:
             raise UsageError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
-        if not self.dim:  # nothing was ever encoded: no model needed to find nothing
-            query_terms(query, text, image)
-            return []
-        vector, query_modality = query_vector(self, query, text, image)
-        target = self._resolve_target(target, query_modality)
+        terms = query_terms(query, text, image, audio)
+        target = self._resolve_target(target, query_modality(terms))
         size = self.count(target)
-        if not size:
+        if not size:  # nothing of that kind was ever encoded: no model needed to find nothing
             return []
+        vector = query_vector(self, terms, target)
         _check_text("where", where)
         allowed = self.store.item_ids(target, where, _absolute(under)) if where or under else None
-        scores, ids = self.vectors(target).search(vector, min(k, size), allowed,
-                                                  self.search_knobs(), self.store.vectors_for_ids)
-        hits = self._hydrate(ids, scores)
+        if target == "audio":
+            hits = self._best_window_per_file(vector, k, size, allowed)
+        else:
+            hits = self._hydrate(*self._nearest(target, vector, min(k, size), allowed))
         return [hit for hit in hits if min_score is None or hit.score >= min_score]
+
+    def _nearest(self, modality: str, vector: np.ndarray, k: int, allowed: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self.vectors(modality).search(vector, k, allowed, self.search_knobs(),
+                                                    self.store.vectors_for_ids)
+        return ids, scores
+
+    def _best_window_per_file(self, vector: np.ndarray, k: int, size: int,
+                              allowed: np.ndarray | None) -> list[Hit]:
+        """The k best audio files, each represented by its best window.
+
+        Windows are fetched four per wanted file, and more while too few files come back.
+        """
+        wanted = min(size, 4 * k)
+        while True:
+            files: dict[str, Hit] = {}
+            for hit in self._hydrate(*self._nearest("audio", vector, wanted, allowed)):
+                files.setdefault(hit.path or hit.uri, hit)  # best first, so the first is best
+            if len(files) >= k or wanted >= size:
+                return list(files.values())[:k]
+            wanted = min(size, 4 * wanted)
 
     def _resolve_target(self, target: str, query_modality: str) -> str:
         if target != "auto":
             return target
-        other = "text" if query_modality == "image" else "image"
-        return other if self.count(other) else query_modality
+        return next((m for m in AUTO_TARGETS[query_modality] if self.count(m)), query_modality)
 
     def _hydrate(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
         rows = self.store.items([int(i) for i in ids])

@@ -10,6 +10,7 @@ DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
+CLAP_PREFIX = "clap:"  # an audio model from LAION-CLAP, as `clap:NAME` or `clap:/folder`
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 

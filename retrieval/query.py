@@ -1,8 +1,9 @@
-"""Combined queries: `"cat + 2:dog - grass"`, where a term may also be an image path.
+"""Combined queries: `"cat + 2:dog - grass"`, where a term may also be an image or audio path.
 
 Terms are separated by ` + ` or ` - ` (spaces around the sign, so "t-shirt" stays one term;
 a sign at either end is text, so no term is ever empty),
-may carry a weight as `2:` or `0.5:`, and are images when they name an existing image file.
+may carry a weight as `2:` or `0.5:`, and are images or sounds when they name an existing
+image or audio file.
 The query vector is the normalised weighted sum of the terms' vectors.
 """
 
@@ -12,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .corpus import IMAGE_SUFFIXES, existing_file
+from .corpus import AUDIO_SUFFIXES, IMAGE_SUFFIXES, existing_file
 from .errors import UsageError
 
 _SEPARATOR = re.compile(r"\s+([+-])\s+")
@@ -21,11 +22,19 @@ _WEIGHT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*:\s*(.+)$", re.S)
 
 @dataclass(frozen=True)
 class QueryTerm:
-    """One part of a query: text or an image path, with a signed weight."""
+    """One part of a query: text, an image or a sound, with a signed weight.
+
+    `image` is a path or a PIL image; `audio` a path or a binary file object.
+    """
 
     weight: float
     text: str | None = None
-    image: str | None = None
+    image: object = None
+    audio: object = None
+
+    @property
+    def modality(self) -> str:
+        return "text" if self.text is not None else "image" if self.image is not None else "audio"
 
 
 def parse_query(query: str) -> list[QueryTerm]:
@@ -49,5 +58,10 @@ def _weighted(raw: str) -> tuple[float, str]:
 
 
 def _term(weight: float, body: str) -> QueryTerm:
-    path = existing_file(body) if Path(body).suffix.lower() in IMAGE_SUFFIXES else None
-    return QueryTerm(weight, image=str(path)) if path else QueryTerm(weight, text=body)
+    suffix = Path(body).suffix.lower()
+    path = existing_file(body) if suffix in IMAGE_SUFFIXES | AUDIO_SUFFIXES else None
+    if path is None:
+        return QueryTerm(weight, text=body)
+    if suffix in AUDIO_SUFFIXES:
+        return QueryTerm(weight, audio=str(path))
+    return QueryTerm(weight, image=str(path))

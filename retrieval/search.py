@@ -1,10 +1,10 @@
-"""Turn a query (combined string, text, image) into one normalised vector."""
+"""Turn a query (combined string, text, images, sounds) into one normalised vector."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -20,51 +20,79 @@ if TYPE_CHECKING:
 
 ImageInput = str | Path | Image.Image
 ImageQuery = ImageInput | Sequence[ImageInput] | None
+AudioInput = str | Path | BinaryIO
+AudioQuery = AudioInput | Sequence[AudioInput] | None
 
 
-def query_terms(query: str | None, text: str | None, image: ImageQuery) -> list[QueryTerm]:
+def query_terms(query: str | None, text: str | None = None, image: ImageQuery = None,
+                audio: AudioQuery = None) -> list[QueryTerm]:
     """All terms of a search call; at least one is required."""
     terms = parse_query(query) if query is not None else []
     if text is not None:
         if not text.strip():
             raise UsageError("the text query is empty")
         terms.append(QueryTerm(1.0, text=text))
-    if image is not None:
-        images = image if isinstance(image, (list, tuple)) else [image]
-        terms += [QueryTerm(1.0, image=one) for one in images]
+    terms += [QueryTerm(1.0, image=one) for one in _several(image)]
+    terms += [QueryTerm(1.0, audio=one) for one in _several(audio)]
     if not terms:
-        raise UsageError("nothing to search for: give a text query or an image")
+        raise UsageError("nothing to search for: give a text query, an image or a sound")
     return terms
 
 
-def query_vector(index: Index, query: str | None, text: str | None, image: ImageQuery
-                 ) -> tuple[np.ndarray, str]:
-    """The weighted sum of the terms' vectors, normalised, and the query's main modality."""
-    terms = query_terms(query, text, image)
-    texts = [t for t in terms if t.text is not None]
-    images = [t for t in terms if t.image is not None]
-    parts = []
-    if texts:
-        parts.append(_weighted(index.text_encoder.encode_texts([t.text for t in texts]), texts))
-    if images:
-        opened = [_open(t.image) for t in images]  # a bad path fails before the model loads
-        parts.append(_weighted(index.encoder.encode_images(opened), images))
+def _several(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def query_modality(terms: list[QueryTerm]) -> str:
+    """What a query mostly is: text when it has words, else image, else audio."""
+    kinds = {term.modality for term in terms}
+    return next(m for m in ("text", "image", "audio") if m in kinds)
+
+
+def query_vector(index: Index, terms: list[QueryTerm], target: str) -> np.ndarray:
+    """The normalised weighted sum of the terms' vectors, in the space of `target`'s vectors.
+
+    Images, texts and our own audio tower share the CLIP space. A CLAP audio encoder has a
+    space of its own, shared by its sounds and its texts only.
+    """
+    in_clap = target == "audio" and index.audio_is_clap
+    parts = [_weighted(_encode(index, [t for t in terms if t.modality == m], m, in_clap), terms, m)
+             for m in ("text", "image", "audio") if any(t.modality == m for t in terms)]
     total = np.sum(parts, axis=0)
     norm = float(np.linalg.norm(total))
     if not np.isfinite(norm):
         raise UsageError("the query's weights must be ordinary numbers")
     if norm < 1e-6:
         raise UsageError("the query's terms cancel out; change their weights")
-    modality = "image" if images and not texts else "text"
-    return total / norm, modality
+    return total / norm
 
 
-def _weighted(vectors: np.ndarray, terms: list[QueryTerm]) -> np.ndarray:
-    weights = np.array([t.weight for t in terms], dtype=np.float32)
+def _encode(index: Index, terms: list[QueryTerm], modality: str, in_clap: bool) -> np.ndarray:
+    if modality == "text":
+        encoder = index.audio_encoder if in_clap else index.text_encoder
+        return encoder.encode_texts([t.text for t in terms])
+    if modality == "image":
+        if in_clap:
+            raise UsageError("this index's audio is embedded by CLAP, which knows sounds and "
+                             "texts only; search its audio with text or a sound")
+        opened = [_open_image(t.image) for t in terms]  # a bad path fails before the model loads
+        return index.encoder.encode_images(opened)
+    if index.audio_is_clap and not in_clap:
+        raise UsageError("this index's audio is embedded by CLAP, whose sounds cannot be compared "
+                         "with images or texts of the CLIP model; use --target audio, or train "
+                         "our own audio tower with retrieve train-audio")
+    encoder = index.audio_encoder
+    return np.stack([_sound_vector(encoder, t.audio) for t in terms])
+
+
+def _weighted(vectors: np.ndarray, terms: list[QueryTerm], modality: str) -> np.ndarray:
+    weights = np.array([t.weight for t in terms if t.modality == modality], dtype=np.float32)
     return (vectors * weights[:, None]).sum(axis=0)
 
 
-def _open(image: ImageInput) -> Image.Image:
+def _open_image(image: ImageInput) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(image)
     path = existing_file(str(image))
@@ -74,3 +102,22 @@ def _open(image: ImageInput) -> Image.Image:
         return load_image(path)
     except ImageDecodeError as error:
         raise UsageError(f"query image {image}: {error}") from None
+
+
+def _sound_vector(encoder, audio: AudioInput) -> np.ndarray:
+    """A query sound of any length: the normalised mean of its windows' vectors."""
+    from .audio import AudioDecodeError, load_audio, split_windows
+
+    source = audio
+    if isinstance(audio, (str, Path)):
+        source = existing_file(str(audio))
+        if source is None:
+            raise UsageError(f"query sound {audio}: no such file")
+    try:
+        wave = load_audio(source, encoder.sample_rate)
+    except AudioDecodeError as error:
+        name = audio if isinstance(audio, (str, Path)) else getattr(audio, "name", "upload")
+        raise UsageError(f"query sound {name}: {error}") from None
+    windows = split_windows(wave, encoder.sample_rate)
+    mean = encoder.encode_audio([w.samples for w in windows]).mean(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)

@@ -19,7 +19,7 @@ import sqlite_utils
 
 from .errors import UsageError
 
-MODALITIES = ("image", "text")
+MODALITIES = ("image", "text", "audio")
 
 # What `where` filters see: one row per item with its file's columns.
 ITEM_VIEW = """
@@ -233,13 +233,21 @@ class Store:
                 found[digest] = np.frombuffer(blob, dtype=np.float32)
         return found
 
-    def image_vector_with_hash(self, sha256: str) -> np.ndarray | None:
-        """The vector of an indexed image file with this content, if any."""
-        row = self.conn.execute(
-            "SELECT vectors.vector FROM files JOIN items ON items.file_id = files.id "
-            "JOIN vectors ON vectors.item_id = items.id "
-            "WHERE files.sha256 = ? AND items.modality = 'image' LIMIT 1", [sha256]).fetchone()
-        return np.frombuffer(row[0], dtype=np.float32) if row else None
+    def items_of_file_with_hash(self, sha256: str, modality: str) -> list[tuple[dict, np.ndarray]]:
+        """(metadata, vector) of each item of one indexed file with this content, in id order:
+        what a copy of that file needs to be indexed without encoding."""
+        row = self.conn.execute("SELECT id FROM files WHERE sha256 = ? AND kind = ? LIMIT 1",
+                                [sha256, modality]).fetchone()
+        if row is None:
+            return []
+        rows = self.conn.execute(
+            "SELECT items.meta, vectors.vector FROM items JOIN vectors ON vectors.item_id = items.id "
+            "WHERE items.file_id = ? ORDER BY items.id", [row[0]])
+        return [(json.loads(meta) if meta else {}, np.frombuffer(blob, dtype=np.float32))
+                for meta, blob in rows]
+
+    def file_ids_of_kind(self, kind: str) -> list[int]:
+        return [row[0] for row in self.conn.execute("SELECT id FROM files WHERE kind = ?", [kind])]
 
     def link_captions(self) -> None:
         """Point each caption at its image: by path beside its captions file, else by file name.

@@ -11,6 +11,7 @@ Sections (pick with --only / --skip):
   ann     every FAISS kind in retrieval.vectors: build time, size, latency, recall@10, knobs
   cli     cold `python -m retrieval.cli` search, warm Index.search, warm vector search
   int8    int8 image encoding: speed-up over fp32 and top-10 agreement with it
+  audio   audio tower training (time, held-out recall) and audio indexing rate on synthetic sounds
 
 The default model is ViT-B-32 with seeded random weights written as a `local-dir:` model
 (speed does not depend on weight values, and nothing is downloaded).
@@ -37,11 +38,13 @@ from typing import Any, TypeVar
 import faiss
 import numpy as np
 import open_clip
+import soundfile
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 from retrieval import ClipEncoder, Index, ModelSpec, load_encoder
+from retrieval.audio_training import AudioTrainingOptions
 from retrieval.captions import CAPTION_FILE_NAMES
 from retrieval.corpus import read_items, walk_sources
 from retrieval.images import load_image
@@ -51,7 +54,7 @@ from retrieval.vectors import KINDS, SearchKnobs, VectorIndex
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k-test"
-SECTIONS = ("images", "text", "ann", "cli", "int8")
+SECTIONS = ("images", "text", "ann", "cli", "int8", "audio")
 QUERY = "a dog in the park"
 TEXT_BATCH = 256  # batch throughput is also measured at this batch, beside --batch-size
 K = 10
@@ -63,6 +66,9 @@ RECALL_TARGET = 0.95
 EF_SEARCH = (16, 32, 64, 128)
 NPROBE = (8, 16, 32, 64)
 RERANK = (1, 4, 10, 50)
+SOUND_RATE = 16000
+PITCHES = (220.0, 440.0, 880.0, 1760.0)
+PATTERNS = ("steady", "pulsing", "rising")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -615,6 +621,83 @@ def section_cli(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> tup
         "(FAISS freshness check, knobs, search) without building `Hit`s."])
 
 
+# -- audio ------------------------------------------------------------------------------------
+
+def synthetic_sound(rng: np.random.Generator, pitch: float, pattern: str, seconds: float) -> np.ndarray:
+    """A tone of one of twelve classes (4 pitches x 3 patterns), with jitter and a little noise."""
+    t = np.arange(int(seconds * SOUND_RATE)) / SOUND_RATE
+    frequency = pitch * rng.uniform(0.97, 1.03)
+    sweep = t + t**2 / (2 * seconds) if pattern == "rising" else t  # rising: up an octave
+    wave = np.sin(2 * np.pi * frequency * sweep + rng.uniform(0, 2 * np.pi))
+    if pattern == "pulsing":
+        wave *= (t * rng.uniform(4, 6)) % 1 < 0.5
+    wave = rng.uniform(0.3, 0.8) * wave + rng.normal(0, 0.01, len(t))
+    return wave.astype(np.float32)
+
+
+def write_sound_pairs(folder: Path, count: int, seconds: float, seed: int) -> None:
+    """`count` sounds, each with a `.txt` caption naming its class: training pairs."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for number in range(count):
+        pitch, pattern = PITCHES[number % len(PITCHES)], PATTERNS[number // len(PITCHES) % len(PATTERNS)]
+        soundfile.write(folder / f"{number:05d}.wav", synthetic_sound(rng, pitch, pattern, seconds),
+                        SOUND_RATE)
+        (folder / f"{number:05d}.txt").write_text(f"a {pattern} tone at {pitch:.0f} hertz\n")
+
+
+def write_sound_library(folder: Path, count: int, seconds: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for number in range(count):
+        wave = synthetic_sound(rng, PITCHES[number % 4], PATTERNS[number % 3], seconds)
+        soundfile.write(folder / f"{number:05d}.flac", wave, SOUND_RATE)
+
+
+def section_audio(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> tuple[dict, str]:
+    """Train the audio tower on synthetic captioned sounds, then index sound files with it."""
+    pairs, short, long = workdir / "sound-pairs", workdir / "sounds-short", workdir / "sounds-long"
+    write_sound_pairs(pairs, args.audio_pairs, 2.0, args.seed)
+    write_sound_library(short, args.audio_clips, 5.0, args.seed + 1)
+    write_sound_library(long, 1, args.audio_long_seconds, args.seed + 2)
+    options = AudioTrainingOptions(epochs=args.audio_epochs, seed=args.seed)
+    with open_index(workdir / "index-audio", spec, args) as index:
+        index.encoder  # noqa: B018 - load the CLIP model outside the training time
+        log(f"audio: training the tower on {args.audio_pairs} pairs for {args.audio_epochs} epochs")
+        report, train_s = timed(lambda: index.train_audio(pairs, options))
+        log(f"audio: indexing {args.audio_clips} clips of 5 s")
+        clips, clips_s = timed(lambda: index.add(short))
+        log(f"audio: indexing one {args.audio_long_seconds:.0f} s recording")
+        recording, long_s = timed(lambda: index.add(long))
+        query = sorted(short.glob("*.flac"))[0]
+        _, millis = time_each(lambda _: index.search(audio=query, target="audio", k=K),
+                              list(range(args.api_runs)))
+        latency = percentiles(millis)
+    last = report.epochs[-1]
+    data = {"pairs": report.pairs, "held_out": report.held_out, "epochs": len(report.epochs),
+            "train_s": train_s, "train_loop_s": report.seconds,
+            "recall_at_1": last.recall_at_1, "recall_at_5": last.recall_at_5,
+            "clips": args.audio_clips, "clips_s": clips_s, "clips_per_s": args.audio_clips / clips_s,
+            "long_seconds": args.audio_long_seconds, "long_windows": recording.audio_encoded,
+            "long_s": long_s, "audio_seconds_per_s": args.audio_long_seconds / long_s,
+            "query_ms": latency}
+    rows = [
+        (f"`train_audio`: {report.pairs} pairs of 2 s ({report.held_out} held out), "
+         f"{len(report.epochs)} epochs", f"{train_s:.1f} s ({report.seconds / len(report.epochs):.2f} s "
+         f"per epoch); held-out recall@1 {last.recall_at_1:.3f}, @5 {last.recall_at_5:.3f}"),
+        (f"`add`: {args.audio_clips} flac clips of 5 s (decode, resample check, encode, commit)",
+         f"{clips_s:.2f} s: {data['clips_per_s']:.1f} clips/s"),
+        (f"`add`: one {args.audio_long_seconds:.0f} s flac recording ({recording.audio_encoded} windows)",
+         f"{long_s:.2f} s: {data['audio_seconds_per_s']:.0f} s of audio per second"),
+        ("warm `index.search(audio=clip, target='audio')`, decoding and encoding the clip",
+         f"p50 {latency['p50_ms']:.1f} ms, p95 {latency['p95_ms']:.1f} ms"),
+    ]
+    return data, "\n".join([
+        f"Synthetic sounds in 12 classes (4 pitches x 3 patterns) at 16 kHz; tower of width "
+        f"{options.width}, {options.n_mels} mels; captions encoded by the benchmark's CLIP model.", "",
+        table(("measurement", "result"), rows)])
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -733,6 +816,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="images encoded both ways for the int8 agreement [default: 300]")
     parser.add_argument("--rss-images", type=int, default=200,
                         help="images in the subprocess build that measures peak RSS; 0 skips it")
+    parser.add_argument("--audio-pairs", type=int, default=192,
+                        help="captioned sounds the audio tower trains on [default: 192]")
+    parser.add_argument("--audio-epochs", type=int, default=20, help="audio tower epochs [default: 20]")
+    parser.add_argument("--audio-clips", type=int, default=200, help="5 s clips indexed [default: 200]")
+    parser.add_argument("--audio-long-seconds", type=float, default=600.0,
+                        help="length of the long recording indexed [default: 600]")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"sections to run, comma-separated: {','.join(SECTIONS)}")
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated")
@@ -768,7 +857,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     corpus = prepare_corpus(args, workdir) if needs_encoder else None
     titles = {"images": "a. Image throughput", "text": "b. Text encoding",
               "ann": "c. ANN indexes", "cli": "d. Cold CLI and warm search latency",
-              "int8": "e. int8 encoding against fp32"}
+              "int8": "e. int8 encoding against fp32", "audio": "f. Audio"}
     for section in args.sections:
         if section == "images":
             data, text = section_images(corpus, encoder, spec, args, workdir)
@@ -778,6 +867,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             data, text = section_ann(args)
         elif section == "int8":
             data, text = section_int8(corpus, encoder, spec, args)
+        elif section == "audio":
+            data, text = section_audio(spec, args, workdir)
         else:
             data, text = section_cli(spec, args, workdir)
         results[section] = data

@@ -1,4 +1,4 @@
-"""Combined query parsing: terms, weights, negation, image paths."""
+"""Combined query parsing: terms, weights, negation, image and audio paths."""
 
 from __future__ import annotations
 
@@ -29,6 +29,15 @@ def test_image_paths_are_image_terms(tmp_path):
         QueryTerm(1.0, image=str(image)), QueryTerm(2.0, text="snow")]
     assert parse_query(f"{tmp_path}/missing.png") == [
         QueryTerm(1.0, text=f"{tmp_path}/missing.png")]
+
+
+def test_audio_paths_are_audio_terms(tmp_path):
+    sound = tmp_path / "bark.flac"
+    sound.write_bytes(b"fLaC")  # parsing looks at the name and existence only
+    terms = parse_query(f"a dog + 0.5:{sound} - {tmp_path}/gone.mp3")
+    assert terms == [QueryTerm(1.0, text="a dog"), QueryTerm(0.5, audio=str(sound)),
+                     QueryTerm(-1.0, text=f"{tmp_path}/gone.mp3")]
+    assert [t.modality for t in terms] == ["text", "audio", "text"]
 
 
 @pytest.mark.parametrize("query", ["", "   ", "\t\n"])
