@@ -293,3 +293,20 @@ def test_pairs_files_name_audio_with_an_image_or_a_caption(tmp_path):
     write_sound(tmp_path / "lonely" / "a.wav", np.ones(1600, np.float32) * 0.1)
     with pytest.raises(UsageError, match="no audio file has an image or a .txt caption"):
         read_audio_pairs(tmp_path / "lonely")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.wav", None, "no such file"),
+    ("bad.wav", b"RIFF\x00\x00\x00\x00WAVEjunk", "not a readable audio file"),
+    ("quiet.wav", "silent", "silent"),
+])
+def test_a_bad_query_sound_is_one_line_and_exit_2(audio_index, tmp_path, name, content, message):
+    path = tmp_path / name
+    if content == "silent":
+        write_sound(path, np.zeros(8000, np.float32))
+    elif content is not None:
+        path.write_bytes(content)
+    result = CliRunner().invoke(cli, ["--audio", str(path), "--index", str(audio_index)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: query sound {path}: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1

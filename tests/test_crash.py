@@ -1,4 +1,5 @@
-"""Crash safety: builds, removals and conversions killed with SIGKILL at random moments.
+"""Crash safety: builds (of images and of sounds), removals and conversions killed with SIGKILL
+at random moments.
 
 After every kill the index must open; every SQLite item must have exactly one FAISS vector
 and every FAISS vector one item; nothing may be duplicated; and finishing the work must give
@@ -25,13 +26,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_image
+from sounds import render_sound, write_sound
+from tiny_model import CLASSES
 
 from retrieval import Index
+from retrieval.audio_training import AudioTrainingOptions
 from retrieval.store import MODALITIES
 
 TRIALS = int(os.environ.get("RETRIEVAL_CRASH_TRIALS", "3"))
 FIRST_SEED = int(os.environ.get("RETRIEVAL_CRASH_SEED", "1000"))
 IMAGES = 240
+SOUNDS = 120
 
 
 @dataclass
@@ -117,12 +122,12 @@ def kill_after(command: list[str], delay: float) -> None:
         process.wait()
 
 
-def _committed_images(index_dir: Path) -> int | None:
+def _committed(index_dir: Path, modality: str = "image") -> int | None:
     if not (index_dir / "meta.sqlite").exists():
         return None
     with sqlite3.connect(index_dir / "meta.sqlite") as conn:
         try:
-            return conn.execute("SELECT count(*) FROM items WHERE modality = 'image'").fetchone()[0]
+            return conn.execute("SELECT count(*) FROM items WHERE modality = ?", [modality]).fetchone()[0]
         except sqlite3.OperationalError:  # killed before the schema was created
             return 0
 
@@ -143,12 +148,12 @@ def test_killed_build_resumes_to_the_same_index(seed, corpus, tiny_model, refere
     process = subprocess.Popen(cli("index", str(corpus), "--index", str(index_dir), "--model",
                                    tiny_model, "--batch-size", "8", "--quiet"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and (_committed_images(index_dir) or 0) < target:
+    while process.poll() is None and (_committed(index_dir) or 0) < target:
         time.sleep(0.01)
     time.sleep(extra)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    committed = _committed_images(index_dir)
+    committed = _committed(index_dir)
     print(f"{context}: {committed} of {IMAGES} images committed at the kill")  # README figures
     if committed is not None:
         assert_consistent(index_dir, context)
@@ -198,3 +203,63 @@ def test_reference_build_is_complete(reference):
     with sqlite3.connect(reference_dir / "meta.sqlite") as conn:
         counts = dict(conn.execute("SELECT modality, count(*) FROM items GROUP BY modality"))
     assert counts == {"image": IMAGES, "text": IMAGES}
+
+
+@pytest.fixture(scope="module")
+def sound_corpus(tmp_path_factory) -> Path:
+    """Sounds of one to three windows each, so kills land inside multi-window files too."""
+    root = tmp_path_factory.mktemp("crash-sounds")
+    rng = np.random.default_rng(0)
+    for number in range(SOUNDS):
+        color, shape = CLASSES[number % len(CLASSES)]
+        write_sound(root / f"{number:03}.flac", render_sound(color, shape, rng, 1.0 + number % 3 * 5.0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def hearing_index(tiny_model, tmp_path_factory) -> Path:
+    """An index with an audio tower (barely trained: crash safety does not need meaning)."""
+    pairs = tmp_path_factory.mktemp("crash-pairs")
+    rng = np.random.default_rng(1)
+    for number, (color, shape) in enumerate(CLASSES[:4]):
+        write_sound(pairs / f"{number}.wav", render_sound(color, shape, rng))
+        (pairs / f"{number}.txt").write_text(f"{color} {shape}\n")
+    index_dir = tmp_path_factory.mktemp("hearing") / "index"
+    with Index.open(index_dir, model=tiny_model, create=True) as index:
+        index.train_audio(pairs, AudioTrainingOptions(epochs=1, width=4, n_mels=16, holdout=0))
+    return index_dir
+
+
+@pytest.fixture(scope="module")
+def sound_reference(sound_corpus, hearing_index, tmp_path_factory) -> Path:
+    index_dir = tmp_path_factory.mktemp("sound-reference") / "index"
+    shutil.copytree(hearing_index, index_dir)
+    subprocess.run(cli("index", str(sound_corpus), "--index", str(index_dir), "--batch-size", "8",
+                       "--quiet"), check=True, capture_output=True)
+    return index_dir
+
+
+@pytest.mark.parametrize("seed", trial_seeds())
+def test_killed_audio_build_resumes_to_the_same_index(seed, sound_corpus, hearing_index,
+                                                      sound_reference, tmp_path):
+    rng = random.Random(seed)
+    windows = SOUNDS // 3 * (1 + 2 + 3)
+    target, extra = rng.randint(0, windows), rng.uniform(0, 0.15)
+    context = f"audio build killed {extra:.2f} s after {target} windows were committed (seed {seed})"
+    index_dir = tmp_path / "index"
+    shutil.copytree(hearing_index, index_dir)
+    process = subprocess.Popen(cli("index", str(sound_corpus), "--index", str(index_dir),
+                                   "--batch-size", "8", "--quiet"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and (_committed(index_dir, "audio") or 0) < target:
+        time.sleep(0.01)
+    time.sleep(extra)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    print(f"{context}: {_committed(index_dir, 'audio')} of {windows} windows committed at the kill")
+    assert_consistent(index_dir, context)
+    with Index.open(index_dir, batch_size=8) as index:
+        index.add(sound_corpus)
+    assert_consistent(index_dir, context)
+    snapshot(index_dir).assert_equal(snapshot(sound_reference), context)
+    assert len(snapshot(index_dir).vectors["audio"]) == windows
