@@ -685,7 +685,7 @@ def section_audio(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> t
         (f"`train_audio`: {report.pairs} pairs of 2 s ({report.held_out} held out), "
          f"{len(report.epochs)} epochs", f"{train_s:.1f} s ({report.seconds / len(report.epochs):.2f} s "
          f"per epoch); held-out recall@1 {last.recall_at_1:.3f}, @5 {last.recall_at_5:.3f}"),
-        (f"`add`: {args.audio_clips} flac clips of 5 s (decode, resample check, encode, commit)",
+        (f"`add`: {args.audio_clips} flac clips of 5 s (decode, encode, commit)",
          f"{clips_s:.2f} s: {data['clips_per_s']:.1f} clips/s"),
         (f"`add`: one {args.audio_long_seconds:.0f} s flac recording ({recording.audio_encoded} windows)",
          f"{long_s:.2f} s: {data['audio_seconds_per_s']:.0f} s of audio per second"),
