@@ -16,7 +16,6 @@ consistent and FAISS files that are merely stale; they are rebuilt from SQLite o
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from .corpus import (
     absolute_path,
     display_path,
     file_digest,
+    is_under,
     read_items,
     text_digest,
     walk_sources,
@@ -140,7 +140,7 @@ class Builder:
         unreadable = [s.path for s in walk.skipped]
         found = {f.key for f in walk.files}
         self.gone = {path: row for path, row in self.known.items()
-                     if path not in found and _under(path, keys) and not _under(path, unreadable)}
+                     if path not in found and is_under(path, keys) and not is_under(path, unreadable)}
         self.gone_by_content = {(row.kind, row.sha256): row for row in self.gone.values()}
         pending = [(f, self.known.get(f.key)) for f in walk.files if not self._unchanged(f)]
         self._index_images([p for p in pending if p[0].kind == "image"])
@@ -160,11 +160,11 @@ class Builder:
             prefixes = [display_path(str(absolute_path(p))) for p in paths]
         except FileNotFoundError as error:
             raise UsageError(str(error)) from None
-        rows = [row for path, row in self.store.files_by_path().items() if _under(path, prefixes)]
+        rows = [row for path, row in self.store.files_by_path().items() if is_under(path, prefixes)]
         self._remove(rows)
         with self.store.conn:
             self.store.link_captions()
-            self.store.set_sources([s for s in self.store.sources() if not _under(s, prefixes)])
+            self.store.set_sources([s for s in self.store.sources() if not is_under(s, prefixes)])
         self._finish_vectors()
         return len(rows)
 
@@ -480,6 +480,3 @@ class Builder:
         held = set(vectors.ids().tolist())  # a graph can take new ids, not drop or replace one
         return any(v is None or i in held for i, v in changes.items())
 
-
-def _under(path: str, prefixes: Iterable[str]) -> bool:
-    return any(path == p or path.startswith(p.rstrip(os.sep) + os.sep) for p in prefixes)

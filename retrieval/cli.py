@@ -90,6 +90,9 @@ def cli() -> None:
               "mtime, meta), e.g. \"path LIKE '%2024%'\".")
 @click.option("--under", type=click.Path(), help="Only items whose file is under this folder.")
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
+@click.option("--server", envvar="RETRIEVAL_SERVER", metavar="URL",
+              help="Ask a running `retrieve serve` (e.g. http://127.0.0.1:8000) instead of "
+              "opening the index here: no model to load (or set RETRIEVAL_SERVER).")
 @json_option
 @model_options
 @device_option
@@ -97,28 +100,39 @@ def cli() -> None:
 def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tuple[str, ...],
                    index_dir: str, k: int,
                    target: str, where: str | None, under: str | None, min_score: float | None,
-                   as_json: bool, model: str | None, pretrained: str | None, device: str) -> None:
+                   server: str | None, as_json: bool, model: str | None, pretrained: str | None,
+                   device: str) -> None:
     """Search the index with text, images, sounds or a combined query like "cat + 2:dog - grass".
 
     The index's own model encodes the query; --model only checks that it is the one expected.
     """
-    from .index import Index
-
     text = " ".join(query) if query else None
-    with Index.open(index_dir, model=model, pretrained=pretrained, device=device,
-                    readonly=True) as index:
-        if index.store.is_empty():
-            raise IndexEmptyError(
-                f"index {index.path} holds no items yet; add some with: "
-                f"retrieve index SOURCE... --index {index_dir}")
-        hits = index.search(text, image=list(images) or None, audio=list(sounds) or None, k=k,
-                            target=target, where=where, under=under, min_score=min_score)
+    search = dict(k=k, target=target, where=where, under=under, min_score=min_score)
+    if server:
+        from .client import search_server
+
+        hits = search_server(server, text, list(images), list(sounds), **search)
+    else:
+        hits = _search_here(index_dir, text, images, sounds, model, pretrained, device, search)
     if as_json:
         click.echo(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False, indent=2))
     elif not hits:
         click.echo("no results", err=True)
     else:
         _print_hits(hits)
+
+
+def _search_here(index_dir: str, text: str | None, images: tuple[str, ...], sounds: tuple[str, ...],
+                 model: str | None, pretrained: str | None, device: str, search: dict) -> list:
+    from .index import Index
+
+    with Index.open(index_dir, model=model, pretrained=pretrained, device=device,
+                    readonly=True) as index:
+        if index.store.is_empty():
+            raise IndexEmptyError(
+                f"index {index.path} holds no items yet; add some with: "
+                f"retrieve index SOURCE... --index {index_dir}")
+        return index.search(text, image=list(images) or None, audio=list(sounds) or None, **search)
 
 
 def _print_hits(hits) -> None:
@@ -290,6 +304,31 @@ def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int
         for skipped in report.skipped:
             click.echo(f"warning: skipped {skipped.path}: {skipped.reason}", err=True)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
+
+
+@cli.command("serve")
+@index_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 exposes the index to the network.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-upload-mb", default=20.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="Largest query upload accepted.")
+@device_option
+@reports_errors
+def serve_command(index_dir: str, host: str, port: int, max_upload_mb: float, device: str) -> None:
+    """Serve the index: a JSON API (docs at /docs) and a search page at /.
+
+    The model loads once, so queries take milliseconds; a build running beside the server is
+    seen without a restart. Route CLI searches through it with --server URL.
+    """
+    import uvicorn
+
+    from .server import create_app
+
+    app = create_app(index_dir, device=device, max_upload_mb=max_upload_mb)
+    click.echo(f"serving {app.state.service.index.path} at http://{host}:{port} "
+               f"(API docs at /docs); Ctrl-C stops", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def main() -> None:

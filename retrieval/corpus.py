@@ -263,6 +263,11 @@ def display_path(path: str) -> str:
         return path.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
+def is_under(path: str, prefixes: Iterable[str]) -> bool:
+    """`path` is one of `prefixes` or lies below one (compared as stored: absolute, display form)."""
+    return any(path == p or path.startswith(p.rstrip(os.sep) + os.sep) for p in prefixes)
+
+
 def file_digest(data: bytes) -> str:
     """The content hash that detects renames and real changes."""
     return hashlib.sha256(data).hexdigest()

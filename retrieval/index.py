@@ -26,6 +26,7 @@ from .errors import (
 )
 from .manifest import FORMAT_VERSION, Manifest, VectorFileState
 from .models import CLAP_PREFIX, ModelSpec
+from .query import QueryTerm
 from .store import MODALITIES, Store
 from .text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
 from .vectors import DEFAULT_MEMORY_BUDGET, KINDS, SearchKnobs, VectorIndex, choose_kind
@@ -178,6 +179,8 @@ class Index:
 
     def audio_encoder_or_none(self) -> AudioEncoder | None:
         identity = self.audio_model
+        if self._audio_encoder is not None and self._audio_encoder.identity != identity:
+            self._audio_encoder = None  # retrained or replaced by a writer since it was loaded
         if self._audio_encoder is None and identity:
             if identity.startswith(CLAP_PREFIX):
                 from .clap import load_clap
@@ -445,14 +448,16 @@ class Index:
     # -- searching --------------------------------------------------------------------------
 
     def search(self, query: str | None = None, *, text: str | None = None,
-               image: ImageQuery = None, audio: AudioQuery = None, k: int = 10,
+               image: ImageQuery = None, audio: AudioQuery = None, like: int | None = None,
+               k: int = 10,
                target: str = "auto", where: str | None = None, under: str | None = None,
                min_score: float | None = None) -> list[Hit]:
         """Nearest items to a query, best first.
 
         `query` is a combined query ("cat + 2:dog - grass", terms may be image or audio paths);
         `text` adds a plain text term, `image` one or more images (paths or PIL images) and
-        `audio` one or more sounds (paths or binary file objects).
+        `audio` one or more sounds (paths or binary file objects), and `like` the id of an
+        indexed item whose stored vector joins the query ("more like this").
         `target` picks the modality returned: `auto` gives images for text queries, texts
         (captions) for image queries and sounds for sound queries, or the next modality the
         index holds. Audio hits are files, each at its best window.
@@ -464,7 +469,7 @@ class Index:
             raise UsageError(f"k must be at least 1, not {k}")
         if target not in TARGETS:
             raise UsageError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
-        terms = query_terms(query, text, image, audio)
+        terms = query_terms(query, text, image, audio, self._item_term(like))
         target = self._resolve_target(target, query_modality(terms))
         size = self.count(target)
         if not size:  # nothing of that kind was ever encoded: no model needed to find nothing
@@ -477,6 +482,19 @@ class Index:
         else:
             hits = self._hydrate(*self._nearest(target, vector, min(k, size), allowed))
         return [hit for hit in hits if min_score is None or hit.score >= min_score]
+
+    def _item_term(self, item_id: int | None) -> QueryTerm | None:
+        if item_id is None:
+            return None
+        row = self.store.items([item_id]).get(item_id)
+        if row is None:
+            raise UsageError(f"no item with id {item_id} in index {self.path}")
+        return QueryTerm(1.0, item=(row.modality, self.store.vectors_for_ids(np.array([item_id]))[0]))
+
+    def item(self, item_id: int) -> Hit | None:
+        """An indexed item, as a hit with score 1 (its metadata, captions or image), or None."""
+        hits = self._hydrate(np.array([item_id]), np.array([1.0]))
+        return hits[0] if hits else None
 
     def _nearest(self, modality: str, vector: np.ndarray, k: int, allowed: np.ndarray | None
                  ) -> tuple[np.ndarray, np.ndarray]:

@@ -22,18 +22,22 @@ _WEIGHT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*:\s*(.+)$", re.S)
 
 @dataclass(frozen=True)
 class QueryTerm:
-    """One part of a query: text, an image or a sound, with a signed weight.
+    """One part of a query: text, an image, a sound or an indexed item, with a signed weight.
 
-    `image` is a path or a PIL image; `audio` a path or a binary file object.
+    `image` is a path, a PIL image or a binary file object; `audio` a path or a binary file
+    object; `item` an indexed item's (modality, stored vector).
     """
 
     weight: float
     text: str | None = None
     image: object = None
     audio: object = None
+    item: tuple[str, object] | None = None
 
     @property
     def modality(self) -> str:
+        if self.item is not None:
+            return self.item[0]
         return "text" if self.text is not None else "image" if self.image is not None else "audio"
 
 

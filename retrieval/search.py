@@ -18,14 +18,14 @@ if TYPE_CHECKING:
     from .index import Index
 
 
-ImageInput = str | Path | Image.Image
+ImageInput = str | Path | Image.Image | BinaryIO
 ImageQuery = ImageInput | Sequence[ImageInput] | None
 AudioInput = str | Path | BinaryIO
 AudioQuery = AudioInput | Sequence[AudioInput] | None
 
 
 def query_terms(query: str | None, text: str | None = None, image: ImageQuery = None,
-                audio: AudioQuery = None) -> list[QueryTerm]:
+                audio: AudioQuery = None, item: QueryTerm | None = None) -> list[QueryTerm]:
     """All terms of a search call; at least one is required."""
     terms = parse_query(query) if query is not None else []
     if text is not None:
@@ -34,8 +34,9 @@ def query_terms(query: str | None, text: str | None = None, image: ImageQuery = 
         terms.append(QueryTerm(1.0, text=text))
     terms += [QueryTerm(1.0, image=one) for one in _several(image)]
     terms += [QueryTerm(1.0, audio=one) for one in _several(audio)]
+    terms += [item] if item is not None else []
     if not terms:
-        raise UsageError("nothing to search for: give a text query, an image or a sound")
+        raise UsageError("nothing to search for: give a text query, an image, a sound or an item")
     return terms
 
 
@@ -58,8 +59,16 @@ def query_vector(index: Index, terms: list[QueryTerm], target: str) -> np.ndarra
     space of its own, shared by its sounds and its texts only.
     """
     in_clap = target == "audio" and index.audio_is_clap
-    parts = [_weighted(_encode(index, [t for t in terms if t.modality == m], m, in_clap), terms, m)
-             for m in ("text", "image", "audio") if any(t.modality == m for t in terms)]
+    parts = []
+    for modality in ("text", "image", "audio"):
+        chosen = [t for t in terms if t.modality == modality and t.item is None]
+        if chosen:
+            parts.append(_weighted(_encode(index, chosen, modality, in_clap), chosen))
+    items = [t for t in terms if t.item is not None]
+    for term in items:
+        _check_item_space(index, term.modality, in_clap)
+    if items:
+        parts.append(_weighted(np.stack([t.item[1] for t in items]), items))
     total = np.sum(parts, axis=0)
     norm = float(np.linalg.norm(total))
     if not np.isfinite(norm):
@@ -87,14 +96,26 @@ def _encode(index: Index, terms: list[QueryTerm], modality: str, in_clap: bool) 
     return np.stack([_sound_vector(encoder, t.audio) for t in terms])
 
 
-def _weighted(vectors: np.ndarray, terms: list[QueryTerm], modality: str) -> np.ndarray:
-    weights = np.array([t.weight for t in terms if t.modality == modality], dtype=np.float32)
+def _check_item_space(index: Index, modality: str, in_clap: bool) -> None:
+    """An indexed item's vector joins a query only in the space it was made in."""
+    if in_clap != (modality == "audio" and index.audio_is_clap):
+        raise UsageError("this index's audio is embedded by CLAP, in a space of its own: a sound "
+                         "is like other sounds only, and images and texts like images and texts")
+
+
+def _weighted(vectors: np.ndarray, terms: list[QueryTerm]) -> np.ndarray:
+    weights = np.array([t.weight for t in terms], dtype=np.float32)
     return (vectors * weights[:, None]).sum(axis=0)
 
 
 def _open_image(image: ImageInput) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(image)
+    if hasattr(image, "read"):  # an upload
+        try:
+            return load_image(image)
+        except ImageDecodeError as error:
+            raise UsageError(f"query image {getattr(image, 'name', 'upload')}: {error}") from None
     path = existing_file(str(image))
     if path is None:
         raise UsageError(f"query image {image}: no such file")

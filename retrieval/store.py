@@ -150,10 +150,10 @@ class Store:
         rows = self.conn.execute("SELECT id, path, kind, size, mtime_ns, sha256 FROM files")
         return {row[1]: FileRow(*row) for row in rows}
 
-    def files_with_hash(self, sha256: str) -> list[FileRow]:
-        rows = self.conn.execute(
-            "SELECT id, path, kind, size, mtime_ns, sha256 FROM files WHERE sha256 = ?", [sha256])
-        return [FileRow(*row) for row in rows]
+    def file_row(self, path: str) -> FileRow | None:
+        row = self.conn.execute(
+            "SELECT id, path, kind, size, mtime_ns, sha256 FROM files WHERE path = ?", [path]).fetchone()
+        return FileRow(*row) if row else None
 
     def upsert_file(self, path: str, root: str, kind: str, size: int, mtime_ns: int,
                     sha256: str) -> int:
@@ -326,6 +326,11 @@ class Store:
             finally:
                 self.conn.execute("PRAGMA query_only = 0")
         return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+
+    def item_id(self, uri: str, modality: str) -> int | None:
+        row = self.conn.execute("SELECT id FROM items WHERE uri = ? AND modality = ?",
+                                [uri, modality]).fetchone()
+        return row[0] if row else None
 
     def items(self, item_ids: Sequence[int]) -> dict[int, ItemRow]:
         found: dict[int, ItemRow] = {}

@@ -12,6 +12,7 @@ Sections (pick with --only / --skip):
   cli     cold `python -m retrieval.cli` search, warm Index.search, warm vector search
   int8    int8 image encoding: speed-up over fp32 and top-10 agreement with it
   audio   audio tower training (time, held-out recall) and audio indexing rate on synthetic sounds
+  serve   `retrieve serve` over the corpus: warm HTTP query latency, and requests/s with 8 clients
 
 The default model is ViT-B-32 with seeded random weights written as a `local-dir:` model
 (speed does not depend on weight values, and nothing is downloaded).
@@ -25,17 +26,20 @@ import json
 import os
 import platform
 import shlex
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import faiss
+import httpx
 import numpy as np
 import open_clip
 import soundfile
@@ -54,7 +58,7 @@ from retrieval.vectors import KINDS, SearchKnobs, VectorIndex
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k-test"
-SECTIONS = ("images", "text", "ann", "cli", "int8", "audio")
+SECTIONS = ("images", "text", "ann", "cli", "int8", "audio", "serve")
 QUERY = "a dog in the park"
 TEXT_BATCH = 256  # batch throughput is also measured at this batch, beside --batch-size
 K = 10
@@ -698,6 +702,83 @@ def section_audio(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> t
         table(("measurement", "result"), rows)])
 
 
+# -- serve ------------------------------------------------------------------------------------
+
+def start_server(index_dir: Path, port: int, device: str) -> subprocess.Popen:
+    """`retrieve serve` in its own process, as users run it; returns once it answers."""
+    process = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", str(index_dir),
+                                "--port", str(port), "--device", device],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"retrieve serve did not start: {process.stderr.read().decode()[-2000:]}")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def timed_requests(client: httpx.Client, url: str, queries: Sequence[str]) -> list[float]:
+    millis = []
+    for query in queries:
+        start = time.perf_counter()
+        client.get(url, params={"q": query, "k": K}).raise_for_status()
+        millis.append((time.perf_counter() - start) * 1000)
+    return millis
+
+
+def section_serve(corpus: Corpus, spec: ModelSpec, args: argparse.Namespace,
+                  workdir: Path) -> tuple[dict, str]:
+    """Build an index of the corpus, serve it, and query it over HTTP: alone, then 8 at once."""
+    path = workdir / "index-serve"
+    log(f"serve: building an index of {corpus.origin}")
+    with open_index(path, spec, args) as index:
+        index.add(corpus.folder)
+    port = free_port()
+    server = start_server(path, port, args.device)
+    url = f"http://127.0.0.1:{port}/api/search"
+    queries = (corpus.texts or [QUERY])[:args.serve_requests]
+    try:
+        with httpx.Client(timeout=60) as client:
+            timed_requests(client, url, queries[:10])  # warm-up
+            log(f"serve: {len(queries)} sequential text queries")
+            alone = timed_requests(client, url, queries)
+        log(f"serve: {args.serve_clients} clients, {len(queries)} queries each")
+        with ThreadPoolExecutor(args.serve_clients) as pool:
+            started = time.perf_counter()
+            clients = [httpx.Client(timeout=60) for _ in range(args.serve_clients)]
+            loaded = [m for part in pool.map(lambda c: timed_requests(c, url, queries), clients)
+                      for m in part]
+            wall = time.perf_counter() - started
+            for client in clients:
+                client.close()
+    finally:
+        server.terminate()
+        server.wait()
+    data = {"items": len(corpus.images) + len(corpus.texts), "alone": percentiles(alone),
+            "clients": args.serve_clients, "loaded": percentiles(loaded),
+            "requests": len(loaded), "wall_s": wall, "requests_per_s": len(loaded) / wall}
+    rows = [
+        (f"one client, {len(alone)} sequential `GET /api/search?q=...&k={K}`",
+         f"p50 {data['alone']['p50_ms']:.1f} ms, p95 {data['alone']['p95_ms']:.1f} ms"),
+        (f"{args.serve_clients} concurrent clients, {len(loaded)} requests",
+         f"{data['requests_per_s']:.0f} requests/s; p50 {data['loaded']['p50_ms']:.1f} ms, "
+         f"p95 {data['loaded']['p95_ms']:.1f} ms"),
+    ]
+    return data, "\n".join([
+        f"`retrieve serve` in its own process over {corpus.origin} ({data['items']} items); queries "
+        "are the corpus's captions, sent over loopback HTTP with keep-alive.", "",
+        table(("measurement", "result"), rows)])
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -822,6 +903,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--audio-clips", type=int, default=200, help="5 s clips indexed [default: 200]")
     parser.add_argument("--audio-long-seconds", type=float, default=600.0,
                         help="length of the long recording indexed [default: 600]")
+    parser.add_argument("--serve-requests", type=int, default=200,
+                        help="text queries each HTTP client sends [default: 200]")
+    parser.add_argument("--serve-clients", type=int, default=8, help="concurrent HTTP clients")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"sections to run, comma-separated: {','.join(SECTIONS)}")
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated")
@@ -854,10 +938,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                 model_spec=spec.identity, device=args.device, model_load_s=load_s)
     print(render_model(meta), flush=True)
     results: dict[str, Any] = {"meta": meta}
-    corpus = prepare_corpus(args, workdir) if needs_encoder else None
+    corpus = prepare_corpus(args, workdir) if needs_encoder or "serve" in args.sections else None
     titles = {"images": "a. Image throughput", "text": "b. Text encoding",
               "ann": "c. ANN indexes", "cli": "d. Cold CLI and warm search latency",
-              "int8": "e. int8 encoding against fp32", "audio": "f. Audio"}
+              "int8": "e. int8 encoding against fp32", "audio": "f. Audio",
+              "serve": "g. Search service"}
     for section in args.sections:
         if section == "images":
             data, text = section_images(corpus, encoder, spec, args, workdir)
@@ -869,6 +954,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             data, text = section_int8(corpus, encoder, spec, args)
         elif section == "audio":
             data, text = section_audio(spec, args, workdir)
+        elif section == "serve":
+            data, text = section_serve(corpus, spec, args, workdir)
         else:
             data, text = section_cli(spec, args, workdir)
         results[section] = data

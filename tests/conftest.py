@@ -63,9 +63,13 @@ def photo_folder(tmp_path) -> Path:
 @pytest.fixture
 def shape_folder(tmp_path) -> Path:
     """Held-out renders of every (colour, shape) class with a Flickr captions file."""
-    root = tmp_path / "shapes"
+    return write_shape_folder(tmp_path / "shapes", seed=12345)
+
+
+def write_shape_folder(root: Path, seed: int) -> Path:
+    """Three renders of every (colour, shape) class, with a Flickr captions file."""
     root.mkdir()
-    rng = np.random.default_rng(12345)
+    rng = np.random.default_rng(seed)
     lines = []
     for color, shape in CLASSES:
         for copy in range(3):

@@ -1,0 +1,166 @@
+"""The search page in headless Chromium: text search, a dropped image, "more like this" on a
+click, and a screenshot, all served by the real HTTP stack over a tiny trained CLIP index.
+
+Every page must load nothing but this server's own files and log no console errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_shape_folder
+from PIL import Image
+from serving import running_server
+from tiny_model import render_shape
+
+from retrieval import Index
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM}", allow_module_level=True)
+
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright  # noqa: E402
+
+# Root runs need --no-sandbox; the rest keep Chromium off Google's servers (there is no network).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"]
+VIEWPORT = {"width": 1280, "height": 800}
+RESULTS_DONE = re.compile(r"^(\d+) results? in \d+ ms$")
+CARDS = "#results article.result"
+THUMBNAILS_LOADED = f"""() => {{
+    const images = [...document.querySelectorAll("{CARDS} img")];
+    return images.length > 0 && images.every((image) => image.complete && image.naturalWidth > 0);
+}}"""
+# Builds, inside the page, the DataTransfer a real file drag carries.
+DATA_TRANSFER = """([data, name]) => {
+    const bytes = Uint8Array.from(atob(data), (char) => char.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], name, { type: "image/png" }));
+    return transfer;
+}"""
+
+
+def class_of(name: str) -> tuple[str, str]:
+    """The (colour, shape) a render's file name carries: "red_circle_0.png" -> ("red", "circle")."""
+    color, shape, _ = Path(name).stem.split("_")
+    return color, shape
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory, trained_model) -> Iterator[str]:
+    """A server over an index of 27 renders and their captions."""
+    root = tmp_path_factory.mktemp("browser")
+    with Index.open(root / "index", model=trained_model, create=True) as index:
+        index.add(write_shape_folder(root / "shapes", seed=2024))
+    with running_server(root / "index") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server_url) -> Iterator[Page]:
+    """The search page, loaded fresh; on teardown, no console errors and no foreign requests."""
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    errors: list[str] = []
+    requests: list[str] = []
+
+    def console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            errors.append(f"{message.text} ({message.location['url']})")
+
+    page.on("console", console)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(server_url)
+    yield page
+    context.close()
+    assert errors == []
+    # Only this server's own files: proves the page needs no CDN or other network.
+    assert [url for url in requests if not url.startswith(server_url + "/")] == []
+
+
+def wait_for_results(page: Page) -> int:
+    """Wait until a search has finished and every thumbnail has loaded; the result count."""
+    expect(page.locator("#status")).to_have_text(RESULTS_DONE)
+    page.wait_for_function(THUMBNAILS_LOADED)
+    count = int(RESULTS_DONE.match(page.text_content("#status")).group(1))
+    assert page.locator(CARDS).count() == count
+    return count
+
+
+def search_text(page: Page, text: str) -> int:
+    page.fill("#query", text)
+    page.click("#search button[type=submit]")
+    return wait_for_results(page)
+
+
+def top_name(page: Page) -> str:
+    return page.locator(CARDS).first.locator(".name").text_content()
+
+
+def png_base64(image: Image.Image) -> str:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def test_a_typed_caption_finds_its_renders(page):
+    assert search_text(page, "a red circle") > 0
+    assert class_of(top_name(page)) == ("red", "circle")
+    assert page.locator(CARDS).first.locator(".text").text_content() == "a red circle"
+
+
+def test_a_dropped_image_finds_renders_of_its_class(page):
+    page.check("input[name=target][value=image]")
+    dropped_class = ("green", "triangle")
+    dropped = render_shape(*dropped_class, np.random.default_rng(99))  # a new render, not in the index
+    transfer = page.evaluate_handle(DATA_TRANSFER, [png_base64(dropped), "dropped.png"])
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    assert page.text_content("#upload") == "dropped.png"
+    assert wait_for_results(page) > 0
+    assert class_of(top_name(page)) == dropped_class
+
+
+def test_clicking_a_result_searches_for_more_like_it(page):
+    page.check("input[name=target][value=image]")
+    search_text(page, "a blue square")
+    clicked = page.locator(CARDS).nth(1)  # not the top card, so the new ranking must differ
+    clicked_id, clicked_name = clicked.get_attribute("data-id"), clicked.locator(".name").text_content()
+    with page.expect_response(lambda response: response.url.endswith("/api/search")) as answer:
+        clicked.click()
+    form = answer.value.request.post_data
+    assert re.search(rf'name="like"\r\n\r\n{clicked_id}\r\n', form)
+    assert re.search(r'name="target"\r\n\r\nimage\r\n', form)
+    assert page.input_value("#query") == ""
+    wait_for_results(page)
+    top = page.locator(CARDS).first
+    assert (top.get_attribute("data-id"), top.locator(".name").text_content()) == (clicked_id, clicked_name)
+    assert top.locator(".score").text_content() == "1.000"
+
+
+def test_screenshot_of_a_search(page):
+    search_text(page, "a blue triangle")
+    expect(page.locator("#stats")).to_have_text("27 image · 27 text")
+    folder = Path(os.environ.get("RETRIEVAL_ARTIFACTS") or Path(__file__).parent / "artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    shot = folder / "search-page.png"
+    page.screenshot(path=shot, full_page=True)
+    with Image.open(shot) as image:
+        assert image.format == "PNG"
+        assert image.width == VIEWPORT["width"] and image.height >= VIEWPORT["height"]
+    assert shot.stat().st_size > 50_000  # a page of thumbnails, not a blank one
