@@ -14,12 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 from conftest import write_shape_folder
 from PIL import Image
 from serving import running_server
-from tiny_model import render_shape
+from sounds import SOUND_RATE, render_sound, write_sound
+from tiny_model import CLASSES, caption_for, render_shape
 
 from retrieval import Index
+from retrieval.audio_training import AudioTrainingOptions
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -34,15 +37,15 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
 VIEWPORT = {"width": 1280, "height": 800}
 RESULTS_DONE = re.compile(r"^(\d+) results? in \d+ ms$")
 CARDS = "#results article.result"
-THUMBNAILS_LOADED = f"""() => {{
+THUMBNAILS_LOADED = f"""(some) => {{
     const images = [...document.querySelectorAll("{CARDS} img")];
-    return images.length > 0 && images.every((image) => image.complete && image.naturalWidth > 0);
+    return images.length >= some && images.every((image) => image.complete && image.naturalWidth > 0);
 }}"""
 # Builds, inside the page, the DataTransfer a real file drag carries.
-DATA_TRANSFER = """([data, name]) => {
+DATA_TRANSFER = """([data, name, type]) => {
     const bytes = Uint8Array.from(atob(data), (char) => char.charCodeAt(0));
     const transfer = new DataTransfer();
-    transfer.items.add(new File([bytes], name, { type: "image/png" }));
+    transfer.items.add(new File([bytes], name, { type: type || "image/png" }));
     return transfer;
 }"""
 
@@ -59,8 +62,29 @@ def server_url(tmp_path_factory, trained_model) -> Iterator[str]:
     root = tmp_path_factory.mktemp("browser")
     with Index.open(root / "index", model=trained_model, create=True) as index:
         index.add(write_shape_folder(root / "shapes", seed=2024))
+        index.train_audio(write_sound_pairs(root / "pairs"), AudioTrainingOptions(
+            epochs=15, width=8, n_mels=32, learning_rate=3e-3, holdout=0), reindex=False)
+        index.add(write_sounds(root / "sounds"))
     with running_server(root / "index") as url:
         yield url
+
+
+def write_sound_pairs(root: Path) -> Path:
+    """Six captioned sounds of every class, to train the audio tower on."""
+    rng = np.random.default_rng(7)
+    for color, shape in CLASSES:
+        for copy in range(6):
+            write_sound(root / f"{color}_{shape}_{copy}.wav", render_sound(color, shape, rng))
+            (root / f"{color}_{shape}_{copy}.txt").write_text(caption_for(color, shape) + "\n")
+    return root
+
+
+def write_sounds(root: Path) -> Path:
+    """One held-out sound of every class."""
+    rng = np.random.default_rng(8)
+    for color, shape in CLASSES:
+        write_sound(root / f"{color}_{shape}_0.wav", render_sound(color, shape, rng))
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -94,19 +118,20 @@ def page(browser, server_url) -> Iterator[Page]:
     assert [url for url in requests if not url.startswith(server_url + "/")] == []
 
 
-def wait_for_results(page: Page) -> int:
-    """Wait until a search has finished and every thumbnail has loaded; the result count."""
+def wait_for_results(page: Page, thumbnails: bool = True) -> int:
+    """Wait until a search has finished and every thumbnail (if any are due) has loaded;
+    the result count."""
     expect(page.locator("#status")).to_have_text(RESULTS_DONE)
-    page.wait_for_function(THUMBNAILS_LOADED)
+    page.wait_for_function(THUMBNAILS_LOADED, arg=int(thumbnails))
     count = int(RESULTS_DONE.match(page.text_content("#status")).group(1))
     assert page.locator(CARDS).count() == count
     return count
 
 
-def search_text(page: Page, text: str) -> int:
+def search_text(page: Page, text: str, thumbnails: bool = True) -> int:
     page.fill("#query", text)
     page.click("#search button[type=submit]")
-    return wait_for_results(page)
+    return wait_for_results(page, thumbnails)
 
 
 def top_name(page: Page) -> str:
@@ -153,9 +178,32 @@ def test_clicking_a_result_searches_for_more_like_it(page):
     assert top.locator(".score").text_content() == "1.000"
 
 
+def test_sounds_play_in_the_page_and_a_dropped_sound_finds_sounds(page):
+    page.check("input[name=target][value=audio]")
+    assert search_text(page, "a red circle", thumbnails=False) == 9
+    top = page.locator(CARDS).first
+    assert class_of(top.locator(".name").text_content().split()[0]) == ("red", "circle")
+    player = top.locator("audio")
+    assert player.get_attribute("src").endswith("/file#t=0,1")
+    page.wait_for_function("audio => audio.readyState >= 1 && audio.duration > 0.9",
+                           arg=player.element_handle())  # the file streamed and decoded
+
+    page.fill("#query", "")  # else the dropped sound and the words make one combined query
+    page.check("input[name=target][value=auto]")
+    wave = io.BytesIO()
+    soundfile.write(wave, render_sound("blue", "square", np.random.default_rng(9)), SOUND_RATE, format="WAV")
+    transfer = page.evaluate_handle(DATA_TRANSFER, [base64.b64encode(wave.getvalue()).decode(), "q.wav",
+                                                    "audio/wav"])
+    with page.expect_response(lambda response: response.url.endswith("/api/search")):
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    wait_for_results(page, thumbnails=False)
+    assert page.locator(f"{CARDS} audio").count() == 9
+    assert class_of(top_name(page).split()[0]) == ("blue", "square")  # auto: sounds for a sound
+
+
 def test_screenshot_of_a_search(page):
     search_text(page, "a blue triangle")
-    expect(page.locator("#stats")).to_have_text("27 image · 27 text")
+    expect(page.locator("#stats")).to_have_text("27 image · 27 text · 9 audio")
     folder = Path(os.environ.get("RETRIEVAL_ARTIFACTS") or Path(__file__).parent / "artifacts")
     folder.mkdir(parents=True, exist_ok=True)
     shot = folder / "search-page.png"

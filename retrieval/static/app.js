@@ -73,7 +73,7 @@ function card(hit) {
   if (hit.modality === "audio") {
     const player = document.createElement("audio");
     player.controls = true;
-    player.preload = "none";
+    player.preload = "metadata";
     player.src = `/api/items/${hit.id}/file#t=${hit.metadata.start},${hit.metadata.end}`;
     player.addEventListener("click", (event) => event.stopPropagation());
     body.append(player);
