@@ -5,7 +5,8 @@
 - CSV with a header: an image column (`image`, `file`, `filename`, `file_name`, `path`)
   and a caption column (`caption`, `text`);
 - JSONL: one object per line with the same fields;
-- COCO captions JSON: `images` (`id`, `file_name`) and `annotations` (`image_id`, `caption`).
+- COCO captions JSON: `images` (`id`, `file_name`) and `annotations` (`image_id`, `caption`);
+- Karpathy split JSON: `images` with `filename`, `split` and `sentences` (`raw`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 
 CAPTION_FILE_NAMES = ("captions.tsv", "captions.csv", "captions.jsonl", "captions.json")
@@ -48,8 +50,40 @@ def read_caption_pairs(path: str, content: str, sidecar_image: str | None = None
     if sidecar_image is not None:
         return [(sidecar_image, line.strip()) for line in split_lines(content) if line.strip()]
     suffix = path.rsplit(".", 1)[-1].lower()
-    reader = {"csv": _csv_pairs, "jsonl": _jsonl_pairs, "json": _coco_pairs}.get(suffix, _token_pairs)
+    reader = {"csv": _csv_pairs, "jsonl": _jsonl_pairs, "json": _json_pairs}.get(suffix, _token_pairs)
     return reader(content)
+
+
+def read_split_pairs(path: str, content: str, split: str) -> list[tuple[str, str]]:
+    """(image, caption) pairs of one split (`train`, `val`, `test`...) of a Karpathy JSON file."""
+    data = parse_json(content.removeprefix("\ufeff"), "the file") if path.lower().endswith(".json") else None
+    if not _is_karpathy(data):
+        raise CaptionFormatError(f"{path} is not a Karpathy split JSON (images with 'split' and "
+                                 "'sentences'), so it has no splits to choose from")
+    return _karpathy_pairs(data, split)
+
+
+def _json_pairs(content: str) -> list[tuple[str, str]]:
+    data = parse_json(content, "the file")
+    return _karpathy_pairs(data) if _is_karpathy(data) else _coco_pairs(data)
+
+
+def _is_karpathy(data) -> bool:
+    images = data.get("images") if isinstance(data, dict) else None
+    return isinstance(images, list) and bool(images) and isinstance(images[0], dict) \
+        and "sentences" in images[0]
+
+
+def _karpathy_pairs(data: dict, split: str | None = None) -> list[tuple[str, str]]:
+    try:
+        return [_strings(os.path.join(image.get("filepath", ""), image["filename"]), sentence["raw"],
+                         f"image {number}")
+                for number, image in enumerate(data["images"], 1)
+                if split is None or image.get("split") == split
+                for sentence in image["sentences"]]
+    except (KeyError, TypeError) as error:
+        raise CaptionFormatError(f"not Karpathy split JSON (missing {error}); expected images with "
+                                 "'filename' and 'sentences' holding 'raw'") from None
 
 
 def _token_pairs(content: str) -> list[tuple[str, str]]:
@@ -88,8 +122,7 @@ def _jsonl_pairs(content: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _coco_pairs(content: str) -> list[tuple[str, str]]:
-    data = parse_json(content, "the file")
+def _coco_pairs(data) -> list[tuple[str, str]]:
     try:
         names = {image["id"]: image["file_name"] for image in data["images"]}
         return [_strings(names[note["image_id"]], note["caption"], f"annotation {number}")

@@ -306,6 +306,46 @@ def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
 
+@cli.command("evaluate")
+@click.argument("images", type=click.Path(file_okay=False))
+@click.option("--captions", required=True, type=click.Path(dir_okay=False),
+              help="Flickr token TSV, Karpathy or COCO JSON, CSV or JSONL captions of IMAGES.")
+@click.option("--split", help="Only this split of a Karpathy JSON file (train, val, test ...).")
+@model_options
+@click.option("--index-type", type=click.Choice(INDEX_TYPES), default="auto", show_default=True,
+              help="FAISS index measured beside exact search (auto: what an index would pick).")
+@click.option("--depth", default=100, show_default=True, type=click.IntRange(10),
+              help="Results fetched per query from the FAISS index.")
+@device_option
+@batch_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@reports_errors
+def evaluate_command(images: str, captions: str, split: str | None, model: str | None,
+                     pretrained: str | None, index_type: str, depth: int, device: str,
+                     batch_size: int, quiet: bool, as_json: bool) -> None:
+    """Measure a model on captioned images: Recall@1/5/10, median and mean rank, both ways.
+
+    Text -> image counts a caption right when its image comes back; image -> text counts an
+    image right at the rank of the first of its captions. Measured with exact search and
+    through a FAISS index of --index-type, so any loss from approximate search shows.
+    """
+    from .evaluation import evaluate
+    from .models import ModelSpec
+
+    result = evaluate(ModelSpec.parse(model, pretrained), images, captions, split, index_type, depth,
+                      device, batch_size, progress=not quiet and sys.stderr.isatty())
+    for path in result.unreadable:
+        click.echo(f"warning: skipped {path}: not a readable image (its captions are left out)",
+                   err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"{result.model}: {result.images} images, {result.captions} captions "
+               f"(encoded in {result.seconds['encode']:.1f} s)\n")
+    click.echo(result.table())
+
+
 @cli.command("serve")
 @index_option
 @click.option("--host", default="127.0.0.1", show_default=True,
