@@ -52,7 +52,7 @@ class AudioTrainingOptions:
     epochs: int = 30
     batch_size: int = 32
     learning_rate: float = 2e-3
-    holdout: float = 0.1
+    held_out: float = 0.1
     width: int = 32            # channels of the first conv block; later blocks double it
     n_mels: int = 64
     clip_seconds: float = 5.0  # longer sounds are cropped to this, at random while training
@@ -190,7 +190,7 @@ def train_audio_tower(clip_encoder, pairs: list[AudioPair], options: AudioTraini
     if len(examples) < 2:
         raise UsageError(f"training needs at least 2 usable pairs, found {len(examples)}")
     random.Random(options.seed).shuffle(examples)
-    held = min(len(examples) - 1, round(len(examples) * options.holdout)) if options.holdout else 0
+    held = min(len(examples) - 1, round(len(examples) * options.held_out)) if options.held_out else 0
     train, test = examples[held:], examples[:held]
     report.pairs, report.held_out = len(examples), held
 

@@ -33,6 +33,19 @@ batch_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
+def schedule_options(epochs: int, batch_size: int, learning_rate: float):
+    """--epochs, --batch-size and --learning-rate, with a trainer's defaults."""
+    def decorate(command):
+        command = click.option("--learning-rate", default=learning_rate, show_default=True,
+                               type=click.FloatRange(min=0, min_open=True))(command)
+        command = click.option(
+            "--batch-size", default=batch_size, show_default=True, type=click.IntRange(2),
+            help="Pairs per step; the other pairs of a batch are each pair's negatives.")(command)
+        return click.option("--epochs", default=epochs, show_default=True,
+                            type=click.IntRange(1))(command)
+    return decorate
+
+
 def model_options(command):
     """--model and --pretrained, shared by every command that names a model."""
     command = click.option(
@@ -264,12 +277,8 @@ def info_command(index_dir: str, as_json: bool) -> None:
 @cli.command("train-audio")
 @click.argument("pairs", type=click.Path())
 @index_option
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2),
-              help="Pairs per step; the other pairs of a batch are each pair's negatives.")
-@click.option("--learning-rate", default=2e-3, show_default=True,
-              type=click.FloatRange(min=0, min_open=True))
-@click.option("--holdout", default=0.1, show_default=True, type=click.FloatRange(0, 0.9),
+@schedule_options(epochs=30, batch_size=32, learning_rate=2e-3)
+@click.option("--held-out", default=0.1, show_default=True, type=click.FloatRange(0, 0.9),
               help="Share of pairs kept out of training to measure recall each epoch.")
 @click.option("--width", default=32, show_default=True, type=click.IntRange(4),
               help="Channels of the tower's first conv block (later blocks double it).")
@@ -281,7 +290,7 @@ def info_command(index_dir: str, as_json: bool) -> None:
 @json_option
 @reports_errors
 def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int,
-                        learning_rate: float, holdout: float, width: int, seed: int,
+                        learning_rate: float, held_out: float, width: int, seed: int,
                         no_reindex: bool, device: str, quiet: bool, as_json: bool) -> None:
     """Train the index's audio tower on sounds paired with images or captions.
 
@@ -295,7 +304,7 @@ def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int
     from .index import Index
 
     options = AudioTrainingOptions(epochs=epochs, batch_size=batch_size,
-                                   learning_rate=learning_rate, holdout=holdout, width=width,
+                                   learning_rate=learning_rate, held_out=held_out, width=width,
                                    seed=seed, progress=not quiet and sys.stderr.isatty())
     log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     with Index.open(index_dir, create=True, device=device) as index:
@@ -344,6 +353,55 @@ def evaluate_command(images: str, captions: str, split: str | None, model: str |
     click.echo(f"{result.model}: {result.images} images, {result.captions} captions "
                f"(encoded in {result.seconds['encode']:.1f} s)\n")
     click.echo(result.table())
+
+
+@cli.command("train")
+@click.argument("images", type=click.Path(file_okay=False))
+@click.option("--captions", required=True, type=click.Path(dir_okay=False),
+              help="Flickr token TSV, Karpathy or COCO JSON, CSV or JSONL captions of IMAGES.")
+@click.option("--split", help="Only this split of a Karpathy JSON file (e.g. train).")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Folder for the checkpoint, usable as --model local-dir:FOLDER.")
+@model_options
+@schedule_options(epochs=5, batch_size=64, learning_rate=1e-5)
+@click.option("--warmup-steps", default=50, show_default=True, type=click.IntRange(0))
+@click.option("--weight-decay", default=0.1, show_default=True, type=click.FloatRange(min=0))
+@click.option("--train", "mode", type=click.Choice(["all", "projections", "adapters"]), default="all",
+              show_default=True, help="What learns: every weight, only the two projections, or "
+              "low-rank adapters merged into the weights when saved.")
+@click.option("--freeze", multiple=True, type=click.Choice(["image", "text"]),
+              help="Keep a tower as it is (repeatable).")
+@click.option("--adapter-rank", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--held-out", default=0.1, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Share of the images kept out of training; R@K on them is printed each epoch.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue the run saved in --output.")
+@device_option
+@click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
+@json_option
+@reports_errors
+def train_command(images: str, captions: str, split: str | None, output: str, model: str | None,
+                  pretrained: str | None, epochs: int, batch_size: int, learning_rate: float,
+                  warmup_steps: int, weight_decay: float, mode: str, freeze: tuple[str, ...],
+                  adapter_rank: int, held_out: float, seed: int, resume: bool, device: str,
+                  quiet: bool, as_json: bool) -> None:
+    """Fine-tune an open_clip model on captioned images with the CLIP contrastive loss.
+
+    The checkpoint is saved after every epoch in local-dir form: build and search with
+    --model local-dir:OUTPUT, evaluate it with retrieve evaluate, continue it with --resume.
+    """
+    from .models import ModelSpec
+    from .pairs import read_captioned_images
+    from .training import TrainingOptions, fine_tune
+
+    options = TrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                              warmup_steps=warmup_steps, weight_decay=weight_decay, train=mode,
+                              freeze=freeze, adapter_rank=adapter_rank, held_out=held_out, seed=seed,
+                              device=device, progress=not quiet and sys.stderr.isatty())
+    data = read_captioned_images(images, captions, split)
+    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    report = fine_tune(ModelSpec.parse(model, pretrained), data, output, options, resume, log)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
 
 @cli.command("serve")

@@ -66,13 +66,13 @@ def shape_folder(tmp_path) -> Path:
     return write_shape_folder(tmp_path / "shapes", seed=12345)
 
 
-def write_shape_folder(root: Path, seed: int) -> Path:
-    """Three renders of every (colour, shape) class, with a Flickr captions file."""
+def write_shape_folder(root: Path, seed: int, per_class: int = 3) -> Path:
+    """Renders of every (colour, shape) class, with a Flickr captions file."""
     root.mkdir()
     rng = np.random.default_rng(seed)
     lines = []
     for color, shape in CLASSES:
-        for copy in range(3):
+        for copy in range(per_class):
             name = f"{color}_{shape}_{copy}.png"
             render_shape(color, shape, rng).save(root / name)
             lines.append(f"{name}#0\t{caption_for(color, shape)}")

@@ -20,8 +20,8 @@ from retrieval.cli import cli
 from retrieval.errors import ModelLoadError, UsageError
 
 # A small tower trains in a few seconds and separates the nine classes.
-FAST = AudioTrainingOptions(epochs=15, width=8, n_mels=32, learning_rate=3e-3, holdout=0.2)
-FAST_CLI = ["--epochs", "15", "--width", "8", "--learning-rate", "3e-3", "--holdout", "0.2"]
+FAST = AudioTrainingOptions(epochs=15, width=8, n_mels=32, learning_rate=3e-3, held_out=0.2)
+FAST_CLI = ["--epochs", "15", "--width", "8", "--learning-rate", "3e-3", "--held-out", "0.2"]
 
 
 def class_of(path: str) -> str:

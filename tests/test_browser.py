@@ -63,7 +63,7 @@ def server_url(tmp_path_factory, trained_model) -> Iterator[str]:
     with Index.open(root / "index", model=trained_model, create=True) as index:
         index.add(write_shape_folder(root / "shapes", seed=2024))
         index.train_audio(write_sound_pairs(root / "pairs"), AudioTrainingOptions(
-            epochs=15, width=8, n_mels=32, learning_rate=3e-3, holdout=0), reindex=False)
+            epochs=15, width=8, n_mels=32, learning_rate=3e-3, held_out=0), reindex=False)
         index.add(write_sounds(root / "sounds"))
     with running_server(root / "index") as url:
         yield url

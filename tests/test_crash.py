@@ -226,7 +226,7 @@ def hearing_index(tiny_model, tmp_path_factory) -> Path:
         (pairs / f"{number}.txt").write_text(f"{color} {shape}\n")
     index_dir = tmp_path_factory.mktemp("hearing") / "index"
     with Index.open(index_dir, model=tiny_model, create=True) as index:
-        index.train_audio(pairs, AudioTrainingOptions(epochs=1, width=4, n_mels=16, holdout=0))
+        index.train_audio(pairs, AudioTrainingOptions(epochs=1, width=4, n_mels=16, held_out=0))
     return index_dir
 
 

@@ -50,7 +50,7 @@ def index_dir(corpus, tiny_model, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("served-index") / "index"
     with Index.open(path, model=tiny_model, create=True) as index:
         index.train_audio(corpus / "pairs", AudioTrainingOptions(epochs=1, width=4, n_mels=16,
-                                                                  holdout=0), reindex=False)
+                                                                  held_out=0), reindex=False)
         index.add(corpus / "photos", corpus / "notes.txt", corpus / "sounds")
     return path
 
