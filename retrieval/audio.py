@@ -58,7 +58,7 @@ def load_audio(source: str | Path | BinaryIO, sample_rate: int,
     Raises AudioDecodeError with a one-line reason for anything that is not usable audio.
     """
     try:
-        with _binary_stream(source) as stream:
+        with binary_stream(source) as stream:
             mono, rate = _decode_mono(stream, max_seconds)
     except OSError as error:  # missing, a folder, no permission, or a failing disk
         raise AudioDecodeError(f"cannot read ({error.strerror or type(error).__name__})") from None
@@ -68,7 +68,7 @@ def load_audio(source: str | Path | BinaryIO, sample_rate: int,
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def _binary_stream(source: str | Path | BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
+def binary_stream(source: str | Path | BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
     # Paths are opened here rather than by libsndfile: Python's errors name the real cause, and
     # libsndfile then probes the content alone instead of trusting the file's suffix.
     if isinstance(source, str | os.PathLike):
@@ -78,7 +78,7 @@ def _binary_stream(source: str | Path | BinaryIO) -> contextlib.AbstractContextM
 
 def _decode_mono(stream: BinaryIO, max_seconds: float) -> tuple[np.ndarray, int]:
     """Read the header, refuse long files before decoding them, then decode and mix to mono."""
-    if _is_empty(stream):
+    if is_empty_stream(stream):
         raise AudioDecodeError("empty file")
     with _open_sound(stream) as sound:
         _check_duration(sound.frames / sound.samplerate, max_seconds)
@@ -88,7 +88,7 @@ def _decode_mono(stream: BinaryIO, max_seconds: float) -> tuple[np.ndarray, int]
             raise AudioDecodeError(f"corrupt or truncated audio ({_libsndfile_reason(error)})") from None
 
 
-def _is_empty(stream: BinaryIO) -> bool:
+def is_empty_stream(stream: BinaryIO) -> bool:
     start = stream.tell()
     end = stream.seek(0, io.SEEK_END)
     stream.seek(start)
@@ -121,22 +121,22 @@ def _blocks(sound: sf.SoundFile) -> Iterator[np.ndarray]:
 
 def _check_duration(seconds: float, max_seconds: float) -> None:
     if seconds > max_seconds:
-        raise AudioDecodeError(f"too long ({_format_duration(seconds)}; the limit is "
-                               f"{_format_duration(max_seconds)}, raise it with --max-audio-seconds)")
+        raise AudioDecodeError(f"too long ({format_duration(seconds)}; the limit is "
+                               f"{format_duration(max_seconds)}, raise it with --max-audio-seconds)")
 
 
 def _check_samples(mono: np.ndarray, rate: int) -> None:
     seconds = len(mono) / rate
     if seconds < MIN_AUDIO_SECONDS:
         raise AudioDecodeError(
-            f"too short ({_format_duration(seconds)}; needs at least {_format_duration(MIN_AUDIO_SECONDS)})")
+            f"too short ({format_duration(seconds)}; needs at least {format_duration(MIN_AUDIO_SECONDS)})")
     if not np.isfinite(mono).all():
         raise AudioDecodeError("damaged samples (NaN or infinite values)")
     if float(np.max(np.abs(mono))) < SILENCE_PEAK:
         raise AudioDecodeError("silent (nothing above -80 dBFS)")
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     """A duration as a person reads it: '0.02 s', '12.5 s', '3.5 min', '2.0 h'."""
     if seconds < 1:
         return f"{seconds:.2g} s"

@@ -96,6 +96,8 @@ class AudioTower(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         # Mean and max over time: mean keeps steady sounds, max keeps short events.
         self.projection = nn.Linear(2 * width, config.embed_dim)
+        # every pooling halves time: shorter waves are zero-padded up to a frame per block
+        self.min_samples = config.hop * 2 ** len(config.channels) + config.n_fft
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Unnormalised embeddings of a padded batch; `lengths` are the samples of each wave."""
@@ -148,7 +150,7 @@ class AudioTowerEncoder:
         for positions in by_length.values():
             for start in range(0, len(positions), self.batch_size):
                 chosen = positions[start:start + self.batch_size]
-                batch, lengths = padded_batch([waves[i] for i in chosen], self.tower.config.n_fft)
+                batch, lengths = padded_batch([waves[i] for i in chosen], self.tower.min_samples)
                 features = self.tower(batch.to(self.device), lengths.to(self.device))
                 vectors[chosen] = nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
         return vectors

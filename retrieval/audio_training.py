@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .audio import AudioDecodeError, load_audio
 from .audio_tower import AudioTower, AudioTowerConfig, padded_batch
 from .captions import split_lines
+from .contrastive import optimise, symmetric_info_nce
 from .corpus import AUDIO_SUFFIXES, IMAGE_SUFFIXES, Skipped, existing_file
 from .errors import UsageError
 from .images import ImageDecodeError, load_image
@@ -277,7 +278,7 @@ def _crop(wave: np.ndarray, length: int, generator: np.random.Generator | None) 
 
 
 def _embed(tower: AudioTower, waves: list[np.ndarray]) -> torch.Tensor:
-    batch, lengths = padded_batch(waves, tower.config.n_fft)
+    batch, lengths = padded_batch(waves, tower.min_samples)
     return F.normalize(tower(batch, lengths), dim=-1)
 
 
@@ -287,16 +288,8 @@ def _step(tower: AudioTower, logit_scale: torch.nn.Parameter, optimizer, schedul
     targets = torch.from_numpy(np.stack([e.target for e in batch]))
     groups = torch.tensor([e.group for e in batch])
     positives = (groups[:, None] == groups[None, :]).float()
-    positives = positives / positives.sum(dim=1, keepdim=True)
     logits = logit_scale.exp() * audio @ targets.T
-    loss = (F.cross_entropy(logits, positives) + F.cross_entropy(logits.T, positives)) / 2
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    schedule.step()
-    with torch.no_grad():
-        logit_scale.clamp_(0, math.log(100))
-    return loss.detach().item()
+    return optimise(symmetric_info_nce(logits, positives), optimizer, schedule, logit_scale)
 
 
 @torch.no_grad()

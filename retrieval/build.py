@@ -19,6 +19,7 @@ import io
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,8 @@ from .errors import UsageError
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
 from .pipeline import default_workers, prefetch_map
 from .store import MODALITIES, FileRow, NewItem
+from .video import DEFAULT_MAX_VIDEO_SECONDS, VideoDecodeError, VideoSegment
+from .video_segments import audio_rate, decode_segments, segment_vectors
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +62,7 @@ class BuildOptions:
     include_hidden: bool = False
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
+    max_video_seconds: float = DEFAULT_MAX_VIDEO_SECONDS
     progress: bool = False
     workers: int = field(default_factory=default_workers)
 
@@ -76,19 +80,20 @@ class BuildReport:
     images_encoded: int = 0
     texts_encoded: int = 0
     audio_encoded: int = 0  # audio windows; a file has one per few seconds
+    video_encoded: int = 0  # video segments; a file has one per few seconds
     vectors_reused: int = 0
     seconds: float = 0.0
 
     @property
     def items_per_second(self) -> float:
-        encoded = self.images_encoded + self.texts_encoded + self.audio_encoded
+        encoded = self.images_encoded + self.texts_encoded + self.audio_encoded + self.video_encoded
         return encoded / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
         return (f"{self.new} new, {self.changed} changed, {self.unchanged} unchanged, "
                 f"{self.moved} moved, {self.removed} removed, {len(self.skipped)} skipped; "
-                f"encoded {self.images_encoded} images, {self.texts_encoded} texts and "
-                f"{self.audio_encoded} audio windows, "
+                f"encoded {self.images_encoded} images, {self.texts_encoded} texts, "
+                f"{self.audio_encoded} audio windows and {self.video_encoded} video segments, "
                 f"reused {self.vectors_reused} vectors in {self.seconds:.1f} s "
                 f"({self.items_per_second:.1f} items/s)")
 
@@ -107,6 +112,7 @@ class _Prepared:
     digest: str = ""
     pixels: torch.Tensor | None = None
     windows: list[AudioWindow] | None = None
+    segments: list[VideoSegment] | None = None
     error: str | None = None
 
 
@@ -145,6 +151,7 @@ class Builder:
         pending = [(f, self.known.get(f.key)) for f in walk.files if not self._unchanged(f)]
         self._index_images([p for p in pending if p[0].kind == "image"])
         self._index_audio([p for p in pending if p[0].kind == "audio"])
+        self._index_video([p for p in pending if p[0].kind == "video"])
         self._index_texts([p for p in pending if p[0].kind in ("text", "captions")])
         self._remove(list(self.gone.values()))
         with self.store.conn:
@@ -237,12 +244,12 @@ class Builder:
             return True
         if row is None and self._move_from_gone(source, item.digest):
             return True
-        if item.pixels is None and item.windows is None:  # an indexed file's content: reuse
-            stored = self.store.items_of_file_with_hash(item.digest, source.kind)
+        if item.pixels is None and item.windows is None and item.segments is None:
+            stored = self.store.items_of_file_with_hash(item.digest, source.kind)  # a copy: reuse
             if source.kind == "image":
                 self._write_images([item], [stored[0][1]])
             else:
-                self._write_audio(item, [AudioWindow(m["start"], m["end"], None) for m, _ in stored],
+                self._write_timed(item, [(m["start"], m["end"]) for m, _ in stored],
                                   [vector for _, vector in stored])
             self.report.vectors_reused += len(stored)
             return True
@@ -325,22 +332,49 @@ class Builder:
         waves = [window.samples for item in batch for window in item.windows]
         vectors = iter(self.index.audio_encoder.encode_audio(waves))
         for item in batch:
-            self._write_audio(item, item.windows, [next(vectors) for _ in item.windows])
+            self._write_timed(item, [(w.start, w.end) for w in item.windows],
+                              [next(vectors) for _ in item.windows])
         self.report.audio_encoded += len(waves)
 
-    def _write_audio(self, item: _Prepared, windows: list[AudioWindow],
+    # -- video ------------------------------------------------------------------------------
+
+    def _index_video(self, pending: list[tuple[SourceFile, FileRow | None]]) -> None:
+        """Like audio: one item per segment, its frames and soundtrack fused into one vector."""
+        if not pending:
+            return
+        known_hashes = {row.sha256 for row in self.known.values() if row.kind == "video"}
+        decode = partial(self._decode_video, rate=audio_rate(self.index))
+        prepared = prefetch_map(lambda p: self._prepare(*p, known_hashes, decode), pending,
+                                self.options.workers, ahead=self.options.workers)
+        for item in tqdm(prepared, total=len(pending), unit="video", desc="video",
+                         disable=not self.options.progress):
+            if item.error:
+                self.report.skipped.append(Skipped(item.source.key, item.error))
+            elif not self._settled_without_encoding(item):
+                vectors = segment_vectors(self.index, item.segments)
+                self._write_timed(item, [(s.start, s.end) for s in item.segments], list(vectors))
+                self.report.video_encoded += len(item.segments)
+
+    def _decode_video(self, item: _Prepared, data: bytes, rate: int) -> None:
+        try:
+            item.segments = decode_segments(io.BytesIO(data), self.options.max_video_seconds, rate)
+        except VideoDecodeError as error:
+            item.error = str(error)
+
+    def _write_timed(self, item: _Prepared, spans: list[tuple[float, float]],
                      vectors: list[np.ndarray]) -> None:
-        source, changes = item.source, self.changes["audio"]
+        """A sound's windows or a video's segments: all of a file's items replaced at once."""
+        source, changes = item.source, self.changes[item.source.kind]
         with self.store.conn:
             file_id = self.store.upsert_file(source.key, source.root, source.kind, source.size,
                                              source.mtime_ns, item.digest)
             stale = [item_id for item_id, *_ in self.store.items_of_file(file_id).values()]
             self.store.delete_items(stale)
-            fresh = [NewItem(f"{source.key}#t={w.start:g},{w.end:g}", "audio", vector,
-                             f"{item.digest}#t={w.start:g}", meta={"start": w.start, "end": w.end})
-                     for w, vector in zip(windows, vectors)]
+            fresh = [NewItem(f"{source.key}#t={start:g},{end:g}", source.kind, vector,
+                             f"{item.digest}#t={start:g}", meta={"start": start, "end": end})
+                     for (start, end), vector in zip(spans, vectors)]
             new_ids = self.store.insert_items(file_id, fresh)
-            self.store.bump_generation("audio")
+            self.store.bump_generation(source.kind)
         changes.update(dict.fromkeys(stale))
         changes.update({item_id: new.vector for item_id, new in zip(new_ids, fresh)})
         if item.row is None:

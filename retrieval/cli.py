@@ -17,6 +17,7 @@ from click_default_group import DefaultGroup
 from .audio import DEFAULT_MAX_AUDIO_SECONDS
 from .errors import IndexEmptyError, RetrievalError
 from .images import DEFAULT_MAX_MEGAPIXELS
+from .video import DEFAULT_MAX_VIDEO_SECONDS
 
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf-sq", "ivf-pq")  # as retrieval.index.INDEX_TYPES
 
@@ -93,16 +94,23 @@ def cli() -> None:
               help="Query image (repeatable); combined with any text query.")
 @click.option("--audio", "sounds", multiple=True, type=click.Path(dir_okay=False),
               help="Query sound (repeatable): wav, flac, ogg or mp3; combined with the rest.")
+@click.option("--video", "videos", multiple=True, type=click.Path(dir_okay=False),
+              help="Query video (repeatable): mp4, mkv, webm or mov; combined with the rest.")
 @index_option
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1),
               help="How many results.")
-@click.option("--target", type=click.Choice(["auto", "image", "text", "audio"]), default="auto",
-              show_default=True,
-              help="Modality to return; auto: images for text, texts for images, sounds for sounds.")
+@click.option("--target", type=click.Choice(["auto", "image", "text", "audio", "video"]),
+              default="auto", show_default=True,
+              help="Modality to return; auto: images for text, texts for images, sounds for sounds, "
+              "videos for videos (or the next kind the index holds).")
 @click.option("--where", help="SQL filter over item_view (id, modality, uri, text, path, size, "
               "mtime, meta), e.g. \"path LIKE '%2024%'\".")
 @click.option("--under", type=click.Path(), help="Only items whose file is under this folder.")
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
+@click.option("--entries", type=click.Choice(["stem", "folder"]),
+              help="Return entries (files sharing a stem, or a folder) instead of single items.")
+@click.option("--fusion", type=click.Choice(["rrf", "sum", "max", "mean", "weighted", "concat"]),
+              default="rrf", show_default=True, help="How --entries fuses the modalities' evidence.")
 @click.option("--server", envvar="RETRIEVAL_SERVER", metavar="URL",
               help="Ask a running `retrieve serve` (e.g. http://127.0.0.1:8000) instead of "
               "opening the index here: no model to load (or set RETRIEVAL_SERVER).")
@@ -111,21 +119,25 @@ def cli() -> None:
 @device_option
 @reports_errors
 def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tuple[str, ...],
-                   index_dir: str, k: int,
+                   videos: tuple[str, ...], index_dir: str, k: int,
                    target: str, where: str | None, under: str | None, min_score: float | None,
-                   server: str | None, as_json: bool, model: str | None, pretrained: str | None,
-                   device: str) -> None:
+                   entries: str | None, fusion: str, server: str | None, as_json: bool,
+                   model: str | None, pretrained: str | None, device: str) -> None:
     """Search the index with text, images, sounds or a combined query like "cat + 2:dog - grass".
 
     The index's own model encodes the query; --model only checks that it is the one expected.
     """
     text = " ".join(query) if query else None
+    if entries:
+        _print_entries(_entries_here(index_dir, text, images, sounds, k, entries, fusion), as_json)
+        return
     search = dict(k=k, target=target, where=where, under=under, min_score=min_score)
     if server:
         from .client import search_server
 
         hits = search_server(server, text, list(images), list(sounds), **search)
     else:
+        search["video"] = list(videos) or None
         hits = _search_here(index_dir, text, images, sounds, model, pretrained, device, search)
     if as_json:
         click.echo(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False, indent=2))
@@ -146,6 +158,27 @@ def _search_here(index_dir: str, text: str | None, images: tuple[str, ...], soun
                 f"index {index.path} holds no items yet; add some with: "
                 f"retrieve index SOURCE... --index {index_dir}")
         return index.search(text, image=list(images) or None, audio=list(sounds) or None, **search)
+
+
+def _entries_here(index_dir: str, text: str | None, images: tuple[str, ...], sounds: tuple[str, ...],
+                  k: int, grouping: str, fusion: str) -> list:
+    from .index import Index
+
+    with Index.open(index_dir, readonly=True) as index:
+        return index.search_entries(text, image=list(images) or None, audio=list(sounds) or None,
+                                    k=k, grouping=grouping, fusion=fusion)
+
+
+def _print_entries(hits, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False, indent=2))
+        return
+    for rank, hit in enumerate(hits, 1):
+        shares = ", ".join(f"{m} {share:.3f}" for m, share in hit.contributions.items())
+        click.echo(f"{rank:>3}  {hit.score:.3f}  {hit.entry}  ({shares})")
+        for modality, part in hit.parts.items():
+            text = f"  {part.text}" if part.text else ""
+            click.echo(f"       {modality:<5}  {part.score:.3f}  {part.uri}{text}")
 
 
 def _print_hits(hits) -> None:
@@ -172,6 +205,8 @@ def _print_hits(hits) -> None:
 @click.option("--max-audio-seconds", type=click.FloatRange(min=0, min_open=True),
               default=DEFAULT_MAX_AUDIO_SECONDS, show_default=True,
               help="Skip sounds longer than this (each is decoded whole, in memory).")
+@click.option("--max-video-seconds", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_MAX_VIDEO_SECONDS, show_default=True, help="Skip longer videos.")
 @model_options
 @click.option("--audio-model", help="Embed audio with a CLAP model: clap:NAME (e.g. "
               "clap:laion/clap-htsat-unfused) or clap:/folder; default: the tower `retrieve "
@@ -188,7 +223,8 @@ def _print_hits(hits) -> None:
 @reports_errors
 def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str, ...],
                   exclude_dir: tuple[str, ...], include_hidden: bool, max_megapixels: float,
-                  max_audio_seconds: float, model: str | None, pretrained: str | None,
+                  max_audio_seconds: float, max_video_seconds: float, model: str | None,
+                  pretrained: str | None,
                   audio_model: str | None, index_type: str | None,
                   rebuild: bool, device: str, batch_size: int, int8: bool, quiet: bool,
                   as_json: bool) -> None:
@@ -204,7 +240,7 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                     int8=int8, audio_model=audio_model) as index:
         report = index.add(*sources, captions=captions, exclude=exclude_dir,
                            include_hidden=include_hidden, max_megapixels=max_megapixels,
-                           max_audio_seconds=max_audio_seconds,
+                           max_audio_seconds=max_audio_seconds, max_video_seconds=max_video_seconds,
                            progress=not quiet and sys.stderr.isatty())
     if not quiet:
         for skipped in report.skipped:
@@ -247,7 +283,7 @@ def convert_command(index_type: str, index_dir: str, ef_search: int | None, npro
     with Index.open(index_dir) as index:
         index.convert(index_type, ef_search=ef_search, nprobe=nprobe, rerank=rerank,
                       memory_budget=budget)
-        kinds = {m: index.vectors(m).kind for m in ("image", "text", "audio")}
+        kinds = {m: index.vectors(m).kind for m in ("image", "text", "audio", "video")}
     click.echo(f"index type {index_type}: " + ", ".join(f"{m} {k}" for m, k in kinds.items()))
 
 

@@ -1,8 +1,9 @@
 """Walk sources, recognise each file's modality, and turn files into the items they hold.
 
-A file is one of four kinds:
+A file is one of five kinds:
 - `image`: one image item;
 - `audio`: one audio item per window of a few seconds (cut by the builder once decoded);
+- `video`: one item per segment of a few seconds: its frames and soundtrack fused;
 - `text`: a text corpus, one text item per non-empty line (.txt) or per record (.jsonl);
 - `captions`: text items linked to images: a sidecar `<image stem>.txt`, or a captions
   file (Flickr token TSV, CSV, JSONL, COCO JSON) named on the command line or found as
@@ -23,6 +24,7 @@ from .captions import CAPTION_FILE_NAMES, parse_json, read_caption_pairs, split_
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".webm", ".mov"})
 TEXT_SUFFIXES = frozenset({".txt", ".jsonl"})
 
 
@@ -153,6 +155,8 @@ def _kind_of(path: Path) -> str | None:
         return "text"
     if suffix in AUDIO_SUFFIXES:
         return "audio"
+    if suffix in VIDEO_SUFFIXES:
+        return "video"
     return None
 
 

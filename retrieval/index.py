@@ -44,8 +44,9 @@ LOCK_NAME = "write.lock"
 TARGETS = ("auto", *MODALITIES)
 INDEX_TYPES = ("auto", *KINDS)
 # What `target="auto"` returns for each kind of query: the first of these the index holds.
-AUTO_TARGETS = {"text": ("image", "audio", "text"), "image": ("text", "image", "audio"),
-                "audio": ("audio", "image", "text")}
+AUTO_TARGETS = {"text": ("image", "video", "audio", "text"), "image": ("text", "image", "video", "audio"),
+                "audio": ("audio", "video", "image", "text"), "video": ("video", "image", "text", "audio")}
+TIMED = ("audio", "video")  # modalities whose files hold several items, found per file
 
 
 @dataclass
@@ -311,7 +312,7 @@ class Index:
     def add(self, *sources: str | Path, captions: Sequence[str | Path] = (),
             exclude: Sequence[str] = (), include_hidden: bool = False,
             max_megapixels: float | None = None, max_audio_seconds: float | None = None,
-            progress: bool = False) -> BuildReport:
+            max_video_seconds: float | None = None, progress: bool = False) -> BuildReport:
         """Index new and changed files under `sources`, forget files gone from them.
 
         Unchanged files (same size and mtime, or same content) cost nothing; moved files keep
@@ -329,6 +330,8 @@ class Index:
             options.max_megapixels = max_megapixels
         if max_audio_seconds is not None:
             options.max_audio_seconds = max_audio_seconds
+        if max_video_seconds is not None:
+            options.max_video_seconds = max_video_seconds
         with self._write_lock():
             report = Builder(self, options).run(sources, captions)
         return report
@@ -448,19 +451,20 @@ class Index:
     # -- searching --------------------------------------------------------------------------
 
     def search(self, query: str | None = None, *, text: str | None = None,
-               image: ImageQuery = None, audio: AudioQuery = None, like: int | None = None,
-               k: int = 10,
+               image: ImageQuery = None, audio: AudioQuery = None, video: AudioQuery = None,
+               like: int | None = None, k: int = 10,
                target: str = "auto", where: str | None = None, under: str | None = None,
                min_score: float | None = None) -> list[Hit]:
         """Nearest items to a query, best first.
 
         `query` is a combined query ("cat + 2:dog - grass", terms may be image or audio paths);
         `text` adds a plain text term, `image` one or more images (paths or PIL images) and
-        `audio` one or more sounds (paths or binary file objects), and `like` the id of an
-        indexed item whose stored vector joins the query ("more like this").
+        `audio` one or more sounds and `video` one or more videos (paths or binary file
+        objects), and `like` the id of an indexed item whose stored vector joins the query.
         `target` picks the modality returned: `auto` gives images for text queries, texts
-        (captions) for image queries and sounds for sound queries, or the next modality the
-        index holds. Audio hits are files, each at its best window.
+        (captions) for image queries, sounds for sound queries and videos for video queries, or
+        the next modality the index holds. Audio and video hits are files, each at its best
+        window or segment (`metadata` start and end, `uri` ending in `#t=START,END`).
         `where` is SQL over item_view's columns, `under` a path prefix, `min_score` a cosine floor.
         """
         from .search import query_modality, query_terms, query_vector
@@ -469,7 +473,7 @@ class Index:
             raise UsageError(f"k must be at least 1, not {k}")
         if target not in TARGETS:
             raise UsageError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
-        terms = query_terms(query, text, image, audio, self._item_term(like))
+        terms = query_terms(query, text, image, audio, self._item_term(like), video)
         target = self._resolve_target(target, query_modality(terms))
         size = self.count(target)
         if not size:  # nothing of that kind was ever encoded: no model needed to find nothing
@@ -477,11 +481,18 @@ class Index:
         vector = query_vector(self, terms, target)
         _check_text("where", where)
         allowed = self.store.item_ids(target, where, _absolute(under)) if where or under else None
-        if target == "audio":
-            hits = self._best_window_per_file(vector, k, size, allowed)
+        if target in TIMED:
+            hits = self._best_window_per_file(target, vector, k, size, allowed)
         else:
             hits = self._hydrate(*self._nearest(target, vector, min(k, size), allowed))
         return [hit for hit in hits if min_score is None or hit.score >= min_score]
+
+    def search_entries(self, query: str | None = None, **options) -> list:
+        """Entries (files sharing a stem, or a folder) that best match a query, each modality
+        searched on its own and the evidence fused; see `retrieval.entries.search_entries`."""
+        from .entries import search_entries
+
+        return search_entries(self, query, **options)
 
     def _item_term(self, item_id: int | None) -> QueryTerm | None:
         if item_id is None:
@@ -502,16 +513,16 @@ class Index:
                                                     self.store.vectors_for_ids)
         return ids, scores
 
-    def _best_window_per_file(self, vector: np.ndarray, k: int, size: int,
+    def _best_window_per_file(self, modality: str, vector: np.ndarray, k: int, size: int,
                               allowed: np.ndarray | None) -> list[Hit]:
-        """The k best audio files, each represented by its best window.
+        """The k best sound or video files, each represented by its best window or segment.
 
         Windows are fetched four per wanted file, and more while too few files come back.
         """
         wanted = min(size, 4 * k)
         while True:
             files: dict[str, Hit] = {}
-            for hit in self._hydrate(*self._nearest("audio", vector, wanted, allowed)):
+            for hit in self._hydrate(*self._nearest(modality, vector, wanted, allowed)):
                 files.setdefault(hit.path or hit.uri, hit)  # best first, so the first is best
             if len(files) >= k or wanted >= size:
                 return list(files.values())[:k]

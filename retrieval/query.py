@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .corpus import AUDIO_SUFFIXES, IMAGE_SUFFIXES, existing_file
+from .corpus import AUDIO_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES, existing_file
 from .errors import UsageError
 
 _SEPARATOR = re.compile(r"\s+([+-])\s+")
@@ -24,21 +24,24 @@ _WEIGHT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*:\s*(.+)$", re.S)
 class QueryTerm:
     """One part of a query: text, an image, a sound or an indexed item, with a signed weight.
 
-    `image` is a path, a PIL image or a binary file object; `audio` a path or a binary file
-    object; `item` an indexed item's (modality, stored vector).
+    `image` is a path, a PIL image or a binary file object; `audio` and `video` a path or a
+    binary file object; `item` an indexed item's (modality, stored vector).
     """
 
     weight: float
     text: str | None = None
     image: object = None
     audio: object = None
+    video: object = None
     item: tuple[str, object] | None = None
 
     @property
     def modality(self) -> str:
         if self.item is not None:
             return self.item[0]
-        return "text" if self.text is not None else "image" if self.image is not None else "audio"
+        if self.text is not None:
+            return "text"
+        return "image" if self.image is not None else "audio" if self.audio is not None else "video"
 
 
 def parse_query(query: str) -> list[QueryTerm]:
@@ -63,9 +66,11 @@ def _weighted(raw: str) -> tuple[float, str]:
 
 def _term(weight: float, body: str) -> QueryTerm:
     suffix = Path(body).suffix.lower()
-    path = existing_file(body) if suffix in IMAGE_SUFFIXES | AUDIO_SUFFIXES else None
+    path = existing_file(body) if suffix in IMAGE_SUFFIXES | AUDIO_SUFFIXES | VIDEO_SUFFIXES else None
     if path is None:
         return QueryTerm(weight, text=body)
     if suffix in AUDIO_SUFFIXES:
         return QueryTerm(weight, audio=str(path))
+    if suffix in VIDEO_SUFFIXES:
+        return QueryTerm(weight, video=str(path))
     return QueryTerm(weight, image=str(path))

@@ -25,7 +25,8 @@ AudioQuery = AudioInput | Sequence[AudioInput] | None
 
 
 def query_terms(query: str | None, text: str | None = None, image: ImageQuery = None,
-                audio: AudioQuery = None, item: QueryTerm | None = None) -> list[QueryTerm]:
+                audio: AudioQuery = None, item: QueryTerm | None = None,
+                video: AudioQuery = None) -> list[QueryTerm]:
     """All terms of a search call; at least one is required."""
     terms = parse_query(query) if query is not None else []
     if text is not None:
@@ -34,6 +35,7 @@ def query_terms(query: str | None, text: str | None = None, image: ImageQuery = 
         terms.append(QueryTerm(1.0, text=text))
     terms += [QueryTerm(1.0, image=one) for one in _several(image)]
     terms += [QueryTerm(1.0, audio=one) for one in _several(audio)]
+    terms += [QueryTerm(1.0, video=one) for one in _several(video)]
     terms += [item] if item is not None else []
     if not terms:
         raise UsageError("nothing to search for: give a text query, an image, a sound or an item")
@@ -47,9 +49,9 @@ def _several(value) -> list:
 
 
 def query_modality(terms: list[QueryTerm]) -> str:
-    """What a query mostly is: text when it has words, else image, else audio."""
+    """What a query mostly is: text when it has words, else image, else audio, else video."""
     kinds = {term.modality for term in terms}
-    return next(m for m in ("text", "image", "audio") if m in kinds)
+    return next(m for m in ("text", "image", "audio", "video") if m in kinds)
 
 
 def query_vector(index: Index, terms: list[QueryTerm], target: str) -> np.ndarray:
@@ -60,7 +62,7 @@ def query_vector(index: Index, terms: list[QueryTerm], target: str) -> np.ndarra
     """
     in_clap = target == "audio" and index.audio_is_clap
     parts = []
-    for modality in ("text", "image", "audio"):
+    for modality in ("text", "image", "audio", "video"):
         chosen = [t for t in terms if t.modality == modality and t.item is None]
         if chosen:
             parts.append(_weighted(_encode(index, chosen, modality, in_clap), chosen))
@@ -82,6 +84,11 @@ def _encode(index: Index, terms: list[QueryTerm], modality: str, in_clap: bool) 
     if modality == "text":
         encoder = index.audio_encoder if in_clap else index.text_encoder
         return encoder.encode_texts([t.text for t in terms])
+    if modality == "video":
+        if in_clap:
+            raise UsageError("this index's audio is embedded by CLAP, which knows sounds and "
+                             "texts only; search its audio with text or a sound")
+        return np.stack([_video_vector(index, t.video) for t in terms])
     if modality == "image":
         if in_clap:
             raise UsageError("this index's audio is embedded by CLAP, which knows sounds and "
@@ -125,20 +132,42 @@ def _open_image(image: ImageInput) -> Image.Image:
         raise UsageError(f"query image {image}: {error}") from None
 
 
+def _video_vector(index: Index, video: AudioInput) -> np.ndarray:
+    """A query video: the normalised mean of its segments' vectors, made as the index makes them."""
+    from .video import DEFAULT_MAX_VIDEO_SECONDS, VideoDecodeError
+    from .video_segments import audio_rate, decode_segments, segment_vectors
+
+    try:
+        segments = decode_segments(_query_file(video, "video"), DEFAULT_MAX_VIDEO_SECONDS,
+                                   audio_rate(index))
+    except VideoDecodeError as error:
+        raise UsageError(f"query video {_name(video)}: {error}") from None
+    mean = segment_vectors(index, segments).mean(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+
 def _sound_vector(encoder, audio: AudioInput) -> np.ndarray:
     """A query sound of any length: the normalised mean of its windows' vectors."""
     from .audio import AudioDecodeError, load_audio, split_windows
 
-    source = audio
-    if isinstance(audio, (str, Path)):
-        source = existing_file(str(audio))
-        if source is None:
-            raise UsageError(f"query sound {audio}: no such file")
     try:
-        wave = load_audio(source, encoder.sample_rate)
+        wave = load_audio(_query_file(audio, "sound"), encoder.sample_rate)
     except AudioDecodeError as error:
-        name = audio if isinstance(audio, (str, Path)) else getattr(audio, "name", "upload")
-        raise UsageError(f"query sound {name}: {error}") from None
+        raise UsageError(f"query sound {_name(audio)}: {error}") from None
     windows = split_windows(wave, encoder.sample_rate)
     mean = encoder.encode_audio([w.samples for w in windows]).mean(axis=0)
     return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+
+def _query_file(value: AudioInput, kind: str) -> Path | BinaryIO:
+    """An existing file for a path, or the upload (a binary file object) as it is."""
+    if not isinstance(value, (str, Path)):
+        return value
+    path = existing_file(str(value))
+    if path is None:
+        raise UsageError(f"query {kind} {value}: no such file")
+    return path
+
+
+def _name(value: AudioInput) -> str:
+    return str(value) if isinstance(value, (str, Path)) else getattr(value, "name", "upload")

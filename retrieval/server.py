@@ -31,7 +31,7 @@ from .index import TARGETS, Hit, Index
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 20
 THUMBNAIL_SIZES = (64, 1024)  # smallest and largest side a thumbnail may be asked for
-SERVED_MODALITIES = ("image", "audio")  # files a page can show or play
+SERVED_MODALITIES = ("image", "audio", "video")  # files a page can show or play
 
 
 class SearchService:
@@ -113,11 +113,12 @@ def create_app(index_dir: str | Path, device: str = "auto",
         return service.search(query=q or None, like=like, k=k, target=target, where=where,
                               under=under, min_score=min_score)
 
-    @app.post("/api/search", summary="Search with uploaded images and sounds, text and items")
+    @app.post("/api/search", summary="Search with uploaded images, sounds and videos, text and items")
     def search_post(q: Annotated[str | None, Form()] = None,
                     like: Annotated[int | None, Form()] = None,
                     image: Annotated[list[UploadFile], File()] = (),
                     audio: Annotated[list[UploadFile], File()] = (),
+                    video: Annotated[list[UploadFile], File()] = (),
                     k: Annotated[int, Form(ge=1, le=1000)] = 10,
                     target: Annotated[str, Form(pattern="|".join(TARGETS))] = "auto",
                     where: Annotated[str | None, Form()] = None,
@@ -125,9 +126,10 @@ def create_app(index_dir: str | Path, device: str = "auto",
                     min_score: Annotated[float | None, Form()] = None) -> list[dict]:
         images = [_uploaded(upload, limit, "image") for upload in image]
         sounds = [_uploaded(upload, limit, "audio") for upload in audio]
+        videos = [_uploaded(upload, limit, "video") for upload in video]
         return service.search(query=q or None, like=like, image=images or None,
-                              audio=sounds or None, k=k, target=target, where=where, under=under,
-                              min_score=min_score)
+                              audio=sounds or None, video=videos or None, k=k, target=target,
+                              where=where, under=under, min_score=min_score)
 
     @app.get("/api/items/{item_id}", summary="An item's metadata")
     def item(item_id: int) -> dict:

@@ -19,7 +19,7 @@ import sqlite_utils
 
 from .errors import UsageError
 
-MODALITIES = ("image", "text", "audio")
+MODALITIES = ("image", "text", "audio", "video")
 
 # What `where` filters see: one row per item with its file's columns.
 ITEM_VIEW = """

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+from .contrastive import optimise, symmetric_info_nce
 from .encoders import ClipEncoder, _can_trim_padding, _encode_text_trimmed, load_encoder
 from .errors import UsageError
 from .evaluation import DirectionScores, exact_ranks
@@ -51,7 +52,6 @@ CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"  # the name open_clip looks for first in a local dir
 STATE_NAME = "training_state.pt"
 STATE_FORMAT = 1
-MAX_LOGIT_SCALE = math.log(100)  # open_clip training's cap on the learned temperature
 # Parameters (or modules, by name prefix) that map a tower's features into the shared space.
 PROJECTIONS = ("visual.proj", "visual.attnpool.c_proj", "visual.head", "text_projection", "text.proj")
 # Options a resumed run may change; any other must match the run being resumed.
@@ -221,15 +221,8 @@ class FineTuner:
         image_features = F.normalize(model.encode_image(pixels), dim=-1)
         text_features = F.normalize(_encode_text(model, self.tokens[batch].to(device)), dim=-1)
         logits = model.logit_scale.exp() * image_features @ text_features.T
-        targets = _positives(images, self.text_ids[batch]).to(device)  # symmetric: serves both ways
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.schedule.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        return loss.item()
+        loss = symmetric_info_nce(logits, _positives(images, self.text_ids[batch]).to(device))
+        return optimise(loss, self.optimizer, self.schedule, model.logit_scale)
 
     # -- data --------------------------------------------------------------------------------
 
@@ -440,9 +433,8 @@ def _flipped(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _positives(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-    """Row-normalised soft targets: pairs with the same image or the same caption text match."""
-    same = ((images[:, None] == images[None, :]) | (texts[:, None] == texts[None, :])).float()
-    return same / same.sum(dim=1, keepdim=True)
+    """Which pairs match: the same image or the same caption text (a symmetric 0/1 matrix)."""
+    return ((images[:, None] == images[None, :]) | (texts[:, None] == texts[None, :])).float()
 
 
 def _text_ids(captions: list[str]) -> list[int]:

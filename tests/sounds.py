@@ -70,3 +70,25 @@ def write_sound(path: Path, wave: np.ndarray, sample_rate: int = SOUND_RATE) -> 
         for start in range(0, len(wave), _WRITE_BLOCK_FRAMES):
             sound.write(wave[start:start + _WRITE_BLOCK_FRAMES])
     return path
+
+
+def write_captioned_sounds(root: Path, seed: int = 1, per_class: int = 10) -> Path:
+    """Training pairs in folder layout: each class's sounds, each with its caption file beside it."""
+    from tiny_model import CLASSES, caption_for
+
+    rng = np.random.default_rng(seed)
+    for color, shape in CLASSES:
+        for copy in range(per_class):
+            stem = root / f"{color}_{shape}_{copy}"
+            write_sound(stem.with_suffix(".wav"), render_sound(color, shape, rng))
+            stem.with_suffix(".txt").write_text(caption_for(color, shape) + "\n")
+    return root
+
+
+def dominant_frequency(wave: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+    return float(np.fft.rfftfreq(len(wave), 1 / rate)[np.argmax(spectrum)])
+
+
+def rms(wave: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 import soundfile as sf
-from sounds import PITCHES, SOUND_RATE, render_sound, write_sound
+from sounds import PITCHES, SOUND_RATE, dominant_frequency, render_sound, rms, write_sound
 
 from retrieval.audio import AudioDecodeError, load_audio, split_windows
 
@@ -28,15 +28,6 @@ def sine(frequency: float, seconds: float, rate: int, amplitude: float = 0.5) ->
 def stereo_tone(seconds: float = 1.0) -> np.ndarray:
     tone = sine(TONE, seconds, SOURCE_RATE, amplitude=1.0)
     return np.stack([LEFT * tone, RIGHT * tone], axis=1)
-
-
-def dominant_frequency(wave: np.ndarray, rate: int) -> float:
-    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
-    return float(np.fft.rfftfreq(len(wave), 1 / rate)[np.argmax(spectrum)])
-
-
-def rms(wave: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
 
 
 def short_message(error: pytest.ExceptionInfo) -> str:

@@ -18,8 +18,8 @@ import soundfile
 from conftest import write_shape_folder
 from PIL import Image
 from serving import running_server
-from sounds import SOUND_RATE, render_sound, write_sound
-from tiny_model import CLASSES, caption_for, render_shape
+from sounds import SOUND_RATE, render_sound, write_captioned_sounds, write_sound
+from tiny_model import CLASSES, render_shape
 
 from retrieval import Index
 from retrieval.audio_training import AudioTrainingOptions
@@ -62,21 +62,11 @@ def server_url(tmp_path_factory, trained_model) -> Iterator[str]:
     root = tmp_path_factory.mktemp("browser")
     with Index.open(root / "index", model=trained_model, create=True) as index:
         index.add(write_shape_folder(root / "shapes", seed=2024))
-        index.train_audio(write_sound_pairs(root / "pairs"), AudioTrainingOptions(
+        index.train_audio(write_captioned_sounds(root / "pairs", seed=7, per_class=6), AudioTrainingOptions(
             epochs=15, width=8, n_mels=32, learning_rate=3e-3, held_out=0), reindex=False)
         index.add(write_sounds(root / "sounds"))
     with running_server(root / "index") as url:
         yield url
-
-
-def write_sound_pairs(root: Path) -> Path:
-    """Six captioned sounds of every class, to train the audio tower on."""
-    rng = np.random.default_rng(7)
-    for color, shape in CLASSES:
-        for copy in range(6):
-            write_sound(root / f"{color}_{shape}_{copy}.wav", render_sound(color, shape, rng))
-            (root / f"{color}_{shape}_{copy}.txt").write_text(caption_for(color, shape) + "\n")
-    return root
 
 
 def write_sounds(root: Path) -> Path:

@@ -24,7 +24,8 @@ function setUpload(file) {
 async function search(extra = {}, targetOverride = null) {
   const body = new FormData();
   if (query.value.trim()) body.append("q", query.value.trim());
-  if (upload) body.append(upload.type.startsWith("audio/") ? "audio" : "image", upload, upload.name);
+  // the form field is the file's kind: image, audio or video
+  if (upload) body.append(["audio", "video"].includes(upload.type.split("/")[0]) ? upload.type.split("/")[0] : "image", upload, upload.name);
   for (const [key, value] of Object.entries(extra)) body.append(key, value);
   if (![...body.keys()].length) return;
   body.append("target", targetOverride || target());
@@ -70,8 +71,9 @@ function card(hit) {
   }
   const body = document.createElement("div");
   body.className = "body";
-  if (hit.modality === "audio") {
-    const player = document.createElement("audio");
+  if (hit.modality === "audio" || hit.modality === "video") {
+    // a media fragment starts the player at the best window or segment
+    const player = document.createElement(hit.modality);
     player.controls = true;
     player.preload = "metadata";
     player.src = `/api/items/${hit.id}/file#t=${hit.metadata.start},${hit.metadata.end}`;
@@ -88,7 +90,8 @@ function card(hit) {
   meta.className = "meta";
   const label = document.createElement("span");
   label.className = "name";
-  label.textContent = hit.modality === "audio" ? `${name} ${hit.metadata.start}–${hit.metadata.end} s` : name;
+  const timed = hit.modality === "audio" || hit.modality === "video";
+  label.textContent = timed ? `${name} ${hit.metadata.start}–${hit.metadata.end} s` : name;
   const score = document.createElement("span");
   score.className = "score";
   score.textContent = hit.score.toFixed(3);

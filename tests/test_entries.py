@@ -1,0 +1,120 @@
+"""Entries: files sharing a stem searched as one, where each modality carries only part of the
+answer (the picture its shape, in grey; the sound its colour, as pitch), so only fusing them
+finds the right entry; parts and contributions reported; the command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from sounds import render_sound, write_captioned_sounds, write_sound
+from tiny_model import CLASSES, caption_for, render_shape
+
+from retrieval import Index
+from retrieval.audio_training import AudioTrainingOptions
+from retrieval.cli import cli
+from retrieval.entries import FUSIONS, entry_of
+from retrieval.errors import UsageError
+
+PER_CLASS = 2
+
+
+def write_entries(root: Path) -> Path:
+    """Entries `e<class>_<n>`: a grey render of the shape and a steady tone at the colour's pitch."""
+    rng = np.random.default_rng(3)
+    root.mkdir(parents=True)
+    for number, (color, shape) in enumerate(CLASSES):
+        for copy in range(PER_CLASS):
+            grey = render_shape(color, shape, rng).convert("L").convert("RGB")
+            grey.save(root / f"e{number}_{copy}.png")
+            write_sound(root / f"e{number}_{copy}.wav", render_sound(color, "circle", rng))
+    return root
+
+
+@pytest.fixture(scope="module")
+def entry_index(tmp_path_factory, trained_model) -> Path:
+    root = tmp_path_factory.mktemp("entries")
+    with Index.open(root / "index", model=trained_model, create=True) as index:
+        index.train_audio(write_captioned_sounds(root / "pairs"), AudioTrainingOptions(
+            epochs=15, width=8, n_mels=32, learning_rate=3e-3, held_out=0), reindex=False)
+        report = index.add(write_entries(root / "entries"))
+        assert report.images_encoded == report.audio_encoded == 9 * PER_CLASS
+    return root / "index"
+
+
+def class_number(path: str) -> int:
+    return int(Path(path).stem.split("_")[0][1:])
+
+
+def recall_at_1(found: list[int]) -> float:
+    return float(np.mean([got == want for want, got in enumerate(found)]))
+
+
+def single_modality(index: Index, modality: str) -> float:
+    return recall_at_1([class_number(index.search(caption_for(c, s), target=modality, k=1)[0].path)
+                        for c, s in CLASSES])
+
+
+def fused(index: Index, fusion: str) -> float:
+    return recall_at_1([class_number(index.search_entries(caption_for(c, s), fusion=fusion, k=1)[0].entry)
+                        for c, s in CLASSES])
+
+
+def test_fusing_beats_every_single_modality(entry_index):
+    with Index.open(entry_index, readonly=True) as index:
+        best_single = max(single_modality(index, "image"), single_modality(index, "audio"))
+        scores = {fusion: fused(index, fusion) for fusion in FUSIONS}
+    assert best_single <= 0.5, best_single  # each part tells only half of the answer
+    for fusion in ("rrf", "sum", "mean", "weighted", "concat"):
+        assert scores[fusion] >= best_single + 0.2, (fusion, scores, best_single)
+    # max keeps one modality's evidence per entry, so it can match the best single one, no more
+    assert scores["max"] <= best_single + 1e-9, scores
+
+
+def test_entry_hits_name_their_parts_and_contributions(entry_index):
+    with Index.open(entry_index, readonly=True) as index:
+        [hit] = index.search_entries("a blue triangle", fusion="sum", k=1)
+        assert set(hit.parts) == {"image", "audio"}
+        assert {Path(p.path).stem for p in hit.parts.values()} == {Path(hit.entry).name}
+        assert hit.score == pytest.approx(sum(hit.contributions.values()))
+        assert hit.contributions["image"] == pytest.approx(hit.parts["image"].score)
+        [best] = index.search_entries("a blue triangle", fusion="max", k=1)
+        assert len(best.contributions) == 1
+        with pytest.raises(UsageError, match="fusion must be one of"):
+            index.search_entries("x", fusion="median")
+        with pytest.raises(UsageError, match="grouped by stem or folder"):
+            index.search_entries("x", grouping="day")
+
+
+def test_folders_as_entries_and_captions_in_their_images_entry(tmp_path, tiny_model):
+    for name in ("cat", "dog"):
+        folder = tmp_path / "things" / name
+        folder.mkdir(parents=True)
+        Image.new("RGB", (40, 30), (200, 30, 30) if name == "cat" else (30, 30, 200)).save(folder / "a.png")
+        (folder / "a.txt").write_text(f"a photo of a {name}\n")
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        index.add(tmp_path / "things")
+        caption = index.search("a photo of a cat", target="text", k=1)[0]
+        assert entry_of(caption, "stem") == str(tmp_path / "things" / "cat" / "a")
+        assert entry_of(caption, "folder") == str(tmp_path / "things" / "cat")
+        hits = index.search_entries("a photo of a cat", grouping="folder", k=5)
+        assert sorted(h.entry for h in hits) == [str(tmp_path / "things" / n) for n in ("cat", "dog")]
+        assert all(set(h.parts) == {"image", "text"} for h in hits)
+
+
+def test_entries_on_the_command_line(entry_index, tmp_path):
+    runner = CliRunner()
+    index_dir = tmp_path / "index"
+    shutil.copytree(entry_index, index_dir)
+    result = runner.invoke(cli, ["a red square", "--entries", "stem", "--fusion", "rrf", "-k", "2",
+                                 "--index", str(index_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    assert len(hits) == 2 and set(hits[0]["parts"]) == {"image", "audio"}
+    text = runner.invoke(cli, ["a red square", "--entries", "stem", "--index", str(index_dir)])
+    assert text.exit_code == 0 and "image" in text.stdout and "audio" in text.stdout

@@ -1,0 +1,129 @@
+"""Video search end to end: synthetic clips whose 4 s segments each show one shape class with its
+sound, in two containers, indexed as fused segment vectors; a caption or a video query finds the
+right clip at the right moment, through the API and the CLI."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sounds import SOUND_RATE, render_sound, write_captioned_sounds
+from tiny_model import caption_for, render_shape
+
+from retrieval import Index
+from retrieval.audio_training import AudioTrainingOptions
+from retrieval.cli import cli
+
+FPS = 10
+SEGMENT = 4.0
+# clip name -> container settings and the class each 4 s segment shows and sounds like
+CLIPS = {
+    "first.mp4": ("libx264", "aac", [("red", "circle"), ("blue", "square"), ("green", "triangle")]),
+    "second.webm": ("libvpx-vp9", "libopus", [("green", "square"), ("red", "triangle"), ("blue", "circle")]),
+}
+
+
+def write_clip(path: Path, video_codec: str, audio_codec: str, classes: list[tuple[str, str]],
+               seed: int) -> Path:
+    """Each class for SEGMENT seconds: its render on screen (a new render every second) and its sound."""
+    rng = np.random.default_rng(seed)
+    sound = np.concatenate([render_sound(c, s, rng, seconds=SEGMENT) for c, s in classes])
+    with av.open(str(path), "w") as container:
+        video = container.add_stream(video_codec, rate=FPS)
+        video.width = video.height = 64
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream(audio_codec, rate=48000 if audio_codec == "libopus" else SOUND_RATE)
+        audio.layout = "mono"
+        for color, shape in classes:
+            for _ in range(int(SEGMENT)):
+                picture = np.asarray(render_shape(color, shape, rng))
+                for _ in range(FPS):
+                    container.mux(video.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(video.encode(None))
+        if audio_codec == "libopus":  # opus takes 48 kHz only
+            sound = np.interp(np.arange(len(sound) * 3) / 3, np.arange(len(sound)), sound).astype(np.float32)
+        for start in range(0, len(sound), 1024):
+            frame = av.AudioFrame.from_ndarray(sound[None, start:start + 1024], format="flt", layout="mono")
+            frame.sample_rate = audio.rate
+            frame.pts, frame.time_base = start, Fraction(1, audio.rate)
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode(None))
+    return path
+
+
+@pytest.fixture(scope="module")
+def video_index(tmp_path_factory, trained_model) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("videos")
+    folder = root / "clips"
+    folder.mkdir()
+    for seed, (name, (video_codec, audio_codec, classes)) in enumerate(CLIPS.items()):
+        write_clip(folder / name, video_codec, audio_codec, classes, seed)
+    with Index.open(root / "index", model=trained_model, create=True) as index:
+        index.train_audio(write_captioned_sounds(root / "pairs"), AudioTrainingOptions(
+            epochs=15, width=8, n_mels=32, learning_rate=3e-3, held_out=0), reindex=False)
+        report = index.add(folder)
+        assert report.skipped == [] and report.video_encoded == 6  # 12 s in 4 s segments, twice
+    return root / "index", folder
+
+
+def truth() -> list[tuple[str, str, float]]:
+    """(caption, clip, segment start) for every segment of every clip."""
+    return [(caption_for(*cls), name, SEGMENT * number)
+            for name, (_, _, classes) in CLIPS.items() for number, cls in enumerate(classes)]
+
+
+def test_a_caption_finds_its_clip_at_its_moment(video_index):
+    index_dir, folder = video_index
+    with Index.open(index_dir, readonly=True) as index:
+        for caption, clip, start in truth():
+            hit = index.search(caption, target="video", k=1)[0]
+            assert (Path(hit.path).name, hit.modality) == (clip, "video"), caption
+            assert abs(hit.metadata["start"] - start) <= SEGMENT, (caption, hit.metadata)
+            assert hit.uri == f"{folder / clip}#t={hit.metadata['start']:g},{hit.metadata['end']:g}"
+        # auto: an index of videos answers words with video moments
+        assert index.search("a blue square", k=1)[0].modality == "video"
+        hits = index.search("a red circle", target="video", k=5)
+        assert len(hits) == 2 and len({h.path for h in hits}) == 2  # one hit per clip
+
+
+def test_a_video_query_and_the_command_line(video_index, tmp_path):
+    index_dir, folder = video_index
+    query = write_clip(tmp_path / "query.mkv", "mpeg4", "flac", [("blue", "square")], seed=9)
+    with Index.open(index_dir, readonly=True) as index:
+        hit = index.search(video=query, target="video", k=1)[0]
+    assert Path(hit.path).name == "first.mp4" and hit.metadata["start"] == 4.0
+    result = CliRunner().invoke(cli, ["a green triangle", "--target", "video", "--index", str(index_dir),
+                                      "--json", "-k", "1"])
+    assert result.exit_code == 0, result.output
+    [found] = json.loads(result.stdout)
+    assert Path(found["path"]).name == "first.mp4" and found["metadata"]["start"] == 8.0
+    by_video = CliRunner().invoke(cli, ["--video", str(query), "--index", str(index_dir), "-k", "1"])
+    assert by_video.exit_code == 0 and "first.mp4#t=4,8" in by_video.stdout
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    refused = CliRunner().invoke(cli, ["--video", str(bad), "--index", str(index_dir)])
+    assert refused.exit_code == 2 and f"query video {bad}: not a readable video" in refused.stderr
+
+
+def test_videos_update_incrementally_and_bad_ones_are_skipped(video_index, tmp_path):
+    import shutil
+
+    index_dir, folder = video_index
+    copy = tmp_path / "index"
+    shutil.copytree(index_dir, copy)
+    (folder / "broken.webm").write_bytes(b"\x1aE\xdf\xa3" + bytes(200))
+    try:
+        with Index.open(copy) as index:
+            report = index.add(folder)
+            assert report.unchanged == 2 and report.video_encoded == 0
+            assert [(Path(s.path).name, s.reason.split(" (")[0]) for s in report.skipped] == [
+                ("broken.webm", "not a readable video file")]
+            assert index.remove(folder / "second.webm") == 1
+            assert index.count("video") == 3 and len(index.vectors("video")) == 3
+    finally:
+        (folder / "broken.webm").unlink()
