@@ -13,6 +13,7 @@ Sections (pick with --only / --skip):
   int8    int8 image encoding: speed-up over fp32 and top-10 agreement with it
   audio   audio tower training (time, held-out recall) and audio indexing rate on synthetic sounds
   serve   `retrieve serve` over the corpus: warm HTTP query latency, and requests/s with 8 clients
+  video   video indexing rate (seconds of video per second) on a synthetic 640x360 H.264 clip
 
 The default model is ViT-B-32 with seeded random weights written as a `local-dir:` model
 (speed does not depend on weight values, and nothing is downloaded).
@@ -35,9 +36,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
 
+import av
 import faiss
 import httpx
 import numpy as np
@@ -58,7 +61,7 @@ from retrieval.vectors import KINDS, SearchKnobs, VectorIndex
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k-test"
-SECTIONS = ("images", "text", "ann", "cli", "int8", "audio", "serve")
+SECTIONS = ("images", "text", "ann", "cli", "int8", "audio", "serve", "video")
 QUERY = "a dog in the park"
 TEXT_BATCH = 256  # batch throughput is also measured at this batch, beside --batch-size
 K = 10
@@ -702,6 +705,53 @@ def section_audio(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> t
         table(("measurement", "result"), rows)])
 
 
+# -- video ------------------------------------------------------------------------------------
+
+def write_synthetic_video(path: Path, seconds: float, seed: int) -> None:
+    """A 640x360 30 fps H.264 clip of drifting coloured boxes, with an AAC tone that changes pitch."""
+    rng = np.random.default_rng(seed)
+    fps, rate = 30, 44100
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = 640, 360, "yuv420p"
+        audio = container.add_stream("aac", rate=rate)
+        audio.layout = "mono"
+        boxes = rng.integers(0, 255, (8, 3))
+        for index in range(int(seconds * fps)):
+            picture = np.full((360, 640, 3), 40, np.uint8)
+            for number, colour in enumerate(boxes):
+                left = int(index * (number + 1)) % 560
+                picture[40 * number:40 * number + 36, left:left + 80] = colour
+            container.mux(video.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(video.encode(None))
+        t = np.arange(int(seconds * rate)) / rate
+        tone = (0.3 * np.sin(2 * np.pi * (220 + 220 * (t // 10 % 3)) * t)).astype(np.float32)
+        for start in range(0, len(tone), 1024):
+            frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="flt", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode(None))
+
+
+def section_video(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> tuple[dict, str]:
+    """Index one synthetic clip: decoding, 1 frame/s through the image tower, segments committed."""
+    folder = workdir / "videos"
+    folder.mkdir()
+    write_synthetic_video(folder / "clip.mp4", args.video_seconds, args.seed)
+    with open_index(workdir / "index-video", spec, args) as index:
+        index.encoder  # noqa: B018 - load the model outside the timing
+        log(f"video: indexing a {args.video_seconds:.0f} s clip")
+        report, seconds = timed(lambda: index.add(folder))
+    data = {"video_seconds": args.video_seconds, "segments": report.video_encoded, "index_s": seconds,
+            "video_seconds_per_s": args.video_seconds / seconds}
+    rows = [(f"`add`: one {args.video_seconds:.0f} s 640x360 30 fps H.264 + AAC clip "
+             f"({report.video_encoded} segments of 4 s, 1 frame/s)",
+             f"{seconds:.1f} s: **{data['video_seconds_per_s']:.1f} s of video per second**")]
+    return data, "\n".join([
+        "Frames go through the benchmark's CLIP image tower; this index has no audio tower, so "
+        "segments are their pooled frames.", "", table(("measurement", "result"), rows)])
+
+
 # -- serve ------------------------------------------------------------------------------------
 
 def start_server(index_dir: Path, port: int, device: str) -> subprocess.Popen:
@@ -903,6 +953,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--audio-clips", type=int, default=200, help="5 s clips indexed [default: 200]")
     parser.add_argument("--audio-long-seconds", type=float, default=600.0,
                         help="length of the long recording indexed [default: 600]")
+    parser.add_argument("--video-seconds", type=float, default=120.0,
+                        help="length of the synthetic clip indexed [default: 120]")
     parser.add_argument("--serve-requests", type=int, default=200,
                         help="text queries each HTTP client sends [default: 200]")
     parser.add_argument("--serve-clients", type=int, default=8, help="concurrent HTTP clients")
@@ -942,7 +994,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     titles = {"images": "a. Image throughput", "text": "b. Text encoding",
               "ann": "c. ANN indexes", "cli": "d. Cold CLI and warm search latency",
               "int8": "e. int8 encoding against fp32", "audio": "f. Audio",
-              "serve": "g. Search service"}
+              "serve": "g. Search service", "video": "h. Video"}
     for section in args.sections:
         if section == "images":
             data, text = section_images(corpus, encoder, spec, args, workdir)
@@ -956,6 +1008,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             data, text = section_audio(spec, args, workdir)
         elif section == "serve":
             data, text = section_serve(corpus, spec, args, workdir)
+        elif section == "video":
+            data, text = section_video(spec, args, workdir)
         else:
             data, text = section_cli(spec, args, workdir)
         results[section] = data
