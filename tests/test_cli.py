@@ -114,7 +114,7 @@ def test_info(built, tiny_model):
     stats = json.loads(out)
     assert code == 0
     assert stats["model"]["name"] == tiny_model
-    assert stats["counts"] == {"image": 6, "text": 7, "audio": 0}
+    assert stats["counts"] == {"image": 6, "text": 7, "audio": 0, "video": 0}
     assert stats["audio_model"] is None
     assert "image   6" in run("info", "--index", built)[1]
 
@@ -250,7 +250,7 @@ def test_index_type_option_and_convert(tmp_path, photo_folder, tiny_model):
     assert json.loads(run("info", "--index", index_dir, "--json")[1])["index_type"] == "hnsw"
     before = json.loads(run("red", "--index", index_dir, "--json")[1])
     code, out, _ = run("convert", "flat", "--index", index_dir, "--ef-search", "99")
-    assert (code, out.strip()) == (0, "index type flat: image flat, text flat, audio flat")
+    assert (code, out.strip()) == (0, "index type flat: image flat, text flat, audio flat, video flat")
     after = json.loads(run("red", "--index", index_dir, "--json")[1])
     assert [h["id"] for h in after] == [h["id"] for h in before]
     assert run("convert", "nonsense", "--index", index_dir)[0] == 2

@@ -56,14 +56,17 @@ def test_finds_every_image_suffix_and_text_suffixes_ignoring_others(tmp_path):
         touch(tmp_path / name)
     touch(tmp_path / "notes.txt", "hello\n")
     touch(tmp_path / "records.jsonl", '{"text": "hi"}\n')
-    for other in ["doc.pdf", "clip.mp4", "data.csv", "data.json", "raw.heic", "noext", "img.jpg.bak",
+    touch(tmp_path / "song.FLAC")
+    touch(tmp_path / "clip.webm")
+    for other in ["doc.pdf", "data.csv", "data.json", "raw.heic", "noext", "img.jpg.bak",
                   "archive.tar.gz", "x.jpgx"]:
         touch(tmp_path / other)
 
     result = walk_sources([tmp_path])
 
     expected = {name: "image" for name in images}
-    expected.update({"notes.txt": "text", "records.jsonl": "text"})
+    expected.update({"notes.txt": "text", "records.jsonl": "text", "song.FLAC": "audio",
+                     "clip.webm": "video"})
     assert rel(result, tmp_path) == expected
     assert result.skipped == []
 

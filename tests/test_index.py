@@ -379,7 +379,7 @@ def test_targets_and_combined_queries(tmp_path, photo_folder, tiny_model):
         with pytest.raises(UsageError, match="cancel"):
             index.search("dog - dog")
         with pytest.raises(UsageError, match="target"):
-            index.search("dog", target="video")
+            index.search("dog", target="smell")
         with pytest.raises(UsageError, match="no such file"):
             index.search(image=tmp_path / "missing.jpg")
 

@@ -77,7 +77,7 @@ def local_search(index_dir: Path, **query) -> list[dict]:
 def test_health_stats_and_self_hosted_docs(url, index_dir):
     assert get(url, "/api/health").json() == {"status": "ok", "items": 6 + 6 + 2 + 3}
     stats = get(url, "/api/stats").json()
-    assert stats["counts"] == {"image": 6, "text": 8, "audio": 3}
+    assert stats["counts"] == {"image": 6, "text": 8, "audio": 3, "video": 0}
     assert stats["audio_model"].startswith("tower:")
     spec = get(url, "/openapi.json").json()
     assert {"/api/search", "/api/items/{item_id}/thumbnail", "/api/items/{item_id}/file"} <= set(
@@ -193,7 +193,7 @@ def test_bad_requests_get_4xx_with_a_clear_message(url, tmp_path, index_dir):
         (post(url, {}, [("image", ("empty.png", b"", "image/png"))]), 400, "is empty"),
         (post(url, {}, [("audio", ("x.wav", b"RIFF....WAVE", "audio/wav"))]), 400, "query sound x.wav: "),
         (post(url, {"q": "x", "where": "no_such_column = 1"}), 400, "--where"),
-        (get(url, "/api/search", q="x", target="video"), 422, "target"),
+        (get(url, "/api/search", q="x", target="smell"), 422, "target"),
         (get(url, "/api/search", q="x", k=0), 422, "k"),
     ]
     for response, status, message in cases:
