@@ -107,8 +107,9 @@ def cli() -> None:
               "mtime, meta), e.g. \"path LIKE '%2024%'\".")
 @click.option("--under", type=click.Path(), help="Only items whose file is under this folder.")
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
-@click.option("--entries", type=click.Choice(["stem", "folder"]),
-              help="Return entries (files sharing a stem, or a folder) instead of single items.")
+@click.option("--entries", metavar="stem|folder|MANIFEST",
+              help="Return entries instead of single items: files sharing a stem, a folder, or "
+              "as a manifest (CSV/JSONL with entry and path fields) groups them.")
 @click.option("--fusion", type=click.Choice(["rrf", "sum", "max", "mean", "weighted", "concat"]),
               default="rrf", show_default=True, help="How --entries fuses the modalities' evidence.")
 @click.option("--server", envvar="RETRIEVAL_SERVER", metavar="URL",
@@ -389,6 +390,37 @@ def evaluate_command(images: str, captions: str, split: str | None, model: str |
     click.echo(f"{result.model}: {result.images} images, {result.captions} captions "
                f"(encoded in {result.seconds['encode']:.1f} s)\n")
     click.echo(result.table())
+
+
+@cli.command("evaluate-entries")
+@click.argument("queries", type=click.Path(dir_okay=False))
+@index_option
+@click.option("--entries", "grouping", metavar="stem|folder|MANIFEST", default="stem",
+              show_default=True, help="How files group into entries (see search --entries).")
+@click.option("--depth", default=50, show_default=True, type=click.IntRange(10),
+              help="Entries ranked per query.")
+@json_option
+@reports_errors
+def evaluate_entries_command(queries: str, index_dir: str, grouping: str, depth: int,
+                             as_json: bool) -> None:
+    """Measure entry search: R@1/5/10 and median rank for each single modality and each fusion.
+
+    QUERIES is a TSV (query<TAB>entry), CSV or JSONL file of queries and the entries (paths
+    without suffix, or folders, relative to the file) that answer them.
+    """
+    from .entries import evaluate_fusion, read_entry_queries
+    from .index import Index
+
+    with Index.open(index_dir, readonly=True) as index:
+        results = evaluate_fusion(index, read_entry_queries(queries), grouping, depth)
+    if as_json:
+        click.echo(json.dumps({name: vars(scores) for name, scores in results.items()}, indent=2))
+        return
+    click.echo("| ranking by | R@1 | R@5 | R@10 | median rank |\n|---|---|---|---|---|")
+    for name, scores in results.items():
+        median = f"{scores.median_rank:g}" if scores.median_rank is not None else f"> {depth}"
+        recall = " | ".join(f"{100 * scores.recall[k]:.1f}" for k in (1, 5, 10))
+        click.echo(f"| {name} | {recall} | {median} |")
 
 
 @cli.command("train")

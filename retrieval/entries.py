@@ -2,7 +2,8 @@
 
 A product is a photo plus its description, a recording a sound plus its picture: files that
 share a stem in one folder (`dog.jpg`, `dog.txt` captions, `dog.wav`) form one entry by
-`stem`, or every file of a folder forms one by `folder`. A caption belongs to its image's entry.
+`stem`, every file of a folder forms one by `folder`, or a manifest file (CSV or JSONL with
+`entry` and `path` fields) names each file's entry. A caption belongs to its image's entry.
 
 Each modality the index holds is searched on its own; the parts found are grouped into entries
 and their evidence fused:
@@ -15,13 +16,19 @@ Every hit tells which part of each modality matched and how much each modality c
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .corpus import absolute_path, display_path
 from .errors import UsageError
+from .evaluation import DirectionScores
 from .fusion import EARLY, LATE, MODALITIES, early_fuse, early_fuse_query, late_fuse
 from .search import query_terms, query_vector
 
@@ -48,20 +55,50 @@ class EntryHit:
         return asdict(self)
 
 
-def entry_of(hit: Hit, grouping: str) -> str:
-    """The entry a part belongs to; a caption belongs to its image's entry."""
+Grouping = str | dict[str, str]  # "stem", "folder", or a manifest's file path -> entry name
+
+
+def entry_of(hit: Hit, grouping: Grouping) -> str:
+    """The entry a part belongs to; a caption belongs to its image's entry. A file a manifest
+    does not name is an entry of its own."""
     path = hit.metadata.get("image") if hit.modality == "text" and hit.metadata.get("image") else None
     path = path or hit.path or hit.uri.split("#")[0]
+    if isinstance(grouping, dict):
+        return grouping.get(path, path)
     return os.path.splitext(path)[0] if grouping == "stem" else os.path.dirname(path)
+
+
+def resolve_grouping(grouping: str) -> Grouping:
+    """`stem`, `folder`, or the path of a manifest file, read into file path -> entry name."""
+    if grouping in GROUPINGS:
+        return grouping
+    path = Path(grouping).expanduser()
+    if not path.is_file():
+        raise UsageError(f"entries are grouped by stem, folder or a manifest file, and {grouping} "
+                         "is none of these")
+    entries = {}
+    for number, (entry, member) in enumerate(_manifest_rows(path), 1):
+        if not entry or not member:
+            raise UsageError(f"entries manifest {path}, row {number}: needs an entry and a path")
+        entries[display_path(str(absolute_path(path.parent / member)))] = entry
+    return entries
+
+
+def _manifest_rows(path: Path) -> list[tuple[str, str]]:
+    text = _read(path, "entries manifest")
+    if path.suffix.lower() == ".jsonl":
+        records = _json_lines(path, text, "entries manifest")
+        return [(str(r.get("entry", "")).strip(), str(r.get("path", "")).strip()) for r in records]
+    rows = list(csv.DictReader(text.splitlines()))
+    return [((r.get("entry") or "").strip(), (r.get("path") or "").strip()) for r in rows]
 
 
 def search_entries(index: Index, query: str | None = None, *, text: str | None = None,
                    image: ImageQuery = None, audio: AudioQuery = None, k: int = 10,
-                   grouping: str = "stem", fusion: str = "rrf", weights: dict[str, float] | None = None,
+                   grouping: Grouping = "stem", fusion: str = "rrf", weights: dict[str, float] | None = None,
                    depth: int = DEFAULT_DEPTH) -> list[EntryHit]:
     """The k entries that best match a query, each modality searched and their evidence fused."""
-    if grouping not in GROUPINGS:
-        raise UsageError(f"entries are grouped by {' or '.join(GROUPINGS)}, not {grouping!r}")
+    grouping = resolve_grouping(grouping) if isinstance(grouping, str) else grouping
     if fusion not in FUSIONS:
         raise UsageError(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}")
     if k < 1:
@@ -97,7 +134,7 @@ def _searchable(index: Index) -> list[str]:
     return [m for m in MODALITIES if index.count(m) and not (m == "audio" and index.audio_is_clap)]
 
 
-def _early(index: Index, vectors: dict[str, np.ndarray], keys: dict[str, int], grouping: str,
+def _early(index: Index, vectors: dict[str, np.ndarray], keys: dict[str, int], grouping: Grouping,
            fusion: str, weights: dict[str, float] | None, k: int
            ) -> list[tuple[int, float, dict[str, float]]]:
     """Score each candidate entry by its fused vector; contributions split the score by modality."""
@@ -117,7 +154,7 @@ def _early(index: Index, vectors: dict[str, np.ndarray], keys: dict[str, int], g
     return scored[:k]
 
 
-def _members(index: Index, entries: set[str], grouping: str) -> dict[str, dict[str, list[np.ndarray]]]:
+def _members(index: Index, entries: set[str], grouping: Grouping) -> dict[str, dict[str, list[np.ndarray]]]:
     """entry -> modality -> the stored vectors of every item of that entry."""
     from .index import Hit
 
@@ -140,3 +177,76 @@ def _members(index: Index, entries: set[str], grouping: str) -> dict[str, dict[s
 def _unit_mean(vectors: list[np.ndarray]) -> np.ndarray:
     mean = np.mean(vectors, axis=0)
     return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+def read_entry_queries(path: str | Path) -> list[tuple[str, set[str]]]:
+    """Queries with the entries that answer them, from a TSV (`query<TAB>entry`), CSV or JSONL
+    file with `query` and `entry` fields; a query on several lines has several right entries.
+    Entry paths are taken relative to the file's folder."""
+    path = Path(path).expanduser()
+    rows = _query_rows(path, _read(path, "queries file"))
+    answers: dict[str, set[str]] = {}
+    for number, (query, entry) in enumerate(rows, 1):
+        if not query or not entry:
+            raise UsageError(f"queries file {path}, row {number}: needs a query and an entry")
+        answers.setdefault(query, set()).add(os.path.normpath(path.parent / entry))
+    if not answers:
+        raise UsageError(f"queries file {path} holds no queries")
+    return list(answers.items())
+
+
+def _query_rows(path: Path, text: str) -> list[tuple[str, str]]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    if path.suffix.lower() == ".jsonl":
+        records = _json_lines(path, text, "queries file")
+        return [(str(r.get("query", "")).strip(), str(r.get("entry", "")).strip()) for r in records]
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(lines))
+        return [((r.get("query") or "").strip(), (r.get("entry") or "").strip()) for r in rows]
+    return [tuple(part.strip() for part in (line.split("\t", 1) + [""])[:2]) for line in lines]
+
+
+def evaluate_fusion(index: Index, queries: list[tuple[str, set[str]]], grouping: str = "stem",
+                    depth: int = 50) -> dict[str, DirectionScores]:
+    """R@1/5/10 and median rank of the right entry, for each single modality (its parts alone
+    ranking the entries) and each fusion strategy: the gain or loss of fusing, measured."""
+    grouping = resolve_grouping(grouping)
+    rankers = {m: partial(_single_modality, modality=m) for m in _searchable(index)}
+    rankers.update({f: partial(_fused, fusion=f) for f in FUSIONS})
+    results = {}
+    for name, rank_entries in rankers.items():
+        ranks = []
+        for query, right in queries:
+            order = rank_entries(index, query, grouping, depth)
+            ranks.append(next((n for n, entry in enumerate(order, 1) if entry in right), depth + 1))
+        results[name] = DirectionScores.from_ranks(np.array(ranks), depth)
+    return results
+
+
+def _single_modality(index: Index, query: str, grouping: Grouping, depth: int, modality: str) -> list[str]:
+    hits = index._hydrate(*index._nearest(modality, query_vector(index, query_terms(query), modality),
+                                          min(depth * 4, index.count(modality)), None))
+    return list(dict.fromkeys(entry_of(hit, grouping) for hit in hits))[:depth]
+
+
+def _fused(index: Index, query: str, grouping: Grouping, depth: int, fusion: str) -> list[str]:
+    return [hit.entry for hit in search_entries(index, query, k=depth, grouping=grouping, fusion=fusion)]
+
+
+def _read(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except OSError as error:
+        raise UsageError(f"{what} {path}: {error.strerror}") from None
+
+
+def _json_lines(path: Path, text: str, what: str) -> list[dict]:
+    try:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError as error:
+        raise UsageError(f"{what} {path}: not JSON lines ({error})") from None
+    if not all(isinstance(record, dict) for record in records):
+        raise UsageError(f"{what} {path}: every line must be a JSON object")
+    return records

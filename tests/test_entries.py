@@ -87,7 +87,7 @@ def test_entry_hits_name_their_parts_and_contributions(entry_index):
         assert len(best.contributions) == 1
         with pytest.raises(UsageError, match="fusion must be one of"):
             index.search_entries("x", fusion="median")
-        with pytest.raises(UsageError, match="grouped by stem or folder"):
+        with pytest.raises(UsageError, match="stem, folder or a manifest file"):
             index.search_entries("x", grouping="day")
 
 
@@ -118,3 +118,40 @@ def test_entries_on_the_command_line(entry_index, tmp_path):
     assert len(hits) == 2 and set(hits[0]["parts"]) == {"image", "audio"}
     text = runner.invoke(cli, ["a red square", "--entries", "stem", "--index", str(index_dir)])
     assert text.exit_code == 0 and "image" in text.stdout and "audio" in text.stdout
+
+
+def test_evaluate_entries_measures_each_modality_and_each_fusion(entry_index, tmp_path):
+    entries = Path(entry_index).parent / "entries"
+    queries = tmp_path / "queries.tsv"
+    queries.write_text("".join(f"{caption_for(c, s)}\t{entries / f'e{n}_{copy}'}\n"
+                               for n, (c, s) in enumerate(CLASSES) for copy in range(PER_CLASS)))
+    result = CliRunner().invoke(cli, ["evaluate-entries", str(queries), "--index", str(entry_index),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    scores = {name: data["recall"]["1"] for name, data in json.loads(result.stdout).items()}
+    assert set(scores) == {"image", "audio", *FUSIONS}
+    with Index.open(entry_index, readonly=True) as index:  # the same measure as the tests above
+        assert scores["image"] == single_modality(index, "image")
+        assert scores["rrf"] == fused(index, "rrf")
+    assert min(scores[f] for f in ("rrf", "sum", "mean", "weighted", "concat")) > max(
+        scores["image"], scores["audio"])
+    table = CliRunner().invoke(cli, ["evaluate-entries", str(queries), "--index", str(entry_index)])
+    assert table.exit_code == 0 and "| rrf |" in table.stdout and "| image |" in table.stdout
+
+
+def test_a_manifest_names_the_entries(entry_index, tmp_path):
+    """Regroup the corpus by a manifest: each colour's grey pictures and sounds form one entry."""
+    entries = Path(entry_index).parent / "entries"
+    manifest = tmp_path / "entries.csv"
+    rows = [f"{color},{entries / f'e{n}_{copy}.{suffix}'}" for n, (color, _) in enumerate(CLASSES)
+            for copy in range(PER_CLASS) for suffix in ("png", "wav")]
+    manifest.write_text("entry,path\n" + "\n".join(rows) + "\n")
+    with Index.open(entry_index, readonly=True) as index:
+        hits = index.search_entries("a blue square", grouping=str(manifest), fusion="sum", k=3)
+        assert sorted(h.entry for h in hits) == ["blue", "green", "red"]
+        assert hits[0].entry == "blue" and set(hits[0].parts) == {"image", "audio"}
+        with pytest.raises(UsageError, match="stem, folder or a manifest file"):
+            index.search_entries("x", grouping=str(tmp_path / "missing.csv"))
+    (tmp_path / "bad.jsonl").write_text('{"entry": "a"}\n')
+    with Index.open(entry_index, readonly=True) as index, pytest.raises(UsageError, match="row 1"):
+        index.search_entries("x", grouping=str(tmp_path / "bad.jsonl"))
