@@ -18,6 +18,7 @@ from tiny_model import caption_for, render_shape
 from retrieval import Index
 from retrieval.audio_training import AudioTrainingOptions
 from retrieval.cli import cli
+from retrieval.errors import UsageError
 
 FPS = 10
 SEGMENT = 4.0
@@ -104,6 +105,8 @@ def test_a_video_query_and_the_command_line(video_index, tmp_path):
     assert Path(found["path"]).name == "first.mp4" and found["metadata"]["start"] == 8.0
     by_video = CliRunner().invoke(cli, ["--video", str(query), "--index", str(index_dir), "-k", "1"])
     assert by_video.exit_code == 0 and "first.mp4#t=4,8" in by_video.stdout
+    with Index.open(index_dir, readonly=True) as index, pytest.raises(UsageError, match="--target video"):
+        index.search_entries("a red circle")
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video")
     refused = CliRunner().invoke(cli, ["--video", str(bad), "--index", str(index_dir)])
