@@ -110,8 +110,9 @@ def cli() -> None:
 @click.option("--entries", metavar="stem|folder|MANIFEST",
               help="Return entries instead of single items: files sharing a stem, a folder, or "
               "as a manifest (CSV/JSONL with entry and path fields) groups them.")
-@click.option("--fusion", type=click.Choice(["rrf", "sum", "max", "mean", "weighted", "concat"]),
-              default="rrf", show_default=True, help="How --entries fuses the modalities' evidence.")
+@click.option("--fusion", type=click.Choice(["rrf", "sum", "max", "mean", "weighted", "concat", "attention"]),
+              default="rrf", show_default=True, help="How --entries fuses the modalities' evidence "
+              "(attention: the gate retrieve train-fusion trained).")
 @click.option("--server", envvar="RETRIEVAL_SERVER", metavar="URL",
               help="Ask a running `retrieve serve` (e.g. http://127.0.0.1:8000) instead of "
               "opening the index here: no model to load (or set RETRIEVAL_SERVER).")
@@ -421,6 +422,40 @@ def evaluate_entries_command(queries: str, index_dir: str, grouping: str, depth:
         median = f"{scores.median_rank:g}" if scores.median_rank is not None else f"> {depth}"
         recall = " | ".join(f"{100 * scores.recall[k]:.1f}" for k in (1, 5, 10))
         click.echo(f"| {name} | {recall} | {median} |")
+
+
+@cli.command("train-fusion")
+@click.argument("queries", type=click.Path(dir_okay=False))
+@index_option
+@click.option("--entries", "grouping", metavar="stem|folder|MANIFEST", default="stem",
+              show_default=True, help="How files group into entries (see search --entries).")
+@schedule_options(epochs=30, batch_size=64, learning_rate=3e-3)
+@click.option("--held-out", default=0.2, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Share of the queries kept out of training; R@1 on them is reported per epoch.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@json_option
+@reports_errors
+def train_fusion_command(queries: str, index_dir: str, grouping: str, epochs: int, batch_size: int,
+                         learning_rate: float, held_out: float, seed: int, as_json: bool) -> None:
+    """Train the attention gate that weighs each modality per query, for --fusion attention.
+
+    QUERIES is the file evaluate-entries reads: queries and the entries that answer them.
+    """
+    from .entries import train_fusion_gate
+    from .fusion import FusionTrainingOptions
+    from .index import Index
+
+    options = FusionTrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                                    held_out=held_out, seed=seed)
+    with Index.open(index_dir) as index:
+        report = train_fusion_gate(index, queries, grouping, options)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    last = report["epochs"][-1]
+    click.echo(f"trained the fusion gate on {report['examples'] - report['held_out']} queries for "
+               f"{len(report['epochs'])} epochs in {report['seconds']:.1f} s; held-out R@1 "
+               f"{last['recall_at_1']:.3f}")
 
 
 @cli.command("train")

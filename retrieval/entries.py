@@ -10,7 +10,9 @@ and their evidence fused:
 - late fusion (`sum`, `max`, `rrf`) merges the per-modality rankings (see `fusion.late_fuse`);
 - early fusion (`mean`, `weighted`, `concat`) fuses each candidate entry's part vectors into
   one entry vector and scores that (see `fusion.early_fuse`); a modality's part vector is the
-  mean of the entry's items of that modality (all captions of an image, all windows of a sound).
+  mean of the entry's items of that modality (all captions of an image, all windows of a sound);
+- `attention` weighs each modality's cosine per query with a small gate trained on the user's
+  queries (`train_fusion_gate`, saved in the index folder; see `fusion.AttentionFusion`).
 Every hit tells which part of each modality matched and how much each modality contributed.
 """
 
@@ -29,7 +31,18 @@ import numpy as np
 from .corpus import absolute_path, display_path
 from .errors import UsageError
 from .evaluation import DirectionScores
-from .fusion import EARLY, LATE, MODALITIES, early_fuse, early_fuse_query, late_fuse
+from .files import replacing
+from .fusion import (
+    EARLY,
+    LATE,
+    MODALITIES,
+    AttentionFusion,
+    FusionTrainingOptions,
+    early_fuse,
+    early_fuse_query,
+    late_fuse,
+    train_attention,
+)
 from .search import query_terms, query_vector
 
 if TYPE_CHECKING:
@@ -37,7 +50,8 @@ if TYPE_CHECKING:
     from .search import AudioQuery, ImageQuery
 
 GROUPINGS = ("stem", "folder")
-FUSIONS = (*LATE, *EARLY)
+FUSIONS = (*LATE, *EARLY, "attention")
+GATE_NAME = "fusion_gate.safetensors"
 DEFAULT_DEPTH = 200  # parts fetched per modality before grouping
 
 
@@ -122,6 +136,8 @@ def search_entries(index: Index, query: str | None = None, *, text: str | None =
     if fusion in LATE:
         fused = [(hit.entry, hit.score, hit.contributions)
                  for hit in late_fuse(rankings, fusion, weights, k)]
+    elif fusion == "attention":
+        fused = _attention(index, next(iter(vectors.values())), keys, grouping, k)
     else:
         fused = _early(index, vectors, keys, grouping, fusion, weights, k)
     return [EntryHit(names[entry], score, contributions,
@@ -161,8 +177,10 @@ def _early(index: Index, vectors: dict[str, np.ndarray], keys: dict[str, int], g
     return scored[:k]
 
 
-def _members(index: Index, entries: set[str], grouping: Grouping) -> dict[str, dict[str, list[np.ndarray]]]:
-    """entry -> modality -> the stored vectors of every item of that entry."""
+def _members(index: Index, entries: set[str] | None, grouping: Grouping
+             ) -> dict[str, dict[str, list[np.ndarray]]]:
+    """entry -> modality -> the stored vectors of every item of that entry (of every entry
+    when `entries` is None)."""
     from .index import Hit
 
     found: dict[str, dict[str, list[np.ndarray]]] = {}
@@ -176,9 +194,82 @@ def _members(index: Index, entries: set[str], grouping: Grouping) -> dict[str, d
             hit = Hit(row.id, row.modality, row.uri, 0.0, row.path, row.text,
                       {"image": parent.uri} if parent else {})
             entry = entry_of(hit, grouping)
-            if entry in entries:
+            if entries is None or entry in entries:
                 found.setdefault(entry, {}).setdefault(modality, []).append(vector)
     return found
+
+
+def _part_arrays(members: dict[str, dict[str, list[np.ndarray]]], names: list[str], dim: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(parts (N, M, d), mask (N, M)) of these entries, in MODALITIES order."""
+    parts = np.zeros((len(names), len(MODALITIES), dim), np.float32)
+    mask = np.zeros((len(names), len(MODALITIES)), bool)
+    for row, name in enumerate(names):
+        for modality, vectors in members.get(name, {}).items():
+            parts[row, MODALITIES.index(modality)] = _unit_mean(vectors)
+            mask[row, MODALITIES.index(modality)] = True
+    return parts, mask
+
+
+def train_fusion_gate(index: Index, queries: str | Path, grouping: str = "stem",
+                      options: FusionTrainingOptions | None = None) -> dict:
+    """Train the attention gate on queries and the entries that answer them (see
+    `read_entry_queries`), among all the index's entries; save it in the index folder."""
+    from safetensors.torch import save
+
+    resolved = resolve_grouping(grouping)
+    members = _members(index, None, resolved)
+    names = sorted(members)
+    position = {name: row for row, name in enumerate(names)}
+    examples = [(query, position[entry]) for query, right in read_entry_queries(queries)
+                for entry in sorted(right) if entry in position]
+    if not examples:
+        raise UsageError(f"no entry named in {queries} is in index {index.path}")
+    parts, mask = _part_arrays(members, names, index.dim)
+    vectors = index.text_encoder.encode_texts([query for query, _ in examples])
+    model, report = train_attention(vectors, parts, mask, np.array([row for _, row in examples]), options)
+    data = save({k: v.contiguous() for k, v in model.state_dict().items()},
+                metadata={"dim": str(index.dim), "hidden": str(model.gate[0].out_features)})
+    from .index import storage_errors
+
+    with storage_errors(index.path), replacing(index.path / GATE_NAME) as temporary:
+        temporary.write_bytes(data)
+    return report
+
+
+def _attention(index: Index, query: np.ndarray, keys: dict[str, int], grouping: Grouping, k: int
+               ) -> list[tuple[int, float, dict[str, float]]]:
+    """Candidate entries scored by the trained gate's per-query weighting of their parts."""
+    import torch
+
+    model = _load_gate(index)
+    names = list(keys)
+    parts, mask = _part_arrays(_members(index, set(names), grouping), names, len(query))
+    query_t = torch.from_numpy(query[None].astype(np.float32))
+    with torch.no_grad():
+        scores = model(query_t, torch.from_numpy(parts), torch.from_numpy(mask))[0].numpy()
+        weights = model.weights(query_t)[0].numpy()
+    fused = []
+    for row in np.argsort(-scores, kind="stable")[:k]:
+        present = weights * mask[row]
+        share = present / max(float(present.sum()), 1e-12) * (parts[row] @ query)
+        fused.append((keys[names[row]], float(scores[row]),
+                      {m: float(share[i]) for i, m in enumerate(MODALITIES) if mask[row, i]}))
+    return fused
+
+
+def _load_gate(index: Index):
+    from safetensors import safe_open
+
+    path = index.path / GATE_NAME
+    if not path.is_file():
+        raise UsageError(f"index {index.path} has no trained fusion gate; train one with: retrieve "
+                         f"train-fusion QUERIES --index {index.path}")
+    with safe_open(str(path), framework="pt") as weights:
+        meta = weights.metadata()
+        model = AttentionFusion(int(meta["dim"]), int(meta["hidden"]))
+        model.load_state_dict({name: weights.get_tensor(name) for name in weights.keys()})  # noqa: SIM118
+    return model.eval()
 
 
 def _unit_mean(vectors: list[np.ndarray]) -> np.ndarray:
@@ -221,7 +312,8 @@ def evaluate_fusion(index: Index, queries: list[tuple[str, set[str]]], grouping:
     ranking the entries) and each fusion strategy: the gain or loss of fusing, measured."""
     grouping = resolve_grouping(grouping)
     rankers = {m: partial(_single_modality, modality=m) for m in _searchable(index)}
-    rankers.update({f: partial(_fused, fusion=f) for f in FUSIONS})
+    trained = (index.path / GATE_NAME).is_file()
+    rankers.update({f: partial(_fused, fusion=f) for f in FUSIONS if f != "attention" or trained})
     results = {}
     for name, rank_entries in rankers.items():
         ranks = []
