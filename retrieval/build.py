@@ -19,7 +19,6 @@ import io
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +44,7 @@ from .images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
 from .pipeline import default_workers, prefetch_map
 from .store import MODALITIES, FileRow, NewItem
 from .video import DEFAULT_MAX_VIDEO_SECONDS, VideoDecodeError, VideoSegment
-from .video_segments import audio_rate, decode_segments, segment_vectors
+from .video_segments import decode_segments, segment_vectors
 
 if TYPE_CHECKING:
     import torch
@@ -343,8 +342,7 @@ class Builder:
         if not pending:
             return
         known_hashes = {row.sha256 for row in self.known.values() if row.kind == "video"}
-        decode = partial(self._decode_video, rate=audio_rate(self.index))
-        prepared = prefetch_map(lambda p: self._prepare(*p, known_hashes, decode), pending,
+        prepared = prefetch_map(lambda p: self._prepare(*p, known_hashes, self._decode_video), pending,
                                 self.options.workers, ahead=self.options.workers)
         for item in tqdm(prepared, total=len(pending), unit="video", desc="video",
                          disable=not self.options.progress):
@@ -355,9 +353,9 @@ class Builder:
                 self._write_timed(item, [(s.start, s.end) for s in item.segments], list(vectors))
                 self.report.video_encoded += len(item.segments)
 
-    def _decode_video(self, item: _Prepared, data: bytes, rate: int) -> None:
+    def _decode_video(self, item: _Prepared, data: bytes) -> None:
         try:
-            item.segments = decode_segments(io.BytesIO(data), self.options.max_video_seconds, rate)
+            item.segments = decode_segments(self.index, io.BytesIO(data), self.options.max_video_seconds)
         except VideoDecodeError as error:
             item.error = str(error)
 

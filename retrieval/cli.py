@@ -111,7 +111,7 @@ def cli() -> None:
               help="Return entries instead of single items: files sharing a stem, a folder, or "
               "as a manifest (CSV/JSONL with entry and path fields) groups them.")
 @click.option("--fusion", type=click.Choice(["rrf", "sum", "max", "mean", "weighted", "concat", "attention"]),
-              default="rrf", show_default=True, help="How --entries fuses the modalities' evidence "
+              help="How --entries fuses the modalities' evidence [default: the index's, else rrf] "
               "(attention: the gate retrieve train-fusion trained).")
 @click.option("--server", envvar="RETRIEVAL_SERVER", metavar="URL",
               help="Ask a running `retrieve serve` (e.g. http://127.0.0.1:8000) instead of "
@@ -123,7 +123,7 @@ def cli() -> None:
 def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tuple[str, ...],
                    videos: tuple[str, ...], index_dir: str, k: int,
                    target: str, where: str | None, under: str | None, min_score: float | None,
-                   entries: str | None, fusion: str, server: str | None, as_json: bool,
+                   entries: str | None, fusion: str | None, server: str | None, as_json: bool,
                    model: str | None, pretrained: str | None, device: str) -> None:
     """Search the index with text, images, sounds or a combined query like "cat + 2:dog - grass".
 
@@ -163,7 +163,7 @@ def _search_here(index_dir: str, text: str | None, images: tuple[str, ...], soun
 
 
 def _entries_here(index_dir: str, text: str | None, images: tuple[str, ...], sounds: tuple[str, ...],
-                  k: int, grouping: str, fusion: str) -> list:
+                  k: int, grouping: str, fusion: str | None) -> list:
     from .index import Index
 
     with Index.open(index_dir, readonly=True) as index:
@@ -209,6 +209,14 @@ def _print_hits(hits) -> None:
               help="Skip sounds longer than this (each is decoded whole, in memory).")
 @click.option("--max-video-seconds", type=click.FloatRange(min=0, min_open=True),
               default=DEFAULT_MAX_VIDEO_SECONDS, show_default=True, help="Skip longer videos.")
+@click.option("--frame-rate", type=click.FloatRange(min=0, min_open=True),
+              help="Video frames sampled per second [recorded by the index; default 1].")
+@click.option("--scene-threshold", type=click.FloatRange(0, 1, min_open=True),
+              help="Also sample a video frame at every cut this large (0-1) [default: none].")
+@click.option("--temporal", type=click.Choice(["mean", "max"]),
+              help="How a video segment's frames are pooled [recorded by the index; default mean].")
+@click.option("--fusion", type=click.Choice(["rrf", "sum", "max", "mean", "weighted", "concat", "attention"]),
+              help="Default fusion for searches with --entries [recorded by the index; default rrf].")
 @model_options
 @click.option("--audio-model", help="Embed audio with a CLAP model: clap:NAME (e.g. "
               "clap:laion/clap-htsat-unfused) or clap:/folder; default: the tower `retrieve "
@@ -225,7 +233,9 @@ def _print_hits(hits) -> None:
 @reports_errors
 def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str, ...],
                   exclude_dir: tuple[str, ...], include_hidden: bool, max_megapixels: float,
-                  max_audio_seconds: float, max_video_seconds: float, model: str | None,
+                  max_audio_seconds: float, max_video_seconds: float, frame_rate: float | None,
+                  scene_threshold: float | None, temporal: str | None, fusion: str | None,
+                  model: str | None,
                   pretrained: str | None,
                   audio_model: str | None, index_type: str | None,
                   rebuild: bool, device: str, batch_size: int, int8: bool, quiet: bool,
@@ -240,6 +250,9 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
     with Index.open(index_dir, model=model, pretrained=pretrained, create=True, rebuild=rebuild,
                     index_type=index_type, device=device, batch_size=batch_size,
                     int8=int8, audio_model=audio_model) as index:
+        if frame_rate or scene_threshold or temporal or fusion:
+            index.configure(fusion=fusion, frame_rate=frame_rate, scene_threshold=scene_threshold,
+                            temporal=temporal)
         report = index.add(*sources, captions=captions, exclude=exclude_dir,
                            include_hidden=include_hidden, max_megapixels=max_megapixels,
                            max_audio_seconds=max_audio_seconds, max_video_seconds=max_video_seconds,

@@ -109,10 +109,12 @@ def _manifest_rows(path: Path) -> list[tuple[str, str]]:
 
 def search_entries(index: Index, query: str | None = None, *, text: str | None = None,
                    image: ImageQuery = None, audio: AudioQuery = None, k: int = 10,
-                   grouping: Grouping = "stem", fusion: str = "rrf", weights: dict[str, float] | None = None,
-                   depth: int = DEFAULT_DEPTH) -> list[EntryHit]:
-    """The k entries that best match a query, each modality searched and their evidence fused."""
+                   grouping: Grouping = "stem", fusion: str | None = None,
+                   weights: dict[str, float] | None = None, depth: int = DEFAULT_DEPTH) -> list[EntryHit]:
+    """The k entries that best match a query, each modality searched and their evidence fused
+    (by `fusion`, else the index's recorded default, else rrf)."""
     grouping = resolve_grouping(grouping) if isinstance(grouping, str) else grouping
+    fusion = fusion or index.store.get_info("fusion") or "rrf"
     if fusion not in FUSIONS:
         raise UsageError(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}")
     if k < 1:

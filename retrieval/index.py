@@ -233,6 +233,32 @@ class Index:
         self._rebuild_vectors("audio")
         self._write_manifest()
 
+    def configure(self, *, fusion: str | None = None, frame_rate: float | None = None,
+                  scene_threshold: float | None = None, temporal: str | None = None) -> None:
+        """Record index-wide choices: the default entry fusion, and how videos are sampled and
+        pooled. Video choices cannot change while the index holds videos made with others."""
+        from .entries import FUSIONS
+
+        if fusion is not None and fusion not in FUSIONS:
+            raise UsageError(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}")
+        if temporal is not None and temporal not in ("mean", "max"):
+            raise UsageError(f"temporal pooling must be mean or max, not {temporal!r}")
+        video = {"frame_rate": frame_rate, "scene_threshold": scene_threshold, "temporal": temporal}
+        changed = {k: v for k, v in video.items() if v is not None and str(v) != self.video_setting(k)}
+        if changed and self.count("video"):
+            raise UsageError(f"index {self.path} holds videos sampled with other settings "
+                             f"({', '.join(changed)}); remove them first, or build a new index")
+        with self._write_lock(), self.store.conn:
+            for key, value in {"fusion": fusion, **changed}.items():
+                if value is not None:
+                    self.store.set_info(key, str(value))
+
+    def video_setting(self, key: str) -> str:
+        """A recorded video choice (frame_rate, scene_threshold, temporal), or its default."""
+        from .video_segments import VIDEO_SETTINGS
+
+        return self.store.get_info(key) or VIDEO_SETTINGS[key]
+
     def dim_of(self, modality: str) -> int:
         """The vector size of a modality: the CLIP model's, or a CLAP model's for audio."""
         if modality == "audio":

@@ -135,11 +135,10 @@ def _open_image(image: ImageInput) -> Image.Image:
 def _video_vector(index: Index, video: AudioInput) -> np.ndarray:
     """A query video: the normalised mean of its segments' vectors, made as the index makes them."""
     from .video import DEFAULT_MAX_VIDEO_SECONDS, VideoDecodeError
-    from .video_segments import audio_rate, decode_segments, segment_vectors
+    from .video_segments import decode_segments, segment_vectors
 
     try:
-        segments = decode_segments(_query_file(video, "video"), DEFAULT_MAX_VIDEO_SECONDS,
-                                   audio_rate(index))
+        segments = decode_segments(index, _query_file(video, "video"), DEFAULT_MAX_VIDEO_SECONDS)
     except VideoDecodeError as error:
         raise UsageError(f"query video {_name(video)}: {error}") from None
     mean = segment_vectors(index, segments).mean(axis=0)

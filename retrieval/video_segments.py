@@ -1,6 +1,7 @@
 """Video segments as vectors: a segment's sampled frames, pooled, fused with its soundtrack.
 
-Frames are embedded by the index's CLIP image tower and mean-pooled; when the index has our
+Frames (one a second by default, plus one at every scene cut when the index asks) are embedded
+by the index's CLIP image tower and pooled (mean, or max); when the index has our
 audio tower (which shares the CLIP space) and the segment has sound, the soundtrack's vector is
 fused with the frames' by the normalised mean (early fusion). A CLAP audio model lives in
 another space, so its indexes embed video by the frames alone.
@@ -20,16 +21,27 @@ if TYPE_CHECKING:
     from .index import Index
 
 
-def decode_segments(source: str | BinaryIO, max_seconds: float, sample_rate: int) -> list[VideoSegment]:
-    """The segments of a video file (VideoDecodeError when it cannot be used)."""
-    return split_segments(read_video(source, sample_rate=sample_rate, max_seconds=max_seconds))
+# What an index records of how it samples videos (`Index.configure`), and the defaults.
+VIDEO_SETTINGS = {"frame_rate": "1.0", "scene_threshold": "", "temporal": "mean"}
+
+
+def decode_segments(index: Index, source: str | BinaryIO, max_seconds: float) -> list[VideoSegment]:
+    """The segments of a video file, sampled as the index records (VideoDecodeError when the
+    file cannot be used)."""
+    threshold = index.video_setting("scene_threshold")
+    video = read_video(source, frame_rate=float(index.video_setting("frame_rate")),
+                       scene_threshold=float(threshold) if threshold else None,
+                       sample_rate=audio_rate(index), max_seconds=max_seconds)
+    return split_segments(video)
 
 
 def segment_vectors(index: Index, segments: list[VideoSegment]) -> np.ndarray:
     """One unit vector per segment, in the CLIP space."""
     frames = [frame.image for segment in segments for frame in segment.frames]
     pictures = iter(index.encoder.encode_images(frames))
-    pooled = [pool_frames(np.stack([next(pictures) for _ in segment.frames])) for segment in segments]
+    pooling = index.video_setting("temporal")
+    pooled = [pool_frames(np.stack([next(pictures) for _ in segment.frames]), pooling)
+              for segment in segments]
     sounds = _sound_vectors(index, segments)
     return np.stack([early_fuse({"image": picture, **({"audio": sounds[i]} if i in sounds else {})})
                      for i, picture in enumerate(pooled)]).astype(np.float32)

@@ -130,3 +130,25 @@ def test_videos_update_incrementally_and_bad_ones_are_skipped(video_index, tmp_p
             assert index.count("video") == 3 and len(index.vectors("video")) == 3
     finally:
         (folder / "broken.webm").unlink()
+
+
+def test_video_sampling_and_default_fusion_are_recorded_by_the_index(tmp_path, tiny_model):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    write_clip(folder / "a.mp4", "libx264", "aac", [("red", "circle"), ("blue", "square")], seed=3)
+    runner = CliRunner()
+    index_dir = str(tmp_path / "index")
+    built = runner.invoke(cli, ["index", str(folder), "--index", index_dir, "--model", tiny_model,
+                                "--frame-rate", "2", "--temporal", "max", "--fusion", "sum", "--quiet"])
+    assert built.exit_code == 0, built.output
+    with Index.open(index_dir) as index:
+        assert [index.video_setting(k) for k in ("frame_rate", "temporal")] == ["2.0", "max"]
+        assert index.store.get_info("fusion") == "sum"
+        before = index.store.all_vectors("video")[1]
+        with pytest.raises(UsageError, match="holds videos sampled with other settings"):
+            index.configure(frame_rate=4)
+        index.remove(folder)
+        index.configure(temporal="mean")
+        index.add(folder)
+        assert not np.allclose(index.store.all_vectors("video")[1], before)  # mean pools otherwise
+        index.configure(fusion="rrf")  # the entry fusion may change at any time
