@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from clips import write_clip
 from conftest import write_shape_folder
 from PIL import Image
 from serving import running_server
@@ -65,6 +66,10 @@ def server_url(tmp_path_factory, trained_model) -> Iterator[str]:
         index.train_audio(write_captioned_sounds(root / "pairs", seed=7, per_class=6), AudioTrainingOptions(
             epochs=15, width=8, n_mels=32, learning_rate=3e-3, held_out=0), reindex=False)
         index.add(write_sounds(root / "sounds"))
+        (root / "videos").mkdir()
+        write_clip(root / "videos" / "clip.webm", "libvpx-vp9", "libopus",
+                   [("green", "circle"), ("red", "square"), ("blue", "triangle")], seed=4)
+        assert index.add(root / "videos").video_encoded == 3
     with running_server(root / "index") as url:
         yield url
 
@@ -191,9 +196,21 @@ def test_sounds_play_in_the_page_and_a_dropped_sound_finds_sounds(page):
     assert class_of(top_name(page).split()[0]) == ("blue", "square")  # auto: sounds for a sound
 
 
+def test_a_video_result_plays_from_its_moment(page):
+    page.check("input[name=target][value=video]")
+    search_text(page, "a red square", thumbnails=False)
+    top = page.locator(CARDS).first
+    assert top.locator(".name").text_content() == "clip.webm 4–8 s"
+    player = top.locator("video")
+    assert player.get_attribute("src").endswith("/file#t=4,8")
+    # the media fragment starts the player at the segment that matched
+    page.wait_for_function("video => video.readyState >= 1 && Math.abs(video.currentTime - 4) < 0.5",
+                           arg=player.element_handle())
+
+
 def test_screenshot_of_a_search(page):
     search_text(page, "a blue triangle")
-    expect(page.locator("#stats")).to_have_text("27 image · 27 text · 9 audio")
+    expect(page.locator("#stats")).to_have_text("27 image · 27 text · 9 audio · 3 video")
     folder = Path(os.environ.get("RETRIEVAL_ARTIFACTS") or Path(__file__).parent / "artifacts")
     folder.mkdir(parents=True, exist_ok=True)
     shot = folder / "search-page.png"
