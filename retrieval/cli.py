@@ -471,6 +471,42 @@ def train_fusion_command(queries: str, index_dir: str, grouping: str, epochs: in
                f"{last['recall_at_1']:.3f}")
 
 
+@cli.command("train-temporal")
+@click.argument("pairs", type=click.Path())
+@index_option
+@click.option("--kind", type=click.Choice(["bilstm", "transformer"]), default="bilstm", show_default=True,
+              help="A bidirectional LSTM or a small transformer over a segment's frame vectors.")
+@schedule_options(epochs=30, batch_size=64, learning_rate=3e-3)
+@click.option("--held-out", default=0.2, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Share of the segments kept out of training; R@1 on them is reported per epoch.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--no-reindex", is_flag=True, help="Do not re-encode the index's videos now.")
+@json_option
+@reports_errors
+def train_temporal_command(pairs: str, index_dir: str, kind: str, epochs: int, batch_size: int,
+                           learning_rate: float, held_out: float, seed: int, no_reindex: bool,
+                           as_json: bool) -> None:
+    """Train how video segments pool their frames: an encoder that reads frame order.
+
+    PAIRS is a folder where each video has a .txt caption of the same name (clip.mp4 + clip.txt)
+    or a CSV/JSONL file with video and caption fields. Every segment learns to land next to its
+    video's caption; the index's videos are then encoded with it.
+    """
+    from .fusion import FusionTrainingOptions
+    from .index import Index
+
+    options = FusionTrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                                    held_out=held_out, seed=seed)
+    with Index.open(index_dir) as index:
+        report = index.train_temporal(pairs, kind, options, reindex=not no_reindex)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    last = report["epochs"][-1]
+    click.echo(f"trained {report['identity']} on {report['examples'] - report['held_out']} segments in "
+               f"{report['seconds']:.1f} s; held-out R@1 {last['recall_at_1']:.3f}")
+
+
 @cli.command("train")
 @click.argument("images", type=click.Path(file_okay=False))
 @click.option("--captions", required=True, type=click.Path(dir_okay=False),

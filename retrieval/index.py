@@ -253,6 +253,24 @@ class Index:
                 if value is not None:
                     self.store.set_info(key, str(value))
 
+    def train_temporal(self, pairs: str | Path, kind: str = "bilstm", options=None,
+                       reindex: bool = True) -> dict:
+        """Train a Bi-LSTM or small transformer over frame vectors on captioned videos, use it to
+        pool every video segment's frames from now on, and re-encode the index's videos with it."""
+        from .video_segments import train_temporal_encoder
+
+        with self._write_lock():
+            identity, report = train_temporal_encoder(self, pairs, kind, options)
+            with self.store.conn:
+                self.store.delete_files(self.store.file_ids_of_kind("video"))
+                self.store.bump_generation("video")
+                self.store.set_info("temporal", identity)
+            self._rebuild_vectors("video")
+            self._write_manifest()
+        if reindex and self._known_roots():
+            self.add()
+        return {"identity": identity, **report}
+
     def video_setting(self, key: str) -> str:
         """A recorded video choice (frame_rate, scene_threshold, temporal), or its default."""
         from .video_segments import VIDEO_SETTINGS

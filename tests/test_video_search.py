@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from clips import SEGMENT, write_clip
 from sounds import write_captioned_sounds
-from tiny_model import caption_for
+from tiny_model import CLASSES, caption_for
 
 from retrieval import Index
 from retrieval.audio_training import AudioTrainingOptions
@@ -121,3 +121,30 @@ def test_video_sampling_and_default_fusion_are_recorded_by_the_index(tmp_path, t
         index.add(folder)
         assert not np.allclose(index.store.all_vectors("video")[1], before)  # mean pools otherwise
         index.configure(fusion="rrf")  # the entry fusion may change at any time
+
+
+def test_a_trained_temporal_encoder_pools_the_segments(video_index, tmp_path):
+    """Train a Bi-LSTM over frame vectors on captioned clips; the index's videos are re-encoded
+    with it, recorded by identity, and still found at the right moment."""
+    import shutil
+
+    index_dir, folder = video_index
+    copy = tmp_path / "index"
+    shutil.copytree(index_dir, copy)
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for number, (color, shape) in enumerate(CLASSES):
+        write_clip(pairs / f"c{number}.mkv", "mpeg4", "flac", [(color, shape)], seed=20 + number)
+        (pairs / f"c{number}.txt").write_text(caption_for(color, shape) + "\n")
+    result = CliRunner().invoke(cli, ["train-temporal", str(pairs), "--index", str(copy), "--held-out", "0",
+                                      "--epochs", "40", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["identity"].startswith("bilstm:") and report["examples"] == 9
+    with Index.open(copy, readonly=True) as index:
+        assert index.video_setting("temporal") == report["identity"]
+        assert index.count("video") == 6  # re-encoded from the folders indexed before
+        found = [(Path(index.search(caption, target="video", k=1)[0].path).name, clip)
+                 for caption, clip, _ in truth()]
+    assert sum(a == b for a, b in found) >= 5, found
+    assert (copy / f"temporal_bilstm_{report['identity'].split(':')[1]}.safetensors").is_file()
