@@ -148,14 +148,10 @@ def search_entries(index: Index, query: str | None = None, *, text: str | None =
 
 
 def _searchable(index: Index) -> list[str]:
-    """Modalities with items whose vectors a query can be compared with (CLAP audio cannot).
-
-    Entries fuse images, texts and sounds; video segments are fused moments of their own.
-    """
+    """Modalities with items whose vectors a query can be compared with (CLAP audio cannot)."""
     found = [m for m in MODALITIES if index.count(m) and not (m == "audio" and index.audio_is_clap)]
     if not found:
-        raise UsageError(f"index {index.path} holds no images, texts or sounds to group into entries"
-                         + ("; search its videos with --target video" if index.count("video") else ""))
+        raise UsageError(f"index {index.path} holds nothing to group into entries")
     return found
 
 

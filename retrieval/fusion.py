@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .contrastive import optimise, symmetric_info_nce
 from .errors import UsageError
 
-MODALITIES = ("image", "text", "audio")
+MODALITIES = ("image", "text", "audio", "video")
 EARLY = ("mean", "weighted", "concat")
 LATE = ("sum", "max", "rrf")
 STRATEGIES = (*EARLY, *LATE, "attention")

@@ -33,6 +33,7 @@ from retrieval.fusion import (
     train_temporal,
 )
 
+WORLD = ("image", "text", "audio")  # the modalities the synthetic entries have
 DIM = 24
 VALUES = 3       # values of each attribute
 PER_CLASS = 4    # entries per class, alike but for their noise
@@ -71,7 +72,7 @@ class World:
 
     @property
     def mask(self) -> np.ndarray:
-        return np.ones(self.parts.shape[:2], bool)
+        return np.linalg.norm(self.parts, axis=2) > 0  # entries here have no video part
 
 
 @dataclass
@@ -87,7 +88,8 @@ def make_world(seed: int, informative: int = 3, per_class: int = PER_CLASS) -> W
     values = np.array(list(itertools.product(range(VALUES), repeat=informative)))
     attributes = np.repeat(values, per_class, axis=0)
     parts = [noisy(CONCEPTS[m, attributes[:, m]], rng) if m < informative
-             else unit(rng.normal(size=(len(attributes), DIM))) for m in range(len(MODALITIES))]
+             else unit(rng.normal(size=(len(attributes), DIM))) for m in range(len(WORLD))]
+    parts += [np.zeros((len(attributes), DIM), np.float32)] * (len(MODALITIES) - len(WORLD))
     return World(np.stack(parts, axis=1), attributes, np.arange(len(attributes)) // per_class)
 
 
@@ -107,7 +109,7 @@ def recall_at_1(world: World, top: np.ndarray, queries: Queries) -> float:
 def rankings(world: World, query: np.ndarray) -> dict[str, list[tuple[int, float]]]:
     """What searching each modality's parts alone returns: its DEPTH best entries."""
     found = {}
-    for m, modality in enumerate(MODALITIES):
+    for m, modality in enumerate(WORLD):
         scores = world.parts[:, m] @ query
         found[modality] = [(int(e), float(scores[e])) for e in np.argsort(-scores)[:DEPTH]]
     return found
@@ -115,7 +117,7 @@ def rankings(world: World, query: np.ndarray) -> dict[str, list[tuple[int, float
 
 def early_top(world: World, queries: Queries, strategy: str) -> np.ndarray:
     weights = None if strategy == "mean" else WEIGHTS
-    entries = np.stack([early_fuse(dict(zip(MODALITIES, parts)), strategy, weights) for parts in world.parts])
+    entries = np.stack([early_fuse(dict(zip(WORLD, parts)), strategy, weights) for parts in world.parts])
     # concat weights sit in the entries; the query copies stay equal
     return (early_fuse_query(queries.vectors, strategy) @ entries.T).argmax(axis=1)
 
@@ -152,7 +154,7 @@ def test_queries() -> Queries:
 def single_recalls(world, test_queries) -> dict[str, float]:
     return {modality: recall_at_1(world, (test_queries.vectors @ world.parts[:, m].T).argmax(axis=1),
                                   test_queries)
-            for m, modality in enumerate(MODALITIES)}
+            for m, modality in enumerate(WORLD)}
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +193,7 @@ def test_max_answers_one_attribute_queries_but_cannot_compose(world, test_querie
     def right(top: np.ndarray) -> float:
         return float(np.mean(world.attributes[top, attribute] == value))
 
-    single = max(right((queries @ world.parts[:, m].T).argmax(axis=1)) for m in range(len(MODALITIES)))
+    single = max(right((queries @ world.parts[:, m].T).argmax(axis=1)) for m in range(len(WORLD)))
     fused = right(np.array([late_fuse(rankings(world, q), "max", k=1)[0].entry for q in queries]))
     assert single < 0.75 and fused > single + 0.25, (single, fused)
     composed = recall_at_1(world, late_top(world, test_queries, "max"), test_queries)
@@ -205,10 +207,10 @@ def test_concat_inner_product_is_the_weighted_sum_of_cosines():
     parts = {"image": unit(rng.normal(size=DIM)), "audio": unit(rng.normal(size=DIM))}  # no text
     query = unit(rng.normal(size=DIM))
     entry_weights = {"image": 2.0, "text": 3.0, "audio": 0.5}
-    query_weights = {"image": 0.25, "text": 1.0, "audio": 4.0}
+    query_weights = {"image": 0.25, "text": 1.0, "audio": 4.0, "video": 1.0}
     entry = early_fuse(parts, "concat", entry_weights)
     fused_query = early_fuse_query(query, "concat", query_weights)
-    assert entry.shape == fused_query.shape == (3 * DIM,)
+    assert entry.shape == fused_query.shape == (len(MODALITIES) * DIM,)
     assert np.linalg.norm(entry) == pytest.approx(1, abs=1e-6)
     weighted = sum(entry_weights[m] * query_weights[m] * float(parts[m] @ query) for m in parts)
     norms = np.sqrt((2.0 ** 2 + 0.5 ** 2) * sum(w ** 2 for w in query_weights.values()))
@@ -270,9 +272,9 @@ def test_attention_scores_are_gated_cosines_over_the_parts_an_entry_has():
     torch.nn.init.normal_(model.gate[-1].weight)  # unequal weights, unlike a fresh gate's
     rng = np.random.default_rng(7)
     query = torch.from_numpy(unit(rng.normal(size=(2, DIM))))
-    parts = torch.from_numpy(unit(rng.normal(size=(2, 3, DIM))))
+    parts = torch.from_numpy(unit(rng.normal(size=(2, len(MODALITIES), DIM))))
     parts[1, 1:] = 0
-    mask = torch.tensor([[True, True, True], [True, False, False]])
+    mask = torch.tensor([[True] * len(MODALITIES), [True] + [False] * (len(MODALITIES) - 1)])
     with torch.no_grad():
         scores, weights = model(query, parts, mask), model.weights(query)
     cosines = torch.einsum("bd,nmd->bnm", query, parts)
@@ -288,7 +290,7 @@ def test_attention_gate_turns_away_from_a_noise_modality():
     model, report = train_on(world, make_queries(seed=9, count=540, informative=2))
     queries = make_queries(seed=10, count=270, informative=2)
     with torch.no_grad():
-        image, text, audio = model.weights(torch.from_numpy(queries.vectors)).mean(dim=0).tolist()
+        image, text, audio, _ = model.weights(torch.from_numpy(queries.vectors)).mean(dim=0).tolist()
     assert audio < 0.15 and min(image, text) > 0.35, (image, text, audio)
     gated = recall_at_1(world, attention_top(model, world, queries), queries)
     mean = recall_at_1(world, early_top(world, queries, "mean"), queries)
@@ -370,7 +372,7 @@ VECTOR = unit(np.ones(DIM))
 
 @pytest.mark.parametrize("call", [
     lambda: early_fuse({"image": VECTOR}, "median"),
-    lambda: early_fuse({"video": VECTOR}),
+    lambda: early_fuse({"smell": VECTOR}),
     lambda: early_fuse_query(VECTOR, "rrf"),
     lambda: late_fuse({"image": [(0, 1.0)]}, "mean"),
     lambda: late_fuse({"smell": [(0, 1.0)]}, "sum"),

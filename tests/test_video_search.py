@@ -74,8 +74,9 @@ def test_a_video_query_and_the_command_line(video_index, tmp_path):
     assert Path(found["path"]).name == "first.mp4" and found["metadata"]["start"] == 8.0
     by_video = CliRunner().invoke(cli, ["--video", str(query), "--index", str(index_dir), "-k", "1"])
     assert by_video.exit_code == 0 and "first.mp4#t=4,8" in by_video.stdout
-    with Index.open(index_dir, readonly=True) as index, pytest.raises(UsageError, match="--target video"):
-        index.search_entries("a red circle")
+    with Index.open(index_dir, readonly=True) as index:  # a video is an entry too, its best segment a part
+        [entry] = index.search_entries("a red circle", k=1)
+        assert set(entry.parts) == {"video"} and entry.parts["video"].metadata["start"] == 0.0
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video")
     refused = CliRunner().invoke(cli, ["--video", str(bad), "--index", str(index_dir)])
