@@ -131,7 +131,7 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
     """
     text = " ".join(query) if query else None
     if entries:
-        _print_entries(_entries_here(index_dir, text, images, sounds, k, entries, fusion), as_json)
+        _print_entries(_entries_here(index_dir, text, images, sounds, videos, k, entries, fusion), as_json)
         return
     search = dict(k=k, target=target, where=where, under=under, min_score=min_score)
     if server:
@@ -163,12 +163,12 @@ def _search_here(index_dir: str, text: str | None, images: tuple[str, ...], soun
 
 
 def _entries_here(index_dir: str, text: str | None, images: tuple[str, ...], sounds: tuple[str, ...],
-                  k: int, grouping: str, fusion: str | None) -> list:
+                  videos: tuple[str, ...], k: int, grouping: str, fusion: str | None) -> list:
     from .index import Index
 
     with Index.open(index_dir, readonly=True) as index:
         return index.search_entries(text, image=list(images) or None, audio=list(sounds) or None,
-                                    k=k, grouping=grouping, fusion=fusion)
+                                    video=list(videos) or None, k=k, grouping=grouping, fusion=fusion)
 
 
 def _print_entries(hits, as_json: bool) -> None:

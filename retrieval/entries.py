@@ -108,7 +108,8 @@ def _manifest_rows(path: Path) -> list[tuple[str, str]]:
 
 
 def search_entries(index: Index, query: str | None = None, *, text: str | None = None,
-                   image: ImageQuery = None, audio: AudioQuery = None, k: int = 10,
+                   image: ImageQuery = None, audio: AudioQuery = None, video: AudioQuery = None,
+                   k: int = 10,
                    grouping: Grouping = "stem", fusion: str | None = None,
                    weights: dict[str, float] | None = None, depth: int = DEFAULT_DEPTH) -> list[EntryHit]:
     """The k entries that best match a query, each modality searched and their evidence fused
@@ -119,7 +120,7 @@ def search_entries(index: Index, query: str | None = None, *, text: str | None =
         raise UsageError(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}")
     if k < 1:
         raise UsageError(f"k must be at least 1, not {k}")
-    terms = query_terms(query, text, image, audio)
+    terms = query_terms(query, text, image, audio, video=video)
     keys: dict[str, int] = {}
     rankings: dict[str, list[tuple[int, float]]] = {}
     parts: dict[tuple[int, str], Hit] = {}

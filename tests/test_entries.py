@@ -179,3 +179,22 @@ def test_a_trained_attention_gate_fuses_per_query(entry_index, tmp_path):
         assert hit.score == pytest.approx(sum(hit.contributions.values()), abs=1e-5)
     table = runner.invoke(cli, ["evaluate-entries", str(queries), "--index", str(index_dir)])
     assert "| attention |" in table.stdout
+
+
+def test_multi_part_queries_with_weights_and_negation_find_entries(entry_index, tmp_path):
+    """Combined queries against entries: terms added and taken away, and a sound as a term."""
+    green_triangle = CLASSES.index(("green", "triangle"))
+    with Index.open(entry_index, readonly=True) as index:
+        for fusion in ("rrf", "sum", "mean", "concat"):
+            # green square + blue triangle - blue square: what is left is green and triangular
+            hits = index.search_entries("a green square + a blue triangle - a blue square",
+                                        fusion=fusion, k=2)
+            assert [class_number(h.entry) for h in hits] == [green_triangle] * 2, fusion
+        rng = np.random.default_rng(11)
+        hum = write_sound(tmp_path / "hum.wav", render_sound("green", "circle", rng))
+        heard = index.search_entries(audio=hum, fusion="sum", k=2)
+        assert {CLASSES[class_number(h.entry)][0] for h in heard} == {"green"}  # the sound tells colour
+    result = CliRunner().invoke(cli, ["--audio", str(hum), "--entries", "stem", "--fusion", "sum",
+                                      "--index", str(entry_index), "-k", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert CLASSES[class_number(json.loads(result.stdout)[0]["entry"])][0] == "green"
