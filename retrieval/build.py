@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -187,22 +187,31 @@ class Builder:
         if not pending:
             return
         encoder = self.index.encoder
-        # Every image file row is written with its item and vector, so these all have vectors.
-        known_hashes = {row.sha256 for row in self.known.values() if row.kind == "image"}
         batch: list[_Prepared] = []
-        prepared = prefetch_map(lambda p: self._prepare(*p, known_hashes, self._decode_image), pending,
-                                self.options.workers, ahead=encoder.batch_size * 4)
-        for item in tqdm(prepared, total=len(pending), unit="img", desc="images",
+        for item in self._to_encode(pending, "image", self._decode_image, encoder.batch_size * 4,
+                                    unit="img", desc="images"):
+            batch.append(item)
+            if len(batch) == encoder.batch_size:
+                self._encode_images(batch)
+                batch = []
+        if batch:
+            self._encode_images(batch)
+
+    def _to_encode(self, pending: list[tuple[SourceFile, FileRow | None]], kind: str,
+                   decode: Callable[[_Prepared, bytes], None], ahead: int, unit: str, desc: str
+                   ) -> Iterator[_Prepared]:
+        """Read, hash and decode files on worker threads; count the unreadable as skipped, settle
+        the unchanged, moved and copied, and yield the rest, which need encoding."""
+        # Every file row is written with its items and vectors, so these hashes all have vectors.
+        known_hashes = {row.sha256 for row in self.known.values() if row.kind == kind}
+        prepared = prefetch_map(lambda p: self._prepare(*p, known_hashes, decode), pending,
+                                self.options.workers, ahead=ahead)
+        for item in tqdm(prepared, total=len(pending), unit=unit, desc=desc,
                          disable=not self.options.progress):
             if item.error:
                 self.report.skipped.append(Skipped(item.source.key, item.error))
             elif not self._settled_without_encoding(item):
-                batch.append(item)
-                if len(batch) == encoder.batch_size:
-                    self._encode_images(batch)
-                    batch = []
-        if batch:
-            self._encode_images(batch)
+                yield item
 
     def _prepare(self, source: SourceFile, row: FileRow | None, known_hashes: set[str],
                  decode: Callable[[_Prepared, bytes], None]) -> _Prepared:
@@ -303,19 +312,13 @@ class Builder:
                       f"{self.index.path}`, or build with --audio-model clap:NAME")
             self.report.skipped += [Skipped(source.key, reason) for source, _ in pending]
             return
-        known_hashes = {row.sha256 for row in self.known.values() if row.kind == "audio"}
         batch: list[_Prepared] = []
-        prepared = prefetch_map(lambda p: self._prepare(*p, known_hashes, self._decode_audio),
-                                pending, self.options.workers, ahead=2 * self.options.workers)
-        for item in tqdm(prepared, total=len(pending), unit="file", desc="audio",
-                         disable=not self.options.progress):
-            if item.error:
-                self.report.skipped.append(Skipped(item.source.key, item.error))
-            elif not self._settled_without_encoding(item):
-                batch.append(item)
-                if sum(len(i.windows) for i in batch) >= encoder.batch_size:
-                    self._encode_audio(batch)
-                    batch = []
+        for item in self._to_encode(pending, "audio", self._decode_audio, 2 * self.options.workers,
+                                    unit="file", desc="audio"):
+            batch.append(item)
+            if sum(len(i.windows) for i in batch) >= encoder.batch_size:
+                self._encode_audio(batch)
+                batch = []
         if batch:
             self._encode_audio(batch)
 
@@ -341,17 +344,11 @@ class Builder:
         """Like audio: one item per segment, its frames and soundtrack fused into one vector."""
         if not pending:
             return
-        known_hashes = {row.sha256 for row in self.known.values() if row.kind == "video"}
-        prepared = prefetch_map(lambda p: self._prepare(*p, known_hashes, self._decode_video), pending,
-                                self.options.workers, ahead=self.options.workers)
-        for item in tqdm(prepared, total=len(pending), unit="video", desc="video",
-                         disable=not self.options.progress):
-            if item.error:
-                self.report.skipped.append(Skipped(item.source.key, item.error))
-            elif not self._settled_without_encoding(item):
-                vectors = segment_vectors(self.index, item.segments)
-                self._write_timed(item, [(s.start, s.end) for s in item.segments], list(vectors))
-                self.report.video_encoded += len(item.segments)
+        for item in self._to_encode(pending, "video", self._decode_video, self.options.workers,
+                                    unit="video", desc="video"):
+            vectors = segment_vectors(self.index, item.segments)
+            self._write_timed(item, [(s.start, s.end) for s in item.segments], list(vectors))
+            self.report.video_encoded += len(item.segments)
 
     def _decode_video(self, item: _Prepared, data: bytes) -> None:
         try:

@@ -141,8 +141,7 @@ def _video_vector(index: Index, video: AudioInput) -> np.ndarray:
         segments = decode_segments(index, _query_file(video, "video"), DEFAULT_MAX_VIDEO_SECONDS)
     except VideoDecodeError as error:
         raise UsageError(f"query video {_name(video)}: {error}") from None
-    mean = segment_vectors(index, segments).mean(axis=0)
-    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+    return _mean_direction(segment_vectors(index, segments))
 
 
 def _sound_vector(encoder, audio: AudioInput) -> np.ndarray:
@@ -154,7 +153,12 @@ def _sound_vector(encoder, audio: AudioInput) -> np.ndarray:
     except AudioDecodeError as error:
         raise UsageError(f"query sound {_name(audio)}: {error}") from None
     windows = split_windows(wave, encoder.sample_rate)
-    mean = encoder.encode_audio([w.samples for w in windows]).mean(axis=0)
+    return _mean_direction(encoder.encode_audio([w.samples for w in windows]))
+
+
+def _mean_direction(vectors: np.ndarray) -> np.ndarray:
+    """The unit vector of a query's windows or segments together."""
+    mean = vectors.mean(axis=0)
     return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
 
