@@ -216,21 +216,20 @@ class Index:
                 f"index {self.path} embeds audio with {self.audio_model}, not {identity}; keep "
                 "it, or re-encode the audio with --rebuild")
         with self._write_lock():
-            self._forget_audio(identity, None)
+            self._forget("audio", audio_encoder=identity, audio_dim=None)
 
-    def _forget_audio(self, identity: str, dim: int | None) -> None:
-        """Drop every audio file and vector, and record a new audio encoder."""
+    def _forget(self, kind: str, **settings: str | int | None) -> None:
+        """Drop every file and vector of a kind made with an encoder about to change, and record
+        the new `settings` (None removes one), in one transaction."""
         with self.store.conn:
-            file_ids = self.store.file_ids_of_kind("audio")
-            self.store.delete_files(file_ids)
-            self.store.bump_generation("audio")
-            self.store.set_info("audio_encoder", identity)
-            if dim is None:
-                self.store.conn.execute("DELETE FROM info WHERE key = 'audio_dim'")
-            else:
-                self.store.set_info("audio_dim", str(dim))
-        self._audio_encoder = None
-        self._rebuild_vectors("audio")
+            self.store.delete_files(self.store.file_ids_of_kind(kind))
+            self.store.bump_generation(kind)
+            for key, value in settings.items():
+                if value is None:
+                    self.store.delete_info(key)
+                else:
+                    self.store.set_info(key, str(value))
+        self._rebuild_vectors(kind)
         self._write_manifest()
 
     def configure(self, *, fusion: str | None = None, frame_rate: float | None = None,
@@ -261,12 +260,7 @@ class Index:
 
         with self._write_lock():
             identity, report = train_temporal_encoder(self, pairs, kind, options)
-            with self.store.conn:
-                self.store.delete_files(self.store.file_ids_of_kind("video"))
-                self.store.bump_generation("video")
-                self.store.set_info("temporal", identity)
-            self._rebuild_vectors("video")
-            self._write_manifest()
+            self._forget("video", temporal=identity)
         if reindex and self._known_roots():
             self.add()
         return {"identity": identity, **report}
@@ -403,7 +397,7 @@ class Index:
             tower, report = train_audio_tower(self.encoder, read_audio_pairs(pairs),
                                               options or AudioTrainingOptions(), log)
             report.identity = save_tower(tower, self.path)
-            self._forget_audio(report.identity, tower.config.embed_dim)
+            self._forget("audio", audio_encoder=report.identity, audio_dim=tower.config.embed_dim)
             remove_other_towers(self.path, keep=report.identity)
         if reindex and self._known_roots():
             self.add()

@@ -119,6 +119,9 @@ class Store:
     def set_info(self, key: str, value: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)", [key, value])
 
+    def delete_info(self, key: str) -> None:
+        self.conn.execute("DELETE FROM info WHERE key = ?", [key])
+
     def sources(self) -> list[str]:
         """Folders and files given to past builds, so a bare rebuild knows where to look."""
         return json.loads(self.get_info("sources", "[]"))
