@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,8 +27,10 @@ from .errors import (
 )
 from .manifest import FORMAT_VERSION, Manifest, VectorFileState
 from .models import CLAP_PREFIX, ModelSpec
+from .ondisk import DISK_KINDS, OnDiskIndex, ShardRunner, build_on_disk
+from .pipeline import default_workers
 from .query import QueryTerm
-from .store import MODALITIES, Store
+from .store import MODALITIES, Store, StoredVectors
 from .text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
 from .vectors import DEFAULT_MEMORY_BUDGET, KINDS, SearchKnobs, VectorIndex, choose_kind
 
@@ -350,11 +353,14 @@ class Index:
     def add(self, *sources: str | Path, captions: Sequence[str | Path] = (),
             exclude: Sequence[str] = (), include_hidden: bool = False,
             max_megapixels: float | None = None, max_audio_seconds: float | None = None,
-            max_video_seconds: float | None = None, progress: bool = False) -> BuildReport:
+            max_video_seconds: float | None = None, progress: bool = False,
+            engine: str = "local", address: str | None = None) -> BuildReport:
         """Index new and changed files under `sources`, forget files gone from them.
 
         Unchanged files (same size and mtime, or same content) cost nothing; moved files keep
         their vectors. With no sources, every folder indexed before is scanned again.
+        `engine="ray"` decodes and encodes images as a Ray Data job on the cluster at `address`
+        (`auto`, `ray://host:port`; None starts Ray locally); see `retrieval.distributed`.
         """
         from .build import Builder, BuildOptions
 
@@ -362,8 +368,10 @@ class Index:
             sources = tuple(self._known_roots())
             if not sources and not captions:
                 raise UsageError("nothing to index: name at least one source folder or file")
+        if engine not in ("local", "ray"):
+            raise UsageError(f"engine must be local or ray, not {engine!r}")
         options = BuildOptions(exclude=tuple(exclude), include_hidden=include_hidden,
-                               progress=progress)
+                               progress=progress, engine=engine, address=address)
         if max_megapixels is not None:
             options.max_megapixels = max_megapixels
         if max_audio_seconds is not None:
@@ -444,22 +452,31 @@ class Index:
         if state is None or state.generation != generation:
             return None
         try:
-            vectors = VectorIndex.load(self.path / state.file, mmap=self.readonly)
-        except RuntimeError:  # FAISS reports unreadable files this way
+            if state.kind in DISK_KINDS:
+                vectors = OnDiskIndex.load(self.path / state.file)
+            else:
+                vectors = VectorIndex.load(self.path / state.file, mmap=self.readonly)
+        except (RuntimeError, OSError):  # FAISS reports unreadable files this way
             return None
         if len(vectors) != state.count or len(vectors) != self.count(modality):
             return None
         self._vectors[modality] = (vectors, generation)
         return vectors
 
-    def _rebuild_vectors(self, modality: str) -> VectorIndex:
-        """Rebuild from the vectors SQLite keeps; writers also save the result."""
+    def _rebuild_vectors(self, modality: str, runner: ShardRunner | None = None) -> VectorIndex:
+        """Rebuild from the vectors SQLite keeps; writers also save the result. An on-disk
+        index fills its shards with `runner` (default: local processes)."""
         # Generation first: a commit landing in between makes the label older than the data,
         # which only costs another rebuild later; the reverse would hide vectors.
         generation = self.store.generation(modality)
-        ids, stored = self.store.all_vectors(modality)
-        vectors = VectorIndex.build(self.kind_for(len(ids), modality), self.dim_of(modality) or 1,
-                                    ids, stored)
+        kind, dim = self.kind_for(self.count(modality), modality), self.dim_of(modality)
+        if kind in DISK_KINDS and not self.readonly:
+            vectors = build_on_disk(StoredVectors(self.store.path, modality, dim),
+                                    self.path / f"{modality}-{generation}.ondisk", kind,
+                                    default_workers(), runner)
+        else:  # a reader cannot write an on-disk index: it makes the in-memory one of its kind
+            ids, stored = self.store.all_vectors(modality)
+            vectors = VectorIndex.build(DISK_KINDS.get(kind, kind), dim or 1, ids, stored)
         self._store_vectors(modality, vectors, generation)
         return vectors
 
@@ -470,11 +487,16 @@ class Index:
             self._save_vectors(modality, vectors, generation)
 
     def _save_vectors(self, modality: str, vectors: VectorIndex, generation: int) -> None:
-        name = f"{modality}.faiss"
+        """Save (an on-disk index is already in place), point the manifest at it, then delete
+        the modality's older on-disk folders: readers that map them keep them until they close."""
+        name = vectors.folder.name if isinstance(vectors, OnDiskIndex) else f"{modality}.faiss"
         vectors.save(self.path / name)
         manifest = self._manifest()
         manifest.vectors[modality] = VectorFileState(name, len(vectors), generation, vectors.kind)
         manifest.write(self.path)
+        for old in self.path.glob(f"{modality}-*.ondisk*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _manifest(self) -> Manifest:
         manifest = Manifest.read(self.path) or Manifest(FORMAT_VERSION, {}, self.dim)
@@ -490,7 +512,8 @@ class Index:
 
     def search(self, query: str | None = None, *, text: str | None = None,
                image: ImageQuery = None, audio: AudioQuery = None, video: AudioQuery = None,
-               like: int | None = None, k: int = 10,
+               like: int | None = None, vector: Sequence[float] | np.ndarray | None = None,
+               vector_of: str = "image", k: int = 10,
                target: str = "auto", where: str | None = None, under: str | None = None,
                min_score: float | None = None) -> list[Hit]:
         """Nearest items to a query, best first.
@@ -499,6 +522,8 @@ class Index:
         `text` adds a plain text term, `image` one or more images (paths or PIL images) and
         `audio` one or more sounds and `video` one or more videos (paths or binary file
         objects), and `like` the id of an indexed item whose stored vector joins the query.
+        `vector` is a query vector made elsewhere (another shard's item, say), as an item of
+        modality `vector_of` would have it.
         `target` picks the modality returned: `auto` gives images for text queries, texts
         (captions) for image queries, sounds for sound queries and videos for video queries, or
         the next modality the index holds. Audio and video hits are files, each at its best
@@ -511,7 +536,9 @@ class Index:
             raise UsageError(f"k must be at least 1, not {k}")
         if target not in TARGETS:
             raise UsageError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
-        terms = query_terms(query, text, image, audio, self._item_term(like), video)
+        items = [] if like is None else [self._item_term(like)]
+        items += [] if vector is None else [_vector_term(vector, vector_of, self.dim_of(vector_of))]
+        terms = query_terms(query, text, image, audio, items, video)
         target = self._resolve_target(target, query_modality(terms))
         size = self.count(target)
         if not size:  # nothing of that kind was ever encoded: no model needed to find nothing
@@ -532,9 +559,7 @@ class Index:
 
         return search_entries(self, query, **options)
 
-    def _item_term(self, item_id: int | None) -> QueryTerm | None:
-        if item_id is None:
-            return None
+    def _item_term(self, item_id: int) -> QueryTerm:
         row = self.store.items([item_id]).get(item_id)
         if row is None:
             raise UsageError(f"no item with id {item_id} in index {self.path}")
@@ -544,6 +569,10 @@ class Index:
         """An indexed item, as a hit with score 1 (its metadata, captions or image), or None."""
         hits = self._hydrate(np.array([item_id]), np.array([1.0]))
         return hits[0] if hits else None
+
+    def item_vector(self, item_id: int) -> tuple[str, np.ndarray]:
+        """An item's modality and stored vector: what `search(vector=, vector_of=)` takes."""
+        return self._item_term(item_id).item
 
     def _nearest(self, modality: str, vector: np.ndarray, k: int, allowed: np.ndarray | None
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -589,6 +618,16 @@ class Index:
                 metadata["image"] = parents[row.parent_id].uri
             hits.append(Hit(row.id, row.modality, row.uri, float(score), row.path, text, metadata))
         return hits
+
+
+def _vector_term(vector: Sequence[float] | np.ndarray, modality: str, dim: int) -> QueryTerm:
+    if modality not in MODALITIES:
+        raise UsageError(f"vector_of must be one of {', '.join(MODALITIES)}, not {modality!r}")
+    values = np.asarray(vector, dtype=np.float32).ravel()
+    if dim and len(values) != dim:
+        raise UsageError(f"the query vector has {len(values)} numbers; this index's {modality} "
+                         f"vectors have {dim}")
+    return QueryTerm(1.0, item=(modality, values))
 
 
 def _make_folder(folder: Path) -> None:

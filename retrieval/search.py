@@ -25,9 +25,10 @@ AudioQuery = AudioInput | Sequence[AudioInput] | None
 
 
 def query_terms(query: str | None, text: str | None = None, image: ImageQuery = None,
-                audio: AudioQuery = None, item: QueryTerm | None = None,
+                audio: AudioQuery = None, items: Sequence[QueryTerm] = (),
                 video: AudioQuery = None) -> list[QueryTerm]:
-    """All terms of a search call; at least one is required."""
+    """All terms of a search call; at least one is required. `items` are terms that carry
+    a vector already (an indexed item's, or one given)."""
     terms = parse_query(query) if query is not None else []
     if text is not None:
         if not text.strip():
@@ -36,7 +37,7 @@ def query_terms(query: str | None, text: str | None = None, image: ImageQuery = 
     terms += [QueryTerm(1.0, image=one) for one in _several(image)]
     terms += [QueryTerm(1.0, audio=one) for one in _several(audio)]
     terms += [QueryTerm(1.0, video=one) for one in _several(video)]
-    terms += [item] if item is not None else []
+    terms += items
     if not terms:
         raise UsageError("nothing to search for: give a text query, an image, a sound or an item")
     return terms

@@ -11,6 +11,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,9 +294,7 @@ class Store:
             "SELECT items.id, vectors.vector FROM items JOIN vectors ON vectors.item_id = items.id "
             "WHERE items.modality = ? ORDER BY items.id", [modality])
         while rows := cursor.fetchmany(batch):
-            ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-            vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32)
-            yield ids, vectors.reshape(len(rows), -1)
+            yield _id_vector_rows(rows)
 
     def vectors_for_ids(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of these items, in the order given (exact re-ranking reads these)."""
@@ -356,6 +355,38 @@ class Store:
                     chunk):
                 found.setdefault(parent, []).append(text)
         return found
+
+
+@dataclass(frozen=True)
+class StoredVectors:
+    """A modality's stored vectors, read by ranges of ids on connections of their own: what an
+    on-disk build's worker processes read (see `ondisk.VectorSource`)."""
+
+    path: Path
+    modality: str
+    dim: int
+
+    def ids(self) -> np.ndarray:
+        with closing(_connect_read_only(self.path)) as conn:
+            rows = conn.execute("SELECT id FROM items WHERE modality = ? ORDER BY id", [self.modality])
+            return np.fromiter((row[0] for row in rows), dtype=np.int64)
+
+    def read(self, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
+        with closing(_connect_read_only(self.path)) as conn:
+            rows = conn.execute(
+                "SELECT items.id, vectors.vector FROM items JOIN vectors ON vectors.item_id = items.id "
+                "WHERE items.modality = ? AND items.id >= ? AND items.id < ? ORDER BY items.id",
+                [self.modality, low, high]).fetchall()
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        return _id_vector_rows(rows)
+
+
+def _id_vector_rows(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of (id, float32 blob) rows."""
+    ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+    vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32)
+    return ids, vectors.reshape(len(rows), -1)
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:

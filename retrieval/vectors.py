@@ -4,7 +4,9 @@ Four kinds sit behind one class:
 - `flat`: exact search; the right choice up to tens of thousands of vectors;
 - `hnsw`: a graph index, fast and accurate, holding every full vector in RAM;
 - `ivf-sq`: inverted lists of 8-bit scalar-quantised vectors (a quarter of the memory);
-- `ivf-pq`: inverted lists of product-quantised codes (a few dozen bytes a vector).
+- `ivf-pq`: inverted lists of product-quantised codes (a few dozen bytes a vector);
+- `ivf-sq-disk`, `ivf-pq-disk`: the same with lists and exact vectors memory-mapped from disk,
+  built in parallel shards (see `ondisk`), for corpora larger than RAM.
 The quantised kinds re-rank their candidates with exact vectors (kept in SQLite), so their
 scores are true cosine similarities. `choose_kind` picks one by corpus size and memory budget.
 """
@@ -21,7 +23,8 @@ import numpy as np
 
 from .files import replacing
 
-KINDS = ("flat", "hnsw", "ivf-sq", "ivf-pq")
+MEMORY_KINDS = ("flat", "hnsw", "ivf-sq", "ivf-pq")
+KINDS = (*MEMORY_KINDS, "ivf-sq-disk", "ivf-pq-disk")
 FLAT_LIMIT = 50_000  # below this, exact search is already a few milliseconds
 IVF_MINIMUM = 10_000  # fewer vectors cannot train product-quantiser codebooks well
 DEFAULT_MEMORY_BUDGET = 4 << 30
@@ -33,7 +36,7 @@ ExactVectors = Callable[[np.ndarray], np.ndarray]
 # Candidates fetched per result before exact re-ranking: 8-bit codes rank nearly right already;
 # product-quantised codes need a deep pool, deeper as the corpus grows (benchmark recall@10:
 # at 100k 0.90 with 4, 0.996 with 8; at 1M 0.77 with 10, 0.94 with 25, 0.994 with 50).
-DEFAULT_RERANK = {"ivf-sq": 4, "ivf-pq": 50}
+DEFAULT_RERANK = {"ivf-sq": 4, "ivf-pq": 50, "ivf-sq-disk": 4, "ivf-pq-disk": 50}
 
 
 @dataclass(frozen=True)
@@ -80,14 +83,13 @@ class VectorIndex:
 
     @classmethod
     def build(cls, kind: str, dim: int, ids: np.ndarray, vectors: np.ndarray) -> VectorIndex:
-        """A new index of `kind` holding `vectors`; IVF kinds are trained on them first."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown index type {kind!r}; choose from {', '.join(KINDS)}")
+        """A new in-memory index of `kind` holding `vectors`; IVF kinds are trained on them first.
+        (On-disk kinds are built in shards by `ondisk.build_on_disk`.)"""
+        if kind not in MEMORY_KINDS:
+            raise ValueError(f"unknown in-memory index type {kind!r}; choose from {', '.join(MEMORY_KINDS)}")
         vectors = _matrix(vectors) if len(vectors) else np.zeros((0, dim), np.float32)
-        index = cls(_new_faiss_index(kind, dim, len(vectors)))
-        if not index.index.is_trained:
-            lists = faiss.extract_index_ivf(index.index).nlist
-            index.index.train(_training_sample(vectors, max(100_000, 40 * lists)))
+        index = cls(new_trained_index(kind, dim, len(vectors),
+                                      lambda limit: _training_sample(vectors, limit)))
         index.add(ids, vectors)
         return index
 
@@ -124,6 +126,10 @@ class VectorIndex:
     def can_remove(self) -> bool:
         """HNSW graphs cannot drop nodes; removing from one means rebuilding it."""
         return self.kind != "hnsw"
+
+    @property
+    def can_add(self) -> bool:
+        return True
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -207,16 +213,27 @@ def _exact_top_k(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int
     return scores[order].astype(np.float32), ids[order]
 
 
-def _new_faiss_index(kind: str, dim: int, count: int) -> faiss.Index:
+def new_trained_index(kind: str, dim: int, count: int, sample: Callable[[int], np.ndarray],
+                      lists: int | None = None) -> faiss.Index:
+    """An empty index of `kind` for `count` vectors; IVF kinds (with `lists` inverted lists, or
+    a number suited to `count`) are trained on `sample(limit)`, at most `limit` of the vectors."""
+    index = _new_faiss_index(kind, dim, count, lists)
+    if not index.is_trained:
+        lists = faiss.extract_index_ivf(index).nlist
+        index.train(_matrix(sample(max(100_000, 40 * lists))))
+    return index
+
+
+def _new_faiss_index(kind: str, dim: int, count: int, lists: int | None = None) -> faiss.Index:
     if kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     if kind == "hnsw":
         graph = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = 80
         return faiss.IndexIDMap2(graph)
-    nlist = _list_count(count)
+    nlist = lists or _list_count(count)
     quantizer = faiss.IndexFlatIP(dim)
-    if kind == "ivf-sq":
+    if kind.startswith("ivf-sq"):
         index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                               faiss.METRIC_INNER_PRODUCT)
     else:

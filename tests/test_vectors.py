@@ -9,7 +9,7 @@ import pytest
 
 from retrieval import Index
 from retrieval.store import NewItem
-from retrieval.vectors import FLAT_LIMIT, IVF_MINIMUM, KINDS, VectorIndex, choose_kind
+from retrieval.vectors import FLAT_LIMIT, IVF_MINIMUM, MEMORY_KINDS, VectorIndex, choose_kind
 
 DIM = 32
 
@@ -28,7 +28,7 @@ def corpus():
     return ids, vectors
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", MEMORY_KINDS)
 def test_every_kind_finds_a_stored_vector_first(kind, corpus):
     ids, vectors = corpus
     index = VectorIndex.build(kind, DIM, ids, vectors)
@@ -41,7 +41,7 @@ def test_every_kind_finds_a_stored_vector_first(kind, corpus):
         assert list(scores) == sorted(scores, reverse=True)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", MEMORY_KINDS)
 def test_narrow_filters_are_exact_for_every_kind(kind, corpus):
     ids, vectors = corpus
     index = VectorIndex.build(kind, DIM, ids, vectors)
@@ -62,13 +62,13 @@ def test_auto_picks_by_size_and_memory_budget():
     assert choose_kind("ivf-pq", IVF_MINIMUM - 1, 512) == "flat"  # too few to train on
 
 
-def fill(index: Index, vectors: np.ndarray) -> list[int]:
-    """Store synthetic vectors as text items, as a build would."""
+def fill(index: Index, vectors: np.ndarray, name: str = "synthetic") -> list[int]:
+    """Store synthetic vectors as text items of /`name`.txt, as a build would."""
     with index.store.conn:
         index.store.set_info("dim", str(DIM))
-        file_id = index.store.upsert_file("/synthetic.txt", "/", "text", 0, 0, "x")
+        file_id = index.store.upsert_file(f"/{name}.txt", "/", "text", 0, 0, "x")
         ids = index.store.insert_items(file_id, [
-            NewItem(f"/synthetic.txt#L{n}", "text", vector, f"h{n}", f"text {n}")
+            NewItem(f"/{name}.txt#L{n}", "text", vector, f"h{n}", f"text {n}")
             for n, vector in enumerate(vectors)])
         index.store.bump_generation("text")
     index.dim = DIM
