@@ -49,7 +49,9 @@ from .video_segments import decode_segments, segment_vectors
 if TYPE_CHECKING:
     import torch
 
+    from .distributed import Shards
     from .index import Index
+    from .ondisk import ShardRunner
     from .vectors import VectorIndex
 
 TEXT_FLUSH = 4096  # texts to gather before encoding: big batches, bounded loss on a crash
@@ -64,6 +66,8 @@ class BuildOptions:
     max_video_seconds: float = DEFAULT_MAX_VIDEO_SECONDS
     progress: bool = False
     workers: int = field(default_factory=default_workers)
+    engine: str = "local"  # or "ray": images are decoded and encoded by a Ray Data job
+    address: str | None = None  # the Ray cluster; None starts a local one
 
 
 @dataclass
@@ -102,6 +106,31 @@ class BuildReport:
         return data
 
 
+class UnreadableFile(Exception):
+    """A source file that cannot be read, or is empty; the message says which."""
+
+
+def read_source(path: str) -> bytes:
+    """A source file's bytes, for hashing and decoding."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise UnreadableFile(f"cannot read ({error.strerror})") from None
+    if not data:
+        raise UnreadableFile("empty file")
+    return data
+
+
+def preprocess_bytes(data: bytes, preprocess: Callable, input_side: int, max_megapixels: float
+                     ) -> torch.Tensor:
+    """An image file's bytes as the model's input tensor; raises ImageDecodeError."""
+    # Twice the input side: the resize that follows smooths away draft decoding's
+    # differences (vectors agree to ~1e-3), at a fraction of the decoding cost.
+    image = load_image(io.BytesIO(data), max_megapixels, min_side=2 * input_side)
+    return preprocess(image)
+
+
 @dataclass
 class _Prepared:
     """A file read, hashed and (when it needs encoding) decoded by a worker thread."""
@@ -112,6 +141,7 @@ class _Prepared:
     pixels: torch.Tensor | None = None
     windows: list[AudioWindow] | None = None
     segments: list[VideoSegment] | None = None
+    vector: np.ndarray | None = None  # made by a distributed job
     error: str | None = None
 
 
@@ -129,6 +159,7 @@ class Builder:
         # item id -> new vector, or None for a removed item; applied to FAISS at the end
         self.changes: dict[str, dict[int, np.ndarray | None]] = {m: {} for m in MODALITIES}
         self.base = {m: index._fresh_vectors(m) for m in MODALITIES}
+        self.shards: Shards | None = None
 
     # -- the build --------------------------------------------------------------------------
 
@@ -148,6 +179,8 @@ class Builder:
                      if path not in found and is_under(path, keys) and not is_under(path, unreadable)}
         self.gone_by_content = {(row.kind, row.sha256): row for row in self.gone.values()}
         pending = [(f, self.known.get(f.key)) for f in walk.files if not self._unchanged(f)]
+        if self.options.engine == "ray":
+            self._embed_on_ray([source for source, _ in pending if source.kind == "image"])
         self._index_images([p for p in pending if p[0].kind == "image"])
         self._index_audio([p for p in pending if p[0].kind == "audio"])
         self._index_video([p for p in pending if p[0].kind == "video"])
@@ -157,8 +190,18 @@ class Builder:
             self.store.link_captions()
             self.store.set_sources(self.store.sources() + roots)
         self._finish_vectors()
+        if self.shards is not None:  # their rows are committed now
+            self.shards.clear()
         self.report.seconds = time.perf_counter() - started
         return self.report
+
+    def _embed_on_ray(self, images: list[SourceFile]) -> None:
+        from .distributed import SHARDS_FOLDER, Shards, connect, embed_images
+
+        connect(self.options.address)
+        self.shards = Shards(self.index.path / SHARDS_FOLDER)
+        embed_images(self.index, images, self.shards, self.options.max_megapixels, self.options.progress)
+        self.shards = Shards(self.shards.folder)
 
     def remove(self, paths: Iterable[str | Path]) -> int:
         """Forget every recorded file at or under `paths`."""
@@ -186,16 +229,22 @@ class Builder:
     def _index_images(self, pending: list[tuple[SourceFile, FileRow | None]]) -> None:
         if not pending:
             return
-        encoder = self.index.encoder
+        size = self.index.encoder.batch_size  # loaded here: worker threads must not record its dim
         batch: list[_Prepared] = []
-        for item in self._to_encode(pending, "image", self._decode_image, encoder.batch_size * 4,
+        made: list[_Prepared] = []  # embedded by a distributed job
+        for item in self._to_encode(pending, "image", self._decode_image, size * 4,
                                     unit="img", desc="images"):
-            batch.append(item)
-            if len(batch) == encoder.batch_size:
+            (batch if item.vector is None else made).append(item)
+            if len(batch) == size:
                 self._encode_images(batch)
                 batch = []
+            if len(made) == TEXT_FLUSH:
+                self._write_made_images(made)
+                made = []
         if batch:
             self._encode_images(batch)
+        if made:
+            self._write_made_images(made)
 
     def _to_encode(self, pending: list[tuple[SourceFile, FileRow | None]], kind: str,
                    decode: Callable[[_Prepared, bytes], None], ahead: int, unit: str, desc: str
@@ -217,14 +266,15 @@ class Builder:
                  decode: Callable[[_Prepared, bytes], None]) -> _Prepared:
         """Read and hash a file; decode it only when no indexed file has its content."""
         item = _Prepared(source, row)
-        try:
-            with open(source.path, "rb") as handle:
-                data = handle.read()
-        except OSError as error:
-            item.error = f"cannot read ({error.strerror})"
+        made = self.shards.row_for(source) if self.shards is not None else None
+        if made is not None:  # a distributed job read and embedded it: not read again
+            item.digest, item.error = made.sha256, made.error
+            item.vector = made.vector if made.sha256 not in known_hashes else None
             return item
-        if not data:
-            item.error = "empty file"
+        try:
+            data = read_source(source.path)
+        except UnreadableFile as error:
+            item.error = str(error)
             return item
         item.digest = file_digest(data)
         if item.digest not in known_hashes:  # else its vectors exist: no need to decode
@@ -234,11 +284,8 @@ class Builder:
     def _decode_image(self, item: _Prepared, data: bytes) -> None:
         try:
             encoder = self.index.encoder
-            # Twice the input side: the resize that follows smooths away draft decoding's
-            # differences (vectors agree to ~1e-3), at a fraction of the decoding cost.
-            image = load_image(io.BytesIO(data), self.options.max_megapixels,
-                               min_side=2 * encoder.input_side)
-            item.pixels = encoder.preprocess_image(image)
+            item.pixels = preprocess_bytes(data, encoder.preprocess, encoder.input_side,
+                                           self.options.max_megapixels)
         except ImageDecodeError as error:
             item.error = str(error)
 
@@ -252,7 +299,7 @@ class Builder:
             return True
         if row is None and self._move_from_gone(source, item.digest):
             return True
-        if item.pixels is None and item.windows is None and item.segments is None:
+        if item.pixels is None and item.windows is None and item.segments is None and item.vector is None:
             stored = self.store.items_of_file_with_hash(item.digest, source.kind)  # a copy: reuse
             if source.kind == "image":
                 self._write_images([item], [stored[0][1]])
@@ -280,6 +327,10 @@ class Builder:
         vectors = self.index.encoder.encode_image_tensors(torch.stack([i.pixels for i in batch]))
         self._write_images(batch, list(vectors))
         self.report.images_encoded += len(batch)
+
+    def _write_made_images(self, made: list[_Prepared]) -> None:
+        self._write_images(made, [item.vector for item in made])
+        self.report.images_encoded += len(made)
 
     def _write_images(self, batch: list[_Prepared], vectors: list[np.ndarray]) -> None:
         changes = self.changes["image"]
@@ -487,7 +538,7 @@ class Builder:
         for modality in MODALITIES:
             changes, vectors = self.changes[modality], self.base[modality]
             if self._needs_rebuild(vectors, changes, modality):
-                self.index._rebuild_vectors(modality)
+                self.index._rebuild_vectors(modality, self._shard_runner())
             elif changes:
                 if vectors.can_remove:
                     vectors.remove(np.fromiter(changes, dtype=np.int64, count=len(changes)))
@@ -498,13 +549,25 @@ class Builder:
                 self.index._store_vectors(modality, vectors, self.store.generation(modality))
         self.index._write_manifest()
 
+    def _shard_runner(self) -> ShardRunner | None:
+        """Ray tasks fill an on-disk index's shards in a Ray build; local processes otherwise."""
+        if self.options.engine != "ray":
+            return None
+        from .distributed import ray_runner
+
+        return ray_runner()
+
     def _needs_rebuild(self, vectors: VectorIndex | None, changes: dict, modality: str) -> bool:
         """Stale, of another size or kind than the index should now have, or unable to remove."""
         if vectors is None or vectors.dim != self.index.dim_of(modality):
             return True
         if vectors.kind != self.index.kind_for(self.store.count(modality), modality):
             return True
-        if vectors.can_remove or not changes:
+        if not changes:
+            return False
+        if not vectors.can_add:  # an on-disk index is rebuilt in shards, as it was built
+            return True
+        if vectors.can_remove:
             return False
         held = set(vectors.ids().tolist())  # a graph can take new ids, not drop or replace one
         return any(v is None or i in held for i, v in changes.items())

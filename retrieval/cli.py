@@ -19,7 +19,8 @@ from .errors import IndexEmptyError, RetrievalError
 from .images import DEFAULT_MAX_MEGAPIXELS
 from .video import DEFAULT_MAX_VIDEO_SECONDS
 
-INDEX_TYPES = ("auto", "flat", "hnsw", "ivf-sq", "ivf-pq")  # as retrieval.index.INDEX_TYPES
+MEMORY_INDEX_TYPES = ("auto", "flat", "hnsw", "ivf-sq", "ivf-pq")
+INDEX_TYPES = (*MEMORY_INDEX_TYPES, "ivf-sq-disk", "ivf-pq-disk")  # as retrieval.index.INDEX_TYPES
 
 DEFAULT_INDEX = "indexes/default"
 
@@ -228,6 +229,10 @@ def _print_hits(hits) -> None:
 @batch_option
 @click.option("--int8", is_flag=True,
               help="Encode with 8-bit weights on the CPU: faster, vectors within ~1e-3.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: decode and encode images as a Ray Data job (GPUs where the cluster has them).")
+@click.option("--address", help="With --engine ray: the cluster (auto, ray://HOST:PORT) "
+              "[default: start Ray on this machine].")
 @click.option("--quiet", is_flag=True, help="No progress bar, no per-file warnings.")
 @json_option
 @reports_errors
@@ -238,8 +243,8 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                   model: str | None,
                   pretrained: str | None,
                   audio_model: str | None, index_type: str | None,
-                  rebuild: bool, device: str, batch_size: int, int8: bool, quiet: bool,
-                  as_json: bool) -> None:
+                  rebuild: bool, device: str, batch_size: int, int8: bool, engine: str,
+                  address: str | None, quiet: bool, as_json: bool) -> None:
     """Build or update an index over folders and files, incrementally.
 
     Only new and changed files are encoded; moved files keep their vectors; files gone from
@@ -256,7 +261,7 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
         report = index.add(*sources, captions=captions, exclude=exclude_dir,
                            include_hidden=include_hidden, max_megapixels=max_megapixels,
                            max_audio_seconds=max_audio_seconds, max_video_seconds=max_video_seconds,
-                           progress=not quiet and sys.stderr.isatty())
+                           progress=not quiet and sys.stderr.isatty(), engine=engine, address=address)
     if not quiet:
         for skipped in report.skipped:
             click.echo(f"warning: skipped {skipped.path}: {skipped.reason}", err=True)
@@ -291,7 +296,8 @@ def remove_command(sources: tuple[str, ...], index_dir: str) -> None:
 @reports_errors
 def convert_command(index_type: str, index_dir: str, ef_search: int | None, nprobe: int | None,
                     rerank: int | None, memory_budget_mb: int | None) -> None:
-    """Switch the FAISS index type (auto, flat, hnsw, ivf-sq, ivf-pq) without re-encoding."""
+    """Switch the FAISS index type (auto, flat, hnsw, ivf-sq, ivf-pq, or ivf-sq-disk and
+    ivf-pq-disk: lists and vectors memory-mapped from disk) without re-encoding."""
     from .index import Index
 
     budget = memory_budget_mb << 20 if memory_budget_mb else None
@@ -372,7 +378,7 @@ def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int
               help="Flickr token TSV, Karpathy or COCO JSON, CSV or JSONL captions of IMAGES.")
 @click.option("--split", help="Only this split of a Karpathy JSON file (train, val, test ...).")
 @model_options
-@click.option("--index-type", type=click.Choice(INDEX_TYPES), default="auto", show_default=True,
+@click.option("--index-type", type=click.Choice(MEMORY_INDEX_TYPES), default="auto", show_default=True,
               help="FAISS index measured beside exact search (auto: what an index would pick).")
 @click.option("--depth", default=100, show_default=True, type=click.IntRange(10),
               help="Results fetched per query from the FAISS index.")
@@ -563,20 +569,28 @@ def train_command(images: str, captions: str, split: str | None, output: str, mo
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--max-upload-mb", default=20.0, show_default=True,
               type=click.FloatRange(min=0, min_open=True), help="Largest query upload accepted.")
+@click.option("--shard-index", "shard_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="Another index folder searched as a shard beside --index (repeatable).")
+@click.option("--shard", "shard_urls", multiple=True, metavar="URL",
+              help="A `retrieve serve` on another machine searched as a shard (repeatable).")
 @device_option
 @reports_errors
-def serve_command(index_dir: str, host: str, port: int, max_upload_mb: float, device: str) -> None:
+def serve_command(index_dir: str, host: str, port: int, max_upload_mb: float,
+                  shard_dirs: tuple[str, ...], shard_urls: tuple[str, ...], device: str) -> None:
     """Serve the index: a JSON API (docs at /docs) and a search page at /.
 
     The model loads once, so queries take milliseconds; a build running beside the server is
-    seen without a restart. Route CLI searches through it with --server URL.
+    seen without a restart. Route CLI searches through it with --server URL. With shards, each
+    search goes to --index and every shard, and their best hits are merged by score.
     """
     import uvicorn
 
     from .server import create_app
 
-    app = create_app(index_dir, device=device, max_upload_mb=max_upload_mb)
-    click.echo(f"serving {app.state.service.index.path} at http://{host}:{port} "
+    app = create_app([index_dir, *shard_dirs], device=device, max_upload_mb=max_upload_mb,
+                     shard_urls=shard_urls)
+    shards = len(shard_dirs) + len(shard_urls)
+    click.echo(f"serving {index_dir}{f' and {shards} shards' if shards else ''} at http://{host}:{port} "
                f"(API docs at /docs); Ctrl-C stops", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
