@@ -11,8 +11,10 @@ that was indexed (same place under a source of the index, same size and mtime).
 from __future__ import annotations
 
 import io
+import json
 import os
 import threading
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +27,7 @@ from PIL import Image
 
 from .corpus import is_under
 from .errors import RetrievalError, UsageError
+from .fanout import LocalShard, RemoteShard, ShardedIndex, open_shards
 from .images import ImageDecodeError, load_image
 from .index import TARGETS, Hit, Index
 
@@ -32,12 +35,14 @@ STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 20
 THUMBNAIL_SIZES = (64, 1024)  # smallest and largest side a thumbnail may be asked for
 SERVED_MODALITIES = ("image", "audio", "video")  # files a page can show or play
+MODALITY_PATTERN = "^(image|text|audio|video)$"
 
 
 class SearchService:
-    """One read-only index shared by the request threads, one search at a time."""
+    """One read-only index, or a set of shards (`fanout.ShardedIndex`), shared by the request
+    threads, one search at a time."""
 
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index | ShardedIndex) -> None:
         self.index = index
         self.lock = threading.Lock()
 
@@ -52,27 +57,45 @@ class SearchService:
             raise HTTPException(404, f"no item with id {item_id}")
         return hit
 
+    def item_vector(self, item_id: int) -> dict:
+        self.item(item_id)  # a 404 for unknown ids
+        with self.lock:
+            modality, vector = self.index.item_vector(item_id)
+        return {"id": item_id, "modality": modality, "vector": [float(x) for x in vector]}
+
     def stats(self) -> dict:
         with self.lock:
             return self.index.stats()
 
-    def indexed_file(self, item_id: int) -> tuple[Hit, Path]:
-        """The file behind an item, if it is still the file that was indexed; else 404."""
-        hit = self.item(item_id)
-        path = hit.path if hit.modality in SERVED_MODALITIES else None
+    def owner(self, item_id: int) -> tuple[Index | RemoteShard, int]:
+        """The index (or remote shard) holding an item, and the item's id there."""
+        if not isinstance(self.index, ShardedIndex):
+            return self.index, item_id
+        shard, local = self.index.locate(item_id)
+        return (shard.index if isinstance(shard, LocalShard) else shard), local
+
+    def indexed_file(self, index: Index, item_id: int) -> Path:
+        """The file behind an item of `index`, if it is still the file that was indexed; else 404."""
         with self.lock:
-            row = self.index.store.file_row(path) if path else None
-            sources = self.index.store.sources()
+            hit = index.item(item_id)
+            path = hit.path if hit is not None and hit.modality in SERVED_MODALITIES else None
+            row = index.store.file_row(path) if path else None
+            sources = index.store.sources()
         if row is None or not is_under(path, sources) or not _same_file(path, row.size, row.mtime_ns):
             raise HTTPException(404, f"item {item_id} has no indexed file to serve "
                                 "(it holds text, or its file changed since it was indexed)")
-        return hit, Path(path)
+        return Path(path)
 
 
-def create_app(index_dir: str | Path, device: str = "auto",
-               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> FastAPI:
-    """The FastAPI application serving the index at `index_dir`."""
-    service = SearchService(Index.open(index_dir, readonly=True, device=device))
+def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto",
+               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, shard_urls: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI application serving the index at `index_dir`; with several folders, or
+    servers at `shard_urls`, it fans each search out to all of them as shards."""
+    folders = [index_dir] if isinstance(index_dir, (str, Path)) else list(index_dir)
+    if len(folders) == 1 and not shard_urls:
+        service = SearchService(Index.open(folders[0], readonly=True, device=device))
+    else:
+        service = SearchService(ShardedIndex(open_shards(folders, shard_urls, device)))
     limit = int(max_upload_mb * 2**20)
     app = FastAPI(title="retrieval", summary="Search images, texts and sounds by meaning.",
                   docs_url=None, redoc_url=None)
@@ -109,9 +132,10 @@ def create_app(index_dir: str | Path, device: str = "auto",
                    k: Annotated[int, Query(ge=1, le=1000)] = 10,
                    target: Annotated[str, Query(pattern="|".join(TARGETS))] = "auto",
                    where: str | None = None, under: str | None = None,
-                   min_score: float | None = None) -> list[dict]:
+                   min_score: float | None = None, vector: str | None = None,
+                   vector_of: Annotated[str, Query(pattern=MODALITY_PATTERN)] = "image") -> list[dict]:
         return service.search(query=q or None, like=like, k=k, target=target, where=where,
-                              under=under, min_score=min_score)
+                              under=under, min_score=min_score, **_vector_query(vector, vector_of))
 
     @app.post("/api/search", summary="Search with uploaded images, sounds and videos, text and items")
     def search_post(q: Annotated[str | None, Form()] = None,
@@ -123,13 +147,16 @@ def create_app(index_dir: str | Path, device: str = "auto",
                     target: Annotated[str, Form(pattern="|".join(TARGETS))] = "auto",
                     where: Annotated[str | None, Form()] = None,
                     under: Annotated[str | None, Form()] = None,
-                    min_score: Annotated[float | None, Form()] = None) -> list[dict]:
+                    min_score: Annotated[float | None, Form()] = None,
+                    vector: Annotated[str | None, Form()] = None,
+                    vector_of: Annotated[str, Form(pattern=MODALITY_PATTERN)] = "image") -> list[dict]:
         images = [_uploaded(upload, limit, "image") for upload in image]
         sounds = [_uploaded(upload, limit, "audio") for upload in audio]
         videos = [_uploaded(upload, limit, "video") for upload in video]
         return service.search(query=q or None, like=like, image=images or None,
                               audio=sounds or None, video=videos or None, k=k, target=target,
-                              where=where, under=under, min_score=min_score)
+                              where=where, under=under, min_score=min_score,
+                              **_vector_query(vector, vector_of))
 
     @app.get("/api/items/{item_id}", summary="An item's metadata")
     def item(item_id: int) -> dict:
@@ -137,12 +164,21 @@ def create_app(index_dir: str | Path, device: str = "auto",
         data.pop("score")
         return data
 
+    @app.get("/api/items/{item_id}/vector", summary="An item's modality and stored vector "
+             "(what a search's vector and vector_of fields take)")
+    def item_vector(item_id: int) -> dict:
+        return service.item_vector(item_id)
+
     @app.get("/api/items/{item_id}/thumbnail", summary="A JPEG thumbnail of an image (or of a "
              "caption's image), cached", response_class=Response)
     def thumbnail(item_id: int, request: Request,
                   size: Annotated[int, Query(ge=THUMBNAIL_SIZES[0], le=THUMBNAIL_SIZES[1])] = 256
                   ) -> Response:
-        hit, path = service.indexed_file(_image_of(service, item_id))
+        index, local = service.owner(item_id)
+        if isinstance(index, RemoteShard):
+            content, media_type = index.fetch(f"/api/items/{local}/thumbnail", {"size": size})
+            return Response(content, media_type=media_type)
+        path = service.indexed_file(index, _image_of(service, index, local))
         stat = path.stat()
         tag = f'"{stat.st_size}-{stat.st_mtime_ns}-{size}"'
         if request.headers.get("if-none-match") == tag:
@@ -153,9 +189,12 @@ def create_app(index_dir: str | Path, device: str = "auto",
 
     @app.get("/api/items/{item_id}/file", summary="The original file of an image or sound "
              "(with range requests, so sounds can seek)", response_class=FileResponse)
-    def original(item_id: int) -> FileResponse:
-        _, path = service.indexed_file(item_id)
-        return FileResponse(path)
+    def original(item_id: int) -> Response:
+        index, local = service.owner(item_id)
+        if isinstance(index, RemoteShard):  # relayed whole: no range requests through a relay
+            content, media_type = index.fetch(f"/api/items/{local}/file")
+            return Response(content, media_type=media_type)
+        return FileResponse(service.indexed_file(index, local))
 
     return app
 
@@ -174,6 +213,19 @@ def _mount_docs(app: FastAPI) -> None:
                                    swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
 
+def _vector_query(vector: str | None, vector_of: str) -> dict:
+    """A query vector sent as a JSON list of numbers, as search keywords."""
+    if vector is None:
+        return {}
+    try:
+        values = json.loads(vector)
+        if not isinstance(values, list) or not values:
+            raise ValueError
+        return {"vector": [float(x) for x in values], "vector_of": vector_of}
+    except (ValueError, TypeError):
+        raise HTTPException(400, "vector must be a JSON list of numbers, e.g. [0.1, -0.3, ...]") from None
+
+
 def _uploaded(upload: UploadFile, limit: int, kind: str) -> io.BytesIO:
     """An upload's bytes (at most `limit`), named for error messages."""
     data = upload.file.read(limit + 1)
@@ -187,13 +239,15 @@ def _uploaded(upload: UploadFile, limit: int, kind: str) -> io.BytesIO:
     return stream
 
 
-def _image_of(service: SearchService, item_id: int) -> int:
-    """The image item to draw for an item: itself, or the image a caption belongs to."""
-    hit = service.item(item_id)
-    if hit.modality == "image":
-        return item_id
+def _image_of(service: SearchService, index: Index, item_id: int) -> int:
+    """The image item of `index` to draw for an item: itself, or the image a caption belongs to."""
     with service.lock:
-        image_id = service.index.store.item_id(hit.metadata.get("image") or "", "image")
+        hit = index.item(item_id)
+        if hit is None:
+            raise HTTPException(404, f"no item with id {item_id}")
+        if hit.modality == "image":
+            return item_id
+        image_id = index.store.item_id(hit.metadata.get("image") or "", "image")
     if image_id is None:
         raise HTTPException(404, f"item {item_id} has no image to draw")
     return image_id
