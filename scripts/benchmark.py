@@ -14,6 +14,9 @@ Sections (pick with --only / --skip):
   audio   audio tower training (time, held-out recall) and audio indexing rate on synthetic sounds
   serve   `retrieve serve` over the corpus: warm HTTP query latency, and requests/s with 8 clients
   video   video indexing rate (seconds of video per second) on a synthetic 640x360 H.264 clip
+  scale   (only with --scale) a 10M-vector on-disk IVF-PQ index from synthetic 512-d vectors:
+          build time, RAM and disk per vector, query latency and recall@10; metadata lookups
+          in SQLite against a columnar Arrow file at the same row count
 
 The default model is ViT-B-32 with seeded random weights written as a `local-dir:` model
 (speed does not depend on weight values, and nothing is downloaded).
@@ -23,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
+import resource
 import shlex
 import socket
 import statistics
@@ -55,13 +60,15 @@ from retrieval.audio_training import AudioTrainingOptions
 from retrieval.captions import CAPTION_FILE_NAMES
 from retrieval.corpus import read_items, walk_sources
 from retrieval.images import load_image
+from retrieval.ondisk import build_on_disk
 from retrieval.pipeline import default_workers, prefetch_map
+from retrieval.store import Store
 from retrieval.text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
-from retrieval.vectors import KINDS, SearchKnobs, VectorIndex
+from retrieval.vectors import MEMORY_KINDS, SearchKnobs, VectorIndex
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k-test"
-SECTIONS = ("images", "text", "ann", "cli", "int8", "audio", "serve", "video")
+SECTIONS = ("images", "text", "ann", "cli", "int8", "audio", "serve", "video", "scale")
 QUERY = "a dog in the park"
 TEXT_BATCH = 256  # batch throughput is also measured at this batch, beside --batch-size
 K = 10
@@ -533,7 +540,7 @@ def measure_ann_size(count: int, args: argparse.Namespace) -> list[dict]:
     log(f"ann: N={count}: flat")
     flat, truth = measure_kind("flat", vectors, queries, None)
     results = [flat]
-    for kind in (k for k in KINDS if k != "flat"):
+    for kind in MEMORY_KINDS[1:]:  # on-disk kinds: see --scale
         log(f"ann: N={count}: {kind}")
         results.append(measure_kind(kind, vectors, queries, truth)[0])
     return results
@@ -915,6 +922,234 @@ def render_model(meta: dict[str, Any]) -> str:
             + (f", `load_encoder` {load:.2f} s" if load is not None else ""))
 
 
+# -- i. scale ----------------------------------------------------------------------------------
+
+SCALE_BLOCK = 4096  # synthetic vectors are made in blocks, each from a seed of its own
+SCALE_POINTS_PER_CENTRE = 100
+SCALE_LISTS = 4096  # ~2,400 vectors a list at 10M: training and filling fit this machine's 2 cores
+
+
+@dataclass(frozen=True)
+class SyntheticVectors:
+    """`count` clustered unit vectors (ids = row numbers) made on demand, block by block, so any
+    process reading a range of ids gets the same vectors and none are held in memory."""
+
+    count: int
+    seed: int
+    dim: int = ANN_DIM
+
+    def ids(self) -> np.ndarray:
+        return np.arange(self.count, dtype=np.int64)
+
+    def read(self, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
+        high = min(high, self.count)
+        first, last = low // SCALE_BLOCK, (high - 1) // SCALE_BLOCK
+        rows = np.concatenate([self.block(b) for b in range(first, last + 1)])
+        offset = first * SCALE_BLOCK
+        return np.arange(low, high, dtype=np.int64), rows[low - offset:high - offset]
+
+    def block(self, number: int) -> np.ndarray:
+        size = min(SCALE_BLOCK, self.count - number * SCALE_BLOCK)
+        return clustered_points(np.random.default_rng([self.seed, number]), self.centres(), size)
+
+    def queries(self, count: int) -> np.ndarray:
+        """Held-out queries around the same centres."""
+        return clustered_points(np.random.default_rng([self.seed, self.count, 1]), self.centres(), count)
+
+    def centres(self) -> np.ndarray:
+        return scale_centres(self.count, self.seed, self.dim)
+
+
+@functools.lru_cache(maxsize=1)
+def scale_centres(count: int, seed: int, dim: int) -> np.ndarray:
+    """About SCALE_POINTS_PER_CENTRE points a centre, the centres around ANN_TOPICS topics."""
+    rng = np.random.default_rng([seed, count])
+    topics = unit_rows(rng.standard_normal((ANN_TOPICS, dim), dtype=np.float32))
+    return clustered_points(rng, topics, max(1, count // SCALE_POINTS_PER_CENTRE))
+
+
+def exact_top_k(matrix: np.ndarray, queries: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    """The true top-K ids of each query, streaming the vector matrix from disk once."""
+    best_scores = np.full((len(queries), K), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), K), np.int64)
+    for start in range(0, len(matrix), chunk):
+        scores = queries @ np.asarray(matrix[start:start + chunk]).T
+        both = np.concatenate([best_scores, scores], axis=1)
+        ids = np.concatenate([best_ids, np.broadcast_to(np.arange(start, start + scores.shape[1]),
+                                                        scores.shape)], axis=1)
+        top = np.argpartition(-both, K, axis=1)[:, :K]
+        best_scores, best_ids = np.take_along_axis(both, top, 1), np.take_along_axis(ids, top, 1)
+    return best_ids
+
+
+# Loads an on-disk index in a fresh process, as a server would, and searches it: the process's
+# memory is then what serving needs, apart from the page cache.
+SERVE_PROBE = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+from retrieval.ondisk import OnDiskIndex
+from retrieval.vectors import SearchKnobs
+
+def memory():
+    fields = dict(line.split(':', 1) for line in open('/proc/self/status'))
+    return {key: int(fields[key].split()[0]) * 1024 for key in ('VmRSS', 'RssAnon', 'RssFile')}
+
+folder, queries, found_path, nprobe = sys.argv[1], np.load(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+before = memory()
+start = time.perf_counter()
+index = OnDiskIndex.load(Path(folder))
+load_s = time.perf_counter() - start
+loaded = memory()
+knobs = SearchKnobs(nprobe=nprobe)
+millis, found = [], []
+for query in queries:
+    start = time.perf_counter()
+    found.append(index.search(query, 10, knobs=knobs)[1])
+    millis.append((time.perf_counter() - start) * 1000)
+np.save(found_path, np.stack(found))
+print(json.dumps({"load_s": load_s, "before": before, "loaded": loaded, "after": memory(),
+                  "millis": millis}))
+"""
+
+
+def probe_serving(folder: Path, queries: np.ndarray, nprobe: int, workdir: Path
+                  ) -> tuple[dict, np.ndarray]:
+    np.save(workdir / "queries.npy", queries)
+    result = subprocess.run([sys.executable, "-c", SERVE_PROBE, str(folder), str(workdir / "queries.npy"),
+                             str(workdir / "found.npy"), str(nprobe)],
+                            capture_output=True, text=True, check=True, cwd=REPO)
+    return json.loads(result.stdout.splitlines()[-1]), np.load(workdir / "found.npy")
+
+
+def folder_bytes(folder: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_blocks * 512 for path in folder.iterdir()}
+
+
+def measure_sqlite_metadata(count: int, folder: Path, lookups: list[np.ndarray]) -> dict:
+    """The product's store with `count` image items; hits hydrated as Index._hydrate does."""
+    store = Store(folder / "meta.sqlite")
+    step = 200_000
+
+    def fill() -> None:
+        for start in range(1, count + 1, step):
+            ids = range(start, min(start + step, count + 1))
+            with store.conn:
+                store.conn.executemany(
+                    "INSERT INTO files (id, path, root, kind, size, mtime_ns, sha256) "
+                    "VALUES (?, ?, '/data', 'image', 100000, 0, ?)",
+                    ((i, f"/data/{i // 1000:05d}/{i:08d}.jpg", f"{i * 2654435761 % 2**61:016x}")
+                     for i in ids))
+                store.conn.executemany(
+                    "INSERT INTO items (id, modality, file_id, uri, content_hash) "
+                    "VALUES (?, 'image', ?, ?, ?)",
+                    ((i, i, f"/data/{i // 1000:05d}/{i:08d}.jpg", f"{i * 2654435761 % 2**61:016x}")
+                     for i in ids))
+
+    _, fill_s = timed(fill)
+
+    def hydrate(ids: np.ndarray) -> int:
+        rows = store.items(ids.tolist())
+        store.captions_of(ids.tolist())
+        return len(rows)
+
+    counts, millis = time_each(hydrate, lookups, warmup=20)
+    store.close()
+    assert all(c == K for c in counts)
+    return {"rows": count, "fill_s": fill_s, "bytes": (folder / "meta.sqlite").stat().st_size,
+            **percentiles(millis)}
+
+
+def measure_arrow_metadata(count: int, folder: Path, lookups: list[np.ndarray]) -> dict:
+    """The same columns in an uncompressed Arrow IPC file, memory-mapped; a row is found by
+    position (id - 1) in its record batch, read without copying."""
+    import pyarrow as pa
+
+    path = folder / "meta.arrow"
+    schema = pa.schema([("id", pa.int64()), ("path", pa.string()), ("sha256", pa.string())])
+    rows_per_batch = 1_000_000
+
+    def fill() -> None:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for start in range(1, count + 1, rows_per_batch):
+                ids = np.arange(start, min(start + rows_per_batch, count + 1))
+                writer.write_batch(pa.record_batch([
+                    pa.array(ids), pa.array([f"/data/{i // 1000:05d}/{i:08d}.jpg" for i in ids]),
+                    pa.array([f"{i * 2654435761 % 2**61:016x}" for i in ids])], schema=schema))
+
+    _, fill_s = timed(fill)
+    reader = pa.ipc.open_file(pa.memory_map(str(path)))
+
+    def lookup(ids: np.ndarray) -> list[dict]:
+        return [reader.get_batch(int(i - 1) // rows_per_batch).slice(int(i - 1) % rows_per_batch, 1)
+                .to_pylist()[0] for i in ids]
+
+    rows, millis = time_each(lookup, lookups, warmup=20)
+    assert all(len(r) == K for r in rows)
+    return {"rows": count, "fill_s": fill_s, "bytes": path.stat().st_size, **percentiles(millis)}
+
+
+def section_scale(args: argparse.Namespace, workdir: Path) -> tuple[dict, str]:
+    source = SyntheticVectors(args.scale_vectors, args.seed)
+    folder = args.scale_dir or workdir / "scale"
+    started = time.perf_counter()
+    index = build_on_disk(source, folder / "image", "ivf-pq-disk", workers=os.cpu_count() or 1,
+                          lists=SCALE_LISTS, log=lambda line: log(f"scale: {line}"))
+    build_s = time.perf_counter() - started
+    peak_rss = max(resource.getrusage(who).ru_maxrss for who in
+                   (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) * 1024
+    sizes = folder_bytes(index.folder)
+    log(f"scale: exact top-{K} of {args.queries} queries, streaming the vectors from disk")
+    queries = source.queries(args.queries)
+    truth, truth_s = timed(lambda: exact_top_k(index.matrix, queries))
+    serving = {}
+    for nprobe in (16, 32, 64):
+        log(f"scale: serving probe, nprobe={nprobe}")
+        probe, found = probe_serving(folder / "image", queries, nprobe, workdir)
+        serving[nprobe] = {**probe, **percentiles(probe["millis"]),
+                           "recall_at_10": recall_at_k(list(found), list(truth))}
+    rng = np.random.default_rng(args.seed)
+    lookups = [rng.choice(args.scale_rows, K, replace=False) + 1 for _ in range(1000)]
+    log(f"scale: metadata of {args.scale_rows:,} rows in SQLite")
+    sqlite = measure_sqlite_metadata(args.scale_rows, folder, lookups)
+    log(f"scale: metadata of {args.scale_rows:,} rows in Arrow")
+    arrow = measure_arrow_metadata(args.scale_rows, folder, lookups)
+    data = {"vectors": source.count, "dim": source.dim, "lists": SCALE_LISTS, "build_s": build_s,
+            "build_peak_rss": peak_rss, "disk_bytes": sizes, "truth_s": truth_s,
+            "queries": args.queries, "serving": serving, "sqlite": sqlite, "arrow": arrow}
+    return data, render_scale(data)
+
+
+def render_scale(data: dict) -> str:
+    n, sizes = data["vectors"], data["disk_bytes"]
+    index_bytes = sum(v for k, v in sizes.items() if k != "vectors.npy")
+    serving = [(nprobe, f"{s['p50_ms']:.2f}", f"{s['p95_ms']:.2f}", f"{s['recall_at_10']:.3f}",
+                f"{s['loaded']['RssAnon'] / 2**20:.0f}", f"{s['after']['RssAnon'] / 2**20:.0f}",
+                f"{s['after']['RssFile'] / 2**20:.0f}")
+               for nprobe, s in data["serving"].items()]
+    meta = [(name, f"{m['rows']:,}", f"{m['fill_s']:.0f}", f"{m['bytes'] / m['rows']:.0f}",
+             f"{m['p50_ms']:.3f}", f"{m['p95_ms']:.3f}")
+            for name, m in (("SQLite (the product's store, `Store.items` + `captions_of`)", data["sqlite"]),
+                            ("Arrow IPC file, memory-mapped (a row slice per hit)", data["arrow"]))]
+    return "\n".join([
+        f"{n:,} synthetic {data['dim']}-d unit vectors (~{SCALE_POINTS_PER_CENTRE} a centre, centres "
+        f"around {ANN_TOPICS} topics), `build_on_disk(..., 'ivf-pq-disk', lists={data['lists']})` "
+        f"with {os.cpu_count()} worker processes.", "",
+        f"- build: {data['build_s']:.0f} s ({n / data['build_s']:,.0f} vectors/s), peak RSS of one "
+        f"process {data['build_peak_rss'] / 2**30:.2f} GiB",
+        f"- disk: {index_bytes / n:.1f} bytes/vector for the index (lists {sizes['lists.ivfdata'] / n:.1f}, "
+        f"ids {sizes['ids.npy'] / n:.1f}, quantizer and header {sizes['index.faiss'] / n:.2f}) + "
+        f"{sizes['vectors.npy'] / n:.0f} bytes/vector of exact vectors for re-ranking",
+        f"- exact search for the truth: {data['truth_s']:.0f} s for {data['queries']} queries", "",
+        f"Serving, in a fresh process (`OnDiskIndex.load` then {data['queries']} searches, k=10, "
+        "re-ranking 500 candidates from the mapped vectors):", "",
+        table(("nprobe", "p50 ms", "p95 ms", "recall@10", "private MiB loaded", "private MiB after",
+               "mapped file MiB after"), serving), "",
+        "Metadata for 10 hits, 1,000 random lookups:", "",
+        table(("store", "rows", "fill s", "bytes/row", "p50 ms", "p95 ms"), meta),
+    ])
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -958,7 +1193,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--serve-requests", type=int, default=200,
                         help="text queries each HTTP client sends [default: 200]")
     parser.add_argument("--serve-clients", type=int, default=8, help="concurrent HTTP clients")
-    parser.add_argument("--only", default=",".join(SECTIONS),
+    parser.add_argument("--scale", action="store_true",
+                        help="run only the scale section (about half an hour on 2 cores)")
+    parser.add_argument("--scale-vectors", type=int, default=10_000_000,
+                        help="vectors in the scale section's on-disk index [default: 10M]")
+    parser.add_argument("--scale-rows", type=int, default=10_000_000,
+                        help="metadata rows in the scale section's lookups [default: 10M]")
+    parser.add_argument("--scale-dir", type=Path,
+                        help="where the scale section builds (needs ~25 GB at 10M) [default: a temp folder]")
+    parser.add_argument("--only", default=",".join(s for s in SECTIONS if s != "scale"),
                         help=f"sections to run, comma-separated: {','.join(SECTIONS)}")
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated")
     parser.add_argument("--quick", action="store_true",
@@ -970,6 +1213,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--images {args.images}: no such folder")
     if args.quick:
         args.tiny, args.limit, args.sizes = True, args.limit or 100, "10000"
+    if args.scale:
+        args.only = "scale"
     args.sizes = [int(size) for size in args.sizes.split(",") if size] + [1_000_000] * args.million
     args.sections = [s for s in SECTIONS if s in args.only.split(",") and s not in args.skip.split(",")]
     unknown = set(filter(None, args.only.split(",") + args.skip.split(","))) - set(SECTIONS)
@@ -982,19 +1227,22 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     """Every section asked for, each printed as soon as it is done; returns all the numbers."""
     meta = machine_facts()
     print(render_header(meta), flush=True)
-    spec, description = prepare_model(args, workdir)
     needs_encoder = {"images", "text", "int8"} & set(args.sections)
-    encoder, load_s = timed(lambda: load_encoder(spec, args.device, args.batch_size, args.int8)) \
-        if needs_encoder else (None, None)
-    meta.update(model=description + (", int8 weights" if args.int8 else ""),
-                model_spec=spec.identity, device=args.device, model_load_s=load_s)
-    print(render_model(meta), flush=True)
+    spec, encoder = None, None
+    if set(args.sections) - {"ann", "scale"}:  # these two use synthetic vectors, no model
+        spec, description = prepare_model(args, workdir)
+        encoder, load_s = timed(lambda: load_encoder(spec, args.device, args.batch_size, args.int8)) \
+            if needs_encoder else (None, None)
+        meta.update(model=description + (", int8 weights" if args.int8 else ""),
+                    model_spec=spec.identity, device=args.device, model_load_s=load_s)
+        print(render_model(meta), flush=True)
     results: dict[str, Any] = {"meta": meta}
     corpus = prepare_corpus(args, workdir) if needs_encoder or "serve" in args.sections else None
     titles = {"images": "a. Image throughput", "text": "b. Text encoding",
               "ann": "c. ANN indexes", "cli": "d. Cold CLI and warm search latency",
               "int8": "e. int8 encoding against fp32", "audio": "f. Audio",
-              "serve": "g. Search service", "video": "h. Video"}
+              "serve": "g. Search service", "video": "h. Video",
+              "scale": "i. Scale: an on-disk index of synthetic vectors"}
     for section in args.sections:
         if section == "images":
             data, text = section_images(corpus, encoder, spec, args, workdir)
@@ -1010,6 +1258,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             data, text = section_serve(corpus, spec, args, workdir)
         elif section == "video":
             data, text = section_video(spec, args, workdir)
+        elif section == "scale":
+            data, text = section_scale(args, workdir)
         else:
             data, text = section_cli(spec, args, workdir)
         results[section] = data
