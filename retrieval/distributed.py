@@ -124,8 +124,8 @@ def embed_images(index: Index, files: Sequence[SourceFile], shards: Shards,
         return 0
     shards.folder.mkdir(exist_ok=True)
     encoder, batch = index.encoder, index.encoder.batch_size
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // 2)
+    gpus, cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
+    actors = gpus or max(1, cpus // 2)
     rows = [{"path": f.path, "key": f.key, "size": f.size, "mtime_ns": f.mtime_ns} for f in todo]
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch))
     dataset = dataset.map_batches(
@@ -136,7 +136,8 @@ def embed_images(index: Index, files: Sequence[SourceFile], shards: Shards,
         ImageEmbedder, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,
         fn_constructor_kwargs={"spec": index.spec, "device": "cuda" if gpus else "cpu",
-                               "batch_size": batch, "int8": index.int8})
+                               "batch_size": batch, "int8": index.int8,
+                               "threads": max(1, cpus // actors)})
     dataset = dataset.map_batches(write_shard, batch_size=None, fn_kwargs={"folder": str(shards.folder)})
     with tqdm(total=len(todo), unit="img", desc="images on Ray", disable=not progress) as bar:
         for written in dataset.iter_batches(batch_size=None):
@@ -167,9 +168,14 @@ def decode_images(batch: dict[str, np.ndarray], preprocess: Callable, input_side
 class ImageEmbedder:
     """One model per actor: embeds the decoded images of each batch it is given."""
 
-    def __init__(self, spec: ModelSpec, device: str, batch_size: int, int8: bool) -> None:
+    def __init__(self, spec: ModelSpec, device: str, batch_size: int, int8: bool, threads: int) -> None:
+        import torch
+
         from .encoders import load_encoder
 
+        # Ray limits an actor's threads to the one CPU it reserves; decoding needs little, so
+        # without GPUs each actor encodes with its share of the cluster's cores.
+        torch.set_num_threads(threads)
         self.encoder = load_encoder(spec, device, batch_size, int8)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

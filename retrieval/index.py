@@ -101,7 +101,7 @@ class Index:
 
         `model`/`pretrained` name the model (see `ModelSpec`). An existing index refuses another
         model unless `rebuild` is set, which drops its vectors to re-encode them all.
-        `index_type` (auto, flat, hnsw, ivf-sq, ivf-pq) is recorded for a new index; an
+        `index_type` (one of INDEX_TYPES; `-disk` kinds live on disk) is recorded for a new index; an
         existing one keeps its type until `convert`. `int8` encodes with 8-bit weights (CPU).
         `audio_model` (`clap:NAME` or `clap:/folder`) embeds audio with a CLAP model instead of
         the audio tower `train_audio` makes; changing it on an index with audio needs `rebuild`.

@@ -17,6 +17,7 @@ Sections (pick with --only / --skip):
   scale   (only with --scale) a 10M-vector on-disk IVF-PQ index from synthetic 512-d vectors:
           build time, RAM and disk per vector, query latency and recall@10; metadata lookups
           in SQLite against a columnar Arrow file at the same row count
+  ray     (only with --only ray) the image phase of a build on a local Ray beside a local build
 
 The default model is ViT-B-32 with seeded random weights written as a `local-dir:` model
 (speed does not depend on weight values, and nothing is downloaded).
@@ -68,7 +69,7 @@ from retrieval.vectors import MEMORY_KINDS, SearchKnobs, VectorIndex
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k-test"
-SECTIONS = ("images", "text", "ann", "cli", "int8", "audio", "serve", "video", "scale")
+SECTIONS = ("images", "text", "ann", "cli", "int8", "audio", "serve", "video", "scale", "ray")
 QUERY = "a dog in the park"
 TEXT_BATCH = 256  # batch throughput is also measured at this batch, beside --batch-size
 K = 10
@@ -1007,9 +1008,28 @@ for query in queries:
     start = time.perf_counter()
     found.append(index.search(query, 10, knobs=knobs)[1])
     millis.append((time.perf_counter() - start) * 1000)
+after = memory()
 np.save(found_path, np.stack(found))
-print(json.dumps({"load_s": load_s, "before": before, "loaded": loaded, "after": memory(),
-                  "millis": millis}))
+
+# A second pass, step by step (one thread, as a search runs): where a query's time goes.
+import faiss
+faiss.omp_set_num_threads(1)
+ivf = faiss.extract_index_ivf(index.index)
+params = faiss.SearchParametersIVF(nprobe=nprobe)
+steps = {"coarse": [], "scan": [], "rerank": []}
+for query in queries:
+    row = query[None, :].astype(np.float32)
+    start = time.perf_counter()
+    ivf.quantizer.search(row, nprobe)
+    steps["coarse"].append((time.perf_counter() - start) * 1000)
+    start = time.perf_counter()
+    _, ids = index.index.search(row, 10 * knobs.rerank_for(index.kind), params=params)
+    steps["scan"].append((time.perf_counter() - start) * 1000)
+    start = time.perf_counter()
+    index.exact_vectors(ids[0][ids[0] >= 0]) @ query
+    steps["rerank"].append((time.perf_counter() - start) * 1000)
+print(json.dumps({"load_s": load_s, "before": before, "loaded": loaded, "after": after,
+                  "millis": millis, "steps_p50_ms": {k: float(np.median(v)) for k, v in steps.items()}}))
 """
 
 
@@ -1125,7 +1145,8 @@ def render_scale(data: dict) -> str:
     index_bytes = sum(v for k, v in sizes.items() if k != "vectors.npy")
     serving = [(nprobe, f"{s['p50_ms']:.2f}", f"{s['p95_ms']:.2f}", f"{s['recall_at_10']:.3f}",
                 f"{s['loaded']['RssAnon'] / 2**20:.0f}", f"{s['after']['RssAnon'] / 2**20:.0f}",
-                f"{s['after']['RssFile'] / 2**20:.0f}")
+                f"{s['after']['RssFile'] / 2**20:.0f}",
+                " / ".join(f"{s['steps_p50_ms'][step]:.2f}" for step in ("coarse", "scan", "rerank")))
                for nprobe, s in data["serving"].items()]
     meta = [(name, f"{m['rows']:,}", f"{m['fill_s']:.0f}", f"{m['bytes'] / m['rows']:.0f}",
              f"{m['p50_ms']:.3f}", f"{m['p95_ms']:.3f}")
@@ -1144,10 +1165,46 @@ def render_scale(data: dict) -> str:
         f"Serving, in a fresh process (`OnDiskIndex.load` then {data['queries']} searches, k=10, "
         "re-ranking 500 candidates from the mapped vectors):", "",
         table(("nprobe", "p50 ms", "p95 ms", "recall@10", "private MiB loaded", "private MiB after",
-               "mapped file MiB after"), serving), "",
+               "mapped file MiB after", "second pass p50 ms: coarse / scan / re-rank"), serving), "",
         "Metadata for 10 hits, 1,000 random lookups:", "",
         table(("store", "rows", "fill s", "bytes/row", "p50 ms", "p95 ms"), meta),
     ])
+
+
+# -- j. ray -----------------------------------------------------------------------------------
+
+
+def section_ray(corpus: Corpus, spec: ModelSpec, args: argparse.Namespace, workdir: Path
+                ) -> tuple[dict, str]:
+    """The image phase of a build as a Ray Data job on a local Ray, beside the same build run
+    locally: what the distributed path costs where there is nothing to distribute to."""
+    from retrieval.distributed import connect
+
+    _, ray_start_s = timed(lambda: connect(None))
+    builds, vectors = {}, {}
+    for engine in ("local", "ray"):
+        with open_index(workdir / f"index-{engine}", spec, args) as index:
+            _ = index.encoder  # loaded before the clock starts, as for the other build figures
+            report, wall = timed(lambda: index.add(*corpus.images, engine=engine))  # noqa: B023
+            rows = index.store.conn.execute(
+                "SELECT items.uri, vectors.vector FROM items JOIN vectors ON item_id = items.id "
+                "WHERE modality = 'image'").fetchall()
+        vectors[engine] = {uri: np.frombuffer(blob, np.float32) for uri, blob in rows}
+        builds[engine] = {"wall_s": wall, "images": report.images_encoded,
+                          "images_per_s": report.images_encoded / wall}
+    difference = max(float(np.abs(vectors["ray"][uri] - vector).max())
+                     for uri, vector in vectors["local"].items())
+    data = {"ray_start_s": ray_start_s, "builds": builds, "max_vector_difference": difference,
+            "same_items": vectors["ray"].keys() == vectors["local"].keys()}
+    rows = [(engine, f"{b['images']:,}", f"{b['wall_s']:.1f}", f"{b['images_per_s']:.1f}")
+            for engine, b in builds.items()]
+    return data, "\n".join([
+        f"`index.add(*images, engine=...)` over {len(corpus.images):,} images ({corpus.origin}), "
+        f"model loaded beforehand; Ray started on this machine in {ray_start_s:.1f} s beforehand "
+        "(one embedding actor: 2 CPUs, no GPU).", "",
+        table(("engine", "images", "wall s", "images/s"), rows), "",
+        f"Same items: {'yes' if data['same_items'] else '**no**'}; largest difference between a "
+        f"vector of the two builds: {difference:.1e}."])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1201,7 +1258,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="metadata rows in the scale section's lookups [default: 10M]")
     parser.add_argument("--scale-dir", type=Path,
                         help="where the scale section builds (needs ~25 GB at 10M) [default: a temp folder]")
-    parser.add_argument("--only", default=",".join(s for s in SECTIONS if s != "scale"),
+    parser.add_argument("--only", default=",".join(s for s in SECTIONS if s not in ("scale", "ray")),
                         help=f"sections to run, comma-separated: {','.join(SECTIONS)}")
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated")
     parser.add_argument("--quick", action="store_true",
@@ -1237,12 +1294,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                     model_spec=spec.identity, device=args.device, model_load_s=load_s)
         print(render_model(meta), flush=True)
     results: dict[str, Any] = {"meta": meta}
-    corpus = prepare_corpus(args, workdir) if needs_encoder or "serve" in args.sections else None
+    corpus = prepare_corpus(args, workdir) if needs_encoder or {"serve", "ray"} & set(args.sections) \
+        else None
     titles = {"images": "a. Image throughput", "text": "b. Text encoding",
               "ann": "c. ANN indexes", "cli": "d. Cold CLI and warm search latency",
               "int8": "e. int8 encoding against fp32", "audio": "f. Audio",
               "serve": "g. Search service", "video": "h. Video",
-              "scale": "i. Scale: an on-disk index of synthetic vectors"}
+              "scale": "i. Scale: an on-disk index of synthetic vectors",
+              "ray": "j. A build on Ray beside a local build"}
     for section in args.sections:
         if section == "images":
             data, text = section_images(corpus, encoder, spec, args, workdir)
@@ -1260,6 +1319,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             data, text = section_video(spec, args, workdir)
         elif section == "scale":
             data, text = section_scale(args, workdir)
+        elif section == "ray":
+            data, text = section_ray(corpus, spec, args, workdir)
         else:
             data, text = section_cli(spec, args, workdir)
         results[section] = data
