@@ -180,7 +180,7 @@ class Builder:
         self.gone_by_content = {(row.kind, row.sha256): row for row in self.gone.values()}
         pending = [(f, self.known.get(f.key)) for f in walk.files if not self._unchanged(f)]
         if self.options.engine == "ray":
-            self._embed_on_ray([source for source, _ in pending if source.kind == "image"])
+            self._embed_on_ray([source for source, _ in pending])
         self._index_images([p for p in pending if p[0].kind == "image"])
         self._index_audio([p for p in pending if p[0].kind == "audio"])
         self._index_video([p for p in pending if p[0].kind == "video"])
@@ -195,13 +195,30 @@ class Builder:
         self.report.seconds = time.perf_counter() - started
         return self.report
 
-    def _embed_on_ray(self, images: list[SourceFile]) -> None:
-        from .distributed import SHARDS_FOLDER, Shards, connect, embed_images
+    def _embed_on_ray(self, pending: list[SourceFile]) -> None:
+        """Embed the images and new texts of `pending` files as Ray Data jobs writing shards."""
+        from .distributed import SHARDS_FOLDER, Shards, connect, embed_images, embed_texts
 
         connect(self.options.address)
-        self.shards = Shards(self.index.path / SHARDS_FOLDER)
-        embed_images(self.index, images, self.shards, self.options.max_megapixels, self.options.progress)
-        self.shards = Shards(self.shards.folder)
+        shards = Shards(self.index.path / SHARDS_FOLDER)
+        embed_images(self.index, [s for s in pending if s.kind == "image"], shards,
+                     self.options.max_megapixels, self.options.progress)
+        texts = self._unembedded_texts([s for s in pending if s.kind in ("text", "captions")])
+        embed_texts(self.index, texts, shards, self.options.progress)
+        self.shards = Shards(shards.folder)
+
+    def _unembedded_texts(self, sources: list[SourceFile]) -> dict[str, str]:
+        """The texts these files hold that no stored item has a vector for, by text hash.
+        Files that cannot be read or parsed are left to the build, which reports them."""
+        texts: dict[str, str] = {}
+        for source in sources:
+            try:
+                specs = read_items(source, read_source(source.path))
+            except (UnreadableFile, CaptionFormatError, ValueError):
+                continue
+            texts.update((text_digest(spec.text), spec.text) for spec in specs)
+        stored = self.store.vectors_for_hashes("text", texts)
+        return {digest: text for digest, text in texts.items() if digest not in stored}
 
     def remove(self, paths: Iterable[str | Path]) -> int:
         """Forget every recorded file at or under `paths`."""
@@ -482,11 +499,14 @@ class Builder:
                 self.report.changed += 1
 
     def _text_vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Vectors by text hash: stored ones reused, the rest encoded in large batches."""
+        """Vectors by text hash: stored ones reused, shards' taken, the rest encoded in large batches."""
         digests = {text_digest(text): text for text in texts}
         vectors = self.store.vectors_for_hashes("text", digests)
+        made = {} if self.shards is None else {  # encoded by a distributed job
+            d: self.shards.texts[d] for d in digests if d not in vectors and d in self.shards.texts}
+        vectors.update(made)
         missing = [(d, t) for d, t in digests.items() if d not in vectors]
-        self.report.vectors_reused += len(texts) - len(missing)
+        self.report.vectors_reused += len(texts) - len(missing) - len(made)
         encoder = self.index.encoder if missing else None
         step = 1024
         with tqdm(total=len(missing), unit="text", desc="texts",
@@ -496,7 +516,7 @@ class Builder:
                 encoded = encoder.encode_texts([text for _, text in chunk])
                 vectors.update({digest: vector for (digest, _), vector in zip(chunk, encoded)})
                 bar.update(len(chunk))
-        self.report.texts_encoded += len(missing)
+        self.report.texts_encoded += len(missing) + len(made)
         return vectors
 
     def _sync_text_items(self, file_id: int, specs: list[ItemSpec],

@@ -4,9 +4,11 @@ The job lists the images the index lacks, then:
 1. reads, hashes, decodes and preprocesses them in Ray tasks;
 2. encodes them in an actor pool, one model per actor (one GPU each where the cluster has GPUs);
 3. writes embedding shards (vectors with the file rows they belong to) into `<index>/shards/`.
-The ordinary incremental build then ingests the shards: a file whose path, size and mtime match
-a shard row takes its hash and vector from there and is neither read nor encoded again. Texts,
-sounds and videos are read and encoded by the driver, as in a local build.
+The texts of new captions and text files that the index has no vector for go through the same
+actor pool in a second job. The ordinary incremental build then ingests the shards: a file
+whose path, size and mtime match a shard row takes its hash and vector from there and is
+neither read nor encoded again, and a text whose hash is in a shard is not encoded again.
+Sounds and videos are encoded by the driver, as in a local build.
 
 Ray Data retries failed tasks and restarts dead actors (by default, as often as it takes). A
 shard is named after the files it holds and written atomically, so a retried task rewrites the
@@ -22,7 +24,7 @@ import os
 import shutil
 import socket
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 SHARDS_FOLDER = "shards"
 RETRIES = 3  # for the tasks that fill an on-disk index's shards
+TEXT_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -56,25 +59,21 @@ class ShardRow:
 
 
 class Shards:
-    """The embedding shards in an index's shard folder, by stored path."""
+    """The embedding shards in an index's shard folder: image rows by stored path (`images/`)
+    and text vectors by text hash (`texts/`)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.rows: dict[str, ShardRow] = {}
-        for path in sorted(folder.glob("[!.]*.npz")) if folder.is_dir() else []:  # not partial ones
-            self._read(path)
-
-    def _read(self, path: Path) -> None:
-        try:
-            with np.load(path) as shard:
-                columns = {name: shard[name] for name in shard.files}
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # damaged: its files are redone
-            return
-        for n, key in enumerate(columns["key"]):
-            error = str(columns["error"][n]) or None
-            self.rows[str(key)] = ShardRow(int(columns["size"][n]), int(columns["mtime_ns"][n]),
-                                           str(columns["sha256"][n]), None if error else columns["vector"][n],
-                                           error)
+        self.texts: dict[str, np.ndarray] = {}
+        for columns in _read_shards(folder / "images"):
+            for n, key in enumerate(columns["key"]):
+                error = str(columns["error"][n]) or None
+                self.rows[str(key)] = ShardRow(int(columns["size"][n]), int(columns["mtime_ns"][n]),
+                                               str(columns["sha256"][n]),
+                                               None if error else columns["vector"][n], error)
+        for columns in _read_shards(folder / "texts"):
+            self.texts.update(zip(map(str, columns["key"]), columns["vector"]))
 
     def row_for(self, source: SourceFile) -> ShardRow | None:
         """The shard row of a file, if it was made from the file as it is now."""
@@ -83,6 +82,16 @@ class Shards:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _read_shards(folder: Path) -> Iterator[dict[str, np.ndarray]]:
+    """The columns of each complete shard; damaged ones are passed over (their work is redone)."""
+    for path in sorted(folder.glob("[!.]*.npz")) if folder.is_dir() else []:  # not partial ones
+        try:
+            with np.load(path) as shard:
+                yield {name: shard[name] for name in shard.files}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            continue
 
 
 def connect(address: str | None) -> None:
@@ -116,33 +125,55 @@ def _check_reachable(address: str | None) -> None:
 
 def embed_images(index: Index, files: Sequence[SourceFile], shards: Shards,
                  max_megapixels: float, progress: bool) -> int:
-    """Run the Ray Data job over `files`, writing shards; returns how many files it covered."""
-    import ray.data
+    """Run the Ray Data job over image `files`, writing shards; returns how many it covered."""
 
     todo = [f for f in files if shards.row_for(f) is None]
     if not todo:
         return 0
-    shards.folder.mkdir(exist_ok=True)
-    encoder, batch = index.encoder, index.encoder.batch_size
-    gpus, cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
-    actors = gpus or max(1, cpus // 2)
+    encoder = index.encoder
     rows = [{"path": f.path, "key": f.key, "size": f.size, "mtime_ns": f.mtime_ns} for f in todo]
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch))
-    dataset = dataset.map_batches(
-        decode_images, batch_size=batch,
+    dataset = _items(rows, encoder.batch_size).map_batches(
+        decode_images, batch_size=encoder.batch_size,
         fn_kwargs={"preprocess": encoder.preprocess, "input_side": encoder.input_side,
                    "max_megapixels": max_megapixels})
+    _embed_and_write(index, dataset, encoder.batch_size, shards.folder / "images", len(todo),
+                     "images on Ray", progress)
+    return len(todo)
+
+
+def embed_texts(index: Index, texts: dict[str, str], shards: Shards, progress: bool) -> int:
+    """Run the Ray Data job over texts (by text hash) not in the shards yet; returns how many."""
+    todo = [{"key": digest, "text": text} for digest, text in texts.items() if digest not in shards.texts]
+    if todo:
+        _embed_and_write(index, _items(todo, TEXT_BATCH), TEXT_BATCH, shards.folder / "texts",
+                         len(todo), "texts on Ray", progress)
+    return len(todo)
+
+
+def _items(rows: list[dict], batch: int):
+    import ray.data
+
+    return ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch))
+
+
+def _embed_and_write(index: Index, dataset, batch: int, folder: Path, total: int, desc: str,
+                     progress: bool) -> None:
+    """Encode a dataset's batches in the actor pool, write them as shards into `folder`."""
+    import ray.data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gpus, cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
+    actors = gpus or max(1, cpus // 2)
     dataset = dataset.map_batches(
-        ImageEmbedder, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=actors),
+        Embedder, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,
         fn_constructor_kwargs={"spec": index.spec, "device": "cuda" if gpus else "cpu",
-                               "batch_size": batch, "int8": index.int8,
+                               "batch_size": index.batch_size, "int8": index.int8,
                                "threads": max(1, cpus // actors)})
-    dataset = dataset.map_batches(write_shard, batch_size=None, fn_kwargs={"folder": str(shards.folder)})
-    with tqdm(total=len(todo), unit="img", desc="images on Ray", disable=not progress) as bar:
+    dataset = dataset.map_batches(write_shard, batch_size=None, fn_kwargs={"folder": str(folder)})
+    with tqdm(total=total, desc=desc, disable=not progress) as bar:
         for written in dataset.iter_batches(batch_size=None):
-            bar.update(int(written["files"].sum()))
-    return len(todo)
+            bar.update(int(written["written"].sum()))
 
 
 def decode_images(batch: dict[str, np.ndarray], preprocess: Callable, input_side: int,
@@ -165,8 +196,8 @@ def decode_images(batch: dict[str, np.ndarray], preprocess: Callable, input_side
     return {**batch, "sha256": np.array(digests), "error": np.array(errors), "pixels": stacked}
 
 
-class ImageEmbedder:
-    """One model per actor: embeds the decoded images of each batch it is given."""
+class Embedder:
+    """One model per actor: embeds each batch it is given, decoded images or texts."""
 
     def __init__(self, spec: ModelSpec, device: str, batch_size: int, int8: bool, threads: int) -> None:
         import torch
@@ -182,21 +213,25 @@ class ImageEmbedder:
         import torch
 
         batch = dict(batch)
-        pixels = torch.from_numpy(np.ascontiguousarray(batch.pop("pixels")))
-        batch["vector"] = self.encoder.encode_image_tensors(pixels)
+        if "pixels" in batch:
+            pixels = torch.from_numpy(np.ascontiguousarray(batch.pop("pixels")))
+            batch["vector"] = self.encoder.encode_image_tensors(pixels)
+        else:
+            batch["vector"] = self.encoder.encode_texts([str(text) for text in batch.pop("text")])
         return batch
 
 
 def write_shard(batch: dict[str, np.ndarray], folder: str) -> dict[str, np.ndarray]:
-    """Write a batch as one shard, named after its files, renamed into place when complete."""
+    """Write a batch as one shard, named after its keys, renamed into place when complete."""
     name = hashlib.sha256("\0".join(map(str, batch["key"])).encode()).hexdigest()[:32]
     final = Path(folder) / f"{name}.npz"
     partial = final.with_name(f".{name}.{os.getpid()}.tmp.npz")
-    columns = {column: np.asarray(batch[column]) for column in ("size", "mtime_ns", "vector")}
-    columns.update({column: np.asarray(batch[column]).astype(str) for column in ("key", "sha256", "error")})
+    # strings as fixed-width unicode: loading must not need pickle
+    columns = {column: np.asarray(values).astype(str) if np.asarray(values).dtype == object
+               else np.asarray(values) for column, values in batch.items() if column != "path"}
     np.savez(partial, **columns)
     os.replace(partial, final)
-    return {"files": np.array([len(batch["key"])])}
+    return {"written": np.array([len(batch["key"])])}
 
 
 def ray_runner() -> ShardRunner:

@@ -17,7 +17,7 @@ Sections (pick with --only / --skip):
   scale   (only with --scale) a 10M-vector on-disk IVF-PQ index from synthetic 512-d vectors:
           build time, RAM and disk per vector, query latency and recall@10; metadata lookups
           in SQLite against a columnar Arrow file at the same row count
-  ray     (only with --only ray) the image phase of a build on a local Ray beside a local build
+  ray     (only with --only ray) a whole build on a local Ray beside the same build run locally
 
 The default model is ViT-B-32 with seeded random weights written as a `local-dir:` model
 (speed does not depend on weight values, and nothing is downloaded).
@@ -1176,8 +1176,8 @@ def render_scale(data: dict) -> str:
 
 def section_ray(corpus: Corpus, spec: ModelSpec, args: argparse.Namespace, workdir: Path
                 ) -> tuple[dict, str]:
-    """The image phase of a build as a Ray Data job on a local Ray, beside the same build run
-    locally: what the distributed path costs where there is nothing to distribute to."""
+    """A whole build (images and captions) as Ray Data jobs on a local Ray, beside the same
+    build run locally: what the distributed path costs where there is nothing to distribute to."""
     from retrieval.distributed import connect
 
     _, ray_start_s = timed(lambda: connect(None))
@@ -1185,24 +1185,22 @@ def section_ray(corpus: Corpus, spec: ModelSpec, args: argparse.Namespace, workd
     for engine in ("local", "ray"):
         with open_index(workdir / f"index-{engine}", spec, args) as index:
             _ = index.encoder  # loaded before the clock starts, as for the other build figures
-            report, wall = timed(lambda: index.add(*corpus.images, engine=engine))  # noqa: B023
+            report, wall = timed(lambda: index.add(corpus.folder, engine=engine))  # noqa: B023
             rows = index.store.conn.execute(
-                "SELECT items.uri, vectors.vector FROM items JOIN vectors ON item_id = items.id "
-                "WHERE modality = 'image'").fetchall()
+                "SELECT items.uri, vectors.vector FROM items JOIN vectors ON item_id = items.id").fetchall()
         vectors[engine] = {uri: np.frombuffer(blob, np.float32) for uri, blob in rows}
-        builds[engine] = {"wall_s": wall, "images": report.images_encoded,
-                          "images_per_s": report.images_encoded / wall}
+        builds[engine] = {"wall_s": wall, "images": report.images_encoded, "texts": report.texts_encoded}
     difference = max(float(np.abs(vectors["ray"][uri] - vector).max())
                      for uri, vector in vectors["local"].items())
     data = {"ray_start_s": ray_start_s, "builds": builds, "max_vector_difference": difference,
             "same_items": vectors["ray"].keys() == vectors["local"].keys()}
-    rows = [(engine, f"{b['images']:,}", f"{b['wall_s']:.1f}", f"{b['images_per_s']:.1f}")
-            for engine, b in builds.items()]
+    rows = [(engine, f"{b['images']:,}", f"{b['texts']:,}", f"{b['wall_s']:.1f}",
+             f"{b['images'] / b['wall_s']:.1f}") for engine, b in builds.items()]
     return data, "\n".join([
-        f"`index.add(*images, engine=...)` over {len(corpus.images):,} images ({corpus.origin}), "
-        f"model loaded beforehand; Ray started on this machine in {ray_start_s:.1f} s beforehand "
-        "(one embedding actor: 2 CPUs, no GPU).", "",
-        table(("engine", "images", "wall s", "images/s"), rows), "",
+        f"`index.add(folder, engine=...)` over {corpus.origin}, model loaded beforehand; Ray "
+        f"started on this machine in {ray_start_s:.1f} s beforehand (one embedding actor with "
+        "this machine's cores, no GPU).", "",
+        table(("engine", "images", "texts", "wall s", "images/s over the whole wall"), rows), "",
         f"Same items: {'yes' if data['same_items'] else '**no**'}; largest difference between a "
         f"vector of the two builds: {difference:.1e}."])
 

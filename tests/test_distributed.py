@@ -20,8 +20,8 @@ from test_ondisk import ArraySource
 
 from retrieval import Index
 from retrieval.cli import cli
-from retrieval.corpus import walk_sources
-from retrieval.distributed import SHARDS_FOLDER, Shards, embed_images, ray_runner
+from retrieval.corpus import text_digest, walk_sources
+from retrieval.distributed import SHARDS_FOLDER, Shards, embed_images, embed_texts, ray_runner
 from retrieval.ondisk import build_on_disk
 from retrieval.vectors import VectorIndex, new_trained_index
 
@@ -69,9 +69,14 @@ def test_a_ray_build_gives_the_items_and_vectors_of_a_local_build(tmp_path, corp
     with Index.open(tmp_path / "local", model=tiny_model, create=True) as index:
         local = index.add(corpus)
     with Index.open(tmp_path / "ray", model=tiny_model, create=True, batch_size=8) as index:
+        on_driver: list[int] = []
+        encode_texts = index.encoder.encode_texts
+        index.encoder.encode_texts = lambda texts: on_driver.append(len(texts)) or encode_texts(texts)
         distributed = index.add(corpus, engine="ray")
+        assert not on_driver  # the captions were encoded by the Ray job too
         hits = index.search("a red circle", k=5)
     assert (distributed.new, distributed.images_encoded) == (local.new, local.images_encoded) == (28, 27)
+    assert distributed.texts_encoded == local.texts_encoded > 0
     assert sorted(s.path for s in distributed.skipped) == sorted(s.path for s in local.skipped)
     assert {s.reason for s in distributed.skipped} == {s.reason for s in local.skipped}
     assert_same_index(tmp_path / "local", tmp_path / "ray")
@@ -107,6 +112,9 @@ def test_an_interrupted_job_resumes_from_its_shards(tmp_path, corpus, tiny_model
         assert len(resumed.rows) == 12
         assert embed_images(index, images, resumed, 64.0, progress=False) == len(images) - 12
         assert embed_images(index, images, Shards(shards.folder), 64.0, progress=False) == 0
+        texts = {text_digest(text): text for text in ("a red circle", "a text no caption has")}
+        assert embed_texts(index, texts, Shards(shards.folder), progress=False) == 2
+        assert embed_texts(index, texts, Shards(shards.folder), progress=False) == 0
         report = index.add(corpus, engine="ray")
         assert report.images_encoded == len(images) - 2  # broken.png and empty.jpg are skipped
     with Index.open(tmp_path / "local", model=tiny_model, create=True) as index:
@@ -122,14 +130,14 @@ def embedder_processes() -> list[int]:
             title = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if entry.name.isdigit() and b"ray::" in title and b"ImageEmbedder" in title:
+        if entry.name.isdigit() and b"ray::" in title and b"Embedder" in title:
             pids.append(int(entry.name))
     return pids
 
 
 def test_a_killed_ray_worker_loses_and_duplicates_nothing(tmp_path, tiny_model):
     corpus = write_shape_folder(tmp_path / "shapes", seed=7, per_class=8)
-    shard_folder = tmp_path / "ray" / SHARDS_FOLDER
+    shard_folder = tmp_path / "ray" / SHARDS_FOLDER / "images"
     killed: list[int] = []
 
     def kill_an_embedder_mid_job() -> None:
