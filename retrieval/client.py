@@ -30,9 +30,13 @@ def search_server(url: str, text: str | None, images: list[str], sounds: list[st
             raise RetrievalError(f"cannot reach the server at {url} ({error}); start it with "
                                  "retrieve serve, or search without --server") from None
     if response.status_code >= 400:
-        detail = _detail(response)
-        raise (UsageError if response.status_code < 500 else RetrievalError)(f"server {url}: {detail}")
+        raise server_error(response, f"server {url}")
     return [Hit(**hit) for hit in response.json()]
+
+
+def server_error(response, who: str) -> RetrievalError:
+    """The engine's error for a server's error reply: a usage error for 4xx, named by `who`."""
+    return (UsageError if response.status_code < 500 else RetrievalError)(f"{who}: {_detail(response)}")
 
 
 def _opened(path: str, field: str):

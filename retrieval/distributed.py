@@ -126,7 +126,6 @@ def _check_reachable(address: str | None) -> None:
 def embed_images(index: Index, files: Sequence[SourceFile], shards: Shards,
                  max_megapixels: float, progress: bool) -> int:
     """Run the Ray Data job over image `files`, writing shards; returns how many it covered."""
-
     todo = [f for f in files if shards.row_for(f) is None]
     if not todo:
         return 0
@@ -162,7 +161,8 @@ def _embed_and_write(index: Index, dataset, batch: int, folder: Path, total: int
     import ray.data
 
     folder.mkdir(parents=True, exist_ok=True)
-    gpus, cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     actors = gpus or max(1, cpus // 2)
     dataset = dataset.map_batches(
         Embedder, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=actors),

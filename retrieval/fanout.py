@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from .client import server_error
 from .errors import RetrievalError, UsageError
 from .index import Hit, Index
 
@@ -114,12 +115,7 @@ class RemoteShard:
         if response.status_code == 404 and missing_ok:
             return None
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail")
-            except ValueError:
-                detail = f"HTTP {response.status_code}"
-            raise (UsageError if response.status_code < 500 else RetrievalError)(
-                f"shard {self.name}: {detail}")
+            raise server_error(response, f"shard {self.name}")
         return response
 
 

@@ -36,7 +36,7 @@ ExactVectors = Callable[[np.ndarray], np.ndarray]
 # Candidates fetched per result before exact re-ranking: 8-bit codes rank nearly right already;
 # product-quantised codes need a deep pool, deeper as the corpus grows (benchmark recall@10:
 # at 100k 0.90 with 4, 0.996 with 8; at 1M 0.77 with 10, 0.94 with 25, 0.994 with 50).
-DEFAULT_RERANK = {"ivf-sq": 4, "ivf-pq": 50, "ivf-sq-disk": 4, "ivf-pq-disk": 50}
+DEFAULT_RERANK = {"ivf-sq": 4, "ivf-pq": 50}
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class SearchKnobs:
     rerank: int | None = None
 
     def rerank_for(self, kind: str) -> int:
-        return self.rerank or DEFAULT_RERANK.get(kind, 1)
+        return self.rerank or DEFAULT_RERANK.get(kind.removesuffix("-disk"), 1)  # same codes on disk
 
 
 def choose_kind(requested: str, count: int, dim: int,
@@ -233,7 +233,7 @@ def _new_faiss_index(kind: str, dim: int, count: int, lists: int | None = None) 
         return faiss.IndexIDMap2(graph)
     nlist = lists or _list_count(count)
     quantizer = faiss.IndexFlatIP(dim)
-    if kind.startswith("ivf-sq"):
+    if kind == "ivf-sq":
         index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                               faiss.METRIC_INNER_PRODUCT)
     else:
