@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -233,7 +235,10 @@ def _count_images(index_dir: Path) -> int:
 
 
 def test_console_script_is_installed():
-    done = subprocess.run(["retrieve", "--help"], capture_output=True, text=True,
+    # Installed beside the interpreter running the tests, whether or not its venv is activated.
+    script = shutil.which("retrieve", path=sysconfig.get_path("scripts"))
+    assert script, f"no retrieve script in {sysconfig.get_path('scripts')}"
+    done = subprocess.run([script, "--help"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "100"})
     assert done.returncode == 0 and "retrieve index" in done.stdout
 
