@@ -7,11 +7,16 @@ import os
 # No test may reach a model hub: fail fast instead of waiting on a network that is not there.
 # Set before anything imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# OpenMP threads that spin while they wait for work starve everything else on a busy 2-core
+# machine: a tiny-model training run took 13 times as long with spinning threads as with
+# sleeping ones while other processes ran. Set before torch loads libgomp; children inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tiny_model import CLASSES, caption_for, render_shape, train_tiny_clip, write_local_dir_model  # noqa: E402
 
@@ -29,9 +34,15 @@ def other_tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def trained_model(tmp_path_factory) -> str:
-    """The tiny CLIP trained for seconds on coloured-shape renders and their captions."""
-    return write_local_dir_model(tmp_path_factory.mktemp("trained-model"), train_tiny_clip(seed=0))
+def trained_clip() -> torch.nn.Module:
+    """The tiny CLIP trained for seconds on coloured-shape renders and their captions (once a run)."""
+    return train_tiny_clip(seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory, trained_clip) -> str:
+    """`trained_clip` in local-dir form: its `local-dir:` spec."""
+    return write_local_dir_model(tmp_path_factory.mktemp("trained-model"), trained_clip)
 
 
 def write_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> Path:

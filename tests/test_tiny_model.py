@@ -5,7 +5,7 @@ from pathlib import Path
 
 import open_clip
 import torch
-from tiny_model import create_tiny_clip, evaluate_recall, train_tiny_clip, write_local_dir_model
+from tiny_model import create_tiny_clip, evaluate_recall, write_local_dir_model
 
 # Differs from the training seed, so evaluation renders are unseen.
 HELD_OUT_SEED = 12345
@@ -34,14 +34,12 @@ def test_untrained_model_round_trips_through_local_dir(tmp_path: Path) -> None:
     assert preprocess.transforms[0].size == 32
 
 
-def test_trained_model_retrieves_held_out_renders(tmp_path: Path) -> None:
-    model = train_tiny_clip(seed=0)
-    spec = write_local_dir_model(tmp_path / "trained", model=model)
-
-    reloaded, _, preprocess = open_clip.create_model_and_transforms(spec)
-    _assert_same_state(reloaded.state_dict(), model.state_dict())
+def test_trained_model_retrieves_held_out_renders(trained_clip: torch.nn.Module, trained_model: str) -> None:
+    # The session's trained model (train_tiny_clip(seed=0)), written by write_local_dir_model.
+    reloaded, _, preprocess = open_clip.create_model_and_transforms(trained_model)
+    _assert_same_state(reloaded.state_dict(), trained_clip.state_dict())
     text_to_image, image_to_text = evaluate_recall(
-        reloaded, preprocess, open_clip.get_tokenizer(spec), seed=HELD_OUT_SEED
+        reloaded, preprocess, open_clip.get_tokenizer(trained_model), seed=HELD_OUT_SEED
     )
     assert text_to_image >= 0.9
     assert image_to_text >= 0.9
