@@ -196,6 +196,7 @@ def test_build_script_has_the_same_options(tmp_path, photo_folder, tiny_model):
     assert json.loads(done.stdout)["new"] == 9
 
 
+@pytest.mark.slow  # the default run kills builds in tests/test_crash.py
 def test_kill_9_during_a_build_leaves_an_index_that_answers_and_resumes(tmp_path, tiny_model):
     source = tmp_path / "many"
     for number in range(300):

@@ -1,5 +1,9 @@
 """Distributed builds on a local Ray cluster: the same index as a local build, resumable shards,
-a killed worker, on-disk shards filled by Ray tasks."""
+a killed worker, on-disk shards filled by Ray tasks.
+
+Every Ray Data job costs 20-30 s however small its corpus, so the builds are marked `slow`
+(`pytest -m slow tests/test_distributed.py`); the default run keeps Ray tasks filling an on-disk
+index and the one-line error for an unreachable cluster."""
 
 from __future__ import annotations
 
@@ -65,6 +69,7 @@ def assert_same_index(local: Path, distributed: Path) -> None:
         assert np.allclose(ray_vectors[uri], vector, atol=1e-6), uri
 
 
+@pytest.mark.slow  # a Ray Data job: 20-30 s each
 def test_a_ray_build_gives_the_items_and_vectors_of_a_local_build(tmp_path, corpus, tiny_model):
     with Index.open(tmp_path / "local", model=tiny_model, create=True) as index:
         local = index.add(corpus)
@@ -85,6 +90,7 @@ def test_a_ray_build_gives_the_items_and_vectors_of_a_local_build(tmp_path, corp
         assert [h.uri for h in index.search("a red circle", k=5)] == [h.uri for h in hits]
 
 
+@pytest.mark.slow  # a Ray Data job: 20-30 s each
 def test_the_cli_builds_on_ray_and_updates_incrementally(tmp_path, corpus, tiny_model):
     run = CliRunner().invoke
     result = run(cli, ["index", str(corpus), "--index", str(tmp_path / "ray"), "--model", tiny_model,
@@ -101,6 +107,7 @@ def test_the_cli_builds_on_ray_and_updates_incrementally(tmp_path, corpus, tiny_
     assert_same_index(tmp_path / "local", tmp_path / "ray")
 
 
+@pytest.mark.slow  # a Ray Data job: 20-30 s each
 def test_an_interrupted_job_resumes_from_its_shards(tmp_path, corpus, tiny_model):
     images = [f for f in walk_sources([corpus]).files if f.kind == "image"]
     with Index.open(tmp_path / "ray", model=tiny_model, create=True, batch_size=4) as index:
@@ -135,6 +142,7 @@ def embedder_processes() -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # a Ray Data job: 20-30 s each
 def test_a_killed_ray_worker_loses_and_duplicates_nothing(tmp_path, tiny_model):
     corpus = write_shape_folder(tmp_path / "shapes", seed=7, per_class=8)
     shard_folder = tmp_path / "ray" / SHARDS_FOLDER / "images"
