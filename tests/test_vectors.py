@@ -28,10 +28,17 @@ def corpus():
     return ids, vectors
 
 
-@pytest.mark.parametrize("kind", MEMORY_KINDS)
-def test_every_kind_finds_a_stored_vector_first(kind, corpus):
+@pytest.fixture(scope="module")
+def built(corpus) -> dict[str, VectorIndex]:
+    """Every kind built once over the corpus (training IVF-PQ takes seconds); the tests only search."""
     ids, vectors = corpus
-    index = VectorIndex.build(kind, DIM, ids, vectors)
+    return {kind: VectorIndex.build(kind, DIM, ids, vectors) for kind in MEMORY_KINDS}
+
+
+@pytest.mark.parametrize("kind", MEMORY_KINDS)
+def test_every_kind_finds_a_stored_vector_first(kind, corpus, built):
+    ids, vectors = corpus
+    index = built[kind]
     assert index.kind == kind and len(index) == len(ids)
     exact = lambda wanted: vectors[wanted - 1000]  # noqa: E731
     for row in range(0, len(ids), 997):
@@ -42,9 +49,9 @@ def test_every_kind_finds_a_stored_vector_first(kind, corpus):
 
 
 @pytest.mark.parametrize("kind", MEMORY_KINDS)
-def test_narrow_filters_are_exact_for_every_kind(kind, corpus):
+def test_narrow_filters_are_exact_for_every_kind(kind, corpus, built):
     ids, vectors = corpus
-    index = VectorIndex.build(kind, DIM, ids, vectors)
+    index = built[kind]
     allowed = ids[::500]
     exact = lambda wanted: vectors[wanted - 1000]  # noqa: E731
     _, found = index.search(vectors[7], 5, allowed=allowed, exact=exact)
