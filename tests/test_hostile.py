@@ -372,7 +372,7 @@ QUERY_REGRESSIONS = [  # each once raised something other than a RetrievalError
 ]
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzzed_queries_never_raise_unhandled_errors(query_index, data):
     kwargs = draw_search_arguments(data, query_index)
@@ -454,7 +454,7 @@ CLI_REGRESSIONS = [  # each once ended in a traceback
 ]
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 @example(data=None)  # the regressions above, every run
 def test_fuzzed_cli_arguments_exit_with_0_1_or_2(query_index, data):
