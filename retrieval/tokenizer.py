@@ -46,17 +46,24 @@ def default_merges_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / MERGES_FILE
 
 
+@lru_cache(maxsize=4)
+def _vocabulary(merges_path: Path) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    """Token ids and merge ranks from a merges file, read once per process (about 0.1 s each
+    time otherwise, paid by every index that opens its text tower); shared, never changed."""
+    lines = gzip.open(merges_path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:MERGE_COUNT + 1]]
+    symbols = list(byte_alphabet().values())
+    vocabulary = symbols + [s + END_OF_WORD for s in symbols]
+    vocabulary += ["".join(pair) for pair in merges] + [START, END]
+    ids = {token: number for number, token in enumerate(vocabulary)}
+    return ids, {pair: rank for rank, pair in enumerate(merges)}
+
+
 class ClipTokenizer:
     """Text -> fixed-length token ids: start token, BPE tokens, end token, zero padding."""
 
     def __init__(self, merges_path: Path | None = None, context_length: int = 77) -> None:
-        lines = gzip.open(merges_path or default_merges_path()).read().decode("utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines[1:MERGE_COUNT + 1]]
-        symbols = list(byte_alphabet().values())
-        vocabulary = symbols + [s + END_OF_WORD for s in symbols]
-        vocabulary += ["".join(pair) for pair in merges] + [START, END]
-        self.ids = {token: number for number, token in enumerate(vocabulary)}
-        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.ids, self.ranks = _vocabulary(merges_path or default_merges_path())
         self.start_id, self.end_id = self.ids[START], self.ids[END]
         self.context_length = context_length
         self.pattern = regex.compile(
