@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -173,7 +174,8 @@ def _add(found: dict[str, SourceFile], skipped: list[Skipped], path: Path, root:
     if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
         skipped.append(Skipped(display_path(str(path)), "not a regular file"))
         return
-    found[str(path)] = SourceFile(str(path), str(root), kind, info.st_size, info.st_mtime_ns)
+    found[str(path)] = SourceFile(str(path), display_path(str(root)), kind, info.st_size,
+                                  info.st_mtime_ns)
 
 
 def _mark_sidecars(found: dict[str, SourceFile]) -> None:
@@ -192,8 +194,7 @@ def read_items(source: SourceFile, data: bytes) -> list[ItemSpec]:
     text = data.decode("utf-8-sig", errors="replace")  # -sig: editors' byte-order marks
     if source.kind == "captions":
         image = _sidecar_image(source.path)
-        sidecar_for = os.path.basename(display_path(image)) if image else None
-        pairs = read_caption_pairs(source.path, text, sidecar_for)
+        pairs = read_caption_pairs(source.path, text, os.path.basename(image) if image else None)
         return _caption_items(source.key, pairs)
     if source.path.lower().endswith(".jsonl"):
         return _jsonl_texts(source.key, text)
@@ -204,7 +205,8 @@ def read_items(source: SourceFile, data: bytes) -> list[ItemSpec]:
 def _caption_items(uri: str, pairs: list[tuple[str, str]]) -> list[ItemSpec]:
     seen: Counter[str] = Counter()
     items = []
-    for image, caption in pairs:
+    for name, caption in pairs:
+        image = display_path(name)  # compared with stored paths when captions are linked
         if caption:
             # Numbering per image keeps a caption's uri when other lines of the file change.
             items.append(ItemSpec(uri=f"{uri}#{image}#{seen[image]}", modality="text",
@@ -255,16 +257,38 @@ def existing_file(name: str) -> Path | None:
 
 
 def display_path(path: str) -> str:
-    """File names that are not UTF-8 keep their odd bytes as `\\xNN`, so SQLite can store them."""
+    """A path as the index stores and shows it: valid UTF-8 text that names exactly one file.
+
+    A name's bytes that are not UTF-8 become `\\xNN`, and a backslash in a name is doubled,
+    so the name `a\\xffb.jpg` and the bytes `a<ff>b.jpg` stay apart. Other names are kept as
+    they are. `path_from_display` turns the stored text back into the path.
+    """
+    if "\\" not in path:
+        try:
+            path.encode("utf-8")
+            return path
+        except UnicodeEncodeError:
+            pass
     try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        pass
-    try:
-        return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+        raw = os.fsencode(path)
     except UnicodeEncodeError:  # a surrogate no file name decodes to: escape it as text
-        return path.encode("utf-8", errors="backslashreplace").decode("utf-8")
+        return path.replace("\\", "\\\\").encode("utf-8", errors="backslashreplace").decode("utf-8")
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace")
+
+
+_ESCAPE = re.compile(rb"\\(\\|x[0-9a-fA-F]{2})")
+
+
+def path_from_display(shown: str) -> str:
+    """The file system path a stored path names: what `display_path` made it from.
+
+    A backslash that starts no escape is kept as it is (indexes written before backslashes
+    were doubled hold such names)."""
+    if "\\" not in shown:
+        return shown
+    raw = _ESCAPE.sub(lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1][1:], 16)]),
+                      shown.encode("utf-8"))
+    return os.fsdecode(raw)
 
 
 def is_under(path: str, prefixes: Iterable[str]) -> bool:

@@ -12,11 +12,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from retrieval.corpus import (
     IMAGE_SUFFIXES,
     SourceFile,
     display_path,
+    path_from_display,
     read_items,
     walk_sources,
 )
@@ -422,6 +425,30 @@ def test_display_path():
     escaped = display_path(os.fsdecode(b"/d/caf\xe9 \xff.jpg"))
     assert escaped == "/d/caf\\xe9 \\xff.jpg"
     escaped.encode("utf-8")
+    # a backslash in a name is doubled, so no name can be spelled like another's escapes
+    assert display_path("/d/a\\xffb.jpg") == "/d/a\\\\xffb.jpg"
+    assert display_path(os.fsdecode(b"/d/a\\\xff.jpg")) == "/d/a\\\\\\xff.jpg"
+
+
+NAME_BYTES = st.binary(min_size=1, max_size=12).map(lambda b: b.replace(b"/", b"_").replace(b"\0", b"_"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(NAME_BYTES, min_size=1, max_size=3))
+def test_display_paths_round_trip_and_never_collide(parts):
+    """display_path is one-to-one and path_from_display undoes it, for any bytes a name holds."""
+    raw = b"/" + b"/".join(parts)
+    shown = display_path(os.fsdecode(raw))
+    shown.encode("utf-8")  # storable as SQLite text
+    assert os.fsencode(path_from_display(shown)) == raw
+    twin = os.fsdecode(shown.encode("utf-8"))  # a name spelled like the shown text
+    assert display_path(twin) != shown or twin == os.fsdecode(raw)
+
+
+def test_path_from_display_keeps_a_backslash_that_escapes_nothing():
+    """Indexes written before backslashes were doubled hold them single."""
+    assert path_from_display("/d/a\\b.jpg") == "/d/a\\b.jpg"
+    assert path_from_display("/d/a\\\\b.jpg") == "/d/a\\b.jpg"
 
 
 # -- read_items ------------------------------------------------------------------------------

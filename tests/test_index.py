@@ -445,3 +445,42 @@ def test_an_index_killed_before_recording_its_model_can_be_read(tmp_path, tiny_m
         conn.execute("DELETE FROM info WHERE key LIKE 'model_%'")
     with Index.open(index_dir, readonly=True) as index:
         assert index.search("anything") == []
+
+
+# -- issue 14: builds that finish, remember what they were told, and redo little -------------
+
+
+def image_bytes(path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def test_a_non_utf8_name_and_its_escaped_spelling_are_two_files(tmp_path, tiny_model):
+    """The bytes a<ff>b.jpg and the name `a\\xffb.jpg` once had one stored path: every build
+    ended in `UNIQUE constraint failed` and the rest of the folder was never indexed."""
+    source = tmp_path / "names"
+    raw = os.fsencode(source) + b"/a\xffb.jpg"
+    write_image(source / "a\\xffb.jpg", (200, 10, 10))
+    write_image(tmp_path / "blue.jpg", (10, 10, 200))
+    shutil.copy(tmp_path / "blue.jpg", raw)
+    write_image(source / "z.jpg", (10, 200, 10))
+    report = build(tmp_path / "index", [source], tiny_model)
+    assert (report.new, report.images_encoded, report.skipped) == (3, 3, [])
+    from retrieval.corpus import path_from_display
+
+    with Index.open(tmp_path / "index") as index:
+        hits = index.search("x", k=5)
+        # stored and shown escaped, and each names its own file
+        assert {hit.uri for hit in hits} == {str(source) + "/a\\xffb.jpg",
+                                             str(source) + "/a\\\\xffb.jpg", str(source / "z.jpg")}
+        for hit in hits:
+            assert image_bytes(path_from_display(hit.uri)) == image_bytes(
+                os.fsdecode(raw) if hit.uri.endswith("/a\\xffb.jpg") else
+                path_from_display(hit.uri))
+        assert image_bytes(path_from_display(str(source) + "/a\\xffb.jpg")) == image_bytes(raw)
+        assert index.add(source).unchanged == 3
+        os.unlink(raw)
+        assert index.add(source).removed == 1
+        assert {hit.uri for hit in index.search("x", k=5)} == {
+            str(source) + "/a\\\\xffb.jpg", str(source / "z.jpg")}
+    assert_consistent(tmp_path / "index")
