@@ -16,7 +16,7 @@ import hashlib
 import os
 import re
 import stat
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +80,8 @@ def walk_sources(sources: Iterable[str | Path], exclude_dirs: Iterable[str] = ()
     """List every indexable file under `sources` (folders or single files).
 
     Hidden entries and folders named in `exclude_dirs` (by name or by path) are not entered.
-    Symlinks to files are followed; symlinked folders are not, so loops cannot occur.
+    Symlinks to files and to folders are followed; a folder reached a second time (a loop,
+    or two links to one folder) is walked once, under the first path that reached it.
     """
     excluded = {str(absolute_path(d)) if os.sep in d else d for d in exclude_dirs}
     found: dict[str, SourceFile] = {}
@@ -130,16 +131,59 @@ def _is(path: Path, test) -> bool:
 
 def _walk_folder(root: Path, excluded: set[str], include_hidden: bool,
                  skipped: list[Skipped]) -> Iterator[Path]:
+    """The files under `root`. Symlinked folders are entered after the real tree, so a file
+    keeps its real path when a link also leads to it; a folder already walked (a loop, a
+    second link) is not walked again."""
     def on_error(error: OSError) -> None:
         skipped.append(Skipped(display_path(str(error.filename)),
                                f"cannot read folder ({error.strerror})"))
 
-    for folder, dirs, names in os.walk(root, onerror=on_error):
-        dirs[:] = sorted(d for d in dirs if _enter(folder, d, excluded, include_hidden))
-        for name in sorted(names):
-            if include_hidden or not name.startswith("."):
-                if _kind_of(Path(name)):
-                    yield Path(folder, name)
+    walked = {_folder_identity(str(root))}
+    links: deque[str] = deque()  # symlinked folders found, entered once the real tree is done
+    tops = [str(root)]
+    while tops:
+        for folder, dirs, names in os.walk(tops.pop(), onerror=on_error):
+            entered = []
+            for name in sorted(dirs):
+                path = os.path.join(folder, name)
+                if not _enter(folder, name, excluded, include_hidden):
+                    continue
+                if os.path.islink(path):
+                    links.append(path)
+                elif _first_visit(path, walked):
+                    entered.append(name)
+            dirs[:] = entered
+            for name in sorted(names):
+                if include_hidden or not name.startswith("."):
+                    if _kind_of(Path(name)):
+                        yield Path(folder, name)
+        while links and not tops:
+            link = links.popleft()
+            if _follow_link(link) and _first_visit(link, walked):
+                tops.append(link)
+
+
+def _follow_link(link: str) -> bool:
+    """Whether a symlinked folder found in a source is entered: today every one is (a later
+    rule, such as leaving out links that lead outside the sources, belongs here)."""
+    return True
+
+
+def _folder_identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _first_visit(path: str, walked: set) -> bool:
+    """True the first time a folder (by device and inode) is reached; records it."""
+    identity = _folder_identity(path)
+    if identity is None or identity in walked:
+        return identity is None  # unreadable: os.walk reports it when it tries to list it
+    walked.add(identity)
+    return True
 
 
 def _enter(folder: str, name: str, excluded: set[str], include_hidden: bool) -> bool:

@@ -309,9 +309,39 @@ def test_symlink_loop_between_folders_does_not_hang(tmp_path):
     worker.start()
     worker.join(timeout=10)
     assert not worker.is_alive(), "walk_sources hangs on a symlink loop"
-    # symlinked folders are not entered: each file is found once, by its real path
+    # each folder is walked once, and before any link to it: each file is found by its real path
     assert rel(outcome["result"], tmp_path) == {
         os.path.join("a", "in_a.jpg"): "image", os.path.join("b", "in_b.jpg"): "image"}
+
+
+def test_symlinked_folders_in_a_source_are_followed(tmp_path):
+    """They were once skipped without a word, while file symlinks were followed."""
+    touch(tmp_path / "elsewhere" / "far.jpg")
+    touch(tmp_path / "src" / ".store" / "kept.png")
+    touch(tmp_path / "src" / "real" / "near.jpg")
+    (tmp_path / "src" / "outside").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "src" / "shown").symlink_to(".store", target_is_directory=True)
+    (tmp_path / "src" / "again").symlink_to("real", target_is_directory=True)  # walked once
+    (tmp_path / "src" / "real" / "up").symlink_to("..", target_is_directory=True)  # a loop
+    (tmp_path / "src" / "broken").symlink_to("nowhere", target_is_directory=True)
+
+    result = walk_sources([tmp_path / "src"])
+
+    assert rel(result, tmp_path / "src") == {
+        os.path.join("outside", "far.jpg"): "image", os.path.join("shown", "kept.png"): "image",
+        os.path.join("real", "near.jpg"): "image"}
+    assert result.skipped == []
+
+
+def test_a_linked_folder_that_holds_the_source_is_not_walked_twice(tmp_path):
+    touch(tmp_path / "top.jpg")
+    touch(tmp_path / "src" / "a.jpg")
+    (tmp_path / "src" / "parent").symlink_to(tmp_path, target_is_directory=True)
+
+    result = walk_sources([tmp_path / "src"])
+
+    assert rel(result, tmp_path / "src") == {
+        "a.jpg": "image", os.path.join("parent", "top.jpg"): "image"}
 
 
 def test_unreadable_folder_reported_in_skipped(tmp_path):
