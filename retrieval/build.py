@@ -6,7 +6,8 @@ The protocol, per file found:
 3. same hash as a recorded file that has disappeared -> moved: paths change, ids and vectors stay;
 4. same hash as another recorded file -> copy: its vector is reused, nothing is encoded;
 5. anything else is decoded, embedded and committed, a batch per SQLite transaction.
-Recorded files under the sources that were not found are removed last.
+Recorded files under the sources that were not found are removed last. No single file stops a
+build: an unexpected error on one undoes that file's writes and becomes one warning naming it.
 
 Every transaction bumps the generation of the modality it touches; the FAISS files are brought
 up to date at the end and tagged with that generation. A build killed half-way leaves SQLite
@@ -16,8 +17,10 @@ consistent and FAISS files that are merely stale; they are rebuilt from SQLite o
 from __future__ import annotations
 
 import io
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,6 +125,11 @@ def read_source(path: str) -> bytes:
     return data
 
 
+def unexpected(error: Exception) -> str:
+    """The warning for an error no check foresaw: its kind and message, on one line."""
+    return " ".join(f"unexpected error ({type(error).__name__}: {error})".split())
+
+
 def preprocess_bytes(data: bytes, preprocess: Callable, input_side: int, max_megapixels: float
                      ) -> torch.Tensor:
     """An image file's bytes as the model's input tensor; raises ImageDecodeError."""
@@ -143,6 +151,11 @@ class _Prepared:
     segments: list[VideoSegment] | None = None
     vector: np.ndarray | None = None  # made by a distributed job
     error: str | None = None
+
+
+@dataclass
+class _Outcome:
+    failed: bool = False
 
 
 class Builder:
@@ -241,6 +254,20 @@ class Builder:
         self.report.unchanged += same
         return same
 
+    @contextmanager
+    def _guard(self, source: SourceFile) -> Iterator[_Outcome]:
+        """One file's work: an error no check foresaw becomes one warning naming the file, and
+        the build goes on. Wrap the writes in their own transaction or savepoint, so they are
+        undone. Errors of the database itself (disk full, read-only) still end the build."""
+        outcome = _Outcome()
+        try:
+            yield outcome
+        except sqlite3.OperationalError:
+            raise
+        except Exception as error:  # no single file may stop a build
+            outcome.failed = True
+            self.report.skipped.append(Skipped(source.key, unexpected(error)))
+
     # -- images -----------------------------------------------------------------------------
 
     def _index_images(self, pending: list[tuple[SourceFile, FileRow | None]]) -> None:
@@ -290,12 +317,13 @@ class Builder:
             return item
         try:
             data = read_source(source.path)
+            item.digest = file_digest(data)
+            if item.digest not in known_hashes:  # else its vectors exist: no need to decode
+                decode(item, data)
         except UnreadableFile as error:
             item.error = str(error)
-            return item
-        item.digest = file_digest(data)
-        if item.digest not in known_hashes:  # else its vectors exist: no need to decode
-            decode(item, data)
+        except Exception as error:  # no single file may stop a build
+            item.error = unexpected(error)
         return item
 
     def _decode_image(self, item: _Prepared, data: bytes) -> None:
@@ -310,9 +338,9 @@ class Builder:
         """Handle files whose content is already indexed: touched, moved or copied."""
         source, row = item.source, item.row
         if row is not None and row.sha256 == item.digest and row.kind == source.kind:
-            with self.store.conn:
+            with self._guard(source), self.store.conn:
                 self.store.touch_file(row.id, source.size, source.mtime_ns)
-            self.report.unchanged += 1
+                self.report.unchanged += 1
             return True
         if row is None and self._move_from_gone(source, item.digest):
             return True
@@ -331,11 +359,12 @@ class Builder:
         origin = self.gone_by_content.pop((source.kind, digest), None)
         if origin is None:
             return False
-        with self.store.conn:
+        with self._guard(source) as outcome, self.store.conn:
             self.store.move_file(origin.id, origin.path, source.key, source.root, source.size,
                                  source.mtime_ns)
-        del self.gone[origin.path]
-        self.report.moved += 1
+        if not outcome.failed:
+            del self.gone[origin.path]
+            self.report.moved += 1
         return True
 
     def _encode_images(self, batch: list[_Prepared]) -> None:
@@ -354,18 +383,19 @@ class Builder:
         with self.store.conn:
             for item, vector in zip(batch, vectors):
                 source = item.source
-                file_id = self.store.upsert_file(source.key, source.root, source.kind, source.size,
-                                                 source.mtime_ns, item.digest)
-                existing = self.store.items_of_file(file_id) if item.row else {}
-                if source.key in existing:
-                    item_id = existing[source.key][0]
-                    self.store.replace_vector(item_id, vector, item.digest)
-                    self.report.changed += 1
-                else:
-                    new = NewItem(source.key, "image", vector, item.digest)
-                    item_id = self.store.insert_items(file_id, [new])[0]
-                    self.report.new += 1
-                changes[item_id] = vector
+                with self._guard(source), self.store.savepoint():
+                    file_id = self.store.upsert_file(source.key, source.root, source.kind,
+                                                     source.size, source.mtime_ns, item.digest)
+                    existing = self.store.items_of_file(file_id) if item.row else {}
+                    if source.key in existing:
+                        item_id = existing[source.key][0]
+                        self.store.replace_vector(item_id, vector, item.digest)
+                        self.report.changed += 1
+                    else:
+                        new = NewItem(source.key, "image", vector, item.digest)
+                        item_id = self.store.insert_items(file_id, [new])[0]
+                        self.report.new += 1
+                    changes[item_id] = vector
             self.store.bump_generation("image")
 
     # -- audio ------------------------------------------------------------------------------
@@ -414,9 +444,11 @@ class Builder:
             return
         for item in self._to_encode(pending, "video", self._decode_video, self.options.workers,
                                     unit="video", desc="video"):
-            vectors = segment_vectors(self.index, item.segments)
-            self._write_timed(item, [(s.start, s.end) for s in item.segments], list(vectors))
-            self.report.video_encoded += len(item.segments)
+            with self._guard(item.source) as outcome:
+                vectors = segment_vectors(self.index, item.segments)
+            if not outcome.failed:
+                self._write_timed(item, [(s.start, s.end) for s in item.segments], list(vectors))
+                self.report.video_encoded += len(item.segments)
 
     def _decode_video(self, item: _Prepared, data: bytes) -> None:
         try:
@@ -428,7 +460,7 @@ class Builder:
                      vectors: list[np.ndarray]) -> None:
         """A sound's windows or a video's segments: all of a file's items replaced at once."""
         source, changes = item.source, self.changes[item.source.kind]
-        with self.store.conn:
+        with self._guard(source), self.store.conn:
             file_id = self.store.upsert_file(source.key, source.root, source.kind, source.size,
                                              source.mtime_ns, item.digest)
             stale = [item_id for item_id, *_ in self.store.items_of_file(file_id).values()]
@@ -438,12 +470,12 @@ class Builder:
                      for (start, end), vector in zip(spans, vectors)]
             new_ids = self.store.insert_items(file_id, fresh)
             self.store.bump_generation(source.kind)
-        changes.update(dict.fromkeys(stale))
-        changes.update({item_id: new.vector for item_id, new in zip(new_ids, fresh)})
-        if item.row is None:
-            self.report.new += 1
-        else:
-            self.report.changed += 1
+            changes.update(dict.fromkeys(stale))
+            changes.update({item_id: new.vector for item_id, new in zip(new_ids, fresh)})
+            if item.row is None:
+                self.report.new += 1
+            else:
+                self.report.changed += 1
 
     # -- texts and captions -----------------------------------------------------------------
 
@@ -471,9 +503,9 @@ class Builder:
             return None
         digest = file_digest(data)
         if row is not None and row.sha256 == digest and row.kind == source.kind:
-            with self.store.conn:
+            with self._guard(source), self.store.conn:
                 self.store.touch_file(row.id, source.size, source.mtime_ns)
-            self.report.unchanged += 1
+                self.report.unchanged += 1
             return None
         if row is None and self._move_from_gone(source, digest):
             return None
@@ -482,21 +514,23 @@ class Builder:
         except (CaptionFormatError, ValueError) as error:
             kind = "captions file" if source.kind == "captions" else "text file"
             self.report.skipped.append(Skipped(source.key, f"bad {kind}: {error}"))
-            return None
+        except Exception as error:  # no single file may stop a build
+            self.report.skipped.append(Skipped(source.key, unexpected(error)))
+        return None
 
     def _write_text_files(self, queue: list[tuple[SourceFile, FileRow | None, str, list[ItemSpec]]]
                           ) -> None:
         vectors = self._text_vectors([spec.text for *_, specs in queue for spec in specs])
         for source, row, digest, specs in queue:
-            with self.store.conn:
+            with self._guard(source), self.store.conn:
                 file_id = self.store.upsert_file(source.key, source.root, source.kind, source.size,
                                                  source.mtime_ns, digest)
                 self._sync_text_items(file_id, specs, vectors)
                 self.store.bump_generation("text")
-            if row is None:
-                self.report.new += 1
-            else:
-                self.report.changed += 1
+                if row is None:
+                    self.report.new += 1
+                else:
+                    self.report.changed += 1
 
     def _text_vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Vectors by text hash: stored ones reused, shards' taken, the rest encoded in large batches."""

@@ -11,7 +11,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +147,22 @@ class Store:
         for modality in MODALITIES:
             self.bump_generation(modality)
         self.set_info("dim", "0")
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside a transaction: undo this block's writes if it raises, keep the rest."""
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN")
+        self.conn.execute("SAVEPOINT block")
+        try:
+            yield
+        except BaseException:
+            if self.conn.in_transaction:  # else SQLite itself rolled back (a full disk)
+                self.conn.execute("ROLLBACK TO block")
+            raise
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("RELEASE block")
 
     # -- files ------------------------------------------------------------------------------
 

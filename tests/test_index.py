@@ -484,3 +484,30 @@ def test_a_non_utf8_name_and_its_escaped_spelling_are_two_files(tmp_path, tiny_m
         assert {hit.uri for hit in index.search("x", k=5)} == {
             str(source) + "/a\\\\xffb.jpg", str(source / "z.jpg")}
     assert_consistent(tmp_path / "index")
+
+
+def test_an_unexpected_error_on_one_file_is_one_warning_and_the_build_goes_on(tmp_path,
+                                                                              tiny_model):
+    """An image named `notes.jsonl#id=7.jpg` has the uri of record "7.jpg" of notes.jsonl: writing
+    the second one fails. That file is skipped with one line, everything else is indexed."""
+    from click.testing import CliRunner
+
+    from retrieval.cli import cli
+
+    source = tmp_path / "src"
+    write_image(source / "notes.jsonl#id=7.jpg", (200, 10, 10))
+    (source / "notes.jsonl").write_text('{"id": "7.jpg", "text": "a red square"}\n')
+    (source / "zebra.txt").write_text("read after notes.jsonl\n")
+    write_image(source / "z.jpg", (10, 200, 10))
+    result = CliRunner().invoke(cli, ["index", str(source), "--index", str(tmp_path / "index"),
+                                      "--model", tiny_model])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: skipped {source / 'notes.jsonl'}: unexpected error "
+                        "(IntegrityError: UNIQUE constraint failed: items.uri)"]
+    with Index.open(tmp_path / "index") as index:
+        texts = {hit.text for hit in index.search("x", target="text", k=5)}
+        assert (index.count("image"), texts) == (2, {"read after notes.jsonl"})
+        assert not index.store.conn.execute(  # nothing of the failed file was kept
+            "SELECT 1 FROM files WHERE path = ?", [str(source / "notes.jsonl")]).fetchone()
+    assert_consistent(tmp_path / "index")
