@@ -34,6 +34,7 @@ from .corpus import (
     ItemSpec,
     Skipped,
     SourceFile,
+    WalkOptions,
     absolute_path,
     display_path,
     file_digest,
@@ -62,8 +63,9 @@ TEXT_FLUSH = 4096  # texts to gather before encoding: big batches, bounded loss 
 
 @dataclass
 class BuildOptions:
-    exclude: tuple[str, ...] = ()
-    include_hidden: bool = False
+    # How sources are walked; None: as recorded for each source (the defaults for a new one).
+    exclude: tuple[str, ...] | None = None
+    include_hidden: bool | None = None
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
     max_video_seconds: float = DEFAULT_MAX_VIDEO_SECONDS
@@ -177,15 +179,19 @@ class Builder:
     # -- the build --------------------------------------------------------------------------
 
     def run(self, sources: Sequence[str | Path], captions: Sequence[str | Path]) -> BuildReport:
+        """Index `sources` and the captions files `captions`, and record both, with the
+        options each source was walked with, for the next bare build."""
         started = time.perf_counter()
         try:
-            walk = walk_sources(sources, self.options.exclude, captions, self.options.include_hidden)
+            roots = [str(absolute_path(s)) for s in sources]
+            captions_paths = [str(absolute_path(c)) for c in captions]
+            walk_options = self._walk_options(roots)
+            walk = walk_sources(sources, captions_files=captions, options=walk_options)
         except FileNotFoundError as error:
             raise UsageError(str(error)) from None
         self.report.skipped += walk.skipped
         self.known = self.store.files_by_path()
-        roots = [str(absolute_path(s)) for s in sources]
-        keys = [display_path(root) for root in roots]  # stored paths are in display form
+        keys = [display_path(path) for path in roots + captions_paths]  # stored paths' form
         unreadable = [s.path for s in walk.skipped]
         found = {f.key for f in walk.files}
         self.gone = {path: row for path, row in self.known.items()
@@ -202,6 +208,9 @@ class Builder:
         with self.store.conn:
             self.store.link_captions()
             self.store.set_sources(self.store.sources() + roots)
+            self.store.set_source_options({**self.store.source_options(),
+                                           **{root: asdict(o) for root, o in walk_options.items()}})
+            self.store.set_captions_files(self.store.captions_files() + captions_paths)
         self._finish_vectors()
         if self.shards is not None:  # their rows are committed now
             self.shards.clear()
@@ -233,17 +242,35 @@ class Builder:
         stored = self.store.vectors_for_hashes("text", texts)
         return {digest: text for digest, text in texts.items() if digest not in stored}
 
+    def _walk_options(self, roots: list[str]) -> dict[str, WalkOptions]:
+        """Each source's walk: the options given, else those recorded for it."""
+        recorded = self.store.source_options()
+        chosen = {}
+        for root in roots:
+            before = WalkOptions(**{name: value for name, value in recorded.get(root, {}).items()
+                                    if name in WalkOptions.__dataclass_fields__})
+            exclude, hidden = self.options.exclude, self.options.include_hidden
+            chosen[root] = WalkOptions.of(before.exclude_dirs if exclude is None else exclude,
+                                          before.include_hidden if hidden is None else hidden)
+        return chosen
+
     def remove(self, paths: Iterable[str | Path]) -> int:
-        """Forget every recorded file at or under `paths`."""
+        """Forget every recorded file at or under `paths`, and sources and captions files there."""
         try:
-            prefixes = [display_path(str(absolute_path(p))) for p in paths]
+            named = [str(absolute_path(p)) for p in paths]
         except FileNotFoundError as error:
             raise UsageError(str(error)) from None
+        prefixes = [display_path(path) for path in named]
         rows = [row for path, row in self.store.files_by_path().items() if is_under(path, prefixes)]
         self._remove(rows)
         with self.store.conn:
             self.store.link_captions()
-            self.store.set_sources([s for s in self.store.sources() if not is_under(s, prefixes)])
+            self.store.set_sources([s for s in self.store.sources() if not is_under(s, named)])
+            self.store.set_source_options({source: options for source, options
+                                           in self.store.source_options().items()
+                                           if not is_under(source, named)})
+            self.store.set_captions_files([c for c in self.store.captions_files()
+                                           if not is_under(c, named)])
         self._finish_vectors()
         return len(rows)
 

@@ -17,7 +17,7 @@ import os
 import re
 import stat
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,22 +74,39 @@ class WalkResult:
     skipped: list[Skipped]
 
 
+@dataclass(frozen=True)
+class WalkOptions:
+    """How a source folder is walked. An index records them per source, so that a bare
+    rebuild walks each source as it was walked when named."""
+
+    exclude_dirs: tuple[str, ...] = ()  # folder names, or absolute folder paths
+    include_hidden: bool = False
+
+    @classmethod
+    def of(cls, exclude_dirs: Iterable[str] = (), include_hidden: bool = False) -> WalkOptions:
+        """Options with the paths among `exclude_dirs` made absolute (names stay names)."""
+        excluded = {str(absolute_path(d)) if os.sep in d else d for d in exclude_dirs}
+        return cls(tuple(sorted(excluded)), include_hidden)
+
+
 def walk_sources(sources: Iterable[str | Path], exclude_dirs: Iterable[str] = (),
-                 captions_files: Iterable[str | Path] = (), include_hidden: bool = False
-                 ) -> WalkResult:
+                 captions_files: Iterable[str | Path] = (), include_hidden: bool = False,
+                 options: Mapping[str, WalkOptions] | None = None) -> WalkResult:
     """List every indexable file under `sources` (folders or single files).
 
-    Hidden entries and folders named in `exclude_dirs` (by name or by path) are not entered.
+    Hidden entries and folders named in `exclude_dirs` (by name or by path) are not entered;
+    `options`, keyed by a source's absolute path, sets them for that source instead.
     Symlinks to files and to folders are followed; a folder reached a second time (a loop,
     or two links to one folder) is walked once, under the first path that reached it.
     """
-    excluded = {str(absolute_path(d)) if os.sep in d else d for d in exclude_dirs}
+    default = WalkOptions.of(exclude_dirs, include_hidden)
     found: dict[str, SourceFile] = {}
     skipped: list[Skipped] = []
     for source in sources:
         root = absolute_path(source)
         if _is(root, Path.is_dir):
-            paths = _walk_folder(root, excluded, include_hidden, skipped)
+            walk_options = (options or {}).get(str(root), default)
+            paths = _walk_folder(root, walk_options, skipped)
             auto_captions = [root / name for name in CAPTION_FILE_NAMES if (root / name).is_file()]
         elif _is(root, Path.exists) or _is(root, Path.is_symlink):
             paths, auto_captions = [root], []
@@ -129,8 +146,7 @@ def _is(path: Path, test) -> bool:
         return False
 
 
-def _walk_folder(root: Path, excluded: set[str], include_hidden: bool,
-                 skipped: list[Skipped]) -> Iterator[Path]:
+def _walk_folder(root: Path, options: WalkOptions, skipped: list[Skipped]) -> Iterator[Path]:
     """The files under `root`. Symlinked folders are entered after the real tree, so a file
     keeps its real path when a link also leads to it; a folder already walked (a loop, a
     second link) is not walked again."""
@@ -146,7 +162,7 @@ def _walk_folder(root: Path, excluded: set[str], include_hidden: bool,
             entered = []
             for name in sorted(dirs):
                 path = os.path.join(folder, name)
-                if not _enter(folder, name, excluded, include_hidden):
+                if not _enter(folder, name, options):
                     continue
                 if os.path.islink(path):
                     links.append(path)
@@ -154,7 +170,7 @@ def _walk_folder(root: Path, excluded: set[str], include_hidden: bool,
                     entered.append(name)
             dirs[:] = entered
             for name in sorted(names):
-                if include_hidden or not name.startswith("."):
+                if options.include_hidden or not name.startswith("."):
                     if _kind_of(Path(name)):
                         yield Path(folder, name)
         while links and not tops:
@@ -186,10 +202,10 @@ def _first_visit(path: str, walked: set) -> bool:
     return True
 
 
-def _enter(folder: str, name: str, excluded: set[str], include_hidden: bool) -> bool:
-    if name.startswith(".") and not include_hidden:
+def _enter(folder: str, name: str, options: WalkOptions) -> bool:
+    if name.startswith(".") and not options.include_hidden:
         return False
-    return name not in excluded and os.path.join(folder, name) not in excluded
+    return name not in options.exclude_dirs and os.path.join(folder, name) not in options.exclude_dirs
 
 
 def _kind_of(path: Path) -> str | None:

@@ -130,6 +130,21 @@ class Store:
     def set_sources(self, sources: Sequence[str]) -> None:
         self.set_info("sources", json.dumps(sorted(set(sources))))
 
+    def source_options(self) -> dict[str, dict]:
+        """How each source was walked (see `corpus.WalkOptions`), by source; indexes built
+        before this was recorded have none, and their sources take the defaults."""
+        return json.loads(self.get_info("source_options", "{}"))
+
+    def set_source_options(self, options: dict[str, dict]) -> None:
+        self.set_info("source_options", json.dumps(options, sort_keys=True))
+
+    def captions_files(self) -> list[str]:
+        """Captions files named in past builds, so a bare rebuild reads them again."""
+        return json.loads(self.get_info("captions_files", "[]"))
+
+    def set_captions_files(self, paths: Sequence[str]) -> None:
+        self.set_info("captions_files", json.dumps(sorted(set(paths))))
+
     def generation(self, modality: str) -> int:
         """A counter bumped by every committed change to a modality's vectors."""
         return int(self.get_info(f"generation:{modality}", "0"))

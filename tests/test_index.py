@@ -511,3 +511,48 @@ def test_an_unexpected_error_on_one_file_is_one_warning_and_the_build_goes_on(tm
         assert not index.store.conn.execute(  # nothing of the failed file was kept
             "SELECT 1 FROM files WHERE path = ?", [str(source / "notes.jsonl")]).fetchone()
     assert_consistent(tmp_path / "index")
+
+
+def test_a_bare_build_reads_external_captions_files_again(tmp_path, photo_folder, tiny_model):
+    captions = tmp_path / "elsewhere" / "captions.csv"
+    captions.parent.mkdir()
+    captions.write_text("image,caption\nimg1.jpg,a green picture\n")
+    build(tmp_path / "index", [photo_folder], tiny_model, captions=[captions])
+    captions.write_text("image,caption\nimg1.jpg,a green picture\nimg2.jpg,a blue picture\n")
+    with Index.open(tmp_path / "index") as index:
+        report = index.add()
+        assert (report.changed, report.texts_encoded) == (1, 1)
+        hits = index.search(image=photo_folder / "beach" / "img2.jpg", target="image", k=6)
+        by_uri = {hit.uri: hit for hit in hits}
+        assert by_uri[str(photo_folder / "beach" / "img2.jpg")].metadata["captions"] == [
+            "a blue picture"]
+        captions.unlink()  # like a source that is not there (unmounted): kept as it was
+        assert index.add().removed == 0
+        assert index.remove(captions) == 1
+        assert index.store.captions_files() == []
+    assert_consistent(tmp_path / "index")
+
+
+def test_a_bare_build_walks_each_source_as_it_was_told(tmp_path, photo_folder, tiny_model):
+    """--include-hidden and --exclude-dir are recorded per source: a bare build once removed
+    what they had included, and indexed what they had left out."""
+    write_image(photo_folder / ".hidden" / "secret.jpg", (1, 2, 3))
+    other = tmp_path / "other"
+    write_image(other / ".dot.jpg", (3, 2, 1))
+    write_image(other / "city" / "kept.jpg", (5, 5, 5))
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        index.add(photo_folder, include_hidden=True, exclude=["city"])
+        index.add(other)
+        paths = {row.path for row in index.store.files_by_path().values()}
+
+        report = index.add()
+        assert (report.new, report.removed) == (0, 0)
+        assert {row.path for row in index.store.files_by_path().values()} == paths
+        assert str(photo_folder / ".hidden" / "secret.jpg") in paths
+        assert str(other / "city" / "kept.jpg") in paths  # excluded in photos only
+        assert not any(path.startswith(str(photo_folder / "city")) for path in paths)
+
+        # A source named again is walked as this call says, and recorded so.
+        assert index.add(photo_folder).removed == 1
+        assert index.add().new == 0
+    assert_consistent(tmp_path / "index")
