@@ -2,10 +2,11 @@
 
 The protocol, per file found:
 1. same path, size and mtime as recorded -> unchanged, not even read;
-2. otherwise read and hash it: same hash as recorded -> unchanged (only the stat is updated);
-3. same hash as a recorded file that has disappeared -> moved: paths change, ids and vectors stay;
-4. same hash as another recorded file -> copy: its vector is reused, nothing is encoded;
-5. anything else is decoded, embedded and committed, a batch per SQLite transaction.
+2. same path, size and mtime as a file skipped before -> skipped again, not read nor warned about;
+3. otherwise read and hash it: same hash as recorded -> unchanged (only the stat is updated);
+4. same hash as a recorded file that has disappeared -> moved: paths change, ids and vectors stay;
+5. same hash as another recorded file -> copy: its vector is reused, nothing is encoded;
+6. anything else is decoded, embedded and committed, a batch per SQLite transaction.
 Recorded files under the sources that were not found are removed last. No single file stops a
 build: an unexpected error on one undoes that file's writes and becomes one warning naming it.
 
@@ -46,7 +47,7 @@ from .corpus import (
 from .errors import UsageError
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
 from .pipeline import default_workers, prefetch_map
-from .store import MODALITIES, FileRow, NewItem
+from .store import MODALITIES, FileRow, NewItem, SkippedRow
 from .video import DEFAULT_MAX_VIDEO_SECONDS, VideoDecodeError, VideoSegment
 from .video_segments import decode_segments, segment_vectors
 
@@ -84,7 +85,8 @@ class BuildReport:
     unchanged: int = 0
     moved: int = 0
     removed: int = 0
-    skipped: list[Skipped] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # warned about in this run
+    skipped_unchanged: int = 0  # skipped before and unchanged since: not read, not warned about
     images_encoded: int = 0
     texts_encoded: int = 0
     audio_encoded: int = 0  # audio windows; a file has one per few seconds
@@ -98,8 +100,11 @@ class BuildReport:
         return encoded / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
+        skipped = f"{len(self.skipped) + self.skipped_unchanged} skipped"
+        if self.skipped_unchanged:
+            skipped += f" ({self.skipped_unchanged} unchanged since their warning)"
         return (f"{self.new} new, {self.changed} changed, {self.unchanged} unchanged, "
-                f"{self.moved} moved, {self.removed} removed, {len(self.skipped)} skipped; "
+                f"{self.moved} moved, {self.removed} removed, {skipped}; "
                 f"encoded {self.images_encoded} images, {self.texts_encoded} texts, "
                 f"{self.audio_encoded} audio windows and {self.video_encoded} video segments, "
                 f"reused {self.vectors_reused} vectors in {self.seconds:.1f} s "
@@ -115,6 +120,10 @@ class UnreadableFile(Exception):
     """A source file that cannot be read, or is empty; the message says which."""
 
 
+class EmptyFile(UnreadableFile):
+    """A source file with no bytes: skipped until it changes (an unreadable one is retried)."""
+
+
 def read_source(path: str) -> bytes:
     """A source file's bytes, for hashing and decoding."""
     try:
@@ -123,7 +132,7 @@ def read_source(path: str) -> bytes:
     except OSError as error:
         raise UnreadableFile(f"cannot read ({error.strerror})") from None
     if not data:
-        raise UnreadableFile("empty file")
+        raise EmptyFile("empty file")
     return data
 
 
@@ -153,6 +162,7 @@ class _Prepared:
     segments: list[VideoSegment] | None = None
     vector: np.ndarray | None = None  # made by a distributed job
     error: str | None = None
+    lasting: bool = False  # the error is the content's: remembered until the file changes
 
 
 @dataclass
@@ -171,6 +181,12 @@ class Builder:
         self.known: dict[str, FileRow] = {}
         self.gone: dict[str, FileRow] = {}
         self.gone_by_content: dict[tuple[str, str], FileRow] = {}
+        self.known_bad: dict[str, SkippedRow] = {}
+        self.still_bad: set[str] = set()  # paths skipped in this run, remembered as such
+        # The limit a file of each kind was judged under: changing it judges the file again.
+        self.conditions = {"image": f"max_megapixels={options.max_megapixels}",
+                           "audio": f"max_audio_seconds={options.max_audio_seconds}",
+                           "video": f"max_video_seconds={options.max_video_seconds}"}
         # item id -> new vector, or None for a removed item; applied to FAISS at the end
         self.changes: dict[str, dict[int, np.ndarray | None]] = {m: {} for m in MODALITIES}
         self.base = {m: index._fresh_vectors(m) for m in MODALITIES}
@@ -191,13 +207,15 @@ class Builder:
             raise UsageError(str(error)) from None
         self.report.skipped += walk.skipped
         self.known = self.store.files_by_path()
+        self.known_bad = self.store.skipped_files()
         keys = [display_path(path) for path in roots + captions_paths]  # stored paths' form
         unreadable = [s.path for s in walk.skipped]
         found = {f.key for f in walk.files}
         self.gone = {path: row for path, row in self.known.items()
                      if path not in found and is_under(path, keys) and not is_under(path, unreadable)}
         self.gone_by_content = {(row.kind, row.sha256): row for row in self.gone.values()}
-        pending = [(f, self.known.get(f.key)) for f in walk.files if not self._unchanged(f)]
+        pending = [(f, self.known.get(f.key)) for f in walk.files
+                   if not self._unchanged(f) and not self._known_bad(f)]
         if self.options.engine == "ray":
             self._embed_on_ray([source for source, _ in pending])
         self._index_images([p for p in pending if p[0].kind == "image"])
@@ -205,12 +223,15 @@ class Builder:
         self._index_video([p for p in pending if p[0].kind == "video"])
         self._index_texts([p for p in pending if p[0].kind in ("text", "captions")])
         self._remove(list(self.gone.values()))
+        recovered = [path for path in self.store.skipped_files() if path not in self.still_bad
+                     and is_under(path, keys) and not is_under(path, unreadable)]
         with self.store.conn:
             self.store.link_captions()
             self.store.set_sources(self.store.sources() + roots)
             self.store.set_source_options({**self.store.source_options(),
                                            **{root: asdict(o) for root, o in walk_options.items()}})
             self.store.set_captions_files(self.store.captions_files() + captions_paths)
+            self.store.forget_skipped(recovered)  # indexed now, gone, or judged anew
         self._finish_vectors()
         if self.shards is not None:  # their rows are committed now
             self.shards.clear()
@@ -271,6 +292,7 @@ class Builder:
                                            if not is_under(source, named)})
             self.store.set_captions_files([c for c in self.store.captions_files()
                                            if not is_under(c, named)])
+            self.store.forget_skipped([p for p in self.store.skipped_files() if is_under(p, prefixes)])
         self._finish_vectors()
         return len(rows)
 
@@ -280,6 +302,27 @@ class Builder:
                 and row.mtime_ns == source.mtime_ns)
         self.report.unchanged += same
         return same
+
+    def _known_bad(self, source: SourceFile) -> bool:
+        """Skipped before, under the same limits, and unchanged since: not read again."""
+        row = self.known_bad.get(source.key)
+        same = row is not None and (row.size, row.mtime_ns, row.conditions) == (
+            source.size, source.mtime_ns, self.conditions.get(source.kind, ""))
+        if same:
+            self.report.skipped_unchanged += 1
+            self.still_bad.add(source.key)
+        return same
+
+    def _skip(self, source: SourceFile, reason: str, lasting: bool = False) -> None:
+        """Report a file the build cannot use; a `lasting` reason (its content) is remembered
+        with its size and mtime, so it is not read nor warned about again until it changes.
+        Called outside transactions."""
+        self.report.skipped.append(Skipped(source.key, reason))
+        if lasting:
+            with self.store.conn:
+                self.store.remember_skipped(SkippedRow(source.key, source.size, source.mtime_ns,
+                                                       self.conditions.get(source.kind, ""), reason))
+            self.still_bad.add(source.key)
 
     @contextmanager
     def _guard(self, source: SourceFile) -> Iterator[_Outcome]:
@@ -293,7 +336,7 @@ class Builder:
             raise
         except Exception as error:  # no single file may stop a build
             outcome.failed = True
-            self.report.skipped.append(Skipped(source.key, unexpected(error)))
+            self._skip(source, unexpected(error))
 
     # -- images -----------------------------------------------------------------------------
 
@@ -320,8 +363,8 @@ class Builder:
     def _to_encode(self, pending: list[tuple[SourceFile, FileRow | None]], kind: str,
                    decode: Callable[[_Prepared, bytes], None], ahead: int, unit: str, desc: str
                    ) -> Iterator[_Prepared]:
-        """Read, hash and decode files on worker threads; count the unreadable as skipped, settle
-        the unchanged, moved and copied, and yield the rest, which need encoding."""
+        """Read, hash and decode files on worker threads; skip the unusable, settle the
+        unchanged, moved and copied, and yield the rest, which need encoding."""
         # Every file row is written with its items and vectors, so these hashes all have vectors.
         known_hashes = {row.sha256 for row in self.known.values() if row.kind == kind}
         prepared = prefetch_map(lambda p: self._prepare(*p, known_hashes, decode), pending,
@@ -329,7 +372,7 @@ class Builder:
         for item in tqdm(prepared, total=len(pending), unit=unit, desc=desc,
                          disable=not self.options.progress):
             if item.error:
-                self.report.skipped.append(Skipped(item.source.key, item.error))
+                self._skip(item.source, item.error, item.lasting)
             elif not self._settled_without_encoding(item):
                 yield item
 
@@ -348,7 +391,7 @@ class Builder:
             if item.digest not in known_hashes:  # else its vectors exist: no need to decode
                 decode(item, data)
         except UnreadableFile as error:
-            item.error = str(error)
+            item.error, item.lasting = str(error), isinstance(error, EmptyFile)
         except Exception as error:  # no single file may stop a build
             item.error = unexpected(error)
         return item
@@ -359,7 +402,7 @@ class Builder:
             item.pixels = preprocess_bytes(data, encoder.preprocess, encoder.input_side,
                                            self.options.max_megapixels)
         except ImageDecodeError as error:
-            item.error = str(error)
+            item.error, item.lasting = str(error), True
 
     def _settled_without_encoding(self, item: _Prepared) -> bool:
         """Handle files whose content is already indexed: touched, moved or copied."""
@@ -435,7 +478,8 @@ class Builder:
         if encoder is None:
             reason = (f"no audio encoder yet: train one with `retrieve train-audio PAIRS --index "
                       f"{self.index.path}`, or build with --audio-model clap:NAME")
-            self.report.skipped += [Skipped(source.key, reason) for source, _ in pending]
+            for source, _ in pending:
+                self._skip(source, reason)
             return
         batch: list[_Prepared] = []
         for item in self._to_encode(pending, "audio", self._decode_audio, 2 * self.options.workers,
@@ -453,7 +497,7 @@ class Builder:
             wave = load_audio(io.BytesIO(data), encoder.sample_rate, self.options.max_audio_seconds)
             item.windows = split_windows(wave, encoder.sample_rate)
         except AudioDecodeError as error:
-            item.error = str(error)
+            item.error, item.lasting = str(error), True
 
     def _encode_audio(self, batch: list[_Prepared]) -> None:
         waves = [window.samples for item in batch for window in item.windows]
@@ -481,7 +525,7 @@ class Builder:
         try:
             item.segments = decode_segments(self.index, io.BytesIO(data), self.options.max_video_seconds)
         except VideoDecodeError as error:
-            item.error = str(error)
+            item.error, item.lasting = str(error), True
 
     def _write_timed(self, item: _Prepared, spans: list[tuple[float, float]],
                      vectors: list[np.ndarray]) -> None:
@@ -526,7 +570,7 @@ class Builder:
             with open(source.path, "rb") as handle:
                 data = handle.read()
         except OSError as error:
-            self.report.skipped.append(Skipped(source.key, f"cannot read ({error.strerror})"))
+            self._skip(source, f"cannot read ({error.strerror})")
             return None
         digest = file_digest(data)
         if row is not None and row.sha256 == digest and row.kind == source.kind:
@@ -540,9 +584,9 @@ class Builder:
             return source, row, digest, read_items(source, data)
         except (CaptionFormatError, ValueError) as error:
             kind = "captions file" if source.kind == "captions" else "text file"
-            self.report.skipped.append(Skipped(source.key, f"bad {kind}: {error}"))
+            self._skip(source, f"bad {kind}: {error}", lasting=True)
         except Exception as error:  # no single file may stop a build
-            self.report.skipped.append(Skipped(source.key, unexpected(error)))
+            self._skip(source, unexpected(error))
         return None
 
     def _write_text_files(self, queue: list[tuple[SourceFile, FileRow | None, str, list[ItemSpec]]]

@@ -556,3 +556,41 @@ def test_a_bare_build_walks_each_source_as_it_was_told(tmp_path, photo_folder, t
         assert index.add(photo_folder).removed == 1
         assert index.add().new == 0
     assert_consistent(tmp_path / "index")
+
+
+def test_skipped_files_are_not_read_again_until_they_change(tmp_path, photo_folder, tiny_model,
+                                                            monkeypatch):
+    bad = photo_folder / "bad"
+    bad.mkdir()
+    (bad / "text.png").write_text("not an image at all")
+    write_image(bad / "huge.png", (9, 9, 9), size=(1200, 1000))
+    (bad / "zero.jpg").write_bytes(b"")
+    (photo_folder / "broken.jsonl").write_text("{not json\n")
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        first = index.add(photo_folder, max_megapixels=1.0)
+        assert len(first.skipped) == 4
+        from retrieval import build as build_module
+        reads = []
+        real_read = build_module.read_source
+        monkeypatch.setattr(build_module, "read_source", lambda p: reads.append(p) or real_read(p))
+
+        again = index.add(photo_folder, max_megapixels=1.0)
+        assert again.skipped == [] and reads == []
+        assert again.skipped_unchanged == 4
+        assert "4 skipped (4 unchanged since their warning)" in again.summary()
+
+        (bad / "zero.jpg").write_bytes(b"still not an image")  # changed: judged again
+        report = index.add(photo_folder, max_megapixels=1.0)
+        assert [(os.path.basename(s.path), s.reason) for s in report.skipped] == [
+            ("zero.jpg", "not an image PIL can read")]
+        assert report.skipped_unchanged == 3
+
+        write_image(bad / "text.png", (1, 200, 1))  # mended: indexed, and forgotten as bad
+        assert index.add(photo_folder, max_megapixels=1.0).images_encoded == 1
+        report = index.add(photo_folder)  # another limit: images are judged again
+        assert (report.images_encoded, report.skipped_unchanged) == (1, 1)  # huge.png fits
+        assert [os.path.basename(s.path) for s in report.skipped] == ["zero.jpg"]
+        assert set(index.store.skipped_files()) == {str(bad / "zero.jpg"),
+                                                    str(photo_folder / "broken.jsonl")}
+        index.remove(bad)
+        assert set(index.store.skipped_files()) == {str(photo_folder / "broken.jsonl")}
