@@ -5,7 +5,8 @@ The protocol, per file found:
 2. same path, size and mtime as a file skipped before -> skipped again, not read nor warned about;
 3. otherwise read and hash it: same hash as recorded -> unchanged (only the stat is updated);
 4. same hash as a recorded file that has disappeared -> moved: paths change, ids and vectors stay;
-5. same hash as another recorded file -> copy: its vector is reused, nothing is encoded;
+5. same hash as another recorded file, or as a file encoded earlier in this run -> copy: its
+   vector is reused, nothing is encoded;
 6. anything else is decoded, embedded and committed, a batch per SQLite transaction.
 Recorded files under the sources that were not found are removed last. No single file stops a
 build: an unexpected error on one undoes that file's writes and becomes one warning naming it.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import io
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -164,6 +166,11 @@ class _Prepared:
     error: str | None = None
     lasting: bool = False  # the error is the content's: remembered until the file changes
 
+    @property
+    def decoded(self) -> bool:
+        return not (self.pixels is None and self.windows is None and self.segments is None
+                    and self.vector is None)
+
 
 @dataclass
 class _Outcome:
@@ -187,6 +194,11 @@ class Builder:
         self.conditions = {"image": f"max_megapixels={options.max_megapixels}",
                            "audio": f"max_audio_seconds={options.max_audio_seconds}",
                            "video": f"max_video_seconds={options.max_video_seconds}"}
+        # Contents claimed for encoding in this run: a copy waits for its vector instead.
+        self.claimed: set[tuple[str, str]] = set()
+        self.claim_lock = threading.Lock()
+        self.copies: list[_Prepared] = []
+        self.failed: dict[tuple[str, str], tuple[str, bool]] = {}  # content -> why it was skipped
         # item id -> new vector, or None for a removed item; applied to FAISS at the end
         self.changes: dict[str, dict[int, np.ndarray | None]] = {m: {} for m in MODALITIES}
         self.base = {m: index._fresh_vectors(m) for m in MODALITIES}
@@ -313,11 +325,13 @@ class Builder:
             self.still_bad.add(source.key)
         return same
 
-    def _skip(self, source: SourceFile, reason: str, lasting: bool = False) -> None:
+    def _skip(self, source: SourceFile, reason: str, lasting: bool = False, digest: str = "") -> None:
         """Report a file the build cannot use; a `lasting` reason (its content) is remembered
         with its size and mtime, so it is not read nor warned about again until it changes.
         Called outside transactions."""
         self.report.skipped.append(Skipped(source.key, reason))
+        if digest:
+            self.failed[(source.kind, digest)] = (reason, lasting)
         if lasting:
             with self.store.conn:
                 self.store.remember_skipped(SkippedRow(source.key, source.size, source.mtime_ns,
@@ -325,7 +339,7 @@ class Builder:
             self.still_bad.add(source.key)
 
     @contextmanager
-    def _guard(self, source: SourceFile) -> Iterator[_Outcome]:
+    def _guard(self, source: SourceFile, digest: str = "") -> Iterator[_Outcome]:
         """One file's work: an error no check foresaw becomes one warning naming the file, and
         the build goes on. Wrap the writes in their own transaction or savepoint, so they are
         undone. Errors of the database itself (disk full, read-only) still end the build."""
@@ -336,7 +350,7 @@ class Builder:
             raise
         except Exception as error:  # no single file may stop a build
             outcome.failed = True
-            self._skip(source, unexpected(error))
+            self._skip(source, unexpected(error), digest=digest)
 
     # -- images -----------------------------------------------------------------------------
 
@@ -359,12 +373,14 @@ class Builder:
             self._encode_images(batch)
         if made:
             self._write_made_images(made)
+        self._settle_copies()
 
     def _to_encode(self, pending: list[tuple[SourceFile, FileRow | None]], kind: str,
                    decode: Callable[[_Prepared, bytes], None], ahead: int, unit: str, desc: str
                    ) -> Iterator[_Prepared]:
         """Read, hash and decode files on worker threads; skip the unusable, settle the
-        unchanged, moved and copied, and yield the rest, which need encoding."""
+        unchanged, moved and copied, and yield the rest, which need encoding. Copies of a file
+        encoded in this run wait in `copies` for its vector (see `_settle_copies`)."""
         # Every file row is written with its items and vectors, so these hashes all have vectors.
         known_hashes = {row.sha256 for row in self.known.values() if row.kind == kind}
         prepared = prefetch_map(lambda p: self._prepare(*p, known_hashes, decode), pending,
@@ -372,13 +388,16 @@ class Builder:
         for item in tqdm(prepared, total=len(pending), unit=unit, desc=desc,
                          disable=not self.options.progress):
             if item.error:
-                self._skip(item.source, item.error, item.lasting)
-            elif not self._settled_without_encoding(item):
+                self._skip(item.source, item.error, item.lasting, item.digest)
+            elif item.decoded:
                 yield item
+            elif not self._settled_without_encoding(item):
+                self.copies.append(item)
 
     def _prepare(self, source: SourceFile, row: FileRow | None, known_hashes: set[str],
                  decode: Callable[[_Prepared, bytes], None]) -> _Prepared:
-        """Read and hash a file; decode it only when no indexed file has its content."""
+        """Read and hash a file; decode it only when no indexed file has its content and no
+        other file of this run claimed it first."""
         item = _Prepared(source, row)
         made = self.shards.row_for(source) if self.shards is not None else None
         if made is not None:  # a distributed job read and embedded it: not read again
@@ -388,13 +407,21 @@ class Builder:
         try:
             data = read_source(source.path)
             item.digest = file_digest(data)
-            if item.digest not in known_hashes:  # else its vectors exist: no need to decode
+            if self._claim(source.kind, item.digest, known_hashes):
                 decode(item, data)
         except UnreadableFile as error:
             item.error, item.lasting = str(error), isinstance(error, EmptyFile)
         except Exception as error:  # no single file may stop a build
             item.error = unexpected(error)
         return item
+
+    def _claim(self, kind: str, digest: str, known_hashes: set[str]) -> bool:
+        """True for the first file of this run with content no indexed file has."""
+        with self.claim_lock:
+            if digest in known_hashes or (kind, digest) in self.claimed:
+                return False
+            self.claimed.add((kind, digest))
+            return True
 
     def _decode_image(self, item: _Prepared, data: bytes) -> None:
         try:
@@ -405,7 +432,8 @@ class Builder:
             item.error, item.lasting = str(error), True
 
     def _settled_without_encoding(self, item: _Prepared) -> bool:
-        """Handle files whose content is already indexed: touched, moved or copied."""
+        """Handle a file whose content is indexed already: touched, moved or copied. False
+        when that content is not indexed yet (another file of this run is being encoded)."""
         source, row = item.source, item.row
         if row is not None and row.sha256 == item.digest and row.kind == source.kind:
             with self._guard(source), self.store.conn:
@@ -414,16 +442,26 @@ class Builder:
             return True
         if row is None and self._move_from_gone(source, item.digest):
             return True
-        if item.pixels is None and item.windows is None and item.segments is None and item.vector is None:
-            stored = self.store.items_of_file_with_hash(item.digest, source.kind)  # a copy: reuse
-            if source.kind == "image":
-                self._write_images([item], [stored[0][1]])
-            else:
-                self._write_timed(item, [(m["start"], m["end"]) for m, _ in stored],
-                                  [vector for _, vector in stored])
-            self.report.vectors_reused += len(stored)
-            return True
-        return False
+        stored = self.store.items_of_file_with_hash(item.digest, source.kind)  # a copy: reuse
+        if not stored:
+            return False
+        if source.kind == "image":
+            self._write_images([item], [stored[0][1]])
+        else:
+            self._write_timed(item, [(m["start"], m["end"]) for m, _ in stored],
+                              [vector for _, vector in stored])
+        self.report.vectors_reused += len(stored)
+        return True
+
+    def _settle_copies(self) -> None:
+        """Write the copies of files encoded in this run, with those files' vectors; a copy of
+        a file that was skipped is skipped for the same reason."""
+        copies, self.copies = self.copies, []
+        for item in copies:
+            if not self._settled_without_encoding(item):
+                reason, lasting = self.failed.get((item.source.kind, item.digest),
+                                                  ("its content could not be indexed", False))
+                self._skip(item.source, reason, lasting)
 
     def _move_from_gone(self, source: SourceFile, digest: str) -> bool:
         origin = self.gone_by_content.pop((source.kind, digest), None)
@@ -453,7 +491,7 @@ class Builder:
         with self.store.conn:
             for item, vector in zip(batch, vectors):
                 source = item.source
-                with self._guard(source), self.store.savepoint():
+                with self._guard(source, item.digest), self.store.savepoint():
                     file_id = self.store.upsert_file(source.key, source.root, source.kind,
                                                      source.size, source.mtime_ns, item.digest)
                     existing = self.store.items_of_file(file_id) if item.row else {}
@@ -490,6 +528,7 @@ class Builder:
                 batch = []
         if batch:
             self._encode_audio(batch)
+        self._settle_copies()
 
     def _decode_audio(self, item: _Prepared, data: bytes) -> None:
         encoder = self.index.audio_encoder
@@ -515,11 +554,12 @@ class Builder:
             return
         for item in self._to_encode(pending, "video", self._decode_video, self.options.workers,
                                     unit="video", desc="video"):
-            with self._guard(item.source) as outcome:
+            with self._guard(item.source, item.digest) as outcome:
                 vectors = segment_vectors(self.index, item.segments)
             if not outcome.failed:
                 self._write_timed(item, [(s.start, s.end) for s in item.segments], list(vectors))
                 self.report.video_encoded += len(item.segments)
+        self._settle_copies()
 
     def _decode_video(self, item: _Prepared, data: bytes) -> None:
         try:
@@ -531,7 +571,7 @@ class Builder:
                      vectors: list[np.ndarray]) -> None:
         """A sound's windows or a video's segments: all of a file's items replaced at once."""
         source, changes = item.source, self.changes[item.source.kind]
-        with self._guard(source), self.store.conn:
+        with self._guard(source, item.digest), self.store.conn:
             file_id = self.store.upsert_file(source.key, source.root, source.kind, source.size,
                                              source.mtime_ns, item.digest)
             stale = [item_id for item_id, *_ in self.store.items_of_file(file_id).values()]

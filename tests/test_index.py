@@ -594,3 +594,24 @@ def test_skipped_files_are_not_read_again_until_they_change(tmp_path, photo_fold
                                                     str(photo_folder / "broken.jsonl")}
         index.remove(bad)
         assert set(index.store.skipped_files()) == {str(photo_folder / "broken.jsonl")}
+
+
+def test_copies_added_in_one_run_are_encoded_once(tmp_path, tiny_model):
+    source = tmp_path / "src"
+    write_image(source / "a.jpg", (200, 10, 10))
+    write_image(source / "b.jpg", (10, 200, 10))
+    for name in ("copy1.jpg", "sub/copy2.jpg"):
+        (source / name).parent.mkdir(exist_ok=True)
+        shutil.copy(source / "a.jpg", source / name)
+    (source / "bad.png").write_text("not an image")
+    shutil.copy(source / "bad.png", source / "bad-copy.png")
+    report = build(tmp_path / "index", [source], tiny_model)
+    assert (report.new, report.images_encoded, report.vectors_reused) == (4, 2, 2)
+    assert sorted((os.path.basename(s.path), s.reason) for s in report.skipped) == [
+        ("bad-copy.png", "not an image PIL can read"),
+        ("bad.png", "not an image PIL can read")]
+    with Index.open(tmp_path / "index") as index:
+        vectors = {hit.uri: index.item_vector(hit.id)[1] for hit in index.search("x", k=5)}
+    np.testing.assert_array_equal(vectors[str(source / "copy1.jpg")], vectors[str(source / "a.jpg")])
+    np.testing.assert_array_equal(vectors[str(source / "sub/copy2.jpg")], vectors[str(source / "a.jpg")])
+    assert_consistent(tmp_path / "index")
