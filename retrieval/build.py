@@ -7,7 +7,8 @@ The protocol, per file found:
 4. same hash as a recorded file that has disappeared -> moved: paths change, ids and vectors stay;
 5. same hash as another recorded file, or as a file encoded earlier in this run -> copy: its
    vector is reused, nothing is encoded;
-6. anything else is decoded, embedded and committed, a batch per SQLite transaction.
+6. anything else is decoded, embedded and committed, a batch per SQLite transaction (texts and
+   captions too: a text file's items go in with each batch, its hash once all are in).
 Recorded files under the sources that were not found are removed last. No single file stops a
 build: an unexpected error on one undoes that file's writes and becomes one warning naming it.
 
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
     from .ondisk import ShardRunner
     from .vectors import VectorIndex
 
-TEXT_FLUSH = 4096  # texts to gather before encoding: big batches, bounded loss on a crash
+MADE_FLUSH = 4096  # vectors made by a distributed job, written per transaction
 
 
 @dataclass
@@ -173,6 +174,23 @@ class _Prepared:
 
 
 @dataclass
+class _TextFile:
+    """A text or captions file being written: its items go in with each batch of texts, and
+    its hash, size and mtime once the last is in, so a killed build resumes where it was."""
+
+    source: SourceFile
+    row: FileRow | None
+    digest: str
+    file_id: int = 0
+    waiting: int = 0  # items still to be written
+    failed: bool = False
+
+    @property
+    def is_new(self) -> bool:
+        return self.row is None or not self.row.sha256  # no hash: a killed build began it
+
+
+@dataclass
 class _Outcome:
     failed: bool = False
 
@@ -199,6 +217,7 @@ class Builder:
         self.claim_lock = threading.Lock()
         self.copies: list[_Prepared] = []
         self.failed: dict[tuple[str, str], tuple[str, bool]] = {}  # content -> why it was skipped
+        self.text_bar: tqdm | None = None
         # item id -> new vector, or None for a removed item; applied to FAISS at the end
         self.changes: dict[str, dict[int, np.ndarray | None]] = {m: {} for m in MODALITIES}
         self.base = {m: index._fresh_vectors(m) for m in MODALITIES}
@@ -217,6 +236,11 @@ class Builder:
             walk = walk_sources(sources, captions_files=captions, options=walk_options)
         except FileNotFoundError as error:
             raise UsageError(str(error)) from None
+        with self.store.conn:  # first, so that a bare build after a kill finishes this one
+            self.store.set_sources(self.store.sources() + roots)
+            self.store.set_source_options({**self.store.source_options(),
+                                           **{root: asdict(o) for root, o in walk_options.items()}})
+            self.store.set_captions_files(self.store.captions_files() + captions_paths)
         self.report.skipped += walk.skipped
         self.known = self.store.files_by_path()
         self.known_bad = self.store.skipped_files()
@@ -239,10 +263,6 @@ class Builder:
                      and is_under(path, keys) and not is_under(path, unreadable)]
         with self.store.conn:
             self.store.link_captions()
-            self.store.set_sources(self.store.sources() + roots)
-            self.store.set_source_options({**self.store.source_options(),
-                                           **{root: asdict(o) for root, o in walk_options.items()}})
-            self.store.set_captions_files(self.store.captions_files() + captions_paths)
             self.store.forget_skipped(recovered)  # indexed now, gone, or judged anew
         self._finish_vectors()
         if self.shards is not None:  # their rows are committed now
@@ -366,7 +386,7 @@ class Builder:
             if len(batch) == size:
                 self._encode_images(batch)
                 batch = []
-            if len(made) == TEXT_FLUSH:
+            if len(made) == MADE_FLUSH:
                 self._write_made_images(made)
                 made = []
         if batch:
@@ -591,21 +611,27 @@ class Builder:
     # -- texts and captions -----------------------------------------------------------------
 
     def _index_texts(self, pending: list[tuple[SourceFile, FileRow | None]]) -> None:
-        queue: list[tuple[SourceFile, FileRow | None, str, list[ItemSpec]]] = []
-        queued_texts = 0
+        """Text files' items, written a batch of texts per transaction, across files: a file
+        of 5,000 captions is committed in steps, and a killed build re-encodes one batch."""
+        size = self.index.batch_size
+        batch: list[tuple[_TextFile, ItemSpec]] = []
         for source, row in pending:
             parsed = self._read_text_file(source, row)
-            if parsed is not None:
-                queue.append(parsed)
-                queued_texts += len(parsed[3])
-            if queued_texts >= TEXT_FLUSH:
-                self._write_text_files(queue)
-                queue, queued_texts = [], 0
-        if queue:
-            self._write_text_files(queue)
+            if parsed is None:
+                continue
+            fresh = self._begin_text_file(*parsed)
+            batch += [(parsed[0], spec) for spec in fresh]
+            while len(batch) >= size:
+                self._write_text_batch(batch[:size])
+                batch = batch[size:]
+        if batch:
+            self._write_text_batch(batch)
+        if self.text_bar is not None:
+            self.text_bar.close()
 
     def _read_text_file(self, source: SourceFile, row: FileRow | None
-                        ) -> tuple[SourceFile, FileRow | None, str, list[ItemSpec]] | None:
+                        ) -> tuple[_TextFile, list[ItemSpec]] | None:
+        """The file and its items, or None when it is unchanged, moved or unusable."""
         try:
             with open(source.path, "rb") as handle:
                 data = handle.read()
@@ -621,7 +647,7 @@ class Builder:
         if row is None and self._move_from_gone(source, digest):
             return None
         try:
-            return source, row, digest, read_items(source, data)
+            return _TextFile(source, row, digest), read_items(source, data)
         except (CaptionFormatError, ValueError) as error:
             kind = "captions file" if source.kind == "captions" else "text file"
             self._skip(source, f"bad {kind}: {error}", lasting=True)
@@ -629,22 +655,74 @@ class Builder:
             self._skip(source, unexpected(error))
         return None
 
-    def _write_text_files(self, queue: list[tuple[SourceFile, FileRow | None, str, list[ItemSpec]]]
-                          ) -> None:
-        vectors = self._text_vectors([spec.text for *_, specs in queue for spec in specs])
-        for source, row, digest, specs in queue:
-            with self._guard(source), self.store.conn:
-                file_id = self.store.upsert_file(source.key, source.root, source.kind, source.size,
-                                                 source.mtime_ns, digest)
-                self._sync_text_items(file_id, specs, vectors)
+    def _begin_text_file(self, file: _TextFile, specs: list[ItemSpec]) -> list[ItemSpec]:
+        """Drop the file's items that are no longer in it and return the specs still to be
+        written. A new file's row is written without its hash until its last item is in."""
+        source = file.source
+        with self._guard(source) as outcome, self.store.conn:
+            if file.row is None:
+                file.file_id = self.store.upsert_file(source.key, source.root, source.kind,
+                                                      -1, -1, "")
+            else:
+                file.file_id = file.row.id
+            existing = self.store.items_of_file(file.file_id)
+            fresh, stale = [], []
+            for spec in specs:
+                current = existing.pop(spec.uri, None)
+                if current is not None and current[1:] == (text_digest(spec.text), spec.parent_ref):
+                    continue
+                if current is not None:
+                    stale.append(current[0])
+                fresh.append(spec)
+            stale += [item_id for item_id, *_ in existing.values()]
+            self.store.delete_items(stale)
+            if stale:
                 self.store.bump_generation("text")
-                if row is None:
-                    self.report.new += 1
-                else:
-                    self.report.changed += 1
+            file.waiting = len(fresh)
+            if not fresh:
+                self._finish_text_file(file)
+            self.changes["text"].update(dict.fromkeys(stale))  # last: once nothing can fail
+        return [] if outcome.failed else fresh
+
+    def _write_text_batch(self, batch: list[tuple[_TextFile, ItemSpec]]) -> None:
+        """Encode (or reuse) a batch of texts and write their items in one transaction; each
+        file whose last item this is gets its hash, size and mtime."""
+        vectors = self._text_vectors([spec.text for _, spec in batch])
+        by_file: dict[int, tuple[_TextFile, list[ItemSpec]]] = {}
+        for file, spec in batch:
+            by_file.setdefault(id(file), (file, []))[1].append(spec)
+        changes = self.changes["text"]
+        with self.store.conn:
+            for file, specs in by_file.values():
+                if file.failed:
+                    continue
+                with self._guard(file.source) as outcome, self.store.savepoint():
+                    fresh = [NewItem(spec.uri, spec.modality, vectors[text_digest(spec.text)],
+                                     text_digest(spec.text), spec.text, spec.parent_ref, spec.meta)
+                             for spec in specs]
+                    new_ids = self.store.insert_items(file.file_id, fresh)
+                    file.waiting -= len(specs)
+                    if not file.waiting:
+                        self._finish_text_file(file)
+                    changes.update({item_id: item.vector for item_id, item in zip(new_ids, fresh)})
+                if outcome.failed:
+                    file.failed = True
+                    if file.is_new:  # what earlier batches wrote of it goes too
+                        for modality, ids in self.store.delete_files([file.file_id]).items():
+                            self.changes[modality].update(dict.fromkeys(ids))
+            self.store.bump_generation("text")
+
+    def _finish_text_file(self, file: _TextFile) -> None:
+        source = file.source
+        self.store.upsert_file(source.key, source.root, source.kind, source.size, source.mtime_ns,
+                               file.digest)
+        if file.is_new:
+            self.report.new += 1
+        else:
+            self.report.changed += 1
 
     def _text_vectors(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Vectors by text hash: stored ones reused, shards' taken, the rest encoded in large batches."""
+        """Vectors by text hash: stored ones reused, shards' taken, the rest encoded."""
         digests = {text_digest(text): text for text in texts}
         vectors = self.store.vectors_for_hashes("text", digests)
         made = {} if self.shards is None else {  # encoded by a distributed job
@@ -652,39 +730,14 @@ class Builder:
         vectors.update(made)
         missing = [(d, t) for d, t in digests.items() if d not in vectors]
         self.report.vectors_reused += len(texts) - len(missing) - len(made)
-        encoder = self.index.encoder if missing else None
-        step = 1024
-        with tqdm(total=len(missing), unit="text", desc="texts",
-                  disable=not self.options.progress or not missing) as bar:
-            for start in range(0, len(missing), step):
-                chunk = missing[start:start + step]
-                encoded = encoder.encode_texts([text for _, text in chunk])
-                vectors.update({digest: vector for (digest, _), vector in zip(chunk, encoded)})
-                bar.update(len(chunk))
+        if missing:
+            encoded = self.index.encoder.encode_texts([text for _, text in missing])
+            vectors.update({digest: vector for (digest, _), vector in zip(missing, encoded)})
+            if self.text_bar is None:  # shown once there is something to encode
+                self.text_bar = tqdm(unit="text", desc="texts", disable=not self.options.progress)
+            self.text_bar.update(len(missing))
         self.report.texts_encoded += len(missing) + len(made)
         return vectors
-
-    def _sync_text_items(self, file_id: int, specs: list[ItemSpec],
-                         vectors: dict[str, np.ndarray]) -> None:
-        """Make a file's stored items equal `specs`, touching only the ones that differ."""
-        existing = self.store.items_of_file(file_id)
-        stale: list[int] = []
-        fresh: list[NewItem] = []
-        for spec in specs:
-            digest = text_digest(spec.text)
-            current = existing.pop(spec.uri, None)
-            if current is not None and current[1:] == (digest, spec.parent_ref):
-                continue
-            if current is not None:
-                stale.append(current[0])
-            fresh.append(NewItem(spec.uri, spec.modality, vectors[digest], digest, spec.text,
-                                 spec.parent_ref, spec.meta))
-        stale += [item_id for item_id, *_ in existing.values()]
-        self.store.delete_items(stale)
-        new_ids = self.store.insert_items(file_id, fresh)
-        changes = self.changes["text"]
-        changes.update(dict.fromkeys(stale))
-        changes.update({item_id: item.vector for item_id, item in zip(new_ids, fresh)})
 
     # -- removal and FAISS ------------------------------------------------------------------
 

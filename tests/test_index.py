@@ -615,3 +615,35 @@ def test_copies_added_in_one_run_are_encoded_once(tmp_path, tiny_model):
     np.testing.assert_array_equal(vectors[str(source / "copy1.jpg")], vectors[str(source / "a.jpg")])
     np.testing.assert_array_equal(vectors[str(source / "sub/copy2.jpg")], vectors[str(source / "a.jpg")])
     assert_consistent(tmp_path / "index")
+
+
+def test_an_interrupted_caption_file_resumes_where_it_stopped(tmp_path, tiny_model, monkeypatch):
+    """A captions file is committed a batch at a time: after a crash once 16 captions were
+    encoded, the next build, a bare one, encodes only the captions that were not committed."""
+    source = tmp_path / "src"
+    write_image(source / "a.jpg", (200, 10, 10))
+    captions = tmp_path / "captions.tsv"  # outside the source: recorded as the build begins
+    captions.write_text("".join(f"a.jpg#{n}\tcaption number {n}\n" for n in range(40)))
+    from retrieval.encoders import ClipEncoder
+    real = ClipEncoder.encode_texts
+    encoded = []
+
+    def crash_after_16_texts(self, texts):
+        if len(encoded) + len(texts) > 16:
+            raise KeyboardInterrupt
+        encoded.extend(texts)
+        return real(self, texts)
+
+    monkeypatch.setattr(ClipEncoder, "encode_texts", crash_after_16_texts)
+    with Index.open(tmp_path / "index", model=tiny_model, create=True, batch_size=8) as index:
+        with pytest.raises(KeyboardInterrupt):
+            index.add(source, captions=[captions])
+    monkeypatch.setattr(ClipEncoder, "encode_texts", real)
+    with Index.open(tmp_path / "index", batch_size=8) as index:
+        assert index.count("text") == 16
+        report = index.add()
+        assert (report.texts_encoded, report.new, index.count("text")) == (24, 1, 40)
+        assert index.add().unchanged == 2
+        hits = index.search(image=source / "a.jpg", target="image", k=1)
+        assert len(hits[0].metadata["captions"]) == 40
+    assert_consistent(tmp_path / "index")
