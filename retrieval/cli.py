@@ -248,7 +248,8 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
     """Build or update an index over folders and files, incrementally.
 
     Only new and changed files are encoded; moved files keep their vectors; files gone from
-    SOURCES are forgotten. With no SOURCES, the folders indexed before are scanned again.
+    SOURCES are forgotten. With no SOURCES, the folders and captions files indexed before are
+    scanned again, each folder with the --exclude-dir and --include-hidden it was given.
     """
     from .index import Index
 
@@ -258,8 +259,8 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
         if frame_rate or scene_threshold or temporal or fusion:
             index.configure(fusion=fusion, frame_rate=frame_rate, scene_threshold=scene_threshold,
                             temporal=temporal)
-        report = index.add(*sources, captions=captions, exclude=exclude_dir,
-                           include_hidden=include_hidden, max_megapixels=max_megapixels,
+        report = index.add(*sources, captions=captions, exclude=exclude_dir or None,
+                           include_hidden=include_hidden or None, max_megapixels=max_megapixels,
                            max_audio_seconds=max_audio_seconds, max_video_seconds=max_video_seconds,
                            progress=not quiet and sys.stderr.isatty(), engine=engine, address=address)
     if not quiet:

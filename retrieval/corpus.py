@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,21 +74,39 @@ class WalkResult:
     skipped: list[Skipped]
 
 
+@dataclass(frozen=True)
+class WalkOptions:
+    """How a source folder is walked. An index records them per source, so that a bare
+    rebuild walks each source as it was walked when named."""
+
+    exclude_dirs: tuple[str, ...] = ()  # folder names, or absolute folder paths
+    include_hidden: bool = False
+
+    @classmethod
+    def of(cls, exclude_dirs: Iterable[str] = (), include_hidden: bool = False) -> WalkOptions:
+        """Options with the paths among `exclude_dirs` made absolute (names stay names)."""
+        excluded = {str(absolute_path(d)) if os.sep in d else d for d in exclude_dirs}
+        return cls(tuple(sorted(excluded)), include_hidden)
+
+
 def walk_sources(sources: Iterable[str | Path], exclude_dirs: Iterable[str] = (),
-                 captions_files: Iterable[str | Path] = (), include_hidden: bool = False
-                 ) -> WalkResult:
+                 captions_files: Iterable[str | Path] = (), include_hidden: bool = False,
+                 options: Mapping[str, WalkOptions] | None = None) -> WalkResult:
     """List every indexable file under `sources` (folders or single files).
 
-    Hidden entries and folders named in `exclude_dirs` (by name or by path) are not entered.
-    Symlinks to files are followed; symlinked folders are not, so loops cannot occur.
+    Hidden entries and folders named in `exclude_dirs` (by name or by path) are not entered;
+    `options`, keyed by a source's absolute path, sets them for that source instead.
+    Symlinks to files and to folders are followed; a folder reached a second time (a loop,
+    or two links to one folder) is walked once, under the first path that reached it.
     """
-    excluded = {str(absolute_path(d)) if os.sep in d else d for d in exclude_dirs}
+    default = WalkOptions.of(exclude_dirs, include_hidden)
     found: dict[str, SourceFile] = {}
     skipped: list[Skipped] = []
     for source in sources:
         root = absolute_path(source)
         if _is(root, Path.is_dir):
-            paths = _walk_folder(root, excluded, include_hidden, skipped)
+            walk_options = (options or {}).get(str(root), default)
+            paths = _walk_folder(root, walk_options, skipped)
             auto_captions = [root / name for name in CAPTION_FILE_NAMES if (root / name).is_file()]
         elif _is(root, Path.exists) or _is(root, Path.is_symlink):
             paths, auto_captions = [root], []
@@ -127,24 +146,66 @@ def _is(path: Path, test) -> bool:
         return False
 
 
-def _walk_folder(root: Path, excluded: set[str], include_hidden: bool,
-                 skipped: list[Skipped]) -> Iterator[Path]:
+def _walk_folder(root: Path, options: WalkOptions, skipped: list[Skipped]) -> Iterator[Path]:
+    """The files under `root`. Symlinked folders are entered after the real tree, so a file
+    keeps its real path when a link also leads to it; a folder already walked (a loop, a
+    second link) is not walked again."""
     def on_error(error: OSError) -> None:
         skipped.append(Skipped(display_path(str(error.filename)),
                                f"cannot read folder ({error.strerror})"))
 
-    for folder, dirs, names in os.walk(root, onerror=on_error):
-        dirs[:] = sorted(d for d in dirs if _enter(folder, d, excluded, include_hidden))
-        for name in sorted(names):
-            if include_hidden or not name.startswith("."):
-                if _kind_of(Path(name)):
-                    yield Path(folder, name)
+    walked = {_folder_identity(str(root))}
+    links: deque[str] = deque()  # symlinked folders found, entered once the real tree is done
+    tops = [str(root)]
+    while tops:
+        for folder, dirs, names in os.walk(tops.pop(), onerror=on_error):
+            entered = []
+            for name in sorted(dirs):
+                path = os.path.join(folder, name)
+                if not _enter(folder, name, options):
+                    continue
+                if os.path.islink(path):
+                    links.append(path)
+                elif _first_visit(path, walked):
+                    entered.append(name)
+            dirs[:] = entered
+            for name in sorted(names):
+                if options.include_hidden or not name.startswith("."):
+                    if _kind_of(Path(name)):
+                        yield Path(folder, name)
+        while links and not tops:
+            link = links.popleft()
+            if _follow_link(link) and _first_visit(link, walked):
+                tops.append(link)
 
 
-def _enter(folder: str, name: str, excluded: set[str], include_hidden: bool) -> bool:
-    if name.startswith(".") and not include_hidden:
+def _follow_link(link: str) -> bool:
+    """Whether a symlinked folder found in a source is entered: today every one is (a later
+    rule, such as leaving out links that lead outside the sources, belongs here)."""
+    return True
+
+
+def _folder_identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _first_visit(path: str, walked: set) -> bool:
+    """True the first time a folder (by device and inode) is reached; records it."""
+    identity = _folder_identity(path)
+    if identity is None or identity in walked:
+        return identity is None  # unreadable: os.walk reports it when it tries to list it
+    walked.add(identity)
+    return True
+
+
+def _enter(folder: str, name: str, options: WalkOptions) -> bool:
+    if name.startswith(".") and not options.include_hidden:
         return False
-    return name not in excluded and os.path.join(folder, name) not in excluded
+    return name not in options.exclude_dirs and os.path.join(folder, name) not in options.exclude_dirs
 
 
 def _kind_of(path: Path) -> str | None:
@@ -173,7 +234,8 @@ def _add(found: dict[str, SourceFile], skipped: list[Skipped], path: Path, root:
     if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
         skipped.append(Skipped(display_path(str(path)), "not a regular file"))
         return
-    found[str(path)] = SourceFile(str(path), str(root), kind, info.st_size, info.st_mtime_ns)
+    found[str(path)] = SourceFile(str(path), display_path(str(root)), kind, info.st_size,
+                                  info.st_mtime_ns)
 
 
 def _mark_sidecars(found: dict[str, SourceFile]) -> None:
@@ -192,8 +254,7 @@ def read_items(source: SourceFile, data: bytes) -> list[ItemSpec]:
     text = data.decode("utf-8-sig", errors="replace")  # -sig: editors' byte-order marks
     if source.kind == "captions":
         image = _sidecar_image(source.path)
-        sidecar_for = os.path.basename(display_path(image)) if image else None
-        pairs = read_caption_pairs(source.path, text, sidecar_for)
+        pairs = read_caption_pairs(source.path, text, os.path.basename(image) if image else None)
         return _caption_items(source.key, pairs)
     if source.path.lower().endswith(".jsonl"):
         return _jsonl_texts(source.key, text)
@@ -204,7 +265,8 @@ def read_items(source: SourceFile, data: bytes) -> list[ItemSpec]:
 def _caption_items(uri: str, pairs: list[tuple[str, str]]) -> list[ItemSpec]:
     seen: Counter[str] = Counter()
     items = []
-    for image, caption in pairs:
+    for name, caption in pairs:
+        image = display_path(name)  # compared with stored paths when captions are linked
         if caption:
             # Numbering per image keeps a caption's uri when other lines of the file change.
             items.append(ItemSpec(uri=f"{uri}#{image}#{seen[image]}", modality="text",
@@ -255,16 +317,38 @@ def existing_file(name: str) -> Path | None:
 
 
 def display_path(path: str) -> str:
-    """File names that are not UTF-8 keep their odd bytes as `\\xNN`, so SQLite can store them."""
+    """A path as the index stores and shows it: valid UTF-8 text that names exactly one file.
+
+    A name's bytes that are not UTF-8 become `\\xNN`, and a backslash in a name is doubled,
+    so the name `a\\xffb.jpg` and the bytes `a<ff>b.jpg` stay apart. Other names are kept as
+    they are. `path_from_display` turns the stored text back into the path.
+    """
+    if "\\" not in path:
+        try:
+            path.encode("utf-8")
+            return path
+        except UnicodeEncodeError:
+            pass
     try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        pass
-    try:
-        return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+        raw = os.fsencode(path)
     except UnicodeEncodeError:  # a surrogate no file name decodes to: escape it as text
-        return path.encode("utf-8", errors="backslashreplace").decode("utf-8")
+        return path.replace("\\", "\\\\").encode("utf-8", errors="backslashreplace").decode("utf-8")
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace")
+
+
+_ESCAPE = re.compile(rb"\\(\\|x[0-9a-fA-F]{2})")
+
+
+def path_from_display(shown: str) -> str:
+    """The file system path a stored path names: what `display_path` made it from.
+
+    A backslash that starts no escape is kept as it is (indexes written before backslashes
+    were doubled hold such names)."""
+    if "\\" not in shown:
+        return shown
+    raw = _ESCAPE.sub(lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1][1:], 16)]),
+                      shown.encode("utf-8"))
+    return os.fsdecode(raw)
 
 
 def is_under(path: str, prefixes: Iterable[str]) -> bool:

@@ -351,14 +351,16 @@ class Index:
     # -- writing ----------------------------------------------------------------------------
 
     def add(self, *sources: str | Path, captions: Sequence[str | Path] = (),
-            exclude: Sequence[str] = (), include_hidden: bool = False,
+            exclude: Sequence[str] | None = None, include_hidden: bool | None = None,
             max_megapixels: float | None = None, max_audio_seconds: float | None = None,
             max_video_seconds: float | None = None, progress: bool = False,
             engine: str = "local", address: str | None = None) -> BuildReport:
         """Index new and changed files under `sources`, forget files gone from them.
 
         Unchanged files (same size and mtime, or same content) cost nothing; moved files keep
-        their vectors. With no sources, every folder indexed before is scanned again.
+        their vectors; files skipped before are not read again until they change. With no
+        sources, every source and captions file indexed before is scanned again, each source
+        walked with the `exclude` and `include_hidden` it was last given (unless given here).
         `engine="ray"` decodes and encodes images as a Ray Data job on the cluster at `address`
         (`auto`, `ray://host:port`; None starts Ray locally); see `retrieval.distributed`.
         """
@@ -366,11 +368,15 @@ class Index:
 
         if not sources:
             sources = tuple(self._known_roots())
+            captions = [*captions, *self._known_captions()]
             if not sources and not captions:
                 raise UsageError("nothing to index: name at least one source folder or file")
+        else:  # named sources are walked as the call says
+            exclude, include_hidden = exclude or (), bool(include_hidden)
         if engine not in ("local", "ray"):
             raise UsageError(f"engine must be local or ray, not {engine!r}")
-        options = BuildOptions(exclude=tuple(exclude), include_hidden=include_hidden,
+        options = BuildOptions(exclude=None if exclude is None else tuple(exclude),
+                               include_hidden=include_hidden,
                                progress=progress, engine=engine, address=address)
         if max_megapixels is not None:
             options.max_megapixels = max_megapixels
@@ -413,6 +419,9 @@ class Index:
 
     def _known_roots(self) -> list[str]:
         return [source for source in self.store.sources() if os.path.exists(source)]
+
+    def _known_captions(self) -> list[str]:
+        return [path for path in self.store.captions_files() if os.path.isfile(path)]
 
     @contextmanager
     def _write_lock(self) -> Iterator[None]:

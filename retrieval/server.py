@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from .corpus import is_under
+from .corpus import is_under, path_from_display
 from .errors import RetrievalError, UsageError
 from .fanout import LocalShard, RemoteShard, ShardedIndex, open_shards
 from .images import ImageDecodeError, load_image
@@ -81,10 +81,11 @@ class SearchService:
             path = hit.path if hit is not None and hit.modality in SERVED_MODALITIES else None
             row = index.store.file_row(path) if path else None
             sources = index.store.sources()
-        if row is None or not is_under(path, sources) or not _same_file(path, row.size, row.mtime_ns):
+        real = path_from_display(path) if row is not None else ""  # stored paths are escaped
+        if row is None or not is_under(real, sources) or not _same_file(real, row.size, row.mtime_ns):
             raise HTTPException(404, f"item {item_id} has no indexed file to serve "
                                 "(it holds text, or its file changed since it was indexed)")
-        return Path(path)
+        return Path(real)
 
 
 def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto",

@@ -11,8 +11,8 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing
-from dataclasses import dataclass
+from contextlib import closing, contextmanager
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,17 @@ class FileRow:
     size: int
     mtime_ns: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A file a build could not use, as it was then: re-read only once it changes."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    conditions: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,10 @@ class Store:
                 "parent_ref": str, "parent_id": int, "content_hash": str, "meta": str,
             }, pk="id", not_null={"modality", "uri"}, if_not_exists=True)
             db["vectors"].create({"item_id": int, "vector": bytes}, pk="item_id", if_not_exists=True)
+            # Files a build could not use, so an unchanged one is neither read nor warned about
+            # again; `conditions` are the limits it was judged under.
+            db["skipped"].create({"path": str, "size": int, "mtime_ns": int, "conditions": str,
+                                  "reason": str}, pk="path", if_not_exists=True)
             db["files"].create_index(["path"], unique=True, if_not_exists=True)
             db["files"].create_index(["sha256"], if_not_exists=True)
             db["items"].create_index(["uri"], unique=True, if_not_exists=True)
@@ -130,6 +145,21 @@ class Store:
     def set_sources(self, sources: Sequence[str]) -> None:
         self.set_info("sources", json.dumps(sorted(set(sources))))
 
+    def source_options(self) -> dict[str, dict]:
+        """How each source was walked (see `corpus.WalkOptions`), by source; indexes built
+        before this was recorded have none, and their sources take the defaults."""
+        return json.loads(self.get_info("source_options", "{}"))
+
+    def set_source_options(self, options: dict[str, dict]) -> None:
+        self.set_info("source_options", json.dumps(options, sort_keys=True))
+
+    def captions_files(self) -> list[str]:
+        """Captions files named in past builds, so a bare rebuild reads them again."""
+        return json.loads(self.get_info("captions_files", "[]"))
+
+    def set_captions_files(self, paths: Sequence[str]) -> None:
+        self.set_info("captions_files", json.dumps(sorted(set(paths))))
+
     def generation(self, modality: str) -> int:
         """A counter bumped by every committed change to a modality's vectors."""
         return int(self.get_info(f"generation:{modality}", "0"))
@@ -142,11 +172,27 @@ class Store:
 
     def clear(self) -> None:
         """Forget every file, item and vector (for a rebuild with another model)."""
-        for table in ("vectors", "items", "files"):
+        for table in ("vectors", "items", "files", "skipped"):
             self.conn.execute(f"DELETE FROM {table}")
         for modality in MODALITIES:
             self.bump_generation(modality)
         self.set_info("dim", "0")
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside a transaction: undo this block's writes if it raises, keep the rest."""
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN")
+        self.conn.execute("SAVEPOINT block")
+        try:
+            yield
+        except BaseException:
+            if self.conn.in_transaction:  # else SQLite itself rolled back (a full disk)
+                self.conn.execute("ROLLBACK TO block")
+            raise
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("RELEASE block")
 
     # -- files ------------------------------------------------------------------------------
 
@@ -192,6 +238,17 @@ class Store:
         self.delete_items([i for ids in removed.values() for i in ids])
         self.conn.executemany("DELETE FROM files WHERE id = ?", [[i] for i in file_ids])
         return removed
+
+    def skipped_files(self) -> dict[str, SkippedRow]:
+        rows = self.conn.execute("SELECT path, size, mtime_ns, conditions, reason FROM skipped")
+        return {row[0]: SkippedRow(*row) for row in rows}
+
+    def remember_skipped(self, row: SkippedRow) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO skipped (path, size, mtime_ns, conditions, reason) "
+                          "VALUES (?, ?, ?, ?, ?)", list(astuple(row)))
+
+    def forget_skipped(self, paths: Iterable[str]) -> None:
+        self.conn.executemany("DELETE FROM skipped WHERE path = ?", [[p] for p in paths])
 
     # -- items ------------------------------------------------------------------------------
 

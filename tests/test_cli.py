@@ -49,8 +49,11 @@ def test_index_prints_a_summary_and_warnings(tmp_path, photo_folder, tiny_model)
     code, out, _ = run("index", photo_folder, "--index", tmp_path / "i", "--json", "--quiet")
     report = json.loads(out)
     assert (report["unchanged"], report["images_encoded"]) == (9, 0)
-    assert report["skipped"] == [{"path": str(photo_folder / "broken.jpg"),
-                                  "reason": "not an image PIL can read"}]
+    assert (report["skipped"], report["skipped_unchanged"]) == ([], 1)  # warned about once
+    (photo_folder / "broken.jpg").write_bytes(b"\xff\xd8 still not")
+    code, out, _ = run("index", photo_folder, "--index", tmp_path / "i", "--json", "--quiet")
+    assert json.loads(out)["skipped"] == [{"path": str(photo_folder / "broken.jpg"),
+                                           "reason": "not an image PIL can read"}]
 
 
 def test_text_query_prints_a_table(built, photo_folder):

@@ -12,11 +12,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from retrieval.corpus import (
     IMAGE_SUFFIXES,
     SourceFile,
     display_path,
+    path_from_display,
     read_items,
     walk_sources,
 )
@@ -306,9 +309,39 @@ def test_symlink_loop_between_folders_does_not_hang(tmp_path):
     worker.start()
     worker.join(timeout=10)
     assert not worker.is_alive(), "walk_sources hangs on a symlink loop"
-    # symlinked folders are not entered: each file is found once, by its real path
+    # each folder is walked once, and before any link to it: each file is found by its real path
     assert rel(outcome["result"], tmp_path) == {
         os.path.join("a", "in_a.jpg"): "image", os.path.join("b", "in_b.jpg"): "image"}
+
+
+def test_symlinked_folders_in_a_source_are_followed(tmp_path):
+    """They were once skipped without a word, while file symlinks were followed."""
+    touch(tmp_path / "elsewhere" / "far.jpg")
+    touch(tmp_path / "src" / ".store" / "kept.png")
+    touch(tmp_path / "src" / "real" / "near.jpg")
+    (tmp_path / "src" / "outside").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "src" / "shown").symlink_to(".store", target_is_directory=True)
+    (tmp_path / "src" / "again").symlink_to("real", target_is_directory=True)  # walked once
+    (tmp_path / "src" / "real" / "up").symlink_to("..", target_is_directory=True)  # a loop
+    (tmp_path / "src" / "broken").symlink_to("nowhere", target_is_directory=True)
+
+    result = walk_sources([tmp_path / "src"])
+
+    assert rel(result, tmp_path / "src") == {
+        os.path.join("outside", "far.jpg"): "image", os.path.join("shown", "kept.png"): "image",
+        os.path.join("real", "near.jpg"): "image"}
+    assert result.skipped == []
+
+
+def test_a_linked_folder_that_holds_the_source_is_not_walked_twice(tmp_path):
+    touch(tmp_path / "top.jpg")
+    touch(tmp_path / "src" / "a.jpg")
+    (tmp_path / "src" / "parent").symlink_to(tmp_path, target_is_directory=True)
+
+    result = walk_sources([tmp_path / "src"])
+
+    assert rel(result, tmp_path / "src") == {
+        "a.jpg": "image", os.path.join("parent", "top.jpg"): "image"}
 
 
 def test_unreadable_folder_reported_in_skipped(tmp_path):
@@ -422,6 +455,30 @@ def test_display_path():
     escaped = display_path(os.fsdecode(b"/d/caf\xe9 \xff.jpg"))
     assert escaped == "/d/caf\\xe9 \\xff.jpg"
     escaped.encode("utf-8")
+    # a backslash in a name is doubled, so no name can be spelled like another's escapes
+    assert display_path("/d/a\\xffb.jpg") == "/d/a\\\\xffb.jpg"
+    assert display_path(os.fsdecode(b"/d/a\\\xff.jpg")) == "/d/a\\\\\\xff.jpg"
+
+
+NAME_BYTES = st.binary(min_size=1, max_size=12).map(lambda b: b.replace(b"/", b"_").replace(b"\0", b"_"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(NAME_BYTES, min_size=1, max_size=3))
+def test_display_paths_round_trip_and_never_collide(parts):
+    """display_path is one-to-one and path_from_display undoes it, for any bytes a name holds."""
+    raw = b"/" + b"/".join(parts)
+    shown = display_path(os.fsdecode(raw))
+    shown.encode("utf-8")  # storable as SQLite text
+    assert os.fsencode(path_from_display(shown)) == raw
+    twin = os.fsdecode(shown.encode("utf-8"))  # a name spelled like the shown text
+    assert display_path(twin) != shown or twin == os.fsdecode(raw)
+
+
+def test_path_from_display_keeps_a_backslash_that_escapes_nothing():
+    """Indexes written before backslashes were doubled hold them single."""
+    assert path_from_display("/d/a\\b.jpg") == "/d/a\\b.jpg"
+    assert path_from_display("/d/a\\\\b.jpg") == "/d/a\\b.jpg"
 
 
 # -- read_items ------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Crash safety: builds (of images and of sounds), removals and conversions killed with SIGKILL
-at random moments.
+"""Crash safety: builds (of images, captions and sounds), removals and conversions killed with
+SIGKILL at random moments.
 
 After every kill the index must open; every SQLite item must have exactly one FAISS vector
 and every FAISS vector one item; nothing may be duplicated; and finishing the work must give
@@ -164,6 +164,44 @@ def test_killed_build_resumes_to_the_same_index(seed, corpus, tiny_model, refere
         index.add(corpus)
     assert_consistent(index_dir, context)
     snapshot(index_dir).assert_equal(snapshot(reference_dir), context)
+
+
+@pytest.fixture(scope="module")
+def images_only(corpus, reference, tmp_path_factory) -> Path:
+    """The reference index without its captions: where a build stands when it reaches them."""
+    index_dir = tmp_path_factory.mktemp("images-only") / "index"
+    shutil.copytree(reference[0], index_dir)
+    with Index.open(index_dir) as index:
+        index.remove(corpus / "captions.tsv")
+    return index_dir
+
+
+@pytest.mark.parametrize("seed", trial_seeds())
+def test_killed_caption_phase_resumes_with_the_captions_committed(seed, corpus, images_only,
+                                                                 reference, tmp_path):
+    """Captions are committed a batch at a time, as images are: a kill among them once lost
+    every caption of the file, and the resumed build encoded them all again."""
+    batch = 8
+    target = random.Random(seed).randint(1, IMAGES // batch // 2) * batch
+    context = f"build killed once {target} captions were committed (seed {seed})"
+    index_dir = tmp_path / "index"
+    shutil.copytree(images_only, index_dir)
+    process = subprocess.Popen(cli("index", str(corpus), "--index", str(index_dir), "--batch-size",
+                                   str(batch), "--quiet"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and (_committed(index_dir, "text") or 0) < target:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    committed = _committed(index_dir, "text")
+    print(f"{context}: {committed} of {IMAGES} captions committed at the kill")
+    assert target <= committed < IMAGES, f"{context}: the kill did not land among the captions"
+    assert_consistent(index_dir, context)
+    with Index.open(index_dir, batch_size=batch) as index:
+        report = index.add(corpus)
+    assert report.texts_encoded == IMAGES - committed, f"{context}: only what was missing is encoded"
+    assert_consistent(index_dir, context)
+    snapshot(index_dir).assert_equal(snapshot(reference[0]), context)
 
 
 @pytest.mark.parametrize("seed", trial_seeds())

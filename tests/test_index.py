@@ -445,3 +445,205 @@ def test_an_index_killed_before_recording_its_model_can_be_read(tmp_path, tiny_m
         conn.execute("DELETE FROM info WHERE key LIKE 'model_%'")
     with Index.open(index_dir, readonly=True) as index:
         assert index.search("anything") == []
+
+
+# -- issue 14: builds that finish, remember what they were told, and redo little -------------
+
+
+def image_bytes(path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def test_a_non_utf8_name_and_its_escaped_spelling_are_two_files(tmp_path, tiny_model):
+    """The bytes a<ff>b.jpg and the name `a\\xffb.jpg` once had one stored path: every build
+    ended in `UNIQUE constraint failed` and the rest of the folder was never indexed."""
+    source = tmp_path / "names"
+    raw = os.fsencode(source) + b"/a\xffb.jpg"
+    write_image(source / "a\\xffb.jpg", (200, 10, 10))
+    write_image(tmp_path / "blue.jpg", (10, 10, 200))
+    shutil.copy(tmp_path / "blue.jpg", raw)
+    write_image(source / "z.jpg", (10, 200, 10))
+    report = build(tmp_path / "index", [source], tiny_model)
+    assert (report.new, report.images_encoded, report.skipped) == (3, 3, [])
+    from retrieval.corpus import path_from_display
+
+    with Index.open(tmp_path / "index") as index:
+        hits = index.search("x", k=5)
+        # stored and shown escaped, and each names its own file
+        assert {hit.uri for hit in hits} == {str(source) + "/a\\xffb.jpg",
+                                             str(source) + "/a\\\\xffb.jpg", str(source / "z.jpg")}
+        for hit in hits:
+            assert image_bytes(path_from_display(hit.uri)) == image_bytes(
+                os.fsdecode(raw) if hit.uri.endswith("/a\\xffb.jpg") else
+                path_from_display(hit.uri))
+        assert image_bytes(path_from_display(str(source) + "/a\\xffb.jpg")) == image_bytes(raw)
+        assert index.add(source).unchanged == 3
+        os.unlink(raw)
+        assert index.add(source).removed == 1
+        assert {hit.uri for hit in index.search("x", k=5)} == {
+            str(source) + "/a\\\\xffb.jpg", str(source / "z.jpg")}
+    assert_consistent(tmp_path / "index")
+
+
+def test_an_unexpected_error_on_one_file_is_one_warning_and_the_build_goes_on(tmp_path,
+                                                                              tiny_model):
+    """An image named `notes.jsonl#id=7.jpg` has the uri of record "7.jpg" of notes.jsonl: writing
+    the second one fails. That file is skipped with one line, everything else is indexed."""
+    from click.testing import CliRunner
+
+    from retrieval.cli import cli
+
+    source = tmp_path / "src"
+    write_image(source / "notes.jsonl#id=7.jpg", (200, 10, 10))
+    (source / "notes.jsonl").write_text('{"id": "7.jpg", "text": "a red square"}\n')
+    (source / "zebra.txt").write_text("read after notes.jsonl\n")
+    write_image(source / "z.jpg", (10, 200, 10))
+    result = CliRunner().invoke(cli, ["index", str(source), "--index", str(tmp_path / "index"),
+                                      "--model", tiny_model])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: skipped {source / 'notes.jsonl'}: unexpected error "
+                        "(IntegrityError: UNIQUE constraint failed: items.uri)"]
+    with Index.open(tmp_path / "index") as index:
+        texts = {hit.text for hit in index.search("x", target="text", k=5)}
+        assert (index.count("image"), texts) == (2, {"read after notes.jsonl"})
+        assert not index.store.conn.execute(  # nothing of the failed file was kept
+            "SELECT 1 FROM files WHERE path = ?", [str(source / "notes.jsonl")]).fetchone()
+    assert_consistent(tmp_path / "index")
+
+
+def test_a_bare_build_reads_external_captions_files_again(tmp_path, photo_folder, tiny_model):
+    captions = tmp_path / "elsewhere" / "captions.csv"
+    captions.parent.mkdir()
+    captions.write_text("image,caption\nimg1.jpg,a green picture\n")
+    build(tmp_path / "index", [photo_folder], tiny_model, captions=[captions])
+    captions.write_text("image,caption\nimg1.jpg,a green picture\nimg2.jpg,a blue picture\n")
+    with Index.open(tmp_path / "index") as index:
+        report = index.add()
+        assert (report.changed, report.texts_encoded) == (1, 1)
+        hits = index.search(image=photo_folder / "beach" / "img2.jpg", target="image", k=6)
+        by_uri = {hit.uri: hit for hit in hits}
+        assert by_uri[str(photo_folder / "beach" / "img2.jpg")].metadata["captions"] == [
+            "a blue picture"]
+        captions.unlink()  # like a source that is not there (unmounted): kept as it was
+        assert index.add().removed == 0
+        assert index.remove(captions) == 1
+        assert index.store.captions_files() == []
+    assert_consistent(tmp_path / "index")
+
+
+def test_a_bare_build_walks_each_source_as_it_was_told(tmp_path, photo_folder, tiny_model):
+    """--include-hidden and --exclude-dir are recorded per source: a bare build once removed
+    what they had included, and indexed what they had left out."""
+    write_image(photo_folder / ".hidden" / "secret.jpg", (1, 2, 3))
+    other = tmp_path / "other"
+    write_image(other / ".dot.jpg", (3, 2, 1))
+    write_image(other / "city" / "kept.jpg", (5, 5, 5))
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        index.add(photo_folder, include_hidden=True, exclude=["city"])
+        index.add(other)
+        paths = {row.path for row in index.store.files_by_path().values()}
+
+        report = index.add()
+        assert (report.new, report.removed) == (0, 0)
+        assert {row.path for row in index.store.files_by_path().values()} == paths
+        assert str(photo_folder / ".hidden" / "secret.jpg") in paths
+        assert str(other / "city" / "kept.jpg") in paths  # excluded in photos only
+        assert not any(path.startswith(str(photo_folder / "city")) for path in paths)
+
+        # A source named again is walked as this call says, and recorded so.
+        assert index.add(photo_folder).removed == 1
+        assert index.add().new == 0
+    assert_consistent(tmp_path / "index")
+
+
+def test_skipped_files_are_not_read_again_until_they_change(tmp_path, photo_folder, tiny_model,
+                                                            monkeypatch):
+    bad = photo_folder / "bad"
+    bad.mkdir()
+    (bad / "text.png").write_text("not an image at all")
+    write_image(bad / "huge.png", (9, 9, 9), size=(1200, 1000))
+    (bad / "zero.jpg").write_bytes(b"")
+    (photo_folder / "broken.jsonl").write_text("{not json\n")
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        first = index.add(photo_folder, max_megapixels=1.0)
+        assert len(first.skipped) == 4
+        from retrieval import build as build_module
+        reads = []
+        real_read = build_module.read_source
+        monkeypatch.setattr(build_module, "read_source", lambda p: reads.append(p) or real_read(p))
+
+        again = index.add(photo_folder, max_megapixels=1.0)
+        assert again.skipped == [] and reads == []
+        assert again.skipped_unchanged == 4
+        assert "4 skipped (4 unchanged since their warning)" in again.summary()
+
+        (bad / "zero.jpg").write_bytes(b"still not an image")  # changed: judged again
+        report = index.add(photo_folder, max_megapixels=1.0)
+        assert [(os.path.basename(s.path), s.reason) for s in report.skipped] == [
+            ("zero.jpg", "not an image PIL can read")]
+        assert report.skipped_unchanged == 3
+
+        write_image(bad / "text.png", (1, 200, 1))  # mended: indexed, and forgotten as bad
+        assert index.add(photo_folder, max_megapixels=1.0).images_encoded == 1
+        report = index.add(photo_folder)  # another limit: images are judged again
+        assert (report.images_encoded, report.skipped_unchanged) == (1, 1)  # huge.png fits
+        assert [os.path.basename(s.path) for s in report.skipped] == ["zero.jpg"]
+        assert set(index.store.skipped_files()) == {str(bad / "zero.jpg"),
+                                                    str(photo_folder / "broken.jsonl")}
+        index.remove(bad)
+        assert set(index.store.skipped_files()) == {str(photo_folder / "broken.jsonl")}
+
+
+def test_copies_added_in_one_run_are_encoded_once(tmp_path, tiny_model):
+    source = tmp_path / "src"
+    write_image(source / "a.jpg", (200, 10, 10))
+    write_image(source / "b.jpg", (10, 200, 10))
+    for name in ("copy1.jpg", "sub/copy2.jpg"):
+        (source / name).parent.mkdir(exist_ok=True)
+        shutil.copy(source / "a.jpg", source / name)
+    (source / "bad.png").write_text("not an image")
+    shutil.copy(source / "bad.png", source / "bad-copy.png")
+    report = build(tmp_path / "index", [source], tiny_model)
+    assert (report.new, report.images_encoded, report.vectors_reused) == (4, 2, 2)
+    assert sorted((os.path.basename(s.path), s.reason) for s in report.skipped) == [
+        ("bad-copy.png", "not an image PIL can read"),
+        ("bad.png", "not an image PIL can read")]
+    with Index.open(tmp_path / "index") as index:
+        vectors = {hit.uri: index.item_vector(hit.id)[1] for hit in index.search("x", k=5)}
+    np.testing.assert_array_equal(vectors[str(source / "copy1.jpg")], vectors[str(source / "a.jpg")])
+    np.testing.assert_array_equal(vectors[str(source / "sub/copy2.jpg")], vectors[str(source / "a.jpg")])
+    assert_consistent(tmp_path / "index")
+
+
+def test_an_interrupted_caption_file_resumes_where_it_stopped(tmp_path, tiny_model, monkeypatch):
+    """A captions file is committed a batch at a time: after a crash once 16 captions were
+    encoded, the next build, a bare one, encodes only the captions that were not committed."""
+    source = tmp_path / "src"
+    write_image(source / "a.jpg", (200, 10, 10))
+    captions = tmp_path / "captions.tsv"  # outside the source: recorded as the build begins
+    captions.write_text("".join(f"a.jpg#{n}\tcaption number {n}\n" for n in range(40)))
+    from retrieval.encoders import ClipEncoder
+    real = ClipEncoder.encode_texts
+    encoded = []
+
+    def crash_after_16_texts(self, texts):
+        if len(encoded) + len(texts) > 16:
+            raise KeyboardInterrupt
+        encoded.extend(texts)
+        return real(self, texts)
+
+    monkeypatch.setattr(ClipEncoder, "encode_texts", crash_after_16_texts)
+    with Index.open(tmp_path / "index", model=tiny_model, create=True, batch_size=8) as index:
+        with pytest.raises(KeyboardInterrupt):
+            index.add(source, captions=[captions])
+    monkeypatch.setattr(ClipEncoder, "encode_texts", real)
+    with Index.open(tmp_path / "index", batch_size=8) as index:
+        assert index.count("text") == 16
+        report = index.add()
+        assert (report.texts_encoded, report.new, index.count("text")) == (24, 1, 40)
+        assert index.add().unchanged == 2
+        hits = index.search(image=source / "a.jpg", target="image", k=1)
+        assert len(hits[0].metadata["captions"]) == 40
+    assert_consistent(tmp_path / "index")

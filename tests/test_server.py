@@ -185,6 +185,25 @@ def test_a_file_changed_or_swapped_after_indexing_is_not_served(tmp_path, tiny_m
             assert response.status_code == 404 and "changed since it was indexed" in response.json()["detail"]
 
 
+def test_files_with_names_that_are_not_utf8_are_served(tmp_path, tiny_model):
+    """Such paths are stored escaped (a\\xffb.png); the server once opened the escaped text as
+    a path: a 404, or the file whose name is spelled so."""
+    folder = tmp_path / "photos"
+    raw = os.path.join(os.fsencode(folder), b"a\xffb.png")
+    folder.mkdir()
+    write_image(tmp_path / "odd.png", (10, 20, 30))
+    shutil.copy(tmp_path / "odd.png", raw)
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        index.add(folder)
+        [hit] = index.search("x", k=2)
+    assert hit.uri == f"{folder}/a\\xffb.png"
+    write_image(folder / "a\\xffb.png", (200, 20, 30), size=(60, 50))  # the escaped spelling
+    with running_server(tmp_path / "index") as base:
+        response = httpx.get(f"{base}/api/items/{hit.id}/file")
+    assert response.status_code == 200, response.text
+    assert response.content == (tmp_path / "odd.png").read_bytes()
+
+
 def test_bad_requests_get_4xx_with_a_clear_message(url, tmp_path, index_dir):
     cases = [
         (post(url, {}), 400, "nothing to search for"),
