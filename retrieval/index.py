@@ -23,10 +23,11 @@ from .errors import (
     IndexWriteError,
     ModelLoadError,
     ModelMismatchError,
+    RetrievalError,
     UsageError,
 )
 from .manifest import FORMAT_VERSION, Manifest, VectorFileState
-from .models import CLAP_PREFIX, ModelSpec
+from .models import CLAP_PREFIX, ModelSpec, check_weights_available
 from .ondisk import DISK_KINDS, OnDiskIndex, ShardRunner, build_on_disk
 from .pipeline import default_workers
 from .query import QueryTerm
@@ -89,6 +90,7 @@ class Index:
         self._audio_encoder: AudioEncoder | None = None
         self._text_tower: NumpyTextEncoder | None = None
         self._vectors: dict[str, tuple[VectorIndex, int]] = {}  # modality -> (index, generation)
+        self._made: MadeFolder | None = None  # set by `open` when it made the index here
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -117,21 +119,36 @@ class Index:
         if not exists and not create:
             raise IndexNotFoundError(
                 f"no index at {folder}; build one with: retrieve index SOURCE... --index {path}")
-        if not exists:
-            _make_folder(folder)
+        made = None if exists else MadeFolder.make(folder)
         readonly = readonly and exists
-        store = _open_store(folder, readonly)
-        requested = ModelSpec.parse(model, pretrained) if model or pretrained else None
-        spec = _model_of(store, folder, requested, rebuild)
-        if index_type and not readonly and store.get_info("index_type") is None:
-            with store.conn:
-                store.set_info("index_type", index_type)
-        index = cls(folder, store, spec, device, batch_size, readonly, int8)
-        if audio_model is not None:
-            index._choose_audio_model(audio_model, rebuild)
-        if not readonly:
-            with storage_errors(folder):
-                index._repair()
+        try:
+            store = _open_store(folder, readonly)
+        except BaseException:
+            if made is not None:
+                made.remove()
+            raise
+        index = None
+        try:
+            requested = ModelSpec.parse(model, pretrained) if model or pretrained else None
+            spec = _model_of(store, folder, requested, rebuild)
+            if index_type and not readonly and store.get_info("index_type") is None:
+                with store.conn:
+                    store.set_info("index_type", index_type)
+            index = cls(folder, store, spec, device, batch_size, readonly, int8)
+            index._made = made
+            if audio_model is not None:
+                index._choose_audio_model(audio_model, rebuild)
+            if not readonly:
+                with storage_errors(folder):
+                    index._repair()
+        except BaseException:
+            if index is None:
+                store.close()
+                if made is not None:
+                    made.remove()
+            else:
+                index._close_after_failure()
+            raise
         return index
 
     def _repair(self) -> None:
@@ -147,13 +164,31 @@ class Index:
     def __enter__(self) -> Index:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_after_failure()
+
+    def _close_after_failure(self) -> None:
+        """Close; and when `open` made this index and nothing has been indexed into it, remove
+        what it made, so that a first command that fails leaves no stub behind."""
+        stub = False
+        if self._made is not None:
+            try:
+                with self._write_lock():  # held by another writer: it is theirs now
+                    stub = self.store.is_empty()
+            except RetrievalError:
+                pass
         self.close()
+        if stub:
+            self._made.remove()
 
     @property
     def encoder(self) -> ClipEncoder:
         """The index's model, loaded on first use."""
         if self._encoder is None:
+            check_weights_available(self.spec)  # before torch is imported: refused in a blink
             from .encoders import load_encoder
 
             self._encoder = load_encoder(self.spec, self.device, self.batch_size, self.int8)
@@ -630,11 +665,36 @@ def _vector_term(vector: Sequence[float] | np.ndarray, modality: str, dim: int) 
     return QueryTerm(1.0, item=(modality, values))
 
 
-def _make_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise IndexFormatError(f"cannot create index folder {folder}: {error.strerror}") from None
+@dataclass(frozen=True)
+class MadeFolder:
+    """What opening a new index made: its folder and any parents, or, in a folder that was
+    there before, the entries it added; `remove` takes away exactly that."""
+
+    top: Path  # the outermost folder made, or the index folder if it was there before
+    before: frozenset[str] | None  # what a folder that was there before held
+
+    @classmethod
+    def make(cls, folder: Path) -> MadeFolder:
+        top = folder
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        try:
+            before = frozenset(os.listdir(folder)) if folder.is_dir() else None
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise IndexFormatError(f"cannot create index folder {folder}: {error.strerror}") from None
+        return cls(top if before is None else folder, before)
+
+    def remove(self) -> None:
+        if self.before is None:
+            shutil.rmtree(self.top, ignore_errors=True)
+            return
+        for entry in self.top.iterdir():
+            if entry.name not in self.before:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
 
 @contextmanager
