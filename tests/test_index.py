@@ -11,7 +11,7 @@ import time
 import faiss
 import numpy as np
 import pytest
-from conftest import write_image
+from conftest import run_cli_process, write_image
 
 from retrieval import Index
 from retrieval.errors import (
@@ -106,6 +106,16 @@ def test_unchanged_rebuild_encodes_nothing(tmp_path, photo_folder, tiny_model, m
     report = build(index_dir, [photo_folder], tiny_model)
     assert (report.new, report.changed, report.unchanged) == (0, 0, 9)
     assert_consistent(index_dir)
+
+
+def test_an_unchanged_reindex_imports_neither_torch_nor_open_clip(tmp_path, photo_folder, tiny_model):
+    """Finding nothing to encode takes a tenth of a second; importing torch would take seconds."""
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    result, imported = run_cli_process("index", "--index", index_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["unchanged"] == 9
+    assert not {"torch", "open_clip"} & imported
 
 
 def test_bare_rebuild_rescans_known_sources(tmp_path, photo_folder, tiny_model):
