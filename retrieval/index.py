@@ -51,6 +51,7 @@ INDEX_TYPES = ("auto", *KINDS)
 AUTO_TARGETS = {"text": ("image", "video", "audio", "text"), "image": ("text", "image", "video", "audio"),
                 "audio": ("audio", "video", "image", "text"), "video": ("video", "image", "text", "audio")}
 TIMED = ("audio", "video")  # modalities whose files hold several items, found per file
+CLIP_MODALITIES = ("image", "text", "video")  # always in the CLIP model's space (audio may not be)
 
 
 @dataclass
@@ -84,7 +85,10 @@ class Index:
         self.device = device
         self.batch_size = batch_size
         self.readonly = readonly
-        self.dim = int(store.get_info("dim", "0"))
+        # A build that stored vectors without recording their size (a Ray build of texts alone
+        # once did) is read by the size of the vectors; `_repair` records it.
+        self.dim = int(store.get_info("dim", "0")) or next(
+            (dim for m in CLIP_MODALITIES if (dim := store.stored_dim(m))), 0)
         self.int8 = int8
         self._encoder: ClipEncoder | None = None
         self._audio_encoder: AudioEncoder | None = None
@@ -130,7 +134,9 @@ class Index:
         index = None
         try:
             requested = ModelSpec.parse(model, pretrained) if model or pretrained else None
-            spec = _model_of(store, folder, requested, rebuild)
+            # A rebuild re-encodes everything (the way out of any inconsistent state), except
+            # one asked for with an audio model, which re-encodes the sounds only.
+            spec = _model_of(store, folder, requested, rebuild, start_over=rebuild and audio_model is None)
             if index_type and not readonly and store.get_info("index_type") is None:
                 with store.conn:
                     store.set_info("index_type", index_type)
@@ -152,7 +158,11 @@ class Index:
         return index
 
     def _repair(self) -> None:
-        """Rewrite a missing or damaged manifest, and rebuild FAISS files that disagree with SQLite."""
+        """Record a vector size left out, rewrite a missing or damaged manifest, and rebuild
+        FAISS files that disagree with SQLite."""
+        if self.dim and self.store.get_info("dim", "0") == "0":
+            with self.store.conn:
+                self.store.set_info("dim", str(self.dim))
         for modality in MODALITIES:
             if self.dim_of(modality):
                 self.vectors(modality)
@@ -739,9 +749,10 @@ def _open_store(folder: Path, readonly: bool) -> Store:
     return store
 
 
-def _model_of(store: Store, folder: Path, requested: ModelSpec | None, rebuild: bool
-              ) -> ModelSpec:
-    """The index's model; a new index records the requested (or default) one."""
+def _model_of(store: Store, folder: Path, requested: ModelSpec | None, rebuild: bool,
+              start_over: bool = False) -> ModelSpec:
+    """The index's model; a new index records the requested (or default) one. Another model
+    needs `rebuild`, and starts the index over; so does `start_over` with the same one."""
     name = store.get_info("model_name")
     if name is None:  # a new index (or one killed before its first commit)
         spec = requested or ModelSpec.parse()
@@ -751,15 +762,26 @@ def _model_of(store: Store, folder: Path, requested: ModelSpec | None, rebuild: 
         return spec
     recorded = ModelSpec(name, store.get_info("model_pretrained") or None)
     if requested is None or requested.identity == recorded.identity:
+        if start_over and not store.readonly:
+            _start_over(store, folder, recorded)
         return recorded
     if not rebuild and not store.is_empty():
         raise ModelMismatchError(
             f"index {folder} was built with model {recorded}, not {requested}; query without "
             "--model, or re-encode everything with --rebuild")
+    _start_over(store, folder, requested)
+    return requested
+
+
+def _start_over(store: Store, folder: Path, spec: ModelSpec) -> None:
+    """Forget every file and vector, to encode them all again with `spec`, and the embedding
+    shards of an unfinished Ray build."""
+    from .distributed import SHARDS_FOLDER
+
     with store.conn:
         store.clear()
-        _record_model(store, requested)
-    return requested
+        _record_model(store, spec)
+    shutil.rmtree(folder / SHARDS_FOLDER, ignore_errors=True)
 
 
 def _record_model(store: Store, spec: ModelSpec) -> None:

@@ -118,6 +118,34 @@ def test_an_unchanged_reindex_imports_neither_torch_nor_open_clip(tmp_path, phot
     assert not {"torch", "open_clip"} & imported
 
 
+def test_an_index_left_without_its_vector_size_searches_and_rebuilds(tmp_path, photo_folder,
+                                                                       tiny_model):
+    """What a Ray build of texts alone once left: vectors stored, vector size 0, no FAISS files.
+    Searches, re-indexes and --rebuild then all ended in a traceback."""
+    from click.testing import CliRunner
+
+    from retrieval.cli import cli
+
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
+        conn.execute("UPDATE info SET value = '0' WHERE key = 'dim'")
+    for leftover in [index_dir / "manifest.json", *index_dir.glob("*.faiss")]:
+        leftover.unlink()
+    run = CliRunner().invoke
+    searched = run(cli, ["a red picture", "--index", str(index_dir), "--target", "text", "--json"])
+    assert searched.exit_code == 0, searched.output
+    assert len(json.loads(searched.stdout)) == 7  # every caption and text
+    reindexed = run(cli, ["index", "--index", str(index_dir), "--json"])
+    assert reindexed.exit_code == 0, reindexed.output
+    assert json.loads(reindexed.stdout)["unchanged"] == 9
+    assert_consistent(index_dir)
+    rebuilt = run(cli, ["index", "--index", str(index_dir), "--rebuild", "--json"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert json.loads(rebuilt.stdout)["new"] == 9  # everything encoded again
+    assert_consistent(index_dir)
+
+
 def test_bare_rebuild_rescans_known_sources(tmp_path, photo_folder, tiny_model):
     index_dir = tmp_path / "index"
     build(index_dir, [photo_folder], tiny_model)
