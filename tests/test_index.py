@@ -11,7 +11,7 @@ import time
 import faiss
 import numpy as np
 import pytest
-from conftest import run_cli_process, write_image
+from conftest import run_cli_process, write_image, write_shape_folder
 
 from retrieval import Index
 from retrieval.errors import (
@@ -116,6 +116,20 @@ def test_an_unchanged_reindex_imports_neither_torch_nor_open_clip(tmp_path, phot
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["unchanged"] == 9
     assert not {"torch", "open_clip"} & imported
+
+
+def test_ray_is_not_started_for_a_reindex_with_nothing_to_embed(tmp_path, tiny_model, monkeypatch):
+    """Starting Ray takes seconds (20-55 s on a busy 2-core machine) for nothing to do."""
+    corpus = write_shape_folder(tmp_path / "shapes", seed=3, per_class=1)
+    build(tmp_path / "index", [corpus], tiny_model)
+
+    def refuse(address):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("retrieval.distributed.connect", refuse)
+    with Index.open(tmp_path / "index") as index:
+        report = index.add(corpus, engine="ray")
+    assert (report.unchanged, report.new, report.skipped) == (10, 0, [])
 
 
 def test_an_index_left_without_its_vector_size_searches_and_rebuilds(tmp_path, photo_folder,
