@@ -775,9 +775,10 @@ def _model_of(store: Store, folder: Path, requested: ModelSpec | None, rebuild: 
 
 def _start_over(store: Store, folder: Path, spec: ModelSpec) -> None:
     """Forget every file and vector, to encode them all again with `spec`, and the embedding
-    shards of an unfinished Ray build."""
+    shards of an unfinished Ray build; but not for a model whose weights cannot be had."""
     from .distributed import SHARDS_FOLDER
 
+    check_weights_available(spec)
     with store.conn:
         store.clear()
         _record_model(store, spec)

@@ -18,9 +18,11 @@ from retrieval.errors import (
     IndexFormatError,
     IndexLockedError,
     IndexNotFoundError,
+    ModelLoadError,
     ModelMismatchError,
     UsageError,
 )
+from retrieval.models import ModelSpec
 from retrieval.vectors import VectorIndex
 
 
@@ -158,6 +160,16 @@ def test_an_index_left_without_its_vector_size_searches_and_rebuilds(tmp_path, p
     assert rebuilt.exit_code == 0, rebuilt.output
     assert json.loads(rebuilt.stdout)["new"] == 9  # everything encoded again
     assert_consistent(index_dir)
+
+
+def test_a_rebuild_with_a_model_that_cannot_be_had_keeps_the_index(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    with pytest.raises(ModelLoadError, match="could not load weights for model ViT-B-32"):
+        Index.open(index_dir, model="ViT-B-32", rebuild=True)  # offline: nothing cached
+    with Index.open(index_dir, readonly=True) as index:
+        assert (index.spec.name, index.count("image"), index.count("text")) == (
+            ModelSpec.parse(tiny_model).name, 6, 7)
 
 
 def test_bare_rebuild_rescans_known_sources(tmp_path, photo_folder, tiny_model):
