@@ -16,7 +16,7 @@ from open_clip.transformer import text_global_pool
 from PIL import Image
 
 from .errors import ModelLoadError, UsageError
-from .models import ModelSpec, check_weights_available, hub_cache_only, one_line
+from .models import ModelSpec, cannot_load_message, check_weights_available, hub_cache_only, one_line
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -143,7 +143,7 @@ def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32,
                 spec.name, pretrained=spec.pretrained, device=device)
             tokenizer = open_clip.get_tokenizer(spec.name)
     except Exception as error:  # open_clip and huggingface_hub raise many kinds for one cause
-        raise ModelLoadError(_explain_load_failure(spec, error)) from error
+        raise ModelLoadError(cannot_load_message(spec, one_line(error))) from error
     if int8:
         model.visual = _quantized(model.visual)
     return ClipEncoder(spec, model, preprocess, tokenizer, device, batch_size)
@@ -153,11 +153,3 @@ def _quantized(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's move to torchao is announced, not done
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def _explain_load_failure(spec: ModelSpec, error: Exception) -> str:
-    return (
-        f"could not load weights for model {spec.identity} ({one_line(error)}). Without internet, "
-        "supply weights yourself: download them on a connected machine into the Hugging Face "
-        "cache (~/.cache/huggingface), or pass --pretrained /path/to/checkpoint, or "
-        "--model local-dir:/folder with open_clip_config.json and weights")

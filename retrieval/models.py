@@ -93,7 +93,7 @@ def check_weights_available(spec: ModelSpec) -> bool:
     if spec.name.startswith(HF_HUB):
         return from_hub_cache(spec.name[len(HF_HUB):],
                               [("open_clip_config.json",), _weight_file_names(HF_WEIGHTS_NAME)],
-                              lambda cause: _cannot_load(spec, cause))
+                              lambda cause: cannot_load_message(spec, cause))
     models, pretrained = _open_clip_tables()
     if spec.name.replace("/", "-") not in models:
         raise ModelLoadError(
@@ -135,14 +135,14 @@ def _tag_available(spec: ModelSpec, config: dict) -> bool:
     if config.get("hf_hub"):
         repo, filename = os.path.split(config["hf_hub"])  # `org/name/`: the default file
         return from_hub_cache(repo, [_weight_file_names(filename or HF_WEIGHTS_NAME)],
-                              lambda cause: _cannot_load(spec, cause))
+                              lambda cause: cannot_load_message(spec, cause))
     url = config.get("url", "")
     if (OPEN_CLIP_CACHE.expanduser() / os.path.basename(url)).is_file():
         return True
     host = urllib.parse.urlsplit(url).hostname or url
     unreachable = _unreachable(host, 443)
     if unreachable:
-        raise ModelLoadError(_cannot_load(spec, f"not in {OPEN_CLIP_CACHE}, and {unreachable}"))
+        raise ModelLoadError(cannot_load_message(spec, f"not in {OPEN_CLIP_CACHE}, and {unreachable}"))
     return False
 
 
@@ -155,7 +155,8 @@ def _weight_file_names(filename: str) -> tuple[str, ...]:
     return (filename,)
 
 
-def _cannot_load(spec: ModelSpec, cause: str) -> str:
+def cannot_load_message(spec: ModelSpec, cause: str) -> str:
+    """Why `spec`'s weights could not be loaded, and how to supply them, in one line."""
     return (f"could not load weights for model {spec.identity} ({cause}). Without internet, "
             "supply weights yourself: download them on a connected machine into the Hugging Face "
             "cache (~/.cache/huggingface), or pass --pretrained /path/to/checkpoint, or "

@@ -130,6 +130,18 @@ def test_cached_hub_weights_load_without_asking_the_network(tiny_model, tmp_path
     assert no_network == []
 
 
+def test_a_load_failure_quotes_its_whole_cause_on_one_line(tiny_model, monkeypatch):
+    cause = "open_clip explains at length what went wrong, " * 6 + "\nand goes on over a second line"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(cause)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", fail)
+    with pytest.raises(ModelLoadError) as raised:
+        load_encoder(ModelSpec.parse(tiny_model), "cpu")
+    assert " ".join(cause.split()) in str(raised.value) and "\n" not in str(raised.value)
+
+
 def test_the_weight_check_reads_open_clip_tables_as_open_clip_does():
     """The check reads open_clip's tables without importing torch; they must be open_clip's own."""
     from retrieval import models
