@@ -271,16 +271,21 @@ class Builder:
         return self.report
 
     def _embed_on_ray(self, pending: list[SourceFile]) -> None:
-        """Embed the images and new texts of `pending` files as Ray Data jobs writing shards."""
+        """Embed the images and new texts of `pending` files as Ray Data jobs writing shards;
+        Ray is joined (or started, which takes seconds) only when the shards lack some."""
         from .distributed import SHARDS_FOLDER, Shards, connect, embed_images, embed_texts
 
-        connect(self.options.address)
         shards = Shards(self.index.path / SHARDS_FOLDER)
-        embed_images(self.index, [s for s in pending if s.kind == "image"], shards,
-                     self.options.max_megapixels, self.options.progress)
-        texts = self._unembedded_texts([s for s in pending if s.kind in ("text", "captions")])
-        embed_texts(self.index, texts, shards, self.options.progress)
+        images = shards.images_to_embed(pending)
+        texts = shards.texts_to_embed(
+            self._unembedded_texts([s for s in pending if s.kind in ("text", "captions")]))
+        if images or texts:
+            connect(self.options.address)
+            embed_images(self.index, images, shards, self.options.max_megapixels, self.options.progress)
+            embed_texts(self.index, texts, shards, self.options.progress)
         self.shards = Shards(shards.folder)
+        if self.shards.dim:  # the driver may never load the model (texts alone): record it here
+            self.index._record_dim(self.shards.dim)
 
     def _unembedded_texts(self, sources: list[SourceFile]) -> dict[str, str]:
         """The texts these files hold that no stored item has a vector for, by text hash.
@@ -773,7 +778,7 @@ class Builder:
             return None
         from .distributed import ray_runner
 
-        return ray_runner()
+        return ray_runner(self.options.address)
 
     def _needs_rebuild(self, vectors: VectorIndex | None, changes: dict, modality: str) -> bool:
         """Stale, of another size or kind than the index should now have, or unable to remove."""

@@ -1,23 +1,25 @@
 """LAION-CLAP audio encoders through Hugging Face transformers' ClapModel and ClapProcessor.
 
 transformers is an optional extra (`pip install 'retrieval[clap]'`), imported only when a CLAP
-model is loaded. CLAP embeds audio and text into its own shared space, not CLIP's. As in
-encoders.py, every vector leaving this module is float32 and L2-normalised.
+model is loaded, as torch is: a model that cannot be had is refused before either is imported.
+CLAP embeds audio and text into its own shared space, not CLIP's. As in encoders.py, every
+vector leaving this module is float32 and L2-normalised.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .encoders import resolve_device
 from .errors import ModelLoadError, UsageError
-from .models import CLAP_PREFIX
+from .models import CLAP_PREFIX, from_hub_cache, hub_cache_only, one_line
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CLAP = "laion/clap-htsat-unfused"  # the name error messages offer as an example
 # What the `laion_clap` package saves; transformers cannot read it without conversion.
@@ -25,7 +27,9 @@ _ORIGINAL_CHECKPOINT_SUFFIXES = (".pt", ".ckpt")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 # A Hugging Face repo id: `name` or `org/name`, neither part starting with '.' or '-'.
 _HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")
-_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+# What a hub model must have in the cache to load without the network (its processor files
+# come with them from the same download).
+_HUB_FILES = (("config.json",), ("model.safetensors", "pytorch_model.bin"))
 
 
 class ClapEncoder:
@@ -59,20 +63,24 @@ class ClapEncoder:
         """Embed texts, batch by batch; each is truncated to what the text tower's positions hold."""
         return self._in_batches(texts, self._encode_text_batch)
 
-    @torch.inference_mode()
     def _encode_audio_batch(self, waves: Sequence[np.ndarray]) -> np.ndarray:
+        import torch
+
         clips = [_mono(wave)[: self.max_samples] for wave in waves]
         inputs = self.processor(audio=clips, sampling_rate=self.sample_rate, return_tensors="pt")
         # When no clip is longer than the window, the extractor flags a random one as longer (a
         # training trick); fused models would then embed it differently depending on its batch.
         inputs["is_longer"] = torch.zeros_like(inputs["is_longer"])
-        return _normalised(self.model.get_audio_features(**inputs.to(self.device), return_dict=True))
+        with torch.inference_mode():
+            return _normalised(self.model.get_audio_features(**inputs.to(self.device), return_dict=True))
 
-    @torch.inference_mode()
     def _encode_text_batch(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
         inputs = self.processor(text=list(texts), padding=True, truncation=True,
                                 max_length=self.max_tokens, return_tensors="pt")
-        return _normalised(self.model.get_text_features(**inputs.to(self.device), return_dict=True))
+        with torch.inference_mode():
+            return _normalised(self.model.get_text_features(**inputs.to(self.device), return_dict=True))
 
     def _in_batches(self, items: Sequence, encode: Callable[[Sequence], np.ndarray]) -> np.ndarray:
         chunks = [encode(items[start:start + self.batch_size])
@@ -89,6 +97,8 @@ def _mono(wave: np.ndarray) -> np.ndarray:
 
 def _normalised(output) -> np.ndarray:
     """Unit float32 vectors from get_*_features: a tensor before transformers 5, an output after."""
+    import torch
+
     features = output if isinstance(output, torch.Tensor) else output.pooler_output
     features = torch.nn.functional.normalize(features.float(), dim=-1)
     return features.cpu().numpy().astype(np.float32, copy=False)
@@ -102,24 +112,29 @@ def load_clap(ref: str, device: str = "auto", batch_size: int = 16) -> ClapEncod
     """
     identity = clap_identity(ref)
     source = identity[len(CLAP_PREFIX):]
+    local = Path(source).is_absolute()
+    if local:
+        _check_local(Path(source), identity)
+    # Cached (or local): loaded without asking the hub anything, so no update check retries
+    # a network that is not there. Neither cached nor reachable: refused before any import.
+    cache_only = local or from_hub_cache(
+        source, _HUB_FILES, lambda cause: _explain_load_failure(identity, source, False, cause))
     try:
+        import torch
         from transformers import ClapModel, ClapProcessor
     except ImportError as error:
         raise ModelLoadError(
             f"CLAP model {identity} needs Hugging Face transformers; pip install 'retrieval[clap]'"
         ) from error
-    local = Path(source).is_absolute()
-    if local:
-        _check_local(Path(source), identity)
+    from .encoders import resolve_device
+
     device = resolve_device(device)
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import; asking again keeps an offline load
-    # from retrying a network that is not there when the variable was set later.
-    offline = _offline()
     try:
-        model = ClapModel.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
-        processor = ClapProcessor.from_pretrained(source, local_files_only=offline)
+        with hub_cache_only(cache_only):
+            model = ClapModel.from_pretrained(source, dtype=torch.float32, local_files_only=cache_only)
+            processor = ClapProcessor.from_pretrained(source, local_files_only=cache_only)
     except Exception as error:  # transformers and huggingface_hub raise many kinds for one cause
-        raise ModelLoadError(_explain_load_failure(identity, source, local, error)) from error
+        raise ModelLoadError(_explain_load_failure(identity, source, local, one_line(error))) from error
     return ClapEncoder(identity, model.to(device), processor, device, batch_size)
 
 
@@ -157,20 +172,14 @@ def _check_local(path: Path, identity: str) -> None:
             "weights into that folder, or save the model there with save_pretrained")
 
 
-def _offline() -> bool:
-    return any(os.environ.get(name, "").upper() in _TRUE_VALUES
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _explain_load_failure(identity: str, source: str, local: bool, error: Exception) -> str:
-    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+def _explain_load_failure(identity: str, source: str, local: bool, cause: str) -> str:
     if local:
         return (
-            f"could not load CLAP model {identity} ({cause[:200]}); the folder needs what "
+            f"could not load CLAP model {identity} ({cause}); the folder needs what "
             "ClapModel.save_pretrained and ClapProcessor.save_pretrained write: config.json, "
             "weights, processor and tokenizer files")
     return (
-        f"could not load CLAP model {identity} ({cause[:200]}). Without internet, supply it "
+        f"could not load CLAP model {identity} ({cause}). Without internet, supply it "
         f"yourself: download it on a connected machine with `hf download {source}` (older "
         f"huggingface_hub: `huggingface-cli download {source}`) into the Hugging Face cache "
         "(~/.cache/huggingface), or save it with save_pretrained and pass clap:/path/to/folder")

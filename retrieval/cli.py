@@ -224,7 +224,8 @@ def _print_hits(hits) -> None:
               "train-audio` trains.")
 @click.option("--index-type", type=click.Choice(INDEX_TYPES),
               help="FAISS index for a new index [default: auto, by size]; see `retrieve convert`.")
-@click.option("--rebuild", is_flag=True, help="Drop all vectors and re-encode with --model.")
+@click.option("--rebuild", is_flag=True, help="Drop all vectors and re-encode everything (with "
+              "--model, with that model; with --audio-model alone, the sounds only).")
 @device_option
 @batch_option
 @click.option("--int8", is_flag=True,

@@ -14,6 +14,10 @@ Ray Data retries failed tasks and restarts dead actors (by default, as often as 
 shard is named after the files it holds and written atomically, so a retried task rewrites the
 same shard, and a job that is stopped leaves complete shards only: the next run skips the files
 they hold. Shards are deleted once the build has committed their rows.
+
+Ray starts only when there is something to embed (it takes seconds), and what it prints itself
+(its C++ core's errors, its loggers' lines) is kept out of the terminal unless RETRIEVAL_RAY_LOGS
+is set; Ray keeps its own logs under its session folder (/tmp/ray/session_latest/logs).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
 SHARDS_FOLDER = "shards"
 RETRIES = 3  # for the tasks that fill an on-disk index's shards
 TEXT_BATCH = 256
+RAY_LOGS_VARIABLE = "RETRIEVAL_RAY_LOGS"  # set (to anything but 0) to see what Ray prints
 
 
 @dataclass(frozen=True)
@@ -75,10 +82,24 @@ class Shards:
         for columns in _read_shards(folder / "texts"):
             self.texts.update(zip(map(str, columns["key"]), columns["vector"]))
 
+    @property
+    def dim(self) -> int:
+        """The size of the vectors the shards hold; 0 when they hold none."""
+        vectors = (*self.texts.values(), *(row.vector for row in self.rows.values()))
+        return next((len(vector) for vector in vectors if vector is not None), 0)
+
     def row_for(self, source: SourceFile) -> ShardRow | None:
         """The shard row of a file, if it was made from the file as it is now."""
         row = self.rows.get(source.key)
         return row if row is not None and (row.size, row.mtime_ns) == (source.size, source.mtime_ns) else None
+
+    def images_to_embed(self, files: Sequence[SourceFile]) -> list[SourceFile]:
+        """The image files no shard holds as they are now."""
+        return [f for f in files if f.kind == "image" and self.row_for(f) is None]
+
+    def texts_to_embed(self, texts: dict[str, str]) -> dict[str, str]:
+        """The texts (by text hash) no shard holds."""
+        return {digest: text for digest, text in texts.items() if digest not in self.texts}
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -101,15 +122,50 @@ def connect(address: str | None) -> None:
     except ImportError:
         raise UsageError("--engine ray needs Ray: pip install 'retrieval[ray]'") from None
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours is shown instead
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.INFO if _ray_logs_wanted() else logging.ERROR)
     if ray.is_initialized():
         return
     try:
         _check_reachable(address)
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        with ray_output_hidden():
+            ray.init(address=address, include_dashboard=False, log_to_driver=_ray_logs_wanted(),
+                     logging_level=logging.INFO if _ray_logs_wanted() else logging.ERROR)
     except ConnectionError as error:
         raise UsageError(f"--address {address}: no Ray cluster there ({error}); start one with "
                          "`ray start --head`, or leave out --address for a local Ray") from None
+
+
+def _ray_logs_wanted() -> bool:
+    return os.environ.get(RAY_LOGS_VARIABLE, "0") not in ("", "0")
+
+
+@contextmanager
+def ray_output_hidden() -> Iterator[None]:
+    """Meanwhile, what is written to the standard error descriptor (Ray's C++ core writes its
+    errors there, and its loggers hold the stream they found at import) goes to /dev/null;
+    `sys.stderr`, where our progress bars and messages go, still reaches the terminal.
+    Nothing is hidden when RETRIEVAL_RAY_LOGS is set, or when sys.stderr is not that
+    descriptor (a notebook, a test capturing output)."""
+    try:
+        hiding = not _ray_logs_wanted() and sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # no descriptor behind sys.stderr
+        hiding = False
+    if not hiding:
+        yield
+        return
+    shown = sys.stderr
+    shown.flush()
+    terminal = os.dup(2)
+    sys.stderr = open(terminal, "w", buffering=1, encoding=shown.encoding, errors=shown.errors)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        sys.stderr.close()
+        sys.stderr = shown
 
 
 def _check_reachable(address: str | None) -> None:
@@ -126,7 +182,7 @@ def _check_reachable(address: str | None) -> None:
 def embed_images(index: Index, files: Sequence[SourceFile], shards: Shards,
                  max_megapixels: float, progress: bool) -> int:
     """Run the Ray Data job over image `files`, writing shards; returns how many it covered."""
-    todo = [f for f in files if shards.row_for(f) is None]
+    todo = shards.images_to_embed(files)
     if not todo:
         return 0
     encoder = index.encoder
@@ -142,7 +198,7 @@ def embed_images(index: Index, files: Sequence[SourceFile], shards: Shards,
 
 def embed_texts(index: Index, texts: dict[str, str], shards: Shards, progress: bool) -> int:
     """Run the Ray Data job over texts (by text hash) not in the shards yet; returns how many."""
-    todo = [{"key": digest, "text": text} for digest, text in texts.items() if digest not in shards.texts]
+    todo = [{"key": digest, "text": text} for digest, text in shards.texts_to_embed(texts).items()]
     if todo:
         _embed_and_write(index, _items(todo, TEXT_BATCH), TEXT_BATCH, shards.folder / "texts",
                          len(todo), "texts on Ray", progress)
@@ -171,7 +227,7 @@ def _embed_and_write(index: Index, dataset, batch: int, folder: Path, total: int
                                "batch_size": index.batch_size, "int8": index.int8,
                                "threads": max(1, cpus // actors)})
     dataset = dataset.map_batches(write_shard, batch_size=None, fn_kwargs={"folder": str(folder)})
-    with tqdm(total=total, desc=desc, disable=not progress) as bar:
+    with ray_output_hidden(), tqdm(total=total, desc=desc, disable=not progress) as bar:
         for written in dataset.iter_batches(batch_size=None):
             bar.update(int(written["written"].sum()))
 
@@ -234,11 +290,14 @@ def write_shard(batch: dict[str, np.ndarray], folder: str) -> dict[str, np.ndarr
     return {"written": np.array([len(batch["key"])])}
 
 
-def ray_runner() -> ShardRunner:
-    """Fill an on-disk index's shards as Ray tasks, retried when they fail."""
+def ray_runner(address: str | None = None) -> ShardRunner:
+    """Fill an on-disk index's shards as Ray tasks, retried when they fail, on the cluster at
+    `address` (joined, or started, only when there are shards to fill)."""
     def run(function: Callable[[ShardJob], str], jobs: Sequence[ShardJob]) -> list[str]:
         import ray
 
+        connect(address)
         remote = ray.remote(max_retries=RETRIES)(function)
-        return ray.get([remote.remote(job) for job in jobs])
+        with ray_output_hidden():
+            return ray.get([remote.remote(job) for job in jobs])
     return run

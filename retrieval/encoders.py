@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -17,7 +16,7 @@ from open_clip.transformer import text_global_pool
 from PIL import Image
 
 from .errors import ModelLoadError, UsageError
-from .models import HF_HUB, LOCAL_DIR, WEIGHT_SUFFIXES, ModelSpec, looks_like_path
+from .models import ModelSpec, cannot_load_message, check_weights_available, hub_cache_only, one_line
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -134,16 +133,17 @@ def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32,
     encoding, vectors within ~1e-3 cosine of fp32. Text stays in fp32: it is cheap, and the
     query side (the numpy tower) computes it in fp32 too.
     """
-    _check_weights_available(spec)
+    cached = check_weights_available(spec)
     device = resolve_device(device)
     if int8 and device != "cpu":
         raise UsageError(f"int8 encoding runs on the CPU only, not on {device}; drop --int8")
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.name, pretrained=spec.pretrained, device=device)
-        tokenizer = open_clip.get_tokenizer(spec.name)
+        with hub_cache_only(cached):  # no update checks, which retry for long without a network
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=spec.pretrained, device=device)
+            tokenizer = open_clip.get_tokenizer(spec.name)
     except Exception as error:  # open_clip and huggingface_hub raise many kinds for one cause
-        raise ModelLoadError(_explain_load_failure(spec, error)) from error
+        raise ModelLoadError(cannot_load_message(spec, one_line(error))) from error
     if int8:
         model.visual = _quantized(model.visual)
     return ClipEncoder(spec, model, preprocess, tokenizer, device, batch_size)
@@ -153,44 +153,3 @@ def _quantized(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's move to torchao is announced, not done
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def _check_weights_available(spec: ModelSpec) -> None:
-    """Catch what open_clip would only warn about (a weightless local dir gives a random model)."""
-    if spec.name.startswith(LOCAL_DIR):
-        folder = Path(spec.name[len(LOCAL_DIR):])
-        if not (folder / "open_clip_config.json").is_file():
-            raise ModelLoadError(
-                f"model {spec.name}: no open_clip_config.json in {folder}; point local-dir: at a "
-                "folder holding open_clip_config.json and its weights (e.g. a downloaded hf-hub repo)")
-        if not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
-            raise ModelLoadError(
-                f"model {spec.name}: no weights file (*.safetensors, *.bin, *.pth) in {folder}; "
-                "copy the model's weights into that folder")
-        return
-    if spec.name.startswith(HF_HUB):
-        return
-    if spec.name.replace("/", "-") not in open_clip.list_models():
-        raise ModelLoadError(
-            f"unknown model {spec.name!r}; use an open_clip name (see open_clip.list_models()), "
-            "local-dir:/path or hf-hub:org/repo")
-    if spec.pretrained and looks_like_path(spec.pretrained):
-        if not Path(spec.pretrained).is_file():
-            raise ModelLoadError(
-                f"model {spec.identity}: checkpoint file {spec.pretrained} not found; "
-                "pass --pretrained with an existing checkpoint file or a known tag")
-        return
-    if spec.pretrained and spec.pretrained not in open_clip.list_pretrained_tags_by_model(spec.name):
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none"
-        raise ModelLoadError(
-            f"model {spec.name}: unknown pretrained tag {spec.pretrained!r} (known tags: {tags}); "
-            "or pass a checkpoint file with --pretrained")
-
-
-def _explain_load_failure(spec: ModelSpec, error: Exception) -> str:
-    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return (
-        f"could not load weights for model {spec.identity} ({cause[:200]}). Without internet, "
-        "supply weights yourself: download them on a connected machine into the Hugging Face "
-        "cache (~/.cache/huggingface), or pass --pretrained /path/to/checkpoint, or "
-        "--model local-dir:/folder with open_clip_config.json and weights")

@@ -23,10 +23,11 @@ from .errors import (
     IndexWriteError,
     ModelLoadError,
     ModelMismatchError,
+    RetrievalError,
     UsageError,
 )
 from .manifest import FORMAT_VERSION, Manifest, VectorFileState
-from .models import CLAP_PREFIX, ModelSpec
+from .models import CLAP_PREFIX, ModelSpec, check_weights_available
 from .ondisk import DISK_KINDS, OnDiskIndex, ShardRunner, build_on_disk
 from .pipeline import default_workers
 from .query import QueryTerm
@@ -50,6 +51,7 @@ INDEX_TYPES = ("auto", *KINDS)
 AUTO_TARGETS = {"text": ("image", "video", "audio", "text"), "image": ("text", "image", "video", "audio"),
                 "audio": ("audio", "video", "image", "text"), "video": ("video", "image", "text", "audio")}
 TIMED = ("audio", "video")  # modalities whose files hold several items, found per file
+CLIP_MODALITIES = ("image", "text", "video")  # always in the CLIP model's space (audio may not be)
 
 
 @dataclass
@@ -83,12 +85,16 @@ class Index:
         self.device = device
         self.batch_size = batch_size
         self.readonly = readonly
-        self.dim = int(store.get_info("dim", "0"))
+        # A build that stored vectors without recording their size (a Ray build of texts alone
+        # once did) is read by the size of the vectors; `_repair` records it.
+        self.dim = int(store.get_info("dim", "0")) or next(
+            (dim for m in CLIP_MODALITIES if (dim := store.stored_dim(m))), 0)
         self.int8 = int8
         self._encoder: ClipEncoder | None = None
         self._audio_encoder: AudioEncoder | None = None
         self._text_tower: NumpyTextEncoder | None = None
         self._vectors: dict[str, tuple[VectorIndex, int]] = {}  # modality -> (index, generation)
+        self._made: MadeFolder | None = None  # set by `open` when it made the index here
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -117,25 +123,46 @@ class Index:
         if not exists and not create:
             raise IndexNotFoundError(
                 f"no index at {folder}; build one with: retrieve index SOURCE... --index {path}")
-        if not exists:
-            _make_folder(folder)
+        made = None if exists else MadeFolder.make(folder)
         readonly = readonly and exists
-        store = _open_store(folder, readonly)
-        requested = ModelSpec.parse(model, pretrained) if model or pretrained else None
-        spec = _model_of(store, folder, requested, rebuild)
-        if index_type and not readonly and store.get_info("index_type") is None:
-            with store.conn:
-                store.set_info("index_type", index_type)
-        index = cls(folder, store, spec, device, batch_size, readonly, int8)
-        if audio_model is not None:
-            index._choose_audio_model(audio_model, rebuild)
-        if not readonly:
-            with storage_errors(folder):
-                index._repair()
+        try:
+            store = _open_store(folder, readonly)
+        except BaseException:
+            if made is not None:
+                made.remove()
+            raise
+        index = None
+        try:
+            requested = ModelSpec.parse(model, pretrained) if model or pretrained else None
+            # A rebuild re-encodes everything (the way out of any inconsistent state), except
+            # one asked for with an audio model, which re-encodes the sounds only.
+            spec = _model_of(store, folder, requested, rebuild, start_over=rebuild and audio_model is None)
+            if index_type and not readonly and store.get_info("index_type") is None:
+                with store.conn:
+                    store.set_info("index_type", index_type)
+            index = cls(folder, store, spec, device, batch_size, readonly, int8)
+            index._made = made
+            if audio_model is not None:
+                index._choose_audio_model(audio_model, rebuild)
+            if not readonly:
+                with storage_errors(folder):
+                    index._repair()
+        except BaseException:
+            if index is None:
+                store.close()
+                if made is not None:
+                    made.remove()
+            else:
+                index._close_after_failure()
+            raise
         return index
 
     def _repair(self) -> None:
-        """Rewrite a missing or damaged manifest, and rebuild FAISS files that disagree with SQLite."""
+        """Record a vector size left out, rewrite a missing or damaged manifest, and rebuild
+        FAISS files that disagree with SQLite."""
+        if self.dim and self.store.get_info("dim", "0") == "0":
+            with self.store.conn:
+                self.store.set_info("dim", str(self.dim))
         for modality in MODALITIES:
             if self.dim_of(modality):
                 self.vectors(modality)
@@ -147,13 +174,31 @@ class Index:
     def __enter__(self) -> Index:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_after_failure()
+
+    def _close_after_failure(self) -> None:
+        """Close; and when `open` made this index and nothing has been indexed into it, remove
+        what it made, so that a first command that fails leaves no stub behind."""
+        stub = False
+        if self._made is not None:
+            try:
+                with self._write_lock():  # held by another writer: it is theirs now
+                    stub = self.store.is_empty()
+            except RetrievalError:
+                pass
         self.close()
+        if stub:
+            self._made.remove()
 
     @property
     def encoder(self) -> ClipEncoder:
         """The index's model, loaded on first use."""
         if self._encoder is None:
+            check_weights_available(self.spec)  # before torch is imported: refused in a blink
             from .encoders import load_encoder
 
             self._encoder = load_encoder(self.spec, self.device, self.batch_size, self.int8)
@@ -639,11 +684,36 @@ def _vector_term(vector: Sequence[float] | np.ndarray, modality: str, dim: int) 
     return QueryTerm(1.0, item=(modality, values))
 
 
-def _make_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise IndexFormatError(f"cannot create index folder {folder}: {error.strerror}") from None
+@dataclass(frozen=True)
+class MadeFolder:
+    """What opening a new index made: its folder and any parents, or, in a folder that was
+    there before, the entries it added; `remove` takes away exactly that."""
+
+    top: Path  # the outermost folder made, or the index folder if it was there before
+    before: frozenset[str] | None  # what a folder that was there before held
+
+    @classmethod
+    def make(cls, folder: Path) -> MadeFolder:
+        top = folder
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        try:
+            before = frozenset(os.listdir(folder)) if folder.is_dir() else None
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise IndexFormatError(f"cannot create index folder {folder}: {error.strerror}") from None
+        return cls(top if before is None else folder, before)
+
+    def remove(self) -> None:
+        if self.before is None:
+            shutil.rmtree(self.top, ignore_errors=True)
+            return
+        for entry in self.top.iterdir():
+            if entry.name not in self.before:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -688,9 +758,10 @@ def _open_store(folder: Path, readonly: bool) -> Store:
     return store
 
 
-def _model_of(store: Store, folder: Path, requested: ModelSpec | None, rebuild: bool
-              ) -> ModelSpec:
-    """The index's model; a new index records the requested (or default) one."""
+def _model_of(store: Store, folder: Path, requested: ModelSpec | None, rebuild: bool,
+              start_over: bool = False) -> ModelSpec:
+    """The index's model; a new index records the requested (or default) one. Another model
+    needs `rebuild`, and starts the index over; so does `start_over` with the same one."""
     name = store.get_info("model_name")
     if name is None:  # a new index (or one killed before its first commit)
         spec = requested or ModelSpec.parse()
@@ -700,15 +771,27 @@ def _model_of(store: Store, folder: Path, requested: ModelSpec | None, rebuild: 
         return spec
     recorded = ModelSpec(name, store.get_info("model_pretrained") or None)
     if requested is None or requested.identity == recorded.identity:
+        if start_over and not store.readonly:
+            _start_over(store, folder, recorded)
         return recorded
     if not rebuild and not store.is_empty():
         raise ModelMismatchError(
             f"index {folder} was built with model {recorded}, not {requested}; query without "
             "--model, or re-encode everything with --rebuild")
+    _start_over(store, folder, requested)
+    return requested
+
+
+def _start_over(store: Store, folder: Path, spec: ModelSpec) -> None:
+    """Forget every file and vector, to encode them all again with `spec`, and the embedding
+    shards of an unfinished Ray build; but not for a model whose weights cannot be had."""
+    from .distributed import SHARDS_FOLDER
+
+    check_weights_available(spec)
     with store.conn:
         store.clear()
-        _record_model(store, requested)
-    return requested
+        _record_model(store, spec)
+    shutil.rmtree(folder / SHARDS_FOLDER, ignore_errors=True)
 
 
 def _record_model(store: Store, spec: ModelSpec) -> None:

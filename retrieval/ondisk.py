@@ -111,6 +111,20 @@ def build_on_disk(source: VectorSource, folder: Path, kind: str, workers: int = 
     building = folder.with_name(folder.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
+    try:
+        _assemble(source, building, kind, workers, runner, trained, lists, log)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    building.rename(folder)
+    return OnDiskIndex.load(folder)
+
+
+def _assemble(source: VectorSource, building: Path, kind: str, workers: int,
+              runner: ShardRunner | None, trained: faiss.Index | None, lists: int | None,
+              log: Callable[[str], None]) -> None:
+    """Train (unless given `trained`), fill the shards and merge their lists, in `building`."""
     ids = source.ids()
     np.save(building / IDS_FILE, ids)
     chunks = _chunks(ids)
@@ -130,9 +144,6 @@ def build_on_disk(source: VectorSource, folder: Path, kind: str, workers: int = 
     faiss.write_index(merged, str(building / INDEX_FILE))
     for leftover in [*shards, str(building / TRAINED_FILE)]:
         Path(leftover).unlink()
-    shutil.rmtree(folder, ignore_errors=True)
-    building.rename(folder)
-    return OnDiskIndex.load(folder)
 
 
 @contextmanager

@@ -337,6 +337,13 @@ class Store:
         return self.conn.execute(
             "SELECT count(*) FROM items WHERE modality = ?", [modality]).fetchone()[0]
 
+    def stored_dim(self, modality: str) -> int:
+        """The length of a modality's stored vectors; 0 when it has none."""
+        row = self.conn.execute(
+            "SELECT length(vectors.vector) FROM items JOIN vectors ON vectors.item_id = items.id "
+            "WHERE items.modality = ? LIMIT 1", [modality]).fetchone()
+        return row[0] // np.dtype(np.float32).itemsize if row else 0
+
     def all_vectors(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of every item of a modality, in id order."""
         batches = list(self.iter_vectors(modality))

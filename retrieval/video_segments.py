@@ -21,11 +21,14 @@ import numpy as np
 from .audio import MIN_AUDIO_SECONDS, SILENCE_PEAK
 from .errors import ModelLoadError, UsageError
 from .files import replacing
-from .fusion import FusionTrainingOptions, TemporalEncoder, early_fuse, pool_frames, train_temporal
 from .video import DEFAULT_MAX_VIDEO_SECONDS, VideoDecodeError, VideoSegment, read_video, split_segments
 
 if TYPE_CHECKING:
+    from .fusion import FusionTrainingOptions, TemporalEncoder
     from .index import Index
+
+# .fusion imports torch, so it is imported where it is used: a build with no video to encode
+# (a re-index with nothing to do) must not pay for torch.
 
 
 # What an index records of how it samples videos (`Index.configure`), and the defaults.
@@ -44,6 +47,8 @@ def decode_segments(index: Index, source: str | BinaryIO, max_seconds: float) ->
 
 def segment_vectors(index: Index, segments: list[VideoSegment]) -> np.ndarray:
     """One unit vector per segment, in the CLIP space."""
+    from .fusion import early_fuse
+
     frames = [frame.image for segment in segments for frame in segment.frames]
     pictures = iter(index.encoder.encode_images(frames))
     sequences = [np.stack([next(pictures) for _ in segment.frames]) for segment in segments]
@@ -73,6 +78,8 @@ def _sound_vectors(index: Index, segments: list[VideoSegment]) -> dict[int, np.n
 
 def _pooled(index: Index, sequences: list[np.ndarray]) -> list[np.ndarray]:
     """Each segment's frame vectors as one: mean or max pooling, or the trained temporal encoder."""
+    from .fusion import pool_frames
+
     pooling = index.video_setting("temporal")
     if ":" not in pooling:
         return [pool_frames(sequence, pooling) for sequence in sequences]
@@ -86,6 +93,8 @@ _ENCODERS: dict[tuple[Path, str], TemporalEncoder] = {}
 
 def _temporal_encoder(folder: Path, identity: str) -> TemporalEncoder:
     from safetensors import safe_open
+
+    from .fusion import TemporalEncoder
 
     key = (folder, identity)
     if key not in _ENCODERS:
@@ -139,6 +148,8 @@ def train_temporal_encoder(index: Index, pairs: str | Path, kind: str = "bilstm"
     """Train a temporal encoder on every segment of captioned videos (each segment towards its
     video's caption vector) and save it in the index folder; returns (identity, report)."""
     from safetensors.torch import save
+
+    from .fusion import train_temporal
 
     sequences, captions = [], []
     for video, caption in read_video_pairs(pairs):

@@ -18,6 +18,10 @@ Sections (pick with --only / --skip):
           build time, RAM and disk per vector, query latency and recall@10; metadata lookups
           in SQLite against a columnar Arrow file at the same row count
   ray     (only with --only ray) a whole build on a local Ray beside the same build run locally
+  noop    an unchanged re-index as a whole process (`python -m retrieval.cli index`), beside
+          rclip's re-run over the same unchanged folder when rclip is installed (--rclip)
+  breakeven (only with --only breakeven) whole `retrieve index` processes over the first N
+          images on the local engine and on Ray: the corpus size from which Ray pays off
 
 The default model is ViT-B-32 with seeded random weights written as a `local-dir:` model
 (speed does not depend on weight values, and nothing is downloaded).
@@ -33,6 +37,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -69,7 +74,11 @@ from retrieval.vectors import MEMORY_KINDS, SearchKnobs, VectorIndex
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k-test"
-SECTIONS = ("images", "text", "ann", "cli", "int8", "audio", "serve", "video", "scale", "ray")
+SECTIONS = ("images", "text", "ann", "cli", "int8", "audio", "serve", "video", "noop", "scale", "ray",
+            "breakeven")
+OPT_IN_SECTIONS = ("scale", "ray", "breakeven")  # run only when named in --only
+RCLIP_GRAPH = "ViT-B-32-256"  # the open_clip graph rclip 3.x runs, as ONNX
+RCLIP_MODEL_DIR = "ViT-B-32-256-datacomp_s34b_b86k"  # where in its data folder rclip looks for it
 QUERY = "a dog in the park"
 TEXT_BATCH = 256  # batch throughput is also measured at this batch, beside --batch-size
 K = 10
@@ -141,10 +150,11 @@ sys.exit(code)
 """
 
 
-def run_measured(command: Sequence[str]) -> tuple[float, str, int]:
+def run_measured(command: Sequence[str], cwd: Path | None = None, env: dict[str, str] | None = None
+                 ) -> tuple[float, str, int]:
     """Run a command to its end: (wall seconds, stdout, peak RSS in bytes of that process)."""
     result = subprocess.run([sys.executable, "-c", MEASURE_CHILD, *command],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, cwd=cwd, env=env)
     *errors, measured = result.stderr.splitlines()
     if result.returncode:
         raise RuntimeError(f"{shlex.join(command)} exited {result.returncode}: "
@@ -1205,6 +1215,155 @@ def section_ray(corpus: Corpus, spec: ModelSpec, args: argparse.Namespace, workd
         f"vector of the two builds: {difference:.1e}."])
 
 
+# -- k. no-op re-index against rclip --------------------------------------------------------
+
+
+def section_noop(corpus: Corpus, spec: ModelSpec, args: argparse.Namespace, workdir: Path
+                 ) -> tuple[dict, str]:
+    """`python -m retrieval.cli index --index I` with nothing to do, as a whole process, beside
+    rclip's re-run over the same unchanged folder (which checks the folder the same way, by
+    size and mtime, and then answers a text query: rclip cannot be run without one)."""
+    index = workdir / "index-noop"
+    log(f"noop: building an index of {corpus.origin}")
+    with open_index(index, spec, args) as writer:
+        writer.add(corpus.folder)
+    command = [sys.executable, "-m", "retrieval.cli", "index", "--index", str(index), "--quiet", "--json"]
+    log(f"noop: {args.noop_runs} unchanged re-index processes")
+    ours = [run_measured(command) for _ in range(args.noop_runs)]
+    files = json.loads(ours[0][1])["unchanged"]
+    data = {"files": files, "retrieval": _run_figures(ours), "rclip": measure_rclip(corpus, args, workdir)}
+    rows = [("retrieval: `python -m retrieval.cli index --index I` (bare: the folders indexed before)",
+             *_run_cells(data["retrieval"]))]
+    rclip = data["rclip"]
+    if "runs" in rclip:
+        rows.append((f"rclip {rclip['version']}: `rclip -f \"{QUERY}\"` in the folder (first run, "
+                     f"which indexed it: {rclip['first_run_s']:.1f} s)", *_run_cells(rclip)))
+        ratio = f"rclip's median over ours: **{rclip['median_s'] / data['retrieval']['median_s']:.1f}x**."
+    else:
+        ratio = f"rclip was not measured: {rclip['not_measured']}."
+    return data, "\n".join([
+        f"{files:,} files unchanged ({corpus.origin}); each figure is a whole new process, "
+        "interpreter start and imports included.", "",
+        table(("no-op re-run", "median s", "min s", "peak RSS"), rows), "", ratio])
+
+
+def _run_figures(runs: list[tuple[float, str, int]]) -> dict:
+    walls = [wall for wall, _, _ in runs]
+    return {"runs": walls, "median_s": statistics.median(walls), "min_s": min(walls),
+            "peak_rss_bytes": max(rss for _, _, rss in runs)}
+
+
+def _run_cells(figures: dict) -> tuple[str, str, str]:
+    return (f"{figures['median_s']:.2f}", f"{figures['min_s']:.2f}",
+            f"{figures['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+def measure_rclip(corpus: Corpus, args: argparse.Namespace, workdir: Path) -> dict:
+    """rclip's first run over the corpus folder (it indexes it), then its no-op re-runs; or why
+    it could not be run.
+
+    rclip downloads its ONNX models from the Hugging Face Hub on its first run: offline it
+    cannot run unless they lie in its data folder already (--rclip-datadir). Where they do not,
+    they are exported there from the ViT-B-32-256 graph with random weights (speed does not
+    depend on them), which needs the `onnx` package here or in rclip's own environment.
+    """
+    rclip = args.rclip or shutil.which("rclip")
+    if rclip is None:
+        return {"not_measured": "no rclip executable (pass --rclip, e.g. a separate venv's bin/rclip)"}
+    datadir = (args.rclip_datadir or workdir / "rclip-data").absolute()
+    missing = prepare_rclip_models(Path(rclip), datadir)
+    if missing:
+        return {"not_measured": missing}
+    version = subprocess.run([rclip, "--version"], capture_output=True, text=True).stdout.split()
+    env = {**os.environ, "RCLIP_DATADIR": str(datadir), "HF_HUB_OFFLINE": "1"}
+    command = [rclip, "-f", QUERY]
+    log("noop: rclip's first run (it indexes the folder)")
+    first_s, _, _ = run_measured(command, cwd=corpus.folder, env=env)
+    log(f"noop: {args.noop_runs} rclip re-runs")
+    runs = [run_measured(command, cwd=corpus.folder, env=env) for _ in range(args.noop_runs)]
+    return {"version": version[-1] if version else "?", "first_run_s": first_s, **_run_figures(runs)}
+
+
+def prepare_rclip_models(rclip: Path, datadir: Path) -> str | None:
+    """Put rclip's models (ONNX graphs and tokenizer vocabulary) into `datadir`, where rclip
+    looks for them; None when they are there, else why they cannot be."""
+    models = datadir / RCLIP_MODEL_DIR
+    vocab = datadir / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
+    if (models / "visual.onnx").is_file() and (models / "textual.onnx").is_file() and vocab.is_file():
+        return None
+    try:
+        import onnx  # noqa: F401  # what torch.onnx.export writes with
+    except ImportError:
+        found = subprocess.run([str(rclip.parent / "python"), "-c", "import onnx, os; "
+                                "print(os.path.dirname(os.path.dirname(onnx.__file__)))"],
+                               capture_output=True, text=True)
+        if found.returncode:
+            return (f"its models are not in {datadir} (rclip downloads them from the Hugging Face Hub "
+                    "on its first run; offline it cannot run), and exporting them needs the onnx "
+                    "package, found neither here nor beside rclip")
+        sys.path.append(found.stdout.strip())  # appended: this environment's packages come first
+    log(f"noop: exporting rclip's {RCLIP_GRAPH} graph (random weights) as ONNX into {datadir}")
+    model = open_clip.create_model(RCLIP_GRAPH).eval()
+    models.mkdir(parents=True, exist_ok=True)
+    towers = {"visual.onnx": ("encode_image", torch.zeros(1, 3, 256, 256)),
+              "textual.onnx": ("encode_text", torch.zeros(1, 77, dtype=torch.long))}
+    for name, (encode, example) in towers.items():
+        # With gradients on, attention is traced op by op: its fused kernel has no ONNX form.
+        torch.onnx.export(_Tower(model, encode), (example,), str(models / name),
+                          input_names=["input"], output_names=["output"], dynamo=False,
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    vocab.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(open_clip.__file__).parent / vocab.name, vocab)
+    return None
+
+
+class _Tower(torch.nn.Module):
+    """One of a CLIP model's encoders (`encode_image`, `encode_text`) as a module of its own,
+    for the ONNX export."""
+
+    def __init__(self, model: torch.nn.Module, encode: str) -> None:
+        super().__init__()
+        self.model, self.encode = model, encode
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.encode)(inputs)
+
+
+# -- l. Ray's break-even ------------------------------------------------------------------------
+
+
+def section_breakeven(corpus: Corpus, spec: ModelSpec, args: argparse.Namespace, workdir: Path
+                      ) -> tuple[dict, str]:
+    """Whole `python -m retrieval.cli index` processes over the first N images of the corpus
+    (with their captions), on the local engine and on a Ray started by the process: from what
+    corpus size Ray's start-up and overhead are paid back on this machine, if at all."""
+    sizes = [size for size in args.ray_sizes if size <= len(corpus.images)] or [len(corpus.images)]
+    runs = []
+    for size in sizes:
+        view = limited_view(corpus.folder, size, workdir / f"breakeven-{size}")
+        for engine in ("local", "ray"):
+            log(f"breakeven: {size} images on {engine}")
+            wall, output, rss = run_measured(
+                [sys.executable, "-m", "retrieval.cli", "index", str(view),
+                 "--index", str(workdir / f"index-breakeven-{engine}-{size}"), *model_args(spec),
+                 "--engine", engine, "--device", args.device, "--batch-size", str(args.batch_size),
+                 "--quiet", "--json"])
+            report = json.loads(output)
+            runs.append({"images": size, "engine": engine, "wall_s": wall, "peak_rss_bytes": rss,
+                         "images_encoded": report["images_encoded"], "texts_encoded": report["texts_encoded"]})
+    walls = {(run["images"], run["engine"]): run["wall_s"] for run in runs}
+    even = next((size for size in sizes if walls[size, "ray"] <= walls[size, "local"]), None)
+    data = {"runs": runs, "break_even_images": even}
+    rows = [(f"{size:,}", f"{walls[size, 'local']:.1f}", f"{walls[size, 'ray']:.1f}",
+             f"{walls[size, 'ray'] / walls[size, 'local']:.2f}") for size in sizes]
+    verdict = (f"Ray is as fast as the local engine from **{even:,} images** on."
+               if even else f"Ray is slower at every size measured (up to {sizes[-1]:,} images).")
+    return data, "\n".join([
+        f"`python -m retrieval.cli index FIRST_N_IMAGES --engine local|ray` over {corpus.origin}, "
+        "each a whole new process (Ray started by it, one embedding actor per two cores, no GPU).", "",
+        table(("images", "local s", "ray s", "ray / local"), rows), "", verdict])
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1256,7 +1415,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="metadata rows in the scale section's lookups [default: 10M]")
     parser.add_argument("--scale-dir", type=Path,
                         help="where the scale section builds (needs ~25 GB at 10M) [default: a temp folder]")
-    parser.add_argument("--only", default=",".join(s for s in SECTIONS if s not in ("scale", "ray")),
+    parser.add_argument("--noop-runs", type=int, default=5,
+                        help="no-op re-index processes timed, ours and rclip's [default: 5]")
+    parser.add_argument("--rclip", help="the rclip executable to compare with (e.g. installed in a "
+                        "venv of its own) [default: rclip on PATH, else not measured]")
+    parser.add_argument("--rclip-datadir", type=Path, help="RCLIP_DATADIR holding rclip's models; "
+                        "they are exported there (random weights) if missing [default: a temp folder]")
+    parser.add_argument("--ray-sizes", default="50,100,200,500,1000",
+                        help="corpus sizes (images) of the breakeven section, comma-separated")
+    parser.add_argument("--only", default=",".join(s for s in SECTIONS if s not in OPT_IN_SECTIONS),
                         help=f"sections to run, comma-separated: {','.join(SECTIONS)}")
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated")
     parser.add_argument("--quick", action="store_true",
@@ -1271,6 +1438,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.scale:
         args.only = "scale"
     args.sizes = [int(size) for size in args.sizes.split(",") if size] + [1_000_000] * args.million
+    args.ray_sizes = sorted(int(size) for size in args.ray_sizes.split(",") if size)
     args.sections = [s for s in SECTIONS if s in args.only.split(",") and s not in args.skip.split(",")]
     unknown = set(filter(None, args.only.split(",") + args.skip.split(","))) - set(SECTIONS)
     if unknown:
@@ -1292,14 +1460,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                     model_spec=spec.identity, device=args.device, model_load_s=load_s)
         print(render_model(meta), flush=True)
     results: dict[str, Any] = {"meta": meta}
-    corpus = prepare_corpus(args, workdir) if needs_encoder or {"serve", "ray"} & set(args.sections) \
-        else None
+    corpus = prepare_corpus(args, workdir) \
+        if needs_encoder or {"serve", "ray", "noop", "breakeven"} & set(args.sections) else None
     titles = {"images": "a. Image throughput", "text": "b. Text encoding",
               "ann": "c. ANN indexes", "cli": "d. Cold CLI and warm search latency",
               "int8": "e. int8 encoding against fp32", "audio": "f. Audio",
               "serve": "g. Search service", "video": "h. Video",
               "scale": "i. Scale: an on-disk index of synthetic vectors",
-              "ray": "j. A build on Ray beside a local build"}
+              "ray": "j. A build on Ray beside a local build",
+              "noop": "k. An unchanged re-index, whole process, beside rclip",
+              "breakeven": "l. Where Ray pays off: whole builds by corpus size"}
     for section in args.sections:
         if section == "images":
             data, text = section_images(corpus, encoder, spec, args, workdir)
@@ -1319,6 +1489,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             data, text = section_scale(args, workdir)
         elif section == "ray":
             data, text = section_ray(corpus, spec, args, workdir)
+        elif section == "noop":
+            data, text = section_noop(corpus, spec, args, workdir)
+        elif section == "breakeven":
+            data, text = section_breakeven(corpus, spec, args, workdir)
         else:
             data, text = section_cli(spec, args, workdir)
         results[section] = data

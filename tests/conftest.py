@@ -12,6 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # sleeping ones while other processes ran. Set before torch loads libgomp; children inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import hashlib  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -89,3 +93,51 @@ def write_shape_folder(root: Path, seed: int, per_class: int = 3) -> Path:
             lines.append(f"{name}#0\t{caption_for(color, shape)}")
     (root / "captions.tsv").write_text("\n".join(lines) + "\n")
     return root
+
+
+def put_in_hub_cache(cache: Path, repo: str, folder: Path) -> None:
+    """Lay the files of `folder` out in a Hugging Face hub cache as a download of `repo` would."""
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, entry / "snapshots" / commit)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Offline mode off, and every connection refused; returns the addresses tried."""
+    import socket
+
+    import huggingface_hub
+
+    tried: list = []
+
+    def refuse(address, *args, **kwargs):
+        tried.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return tried
+
+
+def run_cli_process(*args: str | Path, env: dict[str, str] | None = None
+                    ) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """`python -m retrieval.cli ARGS` in a new process: its result (stderr without the import
+    times) and the names of the modules it imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "retrieval.cli", *map(str, args)],
+                            capture_output=True, text=True, timeout=600, env=env)
+    imports = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    result.stderr = "".join(line + "\n" for line in result.stderr.splitlines()
+                            if not line.startswith("import time:"))
+    return result, {line.rsplit("|", 1)[1].strip() for line in imports[1:]}
+
+
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    """A new process's environment on a machine with an empty Hugging Face cache and no way to
+    the hub (its address refuses connections), offline mode not set."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return {**env, "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": "http://127.0.0.1:9"}

@@ -13,7 +13,7 @@ import pytest
 import soundfile
 import torch
 from click.testing import CliRunner
-from conftest import write_image
+from conftest import offline_env, put_in_hub_cache, run_cli_process, write_image
 
 transformers = pytest.importorskip("transformers")
 from tiny_clap import SAMPLE_RATE, save_tiny_clap  # noqa: E402
@@ -153,6 +153,32 @@ def test_offline_hub_name_fails_fast(monkeypatch, read_at_import):
     assert time.monotonic() - started < 5
     assert_one_line(error, f"clap:{DEFAULT_CLAP}", f"download {DEFAULT_CLAP}", "save_pretrained",
                     "clap:/path/to/folder")
+
+
+def test_cached_hub_model_loads_without_asking_the_network(tiny_clap, tmp_path, monkeypatch,
+                                                           no_network):
+    import huggingface_hub
+
+    put_in_hub_cache(tmp_path / "hub", "someone/tiny-clap", tiny_clap)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    encoder = load_clap("clap:someone/tiny-clap", device="cpu")
+    np.testing.assert_allclose(encoder.encode_texts(TEXTS), load_clap(str(tiny_clap)).encode_texts(TEXTS),
+                               atol=1e-6)
+    assert no_network == []
+
+
+def test_a_hub_model_neither_cached_nor_reachable_fails_at_once_leaving_nothing(tiny_model, tmp_path):
+    folder = tmp_path / "sounds"
+    folder.mkdir()
+    soundfile.write(folder / "tone.wav", tones(440)[0], SAMPLE_RATE)
+    result, imported = run_cli_process(
+        "index", folder, "--index", tmp_path / "new", "--model", tiny_model,
+        "--audio-model", f"clap:{DEFAULT_CLAP}", env=offline_env(tmp_path))
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+    assert f"clap:{DEFAULT_CLAP} ({DEFAULT_CLAP}/config.json is not in the Hugging Face cache" in result.stderr
+    assert "127.0.0.1 cannot be reached (Connection refused)" in result.stderr
+    assert not {"torch", "transformers"} & imported
+    assert not (tmp_path / "new").exists()
 
 
 def test_without_transformers(tiny_clap, monkeypatch):

@@ -108,6 +108,27 @@ def test_the_cli_builds_on_ray_and_updates_incrementally(tmp_path, corpus, tiny_
 
 
 @pytest.mark.slow  # a Ray Data job: 20-30 s each
+def test_a_ray_build_of_texts_alone_works_and_ray_prints_nothing(tmp_path, tiny_model):
+    """The driver never loads the model for texts alone, so the vector size must come from the
+    shards; and with --quiet nothing of Ray's own (C++ errors, log lines) reaches the terminal."""
+    import ray
+
+    corpus = tmp_path / "texts"
+    corpus.mkdir()
+    (corpus / "notes.txt").write_text("a note about cats\n\na note about dogs\n")
+    index = tmp_path / "index"
+    result = subprocess.run(
+        [sys.executable, "-m", "retrieval.cli", "index", str(corpus), "--index", str(index),
+         "--model", tiny_model, "--engine", "ray", "--address", ray.get_runtime_context().gcs_address,
+         "--quiet"], capture_output=True, text=True, timeout=300)
+    assert (result.returncode, result.stderr) == (0, "")
+    with Index.open(index, readonly=True) as built:
+        assert (built.dim, built.store.get_info("dim")) == (32, "32")
+        assert len(built.search("a note about cats", k=5)) == 2
+    assert not (index / SHARDS_FOLDER).exists()
+
+
+@pytest.mark.slow  # a Ray Data job: 20-30 s each
 def test_an_interrupted_job_resumes_from_its_shards(tmp_path, corpus, tiny_model):
     images = [f for f in walk_sources([corpus]).files if f.kind == "image"]
     with Index.open(tmp_path / "ray", model=tiny_model, create=True, batch_size=4) as index:

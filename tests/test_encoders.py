@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import write_image
+from conftest import offline_env, put_in_hub_cache, run_cli_process, write_image
 from PIL import Image
 
 from retrieval import Index
@@ -90,6 +91,67 @@ def test_weights_that_cannot_be_had_give_one_clear_line(name, pretrained, messag
     assert message in text and "\n" not in text
     if text.startswith("could not load"):
         assert "--pretrained" in text and "local-dir:" in text
+
+
+@pytest.mark.parametrize("kind", ["tag", "hf-hub", "checkpoint", "local-dir"])
+def test_weights_not_to_be_had_fail_at_once_leaving_nothing(kind, tiny_model, photo_folder, tmp_path):
+    """No network, nothing cached: one line with the whole cause, before torch is even imported
+    (no huggingface_hub retries), and no index folder left behind."""
+    config = Path(tiny_model.removeprefix("local-dir:")) / "open_clip_config.json"
+    (tmp_path / "config-only").mkdir()
+    shutil.copy(config, tmp_path / "config-only")
+    model, ending = {
+        "tag": (["--model", "ViT-B-32"], "127.0.0.1 cannot be reached (Connection refused))"),
+        "hf-hub": (["--model", "hf-hub:nobody/no-such-repo"], "127.0.0.1 cannot be reached"),
+        "checkpoint": (["--model", "ViT-B-32", "--pretrained", str(tmp_path / "none.pt")],
+                       "not found"),
+        "local-dir": (["--model", f"local-dir:{tmp_path / 'config-only'}"], "no weights file"),
+    }[kind]
+    index = tmp_path / "new" / "index"
+    result, imported = run_cli_process("index", photo_folder, "--index", index, *model,
+                                       env=offline_env(tmp_path))
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1 and ending in result.stderr
+    assert not {"torch", "open_clip"} & imported
+    assert not (tmp_path / "new").exists()
+
+
+def test_cached_hub_weights_load_without_asking_the_network(tiny_model, tmp_path, monkeypatch,
+                                                            no_network):
+    """Without a network, huggingface_hub would retry its update check of each file for half a
+    minute before falling back to the cache."""
+    import huggingface_hub
+
+    put_in_hub_cache(tmp_path / "hub", "someone/tiny-clip", Path(tiny_model.removeprefix("local-dir:")))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    encoder = load_encoder(ModelSpec.parse("hf-hub:someone/tiny-clip"), "cpu")
+    reference = load_encoder(ModelSpec.parse(tiny_model), "cpu")
+    np.testing.assert_allclose(encoder.encode_texts(["a dog"]), reference.encode_texts(["a dog"]))
+    assert no_network == []
+
+
+def test_a_load_failure_quotes_its_whole_cause_on_one_line(tiny_model, monkeypatch):
+    cause = "open_clip explains at length what went wrong, " * 6 + "\nand goes on over a second line"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(cause)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", fail)
+    with pytest.raises(ModelLoadError) as raised:
+        load_encoder(ModelSpec.parse(tiny_model), "cpu")
+    assert " ".join(cause.split()) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_weight_check_reads_open_clip_tables_as_open_clip_does():
+    """The check reads open_clip's tables without importing torch; they must be open_clip's own."""
+    from retrieval import models
+
+    folder, alone = models._open_clip_pretrained_alone()
+    assert folder == Path(open_clip.__file__).parent
+    assert alone.list_pretrained() == open_clip.list_pretrained()
+    assert alone.get_pretrained_cfg("ViT-B-32", "openai") == open_clip.get_pretrained_cfg("ViT-B-32", "openai")
+    assert (models.HF_WEIGHTS_NAME, models.HF_SAFE_WEIGHTS_NAME) == (
+        open_clip.constants.HF_WEIGHTS_NAME, open_clip.constants.HF_SAFE_WEIGHTS_NAME)
 
 
 def test_local_dir_without_weights_or_config_is_refused(tiny_model, tmp_path):

@@ -11,16 +11,18 @@ import time
 import faiss
 import numpy as np
 import pytest
-from conftest import write_image
+from conftest import run_cli_process, write_image, write_shape_folder
 
 from retrieval import Index
 from retrieval.errors import (
     IndexFormatError,
     IndexLockedError,
     IndexNotFoundError,
+    ModelLoadError,
     ModelMismatchError,
     UsageError,
 )
+from retrieval.models import ModelSpec
 from retrieval.vectors import VectorIndex
 
 
@@ -106,6 +108,68 @@ def test_unchanged_rebuild_encodes_nothing(tmp_path, photo_folder, tiny_model, m
     report = build(index_dir, [photo_folder], tiny_model)
     assert (report.new, report.changed, report.unchanged) == (0, 0, 9)
     assert_consistent(index_dir)
+
+
+def test_an_unchanged_reindex_imports_neither_torch_nor_open_clip(tmp_path, photo_folder, tiny_model):
+    """Finding nothing to encode takes a tenth of a second; importing torch would take seconds."""
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    result, imported = run_cli_process("index", "--index", index_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["unchanged"] == 9
+    assert not {"torch", "open_clip"} & imported
+
+
+def test_ray_is_not_started_for_a_reindex_with_nothing_to_embed(tmp_path, tiny_model, monkeypatch):
+    """Starting Ray takes seconds (20-55 s on a busy 2-core machine) for nothing to do."""
+    corpus = write_shape_folder(tmp_path / "shapes", seed=3, per_class=1)
+    build(tmp_path / "index", [corpus], tiny_model)
+
+    def refuse(address):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("retrieval.distributed.connect", refuse)
+    with Index.open(tmp_path / "index") as index:
+        report = index.add(corpus, engine="ray")
+    assert (report.unchanged, report.new, report.skipped) == (10, 0, [])
+
+
+def test_an_index_left_without_its_vector_size_searches_and_rebuilds(tmp_path, photo_folder,
+                                                                       tiny_model):
+    """What a Ray build of texts alone once left: vectors stored, vector size 0, no FAISS files.
+    Searches, re-indexes and --rebuild then all ended in a traceback."""
+    from click.testing import CliRunner
+
+    from retrieval.cli import cli
+
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
+        conn.execute("UPDATE info SET value = '0' WHERE key = 'dim'")
+    for leftover in [index_dir / "manifest.json", *index_dir.glob("*.faiss")]:
+        leftover.unlink()
+    run = CliRunner().invoke
+    searched = run(cli, ["a red picture", "--index", str(index_dir), "--target", "text", "--json"])
+    assert searched.exit_code == 0, searched.output
+    assert len(json.loads(searched.stdout)) == 7  # every caption and text
+    reindexed = run(cli, ["index", "--index", str(index_dir), "--json"])
+    assert reindexed.exit_code == 0, reindexed.output
+    assert json.loads(reindexed.stdout)["unchanged"] == 9
+    assert_consistent(index_dir)
+    rebuilt = run(cli, ["index", "--index", str(index_dir), "--rebuild", "--json"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert json.loads(rebuilt.stdout)["new"] == 9  # everything encoded again
+    assert_consistent(index_dir)
+
+
+def test_a_rebuild_with_a_model_that_cannot_be_had_keeps_the_index(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    build(index_dir, [photo_folder], tiny_model)
+    with pytest.raises(ModelLoadError, match="could not load weights for model ViT-B-32"):
+        Index.open(index_dir, model="ViT-B-32", rebuild=True)  # offline: nothing cached
+    with Index.open(index_dir, readonly=True) as index:
+        assert (index.spec.name, index.count("image"), index.count("text")) == (
+            ModelSpec.parse(tiny_model).name, 6, 7)
 
 
 def test_bare_rebuild_rescans_known_sources(tmp_path, photo_folder, tiny_model):

@@ -116,3 +116,17 @@ def test_an_index_converts_to_on_disk_and_rebuilds_when_it_changes(tmp_path):
         assert reader.vectors("text").search(clustered(10, seed=8)[4], 1)[1][0] == extra[4]
     assert [p.name for p in folder.glob("text-*.ondisk*")] == \
         [json.loads((folder / "manifest.json").read_text())["vectors"]["text"]["file"]]
+
+
+def test_a_failed_on_disk_build_leaves_nothing_half_made(tmp_path):
+    source = ArraySource(2_000)
+    trained = new_trained_index("ivf-pq", DIM, 2_000, lambda limit: source.read(0, 1 << 40)[1][:limit],
+                                lists=16)
+
+    def dying_runner(function, jobs):
+        raise RuntimeError("a shard worker died")
+
+    with pytest.raises(RuntimeError, match="died"):
+        build_on_disk(source, tmp_path / "text-1.ondisk", "ivf-pq-disk", runner=dying_runner,
+                      trained=trained)
+    assert list(tmp_path.iterdir()) == []
