@@ -203,6 +203,26 @@ def test_remove_forgets_a_folder(tmp_path, photo_folder, tiny_model):
     assert_consistent(index_dir)
 
 
+def test_under_matches_whole_folder_names(tmp_path, tiny_model):
+    """`under` was a text prefix: photos/ima matched photos/images/, and photos/images
+    matched photos/images2/ too."""
+    photos = tmp_path / "photos"
+    inside = write_image(photos / "images" / "a.jpg", (200, 10, 10))
+    write_image(photos / "images2" / "b.jpg", (10, 200, 10))
+    write_image(photos / "imagesque.jpg", (10, 10, 200))
+    index_dir = tmp_path / "index"
+    build(index_dir, [photos], tiny_model)
+    with Index.open(index_dir) as index:
+        assert index.search("x", k=5, under=str(photos / "ima")) == []
+        assert index.search("x", k=5, under=str(photos / "Images")) == []
+        assert [h.path for h in index.search("x", k=5, under=str(photos / "images"))] == [str(inside)]
+        assert [h.path for h in index.search("x", k=5, under=f"{photos}/images/")] == [str(inside)]
+        assert [h.path for h in index.search("x", k=5, under=str(inside))] == [str(inside)]
+        assert index.remove(photos / "ima") == 0
+        assert index.remove(photos / "images") == 1
+        assert index.count("image") == 2
+
+
 def test_exclude_dirs_and_hidden_files(tmp_path, photo_folder, tiny_model):
     write_image(photo_folder / ".hidden" / "secret.jpg", (1, 2, 3))
     write_image(photo_folder / ".dotfile.jpg", (1, 2, 3))
