@@ -238,6 +238,14 @@ def test_console_script_is_installed():
     assert done.returncode == 0 and "retrieve index" in done.stdout
 
 
+def test_python_dash_m_retrieval_runs_the_command():
+    """`python -m retrieval` once failed: "'retrieval' is a package and cannot be directly executed"."""
+    done = subprocess.run([sys.executable, "-m", "retrieval", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Usage: retrieve ") and "retrieve index" in done.stdout
+
+
 def test_index_type_option_and_convert(tmp_path, photo_folder, tiny_model):
     from retrieval.cli import INDEX_TYPES as CLI_TYPES
     from retrieval.index import INDEX_TYPES
