@@ -7,15 +7,19 @@ Exit codes: 0 success, 1 runtime failure, 2 usage error.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import wraps
 
 import click
 from click_default_group import DefaultGroup
 
 from .audio import DEFAULT_MAX_AUDIO_SECONDS
-from .errors import IndexEmptyError, RetrievalError
+from .errors import IndexEmptyError, QueryWarning, RetrievalError
 from .images import DEFAULT_MAX_MEGAPIXELS
 from .video import DEFAULT_MAX_VIDEO_SECONDS
 
@@ -73,7 +77,75 @@ def reports_errors(command):
     return wrapper
 
 
-@click.group(cls=DefaultGroup, default="search", default_if_no_args=False)
+class SearchFirstGroup(DefaultGroup):
+    """The default-command group, where a leading `--` belongs to the search query:
+    `retrieve -- "-dog"` searches for "-dog" (a bare group would swallow the `--`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args[:1] == ["--"]:
+            args = [self.default_cmd_name, *args]
+        return super().parse_args(ctx, args)
+
+
+class SearchCommand(click.Command):
+    """A command whose arguments are query words, and a word that starts with '-' but that no
+    option could be ("- dog") is one of them too."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _options_then_words(ctx, self.get_params(ctx), args))
+
+
+def _options_then_words(ctx: click.Context, params: list[click.Parameter], args: list[str]
+                        ) -> list[str]:
+    """`args` reordered as options, `--`, then the query words in their order, so that click
+    takes every query word as one. A word that could name an option but names none ("-dog",
+    "--imgae") is refused, with a hint for a query that really starts with '-'."""
+    takes_value = {name: not (param.is_flag or param.count)
+                   for param in params if isinstance(param, click.Option)
+                   for name in (*param.opts, *param.secondary_opts)}
+    options: list[str] = []
+    words: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+        if arg == "--":
+            words += rest
+        elif arg in takes_value:
+            value = next(rest, None) if takes_value[arg] else None
+            if takes_value[arg] and value is None:
+                return args  # click reports the missing value
+            options += [arg] if value is None else [arg, value]
+        elif takes_value.get(name):  # --index=DIR, -k5
+            options.append(arg)
+        elif arg.startswith("-") and len(arg) > 1 and not any(c.isspace() for c in arg):
+            error = click.NoSuchOption(arg, possibilities=[n for n in takes_value if n[:2] == "--"],
+                                       ctx=ctx)
+            if not error.possibilities:
+                error.message = (f"No such option {arg!r}; a query that starts with '-' goes "
+                                 f"after --, as in: retrieve -- {shlex.quote(arg)}")
+            raise error
+        else:
+            words.append(arg)
+    return [*options, "--", *words] if words else options
+
+
+@contextmanager
+def printing_query_warnings() -> Iterator[None]:
+    """Show the engine's warnings about a query (a term naming no file) as one line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", QueryWarning)
+        try:
+            yield
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, QueryWarning):
+                    click.echo(f"warning: {warning.message}", err=True)
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename,
+                                         warning.lineno)
+
+
+@click.group(cls=SearchFirstGroup, default="search", default_if_no_args=False)
 @click.version_option(package_name="retrieval")
 def cli() -> None:
     """Search images, texts and sounds by meaning, with open_clip, FAISS and SQLite.
@@ -89,7 +161,7 @@ def cli() -> None:
     """
 
 
-@cli.command("search")
+@cli.command("search", cls=SearchCommand)
 @click.argument("query", nargs=-1)
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
               help="Query image (repeatable); combined with any text query.")
@@ -129,10 +201,13 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
     """Search the index with text, images, sounds or a combined query like "cat + 2:dog - grass".
 
     The index's own model encodes the query; --model only checks that it is the one expected.
+    A query that starts with '-' goes after --: retrieve -- "-dog".
     """
     text = " ".join(query) if query else None
     if entries:
-        _print_entries(_entries_here(index_dir, text, images, sounds, videos, k, entries, fusion), as_json)
+        with printing_query_warnings():
+            found = _entries_here(index_dir, text, images, sounds, videos, k, entries, fusion)
+        _print_entries(found, as_json)
         return
     search = dict(k=k, target=target, where=where, under=under, min_score=min_score)
     if server:
@@ -141,7 +216,8 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
         hits = search_server(server, text, list(images), list(sounds), **search)
     else:
         search["video"] = list(videos) or None
-        hits = _search_here(index_dir, text, images, sounds, model, pretrained, device, search)
+        with printing_query_warnings():
+            hits = _search_here(index_dir, text, images, sounds, model, pretrained, device, search)
     if as_json:
         click.echo(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False, indent=2))
     elif not hits:

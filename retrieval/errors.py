@@ -41,3 +41,7 @@ class IndexLockedError(RetrievalError):
 
 class IndexWriteError(RetrievalError):
     """The index folder refuses writes: disk full, read-only, or no permission."""
+
+
+class QueryWarning(UserWarning):
+    """A query that is searched, but perhaps not as meant (a term naming no file is text)."""

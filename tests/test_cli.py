@@ -77,6 +77,33 @@ def test_json_output_has_every_field(built, photo_folder):
     assert yellow["metadata"]["captions"] == ["a yellow picture", "something sunny"]
 
 
+def test_a_query_that_starts_with_a_dash(built, photo_folder):
+    """`retrieve "- dog"` once said "No such option '- '"; `retrieve -- "- dog"` said the same,
+    because the default-command dispatch ate the `--`."""
+    with Index.open(built, readonly=True) as index:
+        expected = [hit.id for hit in index.search("- dog")]
+    code, out, err = run("- dog", "--index", built, "--json")
+    assert code == 0, err
+    assert [h["id"] for h in json.loads(out)] == expected
+    ends = CliRunner().invoke(cli, ["--json", "--", "- dog"], env={"RETRIEVAL_INDEX": str(built)})
+    assert ends.exit_code == 0, ends.stderr
+    assert [h["id"] for h in json.loads(ends.stdout)] == expected
+    assert run("--index", built, "--json", "--", "-dog")[0] == 0
+    code, _, err = run("-dog", "--index", built)  # -d -o -g, or a query: say how to mean a query
+    assert code == 2 and err.splitlines()[-1].endswith("goes after --, as in: retrieve -- -dog")
+    code, _, err = run("--imgae", "q.jpg", "red", "--index", built)
+    assert code == 2 and "--image" in err.splitlines()[-1]
+
+
+def test_a_query_term_like_a_missing_file_warns_and_searches_its_words(built, photo_folder):
+    code, out, err = run("2:holiday/beach.jpg + red", "--index", built, "--json", "-k", "2")
+    assert code == 0 and len(json.loads(out)) == 2
+    assert err.splitlines() == [
+        "warning: query term 'holiday/beach.jpg' names no image, sound or video file; "
+        "searched as text"]
+    assert run("a red picture", "--index", built)[2] == ""
+
+
 def test_image_query_returns_captions_and_images(built, photo_folder):
     image = photo_folder / "city" / "img3.jpg"
     texts = json.loads(run("--image", image, "--index", built, "--json")[1])
