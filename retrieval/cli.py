@@ -19,7 +19,7 @@ import click
 from click_default_group import DefaultGroup
 
 from .audio import DEFAULT_MAX_AUDIO_SECONDS
-from .errors import IndexEmptyError, QueryWarning, RetrievalError
+from .errors import IndexEmptyError, IndexLockedError, QueryWarning, RetrievalError
 from .images import DEFAULT_MAX_MEGAPIXELS
 from .video import DEFAULT_MAX_VIDEO_SECONDS
 
@@ -37,6 +37,9 @@ batch_option = click.option(
     "--batch-size", default=32, show_default=True, type=click.IntRange(1),
     help="Items encoded per forward pass.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+wait_option = click.option(
+    "--wait", is_flag=True,
+    help="If another process is writing the index, wait for it instead of stopping.")
 
 
 def schedule_options(epochs: int, batch_size: int, learning_rate: float):
@@ -68,6 +71,10 @@ def reports_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except IndexLockedError as error:
+            click.echo(f"error: index {error.path} is being written by {error.holder}; run again "
+                       "when it is done, or add --wait to wait for it", err=True)
+            sys.exit(error.exit_code)
         except RetrievalError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
@@ -127,6 +134,18 @@ def _options_then_words(ctx: click.Context, params: list[click.Parameter], args:
         else:
             words.append(arg)
     return [*options, "--", *words] if words else options
+
+
+def wait_or_refuse(index_dir: str, wait: bool) -> None:
+    """Before any slow start: refuse a write at once while another process writes the index,
+    or, with --wait, say what this one waits for."""
+    from .index import index_writer
+
+    holder = index_writer(index_dir)
+    if holder is not None and not wait:
+        raise IndexLockedError(index_dir, holder)
+    if holder is not None:
+        click.echo(f"waiting for {holder} to finish writing index {index_dir}", err=True)
 
 
 @contextmanager
@@ -311,6 +330,7 @@ def _print_hits(hits) -> None:
               "[default: start Ray on this machine].")
 @click.option("--quiet", is_flag=True, help="No progress bar, no per-file warnings.")
 @json_option
+@wait_option
 @reports_errors
 def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str, ...],
                   exclude_dir: tuple[str, ...], include_hidden: bool, max_megapixels: float,
@@ -320,17 +340,18 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                   pretrained: str | None,
                   audio_model: str | None, index_type: str | None,
                   rebuild: bool, device: str, batch_size: int, int8: bool, engine: str,
-                  address: str | None, quiet: bool, as_json: bool) -> None:
+                  address: str | None, quiet: bool, as_json: bool, wait: bool) -> None:
     """Build or update an index over folders and files, incrementally.
 
     Only new and changed files are encoded; moved files keep their vectors; files gone from
     SOURCES are forgotten. With no SOURCES, the folders indexed before are scanned again.
     """
+    wait_or_refuse(index_dir, wait)
     from .index import Index
 
     with Index.open(index_dir, model=model, pretrained=pretrained, create=True, rebuild=rebuild,
                     index_type=index_type, device=device, batch_size=batch_size,
-                    int8=int8, audio_model=audio_model) as index:
+                    int8=int8, audio_model=audio_model, wait=wait) as index:
         if frame_rate or scene_threshold or temporal or fusion:
             index.configure(fusion=fusion, frame_rate=frame_rate, scene_threshold=scene_threshold,
                             temporal=temporal)
@@ -350,12 +371,14 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
 @cli.command("remove")
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
 @index_option
+@wait_option
 @reports_errors
-def remove_command(sources: tuple[str, ...], index_dir: str) -> None:
+def remove_command(sources: tuple[str, ...], index_dir: str, wait: bool) -> None:
     """Forget the files at or under SOURCES (the files themselves are untouched)."""
+    wait_or_refuse(index_dir, wait)
     from .index import Index
 
-    with Index.open(index_dir) as index:
+    with Index.open(index_dir, wait=wait) as index:
         removed = index.remove(*sources)
     click.echo(f"removed {removed} files")
 
@@ -369,15 +392,17 @@ def remove_command(sources: tuple[str, ...], index_dir: str) -> None:
               help="IVF: candidates re-ranked exactly, as a multiple of k.")
 @click.option("--memory-budget-mb", type=click.IntRange(1),
               help="auto: RAM the vectors may take before a compressed index is chosen.")
+@wait_option
 @reports_errors
 def convert_command(index_type: str, index_dir: str, ef_search: int | None, nprobe: int | None,
-                    rerank: int | None, memory_budget_mb: int | None) -> None:
+                    rerank: int | None, memory_budget_mb: int | None, wait: bool) -> None:
     """Switch the FAISS index type (auto, flat, hnsw, ivf-sq, ivf-pq, or ivf-sq-disk and
     ivf-pq-disk: lists and vectors memory-mapped from disk) without re-encoding."""
+    wait_or_refuse(index_dir, wait)
     from .index import Index
 
     budget = memory_budget_mb << 20 if memory_budget_mb else None
-    with Index.open(index_dir) as index:
+    with Index.open(index_dir, wait=wait) as index:
         index.convert(index_type, ef_search=ef_search, nprobe=nprobe, rerank=rerank,
                       memory_budget=budget)
         kinds = {m: index.vectors(m).kind for m in ("image", "text", "audio", "video")}
@@ -421,10 +446,11 @@ def info_command(index_dir: str, as_json: bool) -> None:
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 @json_option
+@wait_option
 @reports_errors
 def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int,
                         learning_rate: float, held_out: float, width: int, seed: int,
-                        no_reindex: bool, device: str, quiet: bool, as_json: bool) -> None:
+                        no_reindex: bool, device: str, quiet: bool, as_json: bool, wait: bool) -> None:
     """Train the index's audio tower on sounds paired with images or captions.
 
     PAIRS is a folder where each sound has an image or a .txt caption file of the same name
@@ -433,6 +459,7 @@ def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int
     model stays frozen; the tower learns to put each sound next to its partner, so sounds can
     then be searched by text, image or sound, and find images and texts in turn.
     """
+    wait_or_refuse(index_dir, wait)
     from .audio_training import AudioTrainingOptions
     from .index import Index
 
@@ -440,7 +467,7 @@ def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int
                                    learning_rate=learning_rate, held_out=held_out, width=width,
                                    seed=seed, progress=not quiet and sys.stderr.isatty())
     log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
-    with Index.open(index_dir, create=True, device=device) as index:
+    with Index.open(index_dir, create=True, device=device, wait=wait) as index:
         report = index.train_audio(pairs, options, reindex=not no_reindex, log=log)
     if not quiet:
         for skipped in report.skipped:
@@ -529,20 +556,23 @@ def evaluate_entries_command(queries: str, index_dir: str, grouping: str, depth:
               help="Share of the queries kept out of training; R@1 on them is reported per epoch.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @json_option
+@wait_option
 @reports_errors
 def train_fusion_command(queries: str, index_dir: str, grouping: str, epochs: int, batch_size: int,
-                         learning_rate: float, held_out: float, seed: int, as_json: bool) -> None:
+                         learning_rate: float, held_out: float, seed: int, as_json: bool,
+                         wait: bool) -> None:
     """Train the attention gate that weighs each modality per query, for --fusion attention.
 
     QUERIES is the file evaluate-entries reads: queries and the entries that answer them.
     """
+    wait_or_refuse(index_dir, wait)
     from .entries import train_fusion_gate
     from .fusion import FusionTrainingOptions
     from .index import Index
 
     options = FusionTrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                     held_out=held_out, seed=seed)
-    with Index.open(index_dir) as index:
+    with Index.open(index_dir, wait=wait) as index:
         report = train_fusion_gate(index, queries, grouping, options)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -564,22 +594,24 @@ def train_fusion_command(queries: str, index_dir: str, grouping: str, epochs: in
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--no-reindex", is_flag=True, help="Do not re-encode the index's videos now.")
 @json_option
+@wait_option
 @reports_errors
 def train_temporal_command(pairs: str, index_dir: str, kind: str, epochs: int, batch_size: int,
                            learning_rate: float, held_out: float, seed: int, no_reindex: bool,
-                           as_json: bool) -> None:
+                           as_json: bool, wait: bool) -> None:
     """Train how video segments pool their frames: an encoder that reads frame order.
 
     PAIRS is a folder where each video has a .txt caption of the same name (clip.mp4 + clip.txt)
     or a CSV/JSONL file with video and caption fields. Every segment learns to land next to its
     video's caption; the index's videos are then encoded with it.
     """
+    wait_or_refuse(index_dir, wait)
     from .fusion import FusionTrainingOptions
     from .index import Index
 
     options = FusionTrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                     held_out=held_out, seed=seed)
-    with Index.open(index_dir) as index:
+    with Index.open(index_dir, wait=wait) as index:
         report = index.train_temporal(pairs, kind, options, reindex=not no_reindex)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -216,23 +216,23 @@ def train_fusion_gate(index: Index, queries: str | Path, grouping: str = "stem",
     `read_entry_queries`), among all the index's entries; save it in the index folder."""
     from safetensors.torch import save
 
-    resolved = resolve_grouping(grouping)
-    members = _members(index, None, resolved)
-    names = sorted(members)
-    position = {name: row for row, name in enumerate(names)}
-    examples = [(query, position[entry]) for query, right in read_entry_queries(queries)
-                for entry in sorted(right) if entry in position]
-    if not examples:
-        raise UsageError(f"no entry named in {queries} is in index {index.path}")
-    parts, mask = _part_arrays(members, names, index.dim)
-    vectors = index.text_encoder.encode_texts([query for query, _ in examples])
-    model, report = train_attention(vectors, parts, mask, np.array([row for _, row in examples]), options)
-    data = save({k: v.contiguous() for k, v in model.state_dict().items()},
-                metadata={"dim": str(index.dim), "hidden": str(model.gate[0].out_features)})
-    from .index import storage_errors
-
-    with storage_errors(index.path), replacing(index.path / GATE_NAME) as temporary:
-        temporary.write_bytes(data)
+    with index._write_lock():
+        resolved = resolve_grouping(grouping)
+        members = _members(index, None, resolved)
+        names = sorted(members)
+        position = {name: row for row, name in enumerate(names)}
+        examples = [(query, position[entry]) for query, right in read_entry_queries(queries)
+                    for entry in sorted(right) if entry in position]
+        if not examples:
+            raise UsageError(f"no entry named in {queries} is in index {index.path}")
+        parts, mask = _part_arrays(members, names, index.dim)
+        vectors = index.text_encoder.encode_texts([query for query, _ in examples])
+        model, report = train_attention(vectors, parts, mask, np.array([row for _, row in examples]),
+                                        options)
+        data = save({k: v.contiguous() for k, v in model.state_dict().items()},
+                    metadata={"dim": str(index.dim), "hidden": str(model.gate[0].out_features)})
+        with replacing(index.path / GATE_NAME) as temporary:
+            temporary.write_bytes(data)
     return report
 
 

@@ -36,7 +36,13 @@ class ModelMismatchError(RetrievalError):
 
 
 class IndexLockedError(RetrievalError):
-    """Another process is writing to the index."""
+    """Another process is writing to the index: `holder` says which, as the lock file tells."""
+
+    def __init__(self, path: object, holder: str) -> None:
+        super().__init__(f"index {path} is being written by {holder}; run again when it is done, "
+                         "or open the index with wait=True to wait for it")
+        self.path = path
+        self.holder = holder
 
 
 class IndexWriteError(RetrievalError):

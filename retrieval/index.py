@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import shlex
 import shutil
 import sqlite3
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -76,8 +80,9 @@ class Index:
     """A retrieval index directory. Open it with `Index.open`; close it, or use `with`."""
 
     def __init__(self, path: Path, store: Store, spec: ModelSpec, device: str, batch_size: int,
-                 readonly: bool, int8: bool = False) -> None:
+                 readonly: bool, int8: bool = False, wait: bool = False) -> None:
         self.path = path
+        self.wait = wait
         self.store = store
         self.spec = spec
         self.device = device
@@ -96,7 +101,7 @@ class Index:
     def open(cls, path: str | Path, *, model: str | None = None, pretrained: str | None = None,
              create: bool = False, rebuild: bool = False, index_type: str | None = None,
              device: str = "auto", batch_size: int = 32, int8: bool = False,
-             readonly: bool = False, audio_model: str | None = None) -> Index:
+             readonly: bool = False, audio_model: str | None = None, wait: bool = False) -> Index:
         """Open the index at `path`, or make it when `create` is set.
 
         `model`/`pretrained` name the model (see `ModelSpec`). An existing index refuses another
@@ -105,6 +110,8 @@ class Index:
         existing one keeps its type until `convert`. `int8` encodes with 8-bit weights (CPU).
         `audio_model` (`clap:NAME` or `clap:/folder`) embeds audio with a CLAP model instead of
         the audio tower `train_audio` makes; changing it on an index with audio needs `rebuild`.
+        One process writes at a time: a write while another process writes raises
+        IndexLockedError at once, naming that process, unless `wait` is set: then it waits.
         """
         if index_type is not None and index_type not in INDEX_TYPES:
             raise UsageError(f"index type must be one of {', '.join(INDEX_TYPES)}, "
@@ -122,16 +129,22 @@ class Index:
         readonly = readonly and exists
         store = _open_store(folder, readonly)
         requested = ModelSpec.parse(model, pretrained) if model or pretrained else None
-        spec = _model_of(store, folder, requested, rebuild)
+        if rebuild and not readonly:  # a rebuild may clear the store: not under another writer
+            with writer_lock(folder, wait):
+                spec = _model_of(store, folder, requested, rebuild)
+        else:
+            spec = _model_of(store, folder, requested, rebuild)
         if index_type and not readonly and store.get_info("index_type") is None:
             with store.conn:
                 store.set_info("index_type", index_type)
-        index = cls(folder, store, spec, device, batch_size, readonly, int8)
+        index = cls(folder, store, spec, device, batch_size, readonly, int8, wait)
         if audio_model is not None:
             index._choose_audio_model(audio_model, rebuild)
         if not readonly:
-            with storage_errors(folder):
-                index._repair()
+            # A writer at work keeps the FAISS files in step itself; repairing beside it would race.
+            with writer_lock(folder, skip_if_busy=True) as held:
+                if held:
+                    index._repair()
         return index
 
     def _repair(self) -> None:
@@ -259,9 +272,9 @@ class Index:
                        reindex: bool = True) -> dict:
         """Train a Bi-LSTM or small transformer over frame vectors on captioned videos, use it to
         pool every video segment's frames from now on, and re-encode the index's videos with it."""
-        from .video_segments import train_temporal_encoder
-
         with self._write_lock():
+            from .video_segments import train_temporal_encoder  # torch: once this may write
+
             identity, report = train_temporal_encoder(self, pairs, kind, options)
             self._forget("video", temporal=identity)
         if reindex and self._known_roots():
@@ -362,31 +375,30 @@ class Index:
         `engine="ray"` decodes and encodes images as a Ray Data job on the cluster at `address`
         (`auto`, `ray://host:port`; None starts Ray locally); see `retrieval.distributed`.
         """
-        from .build import Builder, BuildOptions
-
         if not sources:
             sources = tuple(self._known_roots())
             if not sources and not captions:
                 raise UsageError("nothing to index: name at least one source folder or file")
         if engine not in ("local", "ray"):
             raise UsageError(f"engine must be local or ray, not {engine!r}")
-        options = BuildOptions(exclude=tuple(exclude), include_hidden=include_hidden,
-                               progress=progress, engine=engine, address=address)
-        if max_megapixels is not None:
-            options.max_megapixels = max_megapixels
-        if max_audio_seconds is not None:
-            options.max_audio_seconds = max_audio_seconds
-        if max_video_seconds is not None:
-            options.max_video_seconds = max_video_seconds
         with self._write_lock():
-            report = Builder(self, options).run(sources, captions)
-        return report
+            from .build import Builder, BuildOptions  # imports torch: once this process may write
+
+            options = BuildOptions(exclude=tuple(exclude), include_hidden=include_hidden,
+                                   progress=progress, engine=engine, address=address)
+            if max_megapixels is not None:
+                options.max_megapixels = max_megapixels
+            if max_audio_seconds is not None:
+                options.max_audio_seconds = max_audio_seconds
+            if max_video_seconds is not None:
+                options.max_video_seconds = max_video_seconds
+            return Builder(self, options).run(sources, captions)
 
     def remove(self, *sources: str | Path) -> int:
         """Forget every file at or under these paths; returns how many files were removed."""
-        from .build import Builder, BuildOptions
-
         with self._write_lock():
+            from .build import Builder, BuildOptions
+
             return Builder(self, BuildOptions()).remove(sources)
 
     def train_audio(self, pairs: str | Path, options: AudioTrainingOptions | None = None,
@@ -398,10 +410,10 @@ class Index:
         before are then scanned again, so their sounds are encoded with the new tower.
         `log` receives a line per epoch.
         """
-        from .audio_tower import remove_other_towers, save_tower
-        from .audio_training import AudioTrainingOptions, read_audio_pairs, train_audio_tower
-
         with self._write_lock():
+            from .audio_tower import remove_other_towers, save_tower  # torch: once this may write
+            from .audio_training import AudioTrainingOptions, read_audio_pairs, train_audio_tower
+
             tower, report = train_audio_tower(self.encoder, read_audio_pairs(pairs),
                                               options or AudioTrainingOptions(), log)
             report.identity = save_tower(tower, self.path)
@@ -416,20 +428,12 @@ class Index:
 
     @contextmanager
     def _write_lock(self) -> Iterator[None]:
-        """Hold the one writer's lock, and report a disk that refuses writes in one line."""
+        """Hold the one writer's lock (waiting for another writer only if the index was opened
+        with `wait`), and report a disk that refuses writes in one line."""
         if self.readonly:
             raise UsageError(f"index {self.path} was opened read-only")
-        with storage_errors(self.path), open(self.path / LOCK_NAME, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise IndexLockedError(
-                    f"index {self.path} is being written by another process; wait for it to "
-                    "finish, then run again") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with writer_lock(self.path, self.wait):
+            yield
 
     # -- vectors ----------------------------------------------------------------------------
 
@@ -635,6 +639,66 @@ def _make_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise IndexFormatError(f"cannot create index folder {folder}: {error.strerror}") from None
+
+
+@contextmanager
+def writer_lock(folder: Path, wait: bool = False, skip_if_busy: bool = False) -> Iterator[bool]:
+    """Hold an index folder's one writer lock, with who holds it written in the lock file.
+
+    Another writer is refused at once (IndexLockedError, naming it), waited for with `wait`, or
+    with `skip_if_busy` not waited for: then this yields False and holds nothing.
+    """
+    with storage_errors(folder), open(folder / LOCK_NAME, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if skip_if_busy:
+                yield False
+                return
+            if not wait:
+                raise IndexLockedError(folder, lock_holder(folder)) from None
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.truncate(0)
+            handle.write(json.dumps({"pid": os.getpid(), "command": _command_line(),
+                                     "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            handle.flush()
+            yield True
+        finally:
+            handle.truncate(0)  # a holder is named only while it holds the lock
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def index_writer(path: str | Path) -> str | None:
+    """Who is writing the index at `path` now (see `lock_holder`), or None: a quick look
+    before slow work, which the lock itself still guards."""
+    try:
+        folder = absolute_path(path)
+        if not (folder / LOCK_NAME).is_file():
+            return None
+        with writer_lock(folder, skip_if_busy=True) as free:
+            return None if free else lock_holder(folder)
+    except (OSError, ValueError, IndexWriteError):  # the write itself will say what is wrong
+        return None
+
+
+def lock_holder(folder: Path) -> str:
+    """Who holds an index's writer lock, as its lock file says: `pid 12 (retrieve index ~/P)
+    since 2025-05-01 10:02:03`; `another process` where the file does not say."""
+    try:
+        holder = json.loads((folder / LOCK_NAME).read_text(encoding="utf-8"))
+        return f"pid {holder['pid']} ({holder['command']}) since {holder['since']}"
+    except (OSError, ValueError, TypeError, KeyError):  # not written yet, or by an older version
+        return "another process"
+
+
+def _command_line() -> str:
+    """This process's command, short: `retrieve index photos`, `python -m retrieval ...`."""
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    if program in ("__main__.py", "cli.py"):  # python -m retrieval, python -m retrieval.cli
+        program = "retrieve"
+    command = shlex.join([program, *sys.argv[1:]])
+    return command if len(command) <= 200 else command[:199] + "…"
 
 
 @contextmanager

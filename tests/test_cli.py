@@ -265,6 +265,39 @@ def test_console_script_is_installed():
     assert done.returncode == 0 and "retrieve index" in done.stdout
 
 
+REFUSED_WITHOUT_TORCH = """
+import sys
+from retrieval.cli import main
+sys.argv = ["retrieve", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as done:
+    print(done.code, "torch" in sys.modules)
+"""
+
+
+def test_a_second_writer_is_refused_at_once_naming_the_first(built, photo_folder):
+    """It once imported torch and opened the model first: refused only after 10-14 s."""
+    with Index.open(built) as first, first._write_lock():
+        done = subprocess.run([sys.executable, "-c", REFUSED_WITHOUT_TORCH, "index", str(photo_folder),
+                               "--index", str(built)], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.split() == ["1", "False"], done.stderr  # refused before torch was imported
+    assert done.stderr.startswith(f"error: index {built} is being written by pid {os.getpid()} (")
+    assert done.stderr.rstrip().endswith("or add --wait to wait for it")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_a_writer_with_wait_waits_for_the_first(built, photo_folder):
+    with Index.open(built) as first, first._write_lock():
+        second = subprocess.Popen([sys.executable, "-m", "retrieval", "remove", str(photo_folder / "city"),
+                                   "--index", str(built), "--wait"], cwd=ROOT, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        waiting = second.stderr.readline()  # it says so, then waits: the lock is still held here
+        assert waiting.startswith(f"waiting for pid {os.getpid()} (") and str(built) in waiting
+    out, err = second.communicate()
+    assert (second.returncode, out.strip()) == (0, "removed 3 files"), err
+
+
 def test_python_dash_m_retrieval_runs_the_command():
     """`python -m retrieval` once failed: "'retrieval' is a package and cannot be directly executed"."""
     done = subprocess.run([sys.executable, "-m", "retrieval", "--help"], capture_output=True,

@@ -293,13 +293,16 @@ def test_other_model_is_refused_unless_rebuilding(tmp_path, photo_folder, tiny_m
     assert_consistent(index_dir)
 
 
-def test_second_writer_is_refused(tmp_path, photo_folder, tiny_model):
+def test_second_writer_is_refused_naming_the_first(tmp_path, photo_folder, tiny_model):
+    """The refusal once said only "another process"; it names the writer and since when."""
     index_dir = tmp_path / "index"
     build(index_dir, [photo_folder], tiny_model)
     with Index.open(index_dir) as first, Index.open(index_dir) as second:
         with first._write_lock():
-            with pytest.raises(IndexLockedError, match="another process"):
+            with pytest.raises(IndexLockedError,
+                               match=rf"written by pid {os.getpid()} \(.+\) since \d{{4}}-\d\d-\d\d "):
                 second.add(photo_folder)
+        assert second.add(photo_folder).unchanged == 9  # and once it is done, the second may write
 
 
 def test_missing_index_is_explained(tmp_path):
