@@ -528,14 +528,15 @@ def evaluate_entries_command(queries: str, index_dir: str, grouping: str, depth:
                              as_json: bool) -> None:
     """Measure entry search: R@1/5/10 and median rank for each single modality and each fusion.
 
-    QUERIES is a TSV (query<TAB>entry), CSV or JSONL file of queries and the entries (paths
-    without suffix, or folders, relative to the file) that answer them.
+    QUERIES is a TSV (query<TAB>entry), CSV or JSONL file of queries and the entries that
+    answer them: paths without suffix, or folders, relative to the file; with a manifest, its
+    entry names.
     """
-    from .entries import evaluate_fusion, read_entry_queries
+    from .entries import evaluate_fusion
     from .index import Index
 
-    with Index.open(index_dir, readonly=True) as index:
-        results = evaluate_fusion(index, read_entry_queries(queries), grouping, depth)
+    with Index.open(index_dir, readonly=True) as index, printing_query_warnings():
+        results = evaluate_fusion(index, queries, grouping, depth)
     if as_json:
         click.echo(json.dumps({name: vars(scores) for name, scores in results.items()}, indent=2))
         return
@@ -572,7 +573,7 @@ def train_fusion_command(queries: str, index_dir: str, grouping: str, epochs: in
 
     options = FusionTrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                     held_out=held_out, seed=seed)
-    with Index.open(index_dir, wait=wait) as index:
+    with Index.open(index_dir, wait=wait) as index, printing_query_warnings():
         report = train_fusion_gate(index, queries, grouping, options)
     if as_json:
         click.echo(json.dumps(report, indent=2))
