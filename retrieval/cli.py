@@ -127,7 +127,7 @@ def _options_then_words(ctx: click.Context, params: list[click.Parameter], args:
         elif arg.startswith("-") and len(arg) > 1 and not any(c.isspace() for c in arg):
             error = click.NoSuchOption(arg, possibilities=[n for n in takes_value if n[:2] == "--"],
                                        ctx=ctx)
-            if not error.possibilities:
+            if not error.possibilities and not arg.startswith("--"):
                 error.message = (f"No such option {arg!r}; a query that starts with '-' goes "
                                  f"after --, as in: retrieve -- {shlex.quote(arg)}")
             raise error
@@ -205,6 +205,9 @@ def cli() -> None:
 @click.option("--fusion", type=click.Choice(["rrf", "sum", "max", "mean", "weighted", "concat", "attention"]),
               help="How --entries fuses the modalities' evidence [default: the index's, else rrf] "
               "(attention: the gate retrieve train-fusion trained).")
+@click.option("--weights", metavar="image=2,text=1", callback=lambda ctx, param, value: _weights(value),
+              help="With --entries: each modality's weight in the fusion (weighted, concat, sum, "
+              "max, rrf) [default: 1 each].")
 @click.option("--server", envvar="RETRIEVAL_SERVER", metavar="URL",
               help="Ask a running `retrieve serve` (e.g. http://127.0.0.1:8000) instead of "
               "opening the index here: no model to load (or set RETRIEVAL_SERVER).")
@@ -215,7 +218,8 @@ def cli() -> None:
 def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tuple[str, ...],
                    videos: tuple[str, ...], index_dir: str, k: int,
                    target: str, where: str | None, under: str | None, min_score: float | None,
-                   entries: str | None, fusion: str | None, server: str | None, as_json: bool,
+                   entries: str | None, fusion: str | None, weights: dict[str, float] | None,
+                   server: str | None, as_json: bool,
                    model: str | None, pretrained: str | None, device: str) -> None:
     """Search the index with text, images, sounds or a combined query like "cat + 2:dog - grass".
 
@@ -223,9 +227,12 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
     A query that starts with '-' goes after --: retrieve -- "-dog".
     """
     text = " ".join(query) if query else None
+    if weights and not entries:
+        raise click.BadParameter("weights fuse the modalities of entries: add --entries",
+                                 param_hint="'--weights'")
     if entries:
         with printing_query_warnings():
-            found = _entries_here(index_dir, text, images, sounds, videos, k, entries, fusion)
+            found = _entries_here(index_dir, text, images, sounds, videos, k, entries, fusion, weights)
         _print_entries(found, as_json)
         return
     search = dict(k=k, target=target, where=where, under=under, min_score=min_score)
@@ -259,12 +266,31 @@ def _search_here(index_dir: str, text: str | None, images: tuple[str, ...], soun
 
 
 def _entries_here(index_dir: str, text: str | None, images: tuple[str, ...], sounds: tuple[str, ...],
-                  videos: tuple[str, ...], k: int, grouping: str, fusion: str | None) -> list:
+                  videos: tuple[str, ...], k: int, grouping: str, fusion: str | None,
+                  weights: dict[str, float] | None) -> list:
     from .index import Index
 
     with Index.open(index_dir, readonly=True) as index:
         return index.search_entries(text, image=list(images) or None, audio=list(sounds) or None,
-                                    video=list(videos) or None, k=k, grouping=grouping, fusion=fusion)
+                                    video=list(videos) or None, k=k, grouping=grouping, fusion=fusion,
+                                    weights=weights)
+
+
+def _weights(value: str | None) -> dict[str, float] | None:
+    """`image=2,text=1` as {"image": 2.0, "text": 1.0}; the engine checks names and values."""
+    if value is None:
+        return None
+    weights = {}
+    for part in value.split(","):
+        name, equals, number = part.partition("=")
+        try:
+            weights[name.strip()] = float(number)
+        except ValueError:
+            equals = ""
+        if not equals or not name.strip():
+            raise click.BadParameter(f"{part.strip()!r} is not MODALITY=NUMBER; give weights as "
+                                     "image=2,text=1", param_hint="'--weights'")
+    return weights
 
 
 def _print_entries(hits, as_json: bool) -> None:

@@ -172,11 +172,14 @@ def _early(index: Index, vectors: dict[str, np.ndarray], keys: dict[str, int], g
     scored = []
     for name, entry in keys.items():
         parts = {m: _unit_mean(vs) for m, vs in members.get(name, {}).items()}
-        if not parts:
-            continue
+        if not parts or (fusion != "mean" and weights and not any(weights.get(m, 1) for m in parts)):
+            continue  # nothing of it, or nothing that counts: every part it has is weighted 0
         fused = early_fuse(parts, fusion, weights)
         score = float(fused @ early_fuse_query(query, fusion, weights))
-        cosines = {m: float(part @ query) for m, part in parts.items()}
+        # Each modality's cosine as much as it counts in the score: not at all when weighted 0.
+        power = {"mean": 0, "weighted": 1, "concat": 2}[fusion]  # concat weighs both sides
+        cosines = {m: (weights or {}).get(m, 1.0) ** power * float(part @ query)
+                   for m, part in parts.items()}
         total = sum(cosines.values()) or 1.0
         scored.append((entry, score, {m: score * c / total for m, c in cosines.items()}))
     scored.sort(key=lambda item: (-item[1], item[0]))

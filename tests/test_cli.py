@@ -104,6 +104,29 @@ def test_a_query_term_like_a_missing_file_warns_and_searches_its_words(built, ph
     assert run("a red picture", "--index", built)[2] == ""
 
 
+def test_weights_reach_the_fusion(built):
+    """`--fusion weighted` once equalled mean: the CLI had no way to give weights."""
+    def entries(*options: str) -> list[tuple[str, float]]:
+        code, out, err = run("red", "--entries", "stem", "--index", built, "--json", *options)
+        assert code == 0, err
+        return [(hit["entry"], hit["score"]) for hit in json.loads(out)]
+
+    weighted = entries("--fusion", "weighted", "--weights", "image=1, text=0")
+    with Index.open(built, readonly=True) as index:
+        expected = index.search_entries("red", grouping="stem", fusion="weighted",
+                                        weights={"image": 1, "text": 0})
+    assert weighted == [(hit.entry, hit.score) for hit in expected]
+    assert weighted != entries("--fusion", "weighted")  # the caption of img0 no longer counts
+    assert all(hit.contributions.get("text", 0) == 0 for hit in expected)
+    assert entries("--fusion", "weighted") == entries("--fusion", "mean")
+    for bad in (["--weights", "image:2", "--entries", "stem"], ["--weights", "image=x", "--entries", "stem"],
+                ["--weights", "image=2"]):
+        code, _, err = run("red", "--index", built, *bad)
+        assert code == 2 and "--weights" in err.splitlines()[-1], err
+    code, _, err = run("red", "--index", built, "--entries", "stem", "--weights", "imag=2")
+    assert code == 2 and "imag" in err
+
+
 def test_image_query_returns_captions_and_images(built, photo_folder):
     image = photo_folder / "city" / "img3.jpg"
     texts = json.loads(run("--image", image, "--index", built, "--json")[1])
