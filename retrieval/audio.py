@@ -121,15 +121,16 @@ def _blocks(sound: sf.SoundFile) -> Iterator[np.ndarray]:
 
 def _check_duration(seconds: float, max_seconds: float) -> None:
     if seconds > max_seconds:
-        raise AudioDecodeError(f"too long ({format_duration(seconds)}; the limit is "
-                               f"{format_duration(max_seconds)}, raise it with --max-audio-seconds)")
+        length, limit = format_durations(seconds, max_seconds)
+        raise AudioDecodeError(f"too long ({length}; the limit is {limit}, raise it with "
+                               "--max-audio-seconds)")
 
 
 def _check_samples(mono: np.ndarray, rate: int) -> None:
     seconds = len(mono) / rate
     if seconds < MIN_AUDIO_SECONDS:
-        raise AudioDecodeError(
-            f"too short ({format_duration(seconds)}; needs at least {format_duration(MIN_AUDIO_SECONDS)})")
+        length, least = format_durations(seconds, MIN_AUDIO_SECONDS)
+        raise AudioDecodeError(f"too short ({length}; needs at least {least})")
     if not np.isfinite(mono).all():
         raise AudioDecodeError("damaged samples (NaN or infinite values)")
     if float(np.max(np.abs(mono))) < SILENCE_PEAK:
@@ -145,6 +146,22 @@ def format_duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def format_durations(*seconds: float) -> list[str]:
+    """Durations as `format_duration` shows them, unless it shows two that differ alike ("1.0 h;
+    the limit is 1.0 h"): then all in seconds, with as many decimals as tell them apart."""
+    shown = [format_duration(s) for s in seconds]
+    places = 0
+    while len(set(shown)) < len(set(seconds)) and places <= 6:
+        shown = [_in_seconds(s, places) for s in seconds]
+        places += 1
+    return shown
+
+
+def _in_seconds(seconds: float, places: int) -> str:
+    text = f"{seconds:.{places}f}"
+    return (text.rstrip("0").rstrip(".") if "." in text else text) + " s"
 
 
 def _libsndfile_reason(error: Exception) -> str:

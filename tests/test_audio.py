@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 from sounds import PITCHES, SOUND_RATE, dominant_frequency, render_sound, rms, write_sound
 
-from retrieval.audio import AudioDecodeError, load_audio, split_windows
+from retrieval.audio import AudioDecodeError, format_durations, load_audio, split_windows
 
 TONE = 440.0
 SOURCE_RATE = 22050
@@ -201,6 +201,9 @@ def claim_length(flac: bytes, frames: int) -> bytes:
 @pytest.mark.parametrize("claimed_seconds,max_seconds,expected", [
     (10 * 3600, 3600.0, "too long (10.0 h; the limit is 1.0 h, raise it with --max-audio-seconds)"),
     (90, 60.0, "too long (1.5 min; the limit is 1.0 min, raise it with --max-audio-seconds)"),
+    # Once "too long (1.0 h; the limit is 1.0 h)": a length just over the limit reads as equal.
+    (3601, 3600.0, "too long (3601 s; the limit is 3600 s, raise it with --max-audio-seconds)"),
+    (61, 60.0, "too long (61 s; the limit is 60 s, raise it with --max-audio-seconds)"),
 ])
 def test_length_is_refused_from_the_header_before_decoding(tmp_path, claimed_seconds, max_seconds, expected):
     # The file holds 1 s of audio but claims far more: only a header check can call it too long.
@@ -284,3 +287,9 @@ def test_written_sounds_load_back(tmp_path):
     loaded = load_audio(write_sound(tmp_path / "a" / "b" / "red_circle.flac", wave), SOUND_RATE)
 
     assert dominant_frequency(loaded, SOUND_RATE) == pytest.approx(PITCHES["red"], rel=0.04)
+
+
+def test_durations_that_differ_read_differently():
+    assert format_durations(3600.25, 3600) == ["3600.2 s", "3600 s"]
+    assert format_durations(0.0999, 0.1) == ["0.0999 s", "0.1 s"]
+    assert format_durations(7200, 3600) == ["2.0 h", "1.0 h"]
