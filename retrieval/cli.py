@@ -19,7 +19,7 @@ import click
 from click_default_group import DefaultGroup
 
 from .audio import DEFAULT_MAX_AUDIO_SECONDS
-from .errors import IndexEmptyError, IndexLockedError, QueryWarning, RetrievalError
+from .errors import IndexEmptyError, IndexLockedError, QueryWarning, RetrievalError, counted
 from .images import DEFAULT_MAX_MEGAPIXELS
 from .video import DEFAULT_MAX_VIDEO_SECONDS
 
@@ -386,8 +386,10 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                            max_audio_seconds=max_audio_seconds, max_video_seconds=max_video_seconds,
                            progress=not quiet and sys.stderr.isatty(), engine=engine, address=address)
     if not quiet:
-        for skipped in report.skipped:
-            click.echo(f"warning: skipped {skipped.path}: {skipped.reason}", err=True)
+        from .build import skipped_lines
+
+        for line in skipped_lines(report.skipped):
+            click.echo(f"warning: {line}", err=True)
     if as_json:
         click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
     else:
@@ -406,7 +408,7 @@ def remove_command(sources: tuple[str, ...], index_dir: str, wait: bool) -> None
 
     with Index.open(index_dir, wait=wait) as index:
         removed = index.remove(*sources)
-    click.echo(f"removed {removed} files")
+    click.echo(f"removed {counted(removed, 'file')}")
 
 
 @cli.command("convert")
@@ -496,8 +498,10 @@ def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int
     with Index.open(index_dir, create=True, device=device, wait=wait) as index:
         report = index.train_audio(pairs, options, reindex=not no_reindex, log=log)
     if not quiet:
-        for skipped in report.skipped:
-            click.echo(f"warning: skipped {skipped.path}: {skipped.reason}", err=True)
+        from .build import skipped_lines
+
+        for line in skipped_lines(report.skipped):
+            click.echo(f"warning: {line}", err=True)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
 
@@ -536,7 +540,7 @@ def evaluate_command(images: str, captions: str, split: str | None, model: str |
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    click.echo(f"{result.model}: {result.images} images, {result.captions} captions "
+    click.echo(f"{result.model}: {counted(result.images, 'image')}, {counted(result.captions, 'caption')} "
                f"(encoded in {result.seconds['encode']:.1f} s)\n")
     click.echo(result.table())
 
@@ -604,10 +608,9 @@ def train_fusion_command(queries: str, index_dir: str, grouping: str, epochs: in
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    last = report["epochs"][-1]
-    click.echo(f"trained the fusion gate on {report['examples'] - report['held_out']} queries for "
-               f"{len(report['epochs'])} epochs in {report['seconds']:.1f} s; held-out R@1 "
-               f"{last['recall_at_1']:.3f}")
+    examples = (f"{counted(report['queries'], 'query', 'queries')} "
+                f"({counted(report['examples'], 'query-entry pair')})")
+    click.echo(trained_line("the fusion gate", examples, report, held_noun="pair"))
 
 
 @cli.command("train-temporal")
@@ -643,9 +646,17 @@ def train_temporal_command(pairs: str, index_dir: str, kind: str, epochs: int, b
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    last = report["epochs"][-1]
-    click.echo(f"trained {report['identity']} on {report['examples'] - report['held_out']} segments in "
-               f"{report['seconds']:.1f} s; held-out R@1 {last['recall_at_1']:.3f}")
+    click.echo(trained_line(report["identity"], counted(report["examples"], "segment"), report))
+
+
+def trained_line(subject: str, examples: str, report: dict, held_noun: str = "") -> str:
+    """What a fusion or temporal training did, in one line; R@1 only where some were held out."""
+    held = report["held_out"]
+    kept = f", {counted(held, held_noun) if held_noun else held} held out," if held else ""
+    recall = (f"held-out R@1 {report['epochs'][-1]['recall_at_1']:.3f}" if held
+              else "nothing held out to measure")
+    return (f"trained {subject} on {examples}{kept} for {counted(len(report['epochs']), 'epoch')} "
+            f"in {report['seconds']:.1f} s; {recall}")
 
 
 @cli.command("train")

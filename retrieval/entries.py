@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .corpus import absolute_path, display_path
-from .errors import QueryWarning, UsageError
+from .errors import QueryWarning, UsageError, counted
 from .evaluation import DirectionScores
 from .files import replacing
 from .fusion import (
@@ -228,13 +228,14 @@ def _check_answers(index: Index, queries: list[tuple[str, set[str]]], known: set
     unknown = [sorted(right)[0] for _, right in queries if not right & known]
     if not unknown:
         return
-    example = f"{unknown[0]!r} is not one of its {len(known)} entries"
+    example = f"{unknown[0]!r} is not one of its {counted(len(known), 'entry', 'entries')}"
     if known:
         example += f", such as {min(known)!r}"
     if len(unknown) == len(queries):
         raise UsageError(f"no entry named in {source} is in index {index.path}: {example}")
-    warnings.warn(QueryWarning(f"{len(unknown)} of {len(queries)} queries in {source} name no "
-                               f"entry of the index, and count as misses: {example}"), stacklevel=3)
+    warnings.warn(QueryWarning(f"{len(unknown)} of {counted(len(queries), 'query', 'queries')} in "
+                               f"{source} name no entry of the index, and count as misses: {example}"),
+                  stacklevel=3)
 
 
 def _part_arrays(members: dict[str, dict[str, list[np.ndarray]]], names: list[str], dim: int
@@ -268,6 +269,7 @@ def train_fusion_gate(index: Index, queries: str | Path, grouping: str = "stem",
         vectors = index.text_encoder.encode_texts([query for query, _ in examples])
         model, report = train_attention(vectors, parts, mask, np.array([row for _, row in examples]),
                                         options)
+        report["queries"] = len({query for query, _ in examples})  # a query may name several entries
         data = save({k: v.contiguous() for k, v in model.state_dict().items()},
                     metadata={"dim": str(index.dim), "hidden": str(model.gate[0].out_features)})
         with replacing(index.path / GATE_NAME) as temporary:

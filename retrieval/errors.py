@@ -1,6 +1,12 @@
-"""Errors the engine raises on purpose: each carries one line a person can act on."""
+"""Errors the engine raises on purpose: each carries one line a person can act on. And
+`counted`, which every message that counts things shares."""
 
 from __future__ import annotations
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """`1 file`, `2 files`: a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 class RetrievalError(Exception):

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from conftest import write_image
 
 from retrieval import Index
-from retrieval.cli import cli
+from retrieval.build import BuildReport
+from retrieval.cli import cli, trained_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,6 +160,20 @@ def test_filters(built, photo_folder):
     assert none == []
 
 
+def test_counts_agree_with_their_nouns():
+    """"1 epochs", "1 files", "held-out R@1 0.000" with nothing held out: no more."""
+    assert BuildReport(new=1, images_encoded=1, vectors_reused=1).summary().startswith(
+        "1 new, 0 changed, 0 unchanged, 0 moved, 0 removed, 0 skipped; encoded 1 image, 0 texts, "
+        "0 audio windows and 0 video segments, reused 1 vector in ")
+    report = {"held_out": 0, "epochs": [{"recall_at_1": 0.0}], "seconds": 1.25}
+    assert trained_line("bilstm:ab", "9 segments", report) == (
+        "trained bilstm:ab on 9 segments for 1 epoch in 1.2 s; nothing held out to measure")
+    report = {"held_out": 2, "epochs": [{"recall_at_1": 0.5}] * 3, "seconds": 3.0}
+    assert trained_line("the fusion gate", "9 queries (18 query-entry pairs)", report, "pair") == (
+        "trained the fusion gate on 9 queries (18 query-entry pairs), 2 pairs held out, for 3 epochs "
+        "in 3.0 s; held-out R@1 0.500")
+
+
 def test_info(built, tiny_model):
     code, out, _ = run("info", "--index", built, "--json")
     stats = json.loads(out)
@@ -174,6 +189,8 @@ def test_remove(built, photo_folder):
     assert (code, out.strip()) == (0, "removed 3 files")
     stats = json.loads(run("info", "--index", built, "--json")[1])
     assert stats["counts"]["image"] == 3
+    code, out, _ = run("remove", photo_folder / "beach" / "img1.jpg", "--index", built)
+    assert (code, out.strip()) == (0, "removed 1 file")  # once "1 files"
 
 
 def test_index_from_env_variable(built, monkeypatch):

@@ -210,6 +210,12 @@ def test_a_trained_attention_gate_fuses_per_query(entry_index, tmp_path, monkeyp
         assert hit.score == pytest.approx(sum(hit.contributions.values()), abs=1e-5)
     table = runner.invoke(cli, ["evaluate-entries", str(queries), "--index", str(index_dir)])
     assert "| attention |" in table.stdout
+    # 9 queries, each answered by 2 entries: once "on 18 queries ... held-out R@1 0.000"
+    again = runner.invoke(cli, ["train-fusion", str(queries), "--index", str(index_dir), "--held-out", "0",
+                                "--epochs", "1"])
+    assert again.exit_code == 0, again.output
+    assert again.stdout.startswith("trained the fusion gate on 9 queries (18 query-entry pairs) for 1 epoch in ")
+    assert again.stdout.rstrip().endswith("; nothing held out to measure")
 
 
 def test_multi_part_queries_with_weights_and_negation_find_entries(entry_index, tmp_path):
