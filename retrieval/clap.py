@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -116,11 +117,27 @@ def load_clap(ref: str, device: str = "auto", batch_size: int = 16) -> ClapEncod
     # from retrying a network that is not there when the variable was set later.
     offline = _offline()
     try:
-        model = ClapModel.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
-        processor = ClapProcessor.from_pretrained(source, local_files_only=offline)
+        with _no_loading_bars():
+            model = ClapModel.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
+            processor = ClapProcessor.from_pretrained(source, local_files_only=offline)
     except Exception as error:  # transformers and huggingface_hub raise many kinds for one cause
         raise ModelLoadError(_explain_load_failure(identity, source, local, error)) from error
     return ClapEncoder(identity, model.to(device), processor, device, batch_size)
+
+
+@contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """transformers draws a bar for loading the weights ("Loading weights: 100%"), on stderr,
+    quiet or not; the build's own progress is what a person follows."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def clap_identity(ref: str) -> str:
