@@ -492,15 +492,19 @@ class Index:
 
     def _save_vectors(self, modality: str, vectors: VectorIndex, generation: int) -> None:
         """Save (an on-disk index is already in place), point the manifest at it, then delete
-        the modality's older on-disk folders: readers that map them keep them until they close."""
+        the modality's other files: older on-disk folders, or the in-memory kind's file after a
+        conversion to disk. Readers that map them keep them until they close."""
         name = vectors.folder.name if isinstance(vectors, OnDiskIndex) else f"{modality}.faiss"
         vectors.save(self.path / name)
         manifest = self._manifest()
         manifest.vectors[modality] = VectorFileState(name, len(vectors), generation, vectors.kind)
         manifest.write(self.path)
-        for old in self.path.glob(f"{modality}-*.ondisk*"):
+        for old in [*self.path.glob(f"{modality}-*.ondisk*"), self.path / f"{modality}.faiss"]:
             if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
 
     def _manifest(self) -> Manifest:
         manifest = Manifest.read(self.path) or Manifest(FORMAT_VERSION, {}, self.dim)
