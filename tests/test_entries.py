@@ -214,7 +214,8 @@ def test_a_trained_attention_gate_fuses_per_query(entry_index, tmp_path, monkeyp
     again = runner.invoke(cli, ["train-fusion", str(queries), "--index", str(index_dir), "--held-out", "0",
                                 "--epochs", "1"])
     assert again.exit_code == 0, again.output
-    assert again.stdout.startswith("trained the fusion gate on 9 queries (18 query-entry pairs) for 1 epoch in ")
+    assert again.stdout.startswith(
+        "trained the fusion gate on 9 queries (18 query-entry pairs) for 1 epoch in ")
     assert again.stdout.rstrip().endswith("; nothing held out to measure")
 
 
