@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ def load_audio(source: str | Path | BinaryIO, sample_rate: int,
     Raises AudioDecodeError with a one-line reason for anything that is not usable audio.
     """
     try:
-        with binary_stream(source) as stream:
+        with binary_stream(source) as stream, _without_decoder_chatter():
             mono, rate = _decode_mono(stream, max_seconds)
     except OSError as error:  # missing, a folder, no permission, or a failing disk
         raise AudioDecodeError(f"cannot read ({error.strerror or type(error).__name__})") from None
@@ -66,6 +67,72 @@ def load_audio(source: str | Path | BinaryIO, sample_rate: int,
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+# libmpg123, inside libsndfile, writes its notes on damaged MP3 frames ("Note: Trying to resync...",
+# "[src/libmpg123/layer3.c:...] error: ...", "Warning: Xing stream size off...") straight to file
+# descriptor 2, with no switch to turn them off; the decode error or the wave is what counts.
+_CHATTER = (b"[src/libmpg123/", b"Note: ", b"Warning: ")
+_chatter_lock = threading.Lock()
+_chatter_filter: list = []  # [decodes running, saved stderr fd, read end, forwarding thread]
+
+
+@contextlib.contextmanager
+def _without_decoder_chatter() -> Iterator[None]:
+    """While any thread decodes, route file descriptor 2 through a filter that drops libmpg123's
+    lines and passes everything else (a progress bar, other warnings) on, as it comes."""
+    with _chatter_lock:
+        if not _chatter_filter:
+            with contextlib.suppress(OSError):  # no stderr to filter: nothing to hide either
+                _chatter_filter[:] = [0, *_start_filter()]
+        filtering = bool(_chatter_filter)
+        if filtering:
+            _chatter_filter[0] += 1
+    try:
+        yield
+    finally:
+        if filtering:
+            with _chatter_lock:
+                _chatter_filter[0] -= 1
+                if not _chatter_filter[0]:
+                    _stop_filter(*_chatter_filter[1:])
+                    _chatter_filter.clear()
+
+
+def _start_filter() -> tuple[int, int, threading.Thread]:
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    thread = threading.Thread(target=_forward, args=(read_end, saved), daemon=True)
+    thread.start()
+    return saved, read_end, thread
+
+
+def _stop_filter(saved: int, read_end: int, thread: threading.Thread) -> None:
+    import sys
+
+    sys.stderr.flush()
+    os.dup2(saved, 2)  # closes the pipe's last write end: the thread drains it, then stops
+    thread.join()
+    os.close(read_end)
+    os.close(saved)
+
+
+def _forward(read_end: int, target: int) -> None:
+    pending = b""
+    while chunk := os.read(read_end, 1 << 16):
+        *lines, pending = (pending + chunk).split(b"\n")
+        kept = b"".join(line + b"\n" for line in lines if not line.startswith(_CHATTER))
+        if pending and not any(p.startswith(pending) or pending.startswith(p) for p in _CHATTER):
+            kept, pending = kept + pending, b""  # a progress bar redraws without a newline
+        if kept:
+            os.write(target, kept)
+    if pending and not pending.startswith(_CHATTER):
+        os.write(target, pending)
 
 
 def binary_stream(source: str | Path | BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
@@ -121,15 +188,16 @@ def _blocks(sound: sf.SoundFile) -> Iterator[np.ndarray]:
 
 def _check_duration(seconds: float, max_seconds: float) -> None:
     if seconds > max_seconds:
-        raise AudioDecodeError(f"too long ({format_duration(seconds)}; the limit is "
-                               f"{format_duration(max_seconds)}, raise it with --max-audio-seconds)")
+        length, limit = format_durations(seconds, max_seconds)
+        raise AudioDecodeError(f"too long ({length}; the limit is {limit}, raise it with "
+                               "--max-audio-seconds)")
 
 
 def _check_samples(mono: np.ndarray, rate: int) -> None:
     seconds = len(mono) / rate
     if seconds < MIN_AUDIO_SECONDS:
-        raise AudioDecodeError(
-            f"too short ({format_duration(seconds)}; needs at least {format_duration(MIN_AUDIO_SECONDS)})")
+        length, least = format_durations(seconds, MIN_AUDIO_SECONDS)
+        raise AudioDecodeError(f"too short ({length}; needs at least {least})")
     if not np.isfinite(mono).all():
         raise AudioDecodeError("damaged samples (NaN or infinite values)")
     if float(np.max(np.abs(mono))) < SILENCE_PEAK:
@@ -145,6 +213,22 @@ def format_duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def format_durations(*seconds: float) -> list[str]:
+    """Durations as `format_duration` shows them, unless it shows two that differ alike ("1.0 h;
+    the limit is 1.0 h"): then all in seconds, with as many decimals as tell them apart."""
+    shown = [format_duration(s) for s in seconds]
+    places = 0
+    while len(set(shown)) < len(set(seconds)) and places <= 6:
+        shown = [_in_seconds(s, places) for s in seconds]
+        places += 1
+    return shown
+
+
+def _in_seconds(seconds: float, places: int) -> str:
+    text = f"{seconds:.{places}f}"
+    return (text.rstrip("0").rstrip(".") if "." in text else text) + " s"
 
 
 def _libsndfile_reason(error: Exception) -> str:

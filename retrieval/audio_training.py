@@ -33,7 +33,7 @@ from .audio_tower import AudioTower, AudioTowerConfig, padded_batch
 from .captions import split_lines
 from .contrastive import optimise, symmetric_info_nce
 from .corpus import AUDIO_SUFFIXES, IMAGE_SUFFIXES, Skipped, existing_file
-from .errors import UsageError
+from .errors import UsageError, counted
 from .images import ImageDecodeError, load_image
 
 CAPTION_COLUMNS = ("caption", "text")
@@ -82,8 +82,9 @@ class AudioTrainingReport:
         last = self.epochs[-1] if self.epochs else None
         recall = (f"held-out recall@1 {last.recall_at_1:.3f}, @5 {last.recall_at_5:.3f}"
                   if last and self.held_out else "no held-out pairs")
-        return (f"trained on {self.pairs - self.held_out} pairs for {len(self.epochs)} epochs in "
-                f"{self.seconds:.1f} s; {recall}; {len(self.skipped)} skipped")
+        return (f"trained on {counted(self.pairs - self.held_out, 'pair')} for "
+                f"{counted(len(self.epochs), 'epoch')} in {self.seconds:.1f} s; {recall}; "
+                f"{len(self.skipped)} skipped")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -47,7 +47,7 @@ from .corpus import (
     text_digest,
     walk_sources,
 )
-from .errors import UsageError
+from .errors import UsageError, counted
 from .images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
 from .pipeline import default_workers, prefetch_map
 from .store import MODALITIES, FileRow, NewItem, SkippedRow
@@ -79,6 +79,10 @@ class BuildOptions:
     address: str | None = None  # the Ray cluster; None starts a local one
 
 
+# Why sounds wait: the index's reason, not the files', so it is said once (see `skipped_lines`).
+NO_AUDIO_ENCODER = "no audio encoder yet"
+
+
 @dataclass
 class BuildReport:
     """What a build did, counted in files; `encoded` and `reused` count vectors."""
@@ -108,15 +112,29 @@ class BuildReport:
             skipped += f" ({self.skipped_unchanged} unchanged since their warning)"
         return (f"{self.new} new, {self.changed} changed, {self.unchanged} unchanged, "
                 f"{self.moved} moved, {self.removed} removed, {skipped}; "
-                f"encoded {self.images_encoded} images, {self.texts_encoded} texts, "
-                f"{self.audio_encoded} audio windows and {self.video_encoded} video segments, "
-                f"reused {self.vectors_reused} vectors in {self.seconds:.1f} s "
+                f"encoded {counted(self.images_encoded, 'image')}, {counted(self.texts_encoded, 'text')}, "
+                f"{counted(self.audio_encoded, 'audio window')} and "
+                f"{counted(self.video_encoded, 'video segment')}, "
+                f"reused {counted(self.vectors_reused, 'vector')} in {self.seconds:.1f} s "
                 f"({self.items_per_second:.1f} items/s)")
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["items_per_second"] = self.items_per_second
         return data
+
+
+def skipped_lines(skipped: list[Skipped]) -> list[str]:
+    """A warning per skipped file, but one for all the sounds waiting for an audio encoder."""
+    lines, waiting = [], []
+    for one in skipped:
+        if one.reason.startswith(NO_AUDIO_ENCODER):
+            waiting.append(one)
+        else:
+            lines.append(f"skipped {one.path}: {one.reason}")
+    if waiting:
+        lines.append(f"skipped {counted(len(waiting), 'sound')}: {waiting[0].reason}")
+    return lines
 
 
 class UnreadableFile(Exception):
@@ -539,7 +557,7 @@ class Builder:
             return
         encoder = self.index.audio_encoder_or_none()
         if encoder is None:
-            reason = (f"no audio encoder yet: train one with `retrieve train-audio PAIRS --index "
+            reason = (f"{NO_AUDIO_ENCODER}: train one with `retrieve train-audio PAIRS --index "
                       f"{self.index.path}`, or build with --audio-model clap:NAME")
             for source, _ in pending:
                 self._skip(source, reason)

@@ -60,6 +60,11 @@ def read_split_pairs(path: str, content: str, split: str) -> list[tuple[str, str
     if not _is_karpathy(data):
         raise CaptionFormatError(f"{path} is not a Karpathy split JSON (images with 'split' and "
                                  "'sentences'), so it has no splits to choose from")
+    splits = {str(image["split"]) for image in data["images"]
+              if isinstance(image, dict) and "split" in image}
+    if split not in splits:
+        raise CaptionFormatError(f"no image is in split {split!r}; its splits are "
+                                 f"{', '.join(sorted(splits))}")
     return _karpathy_pairs(data, split)
 
 

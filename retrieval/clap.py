@@ -9,7 +9,8 @@ vector leaving this module is float32 and L2-normalised.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -130,12 +131,27 @@ def load_clap(ref: str, device: str = "auto", batch_size: int = 16) -> ClapEncod
 
     device = resolve_device(device)
     try:
-        with hub_cache_only(cache_only):
+        with hub_cache_only(cache_only), _no_loading_bars():
             model = ClapModel.from_pretrained(source, dtype=torch.float32, local_files_only=cache_only)
             processor = ClapProcessor.from_pretrained(source, local_files_only=cache_only)
     except Exception as error:  # transformers and huggingface_hub raise many kinds for one cause
         raise ModelLoadError(_explain_load_failure(identity, source, local, one_line(error))) from error
     return ClapEncoder(identity, model.to(device), processor, device, batch_size)
+
+
+@contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """transformers draws a bar for loading the weights ("Loading weights: 100%"), on stderr,
+    quiet or not; the build's own progress is what a person follows."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def clap_identity(ref: str) -> str:

@@ -7,15 +7,19 @@ Exit codes: 0 success, 1 runtime failure, 2 usage error.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import wraps
 
 import click
 from click_default_group import DefaultGroup
 
 from .audio import DEFAULT_MAX_AUDIO_SECONDS
-from .errors import IndexEmptyError, RetrievalError
+from .errors import IndexEmptyError, IndexLockedError, QueryWarning, RetrievalError, counted
 from .images import DEFAULT_MAX_MEGAPIXELS
 from .video import DEFAULT_MAX_VIDEO_SECONDS
 
@@ -33,6 +37,9 @@ batch_option = click.option(
     "--batch-size", default=32, show_default=True, type=click.IntRange(1),
     help="Items encoded per forward pass.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+wait_option = click.option(
+    "--wait", is_flag=True,
+    help="If another process is writing the index, wait for it instead of stopping.")
 
 
 def schedule_options(epochs: int, batch_size: int, learning_rate: float):
@@ -64,6 +71,10 @@ def reports_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except IndexLockedError as error:
+            click.echo(f"error: index {error.path} is being written by {error.holder}; run again "
+                       "when it is done, or add --wait to wait for it", err=True)
+            sys.exit(error.exit_code)
         except RetrievalError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
@@ -73,7 +84,87 @@ def reports_errors(command):
     return wrapper
 
 
-@click.group(cls=DefaultGroup, default="search", default_if_no_args=False)
+class SearchFirstGroup(DefaultGroup):
+    """The default-command group, where a leading `--` belongs to the search query:
+    `retrieve -- "-dog"` searches for "-dog" (a bare group would swallow the `--`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args[:1] == ["--"]:
+            args = [self.default_cmd_name, *args]
+        return super().parse_args(ctx, args)
+
+
+class SearchCommand(click.Command):
+    """A command whose arguments are query words, and a word that starts with '-' but that no
+    option could be ("- dog") is one of them too."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _options_then_words(ctx, self.get_params(ctx), args))
+
+
+def _options_then_words(ctx: click.Context, params: list[click.Parameter], args: list[str]
+                        ) -> list[str]:
+    """`args` reordered as options, `--`, then the query words in their order, so that click
+    takes every query word as one. A word that could name an option but names none ("-dog",
+    "--imgae") is refused, with a hint for a query that really starts with '-'."""
+    takes_value = {name: not (param.is_flag or param.count)
+                   for param in params if isinstance(param, click.Option)
+                   for name in (*param.opts, *param.secondary_opts)}
+    options: list[str] = []
+    words: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+        if arg == "--":
+            words += rest
+        elif arg in takes_value:
+            value = next(rest, None) if takes_value[arg] else None
+            if takes_value[arg] and value is None:
+                return args  # click reports the missing value
+            options += [arg] if value is None else [arg, value]
+        elif takes_value.get(name):  # --index=DIR, -k5
+            options.append(arg)
+        elif arg.startswith("-") and len(arg) > 1 and not any(c.isspace() for c in arg):
+            error = click.NoSuchOption(arg, possibilities=[n for n in takes_value if n[:2] == "--"],
+                                       ctx=ctx)
+            if not error.possibilities and not arg.startswith("--"):
+                error.message = (f"No such option {arg!r}; a query that starts with '-' goes "
+                                 f"after --, as in: retrieve -- {shlex.quote(arg)}")
+            raise error
+        else:
+            words.append(arg)
+    return [*options, "--", *words] if words else options
+
+
+def wait_or_refuse(index_dir: str, wait: bool) -> None:
+    """Before any slow start: refuse a write at once while another process writes the index,
+    or, with --wait, say what this one waits for."""
+    from .index import index_writer
+
+    holder = index_writer(index_dir)
+    if holder is not None and not wait:
+        raise IndexLockedError(index_dir, holder)
+    if holder is not None:
+        click.echo(f"waiting for {holder} to finish writing index {index_dir}", err=True)
+
+
+@contextmanager
+def printing_query_warnings() -> Iterator[None]:
+    """Show the engine's warnings about a query (a term naming no file) as one line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", QueryWarning)
+        try:
+            yield
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, QueryWarning):
+                    click.echo(f"warning: {warning.message}", err=True)
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename,
+                                         warning.lineno)
+
+
+@click.group(cls=SearchFirstGroup, default="search", default_if_no_args=False)
 @click.version_option(package_name="retrieval")
 def cli() -> None:
     """Search images, texts and sounds by meaning, with open_clip, FAISS and SQLite.
@@ -89,7 +180,7 @@ def cli() -> None:
     """
 
 
-@cli.command("search")
+@cli.command("search", cls=SearchCommand)
 @click.argument("query", nargs=-1)
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
               help="Query image (repeatable); combined with any text query.")
@@ -114,6 +205,9 @@ def cli() -> None:
 @click.option("--fusion", type=click.Choice(["rrf", "sum", "max", "mean", "weighted", "concat", "attention"]),
               help="How --entries fuses the modalities' evidence [default: the index's, else rrf] "
               "(attention: the gate retrieve train-fusion trained).")
+@click.option("--weights", metavar="image=2,text=1", callback=lambda ctx, param, value: _weights(value),
+              help="With --entries: each modality's weight in the fusion (weighted, concat, sum, "
+              "max, rrf) [default: 1 each].")
 @click.option("--server", envvar="RETRIEVAL_SERVER", metavar="URL",
               help="Ask a running `retrieve serve` (e.g. http://127.0.0.1:8000) instead of "
               "opening the index here: no model to load (or set RETRIEVAL_SERVER).")
@@ -124,15 +218,22 @@ def cli() -> None:
 def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tuple[str, ...],
                    videos: tuple[str, ...], index_dir: str, k: int,
                    target: str, where: str | None, under: str | None, min_score: float | None,
-                   entries: str | None, fusion: str | None, server: str | None, as_json: bool,
+                   entries: str | None, fusion: str | None, weights: dict[str, float] | None,
+                   server: str | None, as_json: bool,
                    model: str | None, pretrained: str | None, device: str) -> None:
     """Search the index with text, images, sounds or a combined query like "cat + 2:dog - grass".
 
     The index's own model encodes the query; --model only checks that it is the one expected.
+    A query that starts with '-' goes after --: retrieve -- "-dog".
     """
     text = " ".join(query) if query else None
+    if weights and not entries:
+        raise click.BadParameter("weights fuse the modalities of entries: add --entries",
+                                 param_hint="'--weights'")
     if entries:
-        _print_entries(_entries_here(index_dir, text, images, sounds, videos, k, entries, fusion), as_json)
+        with printing_query_warnings():
+            found = _entries_here(index_dir, text, images, sounds, videos, k, entries, fusion, weights)
+        _print_entries(found, as_json)
         return
     search = dict(k=k, target=target, where=where, under=under, min_score=min_score)
     if server:
@@ -141,7 +242,8 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
         hits = search_server(server, text, list(images), list(sounds), **search)
     else:
         search["video"] = list(videos) or None
-        hits = _search_here(index_dir, text, images, sounds, model, pretrained, device, search)
+        with printing_query_warnings():
+            hits = _search_here(index_dir, text, images, sounds, model, pretrained, device, search)
     if as_json:
         click.echo(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False, indent=2))
     elif not hits:
@@ -164,12 +266,31 @@ def _search_here(index_dir: str, text: str | None, images: tuple[str, ...], soun
 
 
 def _entries_here(index_dir: str, text: str | None, images: tuple[str, ...], sounds: tuple[str, ...],
-                  videos: tuple[str, ...], k: int, grouping: str, fusion: str | None) -> list:
+                  videos: tuple[str, ...], k: int, grouping: str, fusion: str | None,
+                  weights: dict[str, float] | None) -> list:
     from .index import Index
 
     with Index.open(index_dir, readonly=True) as index:
         return index.search_entries(text, image=list(images) or None, audio=list(sounds) or None,
-                                    video=list(videos) or None, k=k, grouping=grouping, fusion=fusion)
+                                    video=list(videos) or None, k=k, grouping=grouping, fusion=fusion,
+                                    weights=weights)
+
+
+def _weights(value: str | None) -> dict[str, float] | None:
+    """`image=2,text=1` as {"image": 2.0, "text": 1.0}; the engine checks names and values."""
+    if value is None:
+        return None
+    weights = {}
+    for part in value.split(","):
+        name, equals, number = part.partition("=")
+        try:
+            weights[name.strip()] = float(number)
+        except ValueError:
+            equals = ""
+        if not equals or not name.strip():
+            raise click.BadParameter(f"{part.strip()!r} is not MODALITY=NUMBER; give weights as "
+                                     "image=2,text=1", param_hint="'--weights'")
+    return weights
 
 
 def _print_entries(hits, as_json: bool) -> None:
@@ -236,6 +357,7 @@ def _print_hits(hits) -> None:
               "[default: start Ray on this machine].")
 @click.option("--quiet", is_flag=True, help="No progress bar, no per-file warnings.")
 @json_option
+@wait_option
 @reports_errors
 def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str, ...],
                   exclude_dir: tuple[str, ...], include_hidden: bool, max_megapixels: float,
@@ -245,18 +367,19 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                   pretrained: str | None,
                   audio_model: str | None, index_type: str | None,
                   rebuild: bool, device: str, batch_size: int, int8: bool, engine: str,
-                  address: str | None, quiet: bool, as_json: bool) -> None:
+                  address: str | None, quiet: bool, as_json: bool, wait: bool) -> None:
     """Build or update an index over folders and files, incrementally.
 
     Only new and changed files are encoded; moved files keep their vectors; files gone from
     SOURCES are forgotten. With no SOURCES, the folders and captions files indexed before are
     scanned again, each folder with the --exclude-dir and --include-hidden it was given.
     """
+    wait_or_refuse(index_dir, wait)
     from .index import Index
 
     with Index.open(index_dir, model=model, pretrained=pretrained, create=True, rebuild=rebuild,
                     index_type=index_type, device=device, batch_size=batch_size,
-                    int8=int8, audio_model=audio_model) as index:
+                    int8=int8, audio_model=audio_model, wait=wait) as index:
         if frame_rate or scene_threshold or temporal or fusion:
             index.configure(fusion=fusion, frame_rate=frame_rate, scene_threshold=scene_threshold,
                             temporal=temporal)
@@ -265,8 +388,10 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                            max_audio_seconds=max_audio_seconds, max_video_seconds=max_video_seconds,
                            progress=not quiet and sys.stderr.isatty(), engine=engine, address=address)
     if not quiet:
-        for skipped in report.skipped:
-            click.echo(f"warning: skipped {skipped.path}: {skipped.reason}", err=True)
+        from .build import skipped_lines
+
+        for line in skipped_lines(report.skipped):
+            click.echo(f"warning: {line}", err=True)
     if as_json:
         click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
     else:
@@ -276,14 +401,16 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
 @cli.command("remove")
 @click.argument("sources", nargs=-1, required=True, type=click.Path())
 @index_option
+@wait_option
 @reports_errors
-def remove_command(sources: tuple[str, ...], index_dir: str) -> None:
+def remove_command(sources: tuple[str, ...], index_dir: str, wait: bool) -> None:
     """Forget the files at or under SOURCES (the files themselves are untouched)."""
+    wait_or_refuse(index_dir, wait)
     from .index import Index
 
-    with Index.open(index_dir) as index:
+    with Index.open(index_dir, wait=wait) as index:
         removed = index.remove(*sources)
-    click.echo(f"removed {removed} files")
+    click.echo(f"removed {counted(removed, 'file')}")
 
 
 @cli.command("convert")
@@ -295,15 +422,17 @@ def remove_command(sources: tuple[str, ...], index_dir: str) -> None:
               help="IVF: candidates re-ranked exactly, as a multiple of k.")
 @click.option("--memory-budget-mb", type=click.IntRange(1),
               help="auto: RAM the vectors may take before a compressed index is chosen.")
+@wait_option
 @reports_errors
 def convert_command(index_type: str, index_dir: str, ef_search: int | None, nprobe: int | None,
-                    rerank: int | None, memory_budget_mb: int | None) -> None:
+                    rerank: int | None, memory_budget_mb: int | None, wait: bool) -> None:
     """Switch the FAISS index type (auto, flat, hnsw, ivf-sq, ivf-pq, or ivf-sq-disk and
     ivf-pq-disk: lists and vectors memory-mapped from disk) without re-encoding."""
+    wait_or_refuse(index_dir, wait)
     from .index import Index
 
     budget = memory_budget_mb << 20 if memory_budget_mb else None
-    with Index.open(index_dir) as index:
+    with Index.open(index_dir, wait=wait) as index:
         index.convert(index_type, ef_search=ef_search, nprobe=nprobe, rerank=rerank,
                       memory_budget=budget)
         kinds = {m: index.vectors(m).kind for m in ("image", "text", "audio", "video")}
@@ -347,10 +476,11 @@ def info_command(index_dir: str, as_json: bool) -> None:
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 @json_option
+@wait_option
 @reports_errors
 def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int,
                         learning_rate: float, held_out: float, width: int, seed: int,
-                        no_reindex: bool, device: str, quiet: bool, as_json: bool) -> None:
+                        no_reindex: bool, device: str, quiet: bool, as_json: bool, wait: bool) -> None:
     """Train the index's audio tower on sounds paired with images or captions.
 
     PAIRS is a folder where each sound has an image or a .txt caption file of the same name
@@ -359,6 +489,7 @@ def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int
     model stays frozen; the tower learns to put each sound next to its partner, so sounds can
     then be searched by text, image or sound, and find images and texts in turn.
     """
+    wait_or_refuse(index_dir, wait)
     from .audio_training import AudioTrainingOptions
     from .index import Index
 
@@ -366,11 +497,13 @@ def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int
                                    learning_rate=learning_rate, held_out=held_out, width=width,
                                    seed=seed, progress=not quiet and sys.stderr.isatty())
     log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
-    with Index.open(index_dir, create=True, device=device) as index:
+    with Index.open(index_dir, create=True, device=device, wait=wait) as index:
         report = index.train_audio(pairs, options, reindex=not no_reindex, log=log)
     if not quiet:
-        for skipped in report.skipped:
-            click.echo(f"warning: skipped {skipped.path}: {skipped.reason}", err=True)
+        from .build import skipped_lines
+
+        for line in skipped_lines(report.skipped):
+            click.echo(f"warning: {line}", err=True)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
 
@@ -409,7 +542,7 @@ def evaluate_command(images: str, captions: str, split: str | None, model: str |
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    click.echo(f"{result.model}: {result.images} images, {result.captions} captions "
+    click.echo(f"{result.model}: {counted(result.images, 'image')}, {counted(result.captions, 'caption')} "
                f"(encoded in {result.seconds['encode']:.1f} s)\n")
     click.echo(result.table())
 
@@ -427,14 +560,15 @@ def evaluate_entries_command(queries: str, index_dir: str, grouping: str, depth:
                              as_json: bool) -> None:
     """Measure entry search: R@1/5/10 and median rank for each single modality and each fusion.
 
-    QUERIES is a TSV (query<TAB>entry), CSV or JSONL file of queries and the entries (paths
-    without suffix, or folders, relative to the file) that answer them.
+    QUERIES is a TSV (query<TAB>entry), CSV or JSONL file of queries and the entries that
+    answer them: paths without suffix, or folders, relative to the file; with a manifest, its
+    entry names.
     """
-    from .entries import evaluate_fusion, read_entry_queries
+    from .entries import evaluate_fusion
     from .index import Index
 
-    with Index.open(index_dir, readonly=True) as index:
-        results = evaluate_fusion(index, read_entry_queries(queries), grouping, depth)
+    with Index.open(index_dir, readonly=True) as index, printing_query_warnings():
+        results = evaluate_fusion(index, queries, grouping, depth)
     if as_json:
         click.echo(json.dumps({name: vars(scores) for name, scores in results.items()}, indent=2))
         return
@@ -455,28 +589,30 @@ def evaluate_entries_command(queries: str, index_dir: str, grouping: str, depth:
               help="Share of the queries kept out of training; R@1 on them is reported per epoch.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @json_option
+@wait_option
 @reports_errors
 def train_fusion_command(queries: str, index_dir: str, grouping: str, epochs: int, batch_size: int,
-                         learning_rate: float, held_out: float, seed: int, as_json: bool) -> None:
+                         learning_rate: float, held_out: float, seed: int, as_json: bool,
+                         wait: bool) -> None:
     """Train the attention gate that weighs each modality per query, for --fusion attention.
 
     QUERIES is the file evaluate-entries reads: queries and the entries that answer them.
     """
+    wait_or_refuse(index_dir, wait)
     from .entries import train_fusion_gate
     from .fusion import FusionTrainingOptions
     from .index import Index
 
     options = FusionTrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                     held_out=held_out, seed=seed)
-    with Index.open(index_dir) as index:
+    with Index.open(index_dir, wait=wait) as index, printing_query_warnings():
         report = train_fusion_gate(index, queries, grouping, options)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    last = report["epochs"][-1]
-    click.echo(f"trained the fusion gate on {report['examples'] - report['held_out']} queries for "
-               f"{len(report['epochs'])} epochs in {report['seconds']:.1f} s; held-out R@1 "
-               f"{last['recall_at_1']:.3f}")
+    examples = (f"{counted(report['queries'], 'query', 'queries')} "
+                f"({counted(report['examples'], 'query-entry pair')})")
+    click.echo(trained_line("the fusion gate", examples, report, held_noun="pair"))
 
 
 @cli.command("train-temporal")
@@ -490,29 +626,39 @@ def train_fusion_command(queries: str, index_dir: str, grouping: str, epochs: in
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--no-reindex", is_flag=True, help="Do not re-encode the index's videos now.")
 @json_option
+@wait_option
 @reports_errors
 def train_temporal_command(pairs: str, index_dir: str, kind: str, epochs: int, batch_size: int,
                            learning_rate: float, held_out: float, seed: int, no_reindex: bool,
-                           as_json: bool) -> None:
+                           as_json: bool, wait: bool) -> None:
     """Train how video segments pool their frames: an encoder that reads frame order.
 
     PAIRS is a folder where each video has a .txt caption of the same name (clip.mp4 + clip.txt)
     or a CSV/JSONL file with video and caption fields. Every segment learns to land next to its
     video's caption; the index's videos are then encoded with it.
     """
+    wait_or_refuse(index_dir, wait)
     from .fusion import FusionTrainingOptions
     from .index import Index
 
     options = FusionTrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                     held_out=held_out, seed=seed)
-    with Index.open(index_dir) as index:
+    with Index.open(index_dir, wait=wait) as index:
         report = index.train_temporal(pairs, kind, options, reindex=not no_reindex)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    last = report["epochs"][-1]
-    click.echo(f"trained {report['identity']} on {report['examples'] - report['held_out']} segments in "
-               f"{report['seconds']:.1f} s; held-out R@1 {last['recall_at_1']:.3f}")
+    click.echo(trained_line(report["identity"], counted(report["examples"], "segment"), report))
+
+
+def trained_line(subject: str, examples: str, report: dict, held_noun: str = "") -> str:
+    """What a fusion or temporal training did, in one line; R@1 only where some were held out."""
+    held = report["held_out"]
+    kept = f", {counted(held, held_noun) if held_noun else held} held out," if held else ""
+    recall = (f"held-out R@1 {report['epochs'][-1]['recall_at_1']:.3f}" if held
+              else "nothing held out to measure")
+    return (f"trained {subject} on {examples}{kept} for {counted(len(report['epochs']), 'epoch')} "
+            f"in {report['seconds']:.1f} s; {recall}")
 
 
 @cli.command("train")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .corpus import absolute_path, display_path
-from .errors import UsageError
+from .errors import QueryWarning, UsageError, counted
 from .evaluation import DirectionScores
 from .files import replacing
 from .fusion import (
@@ -94,8 +95,14 @@ def resolve_grouping(grouping: str) -> Grouping:
     for number, (entry, member) in enumerate(_manifest_rows(path), 1):
         if not entry or not member:
             raise UsageError(f"entries manifest {path}, row {number}: needs an entry and a path")
-        entries[display_path(str(absolute_path(path.parent / member)))] = entry
+        entries[_beside(path, member)] = entry
     return entries
+
+
+def _beside(file: Path, name: str) -> str:
+    """A path named in `file`, taken relative to the file's folder, as the index stores paths
+    (absolute, display form), whatever the working directory."""
+    return display_path(str(absolute_path(absolute_path(file).parent / name)))
 
 
 def _manifest_rows(path: Path) -> list[tuple[str, str]]:
@@ -165,11 +172,14 @@ def _early(index: Index, vectors: dict[str, np.ndarray], keys: dict[str, int], g
     scored = []
     for name, entry in keys.items():
         parts = {m: _unit_mean(vs) for m, vs in members.get(name, {}).items()}
-        if not parts:
-            continue
+        if not parts or (fusion != "mean" and weights and not any(weights.get(m, 1) for m in parts)):
+            continue  # nothing of it, or nothing that counts: every part it has is weighted 0
         fused = early_fuse(parts, fusion, weights)
         score = float(fused @ early_fuse_query(query, fusion, weights))
-        cosines = {m: float(part @ query) for m, part in parts.items()}
+        # Each modality's cosine as much as it counts in the score: not at all when weighted 0.
+        power = {"mean": 0, "weighted": 1, "concat": 2}[fusion]  # concat weighs both sides
+        cosines = {m: (weights or {}).get(m, 1.0) ** power * float(part @ query)
+                   for m, part in parts.items()}
         total = sum(cosines.values()) or 1.0
         scored.append((entry, score, {m: score * c / total for m, c in cosines.items()}))
     scored.sort(key=lambda item: (-item[1], item[0]))
@@ -180,22 +190,52 @@ def _members(index: Index, entries: set[str] | None, grouping: Grouping
              ) -> dict[str, dict[str, list[np.ndarray]]]:
     """entry -> modality -> the stored vectors of every item of that entry (of every entry
     when `entries` is None)."""
-    from .index import Hit
-
     found: dict[str, dict[str, list[np.ndarray]]] = {}
     for modality in _searchable(index):
         ids, stored = index.store.all_vectors(modality)
-        rows = index.store.items([int(i) for i in ids])
-        parents = index.store.items([r.parent_id for r in rows.values() if r.parent_id])
-        for item_id, vector in zip(ids.tolist(), stored):
-            row = rows[item_id]
-            parent = parents.get(row.parent_id)
-            hit = Hit(row.id, row.modality, row.uri, 0.0, row.path, row.text,
-                      {"image": parent.uri} if parent else {})
-            entry = entry_of(hit, grouping)
+        for entry, vector in zip(_entries_of_items(index, ids.tolist(), grouping), stored):
             if entries is None or entry in entries:
                 found.setdefault(entry, {}).setdefault(modality, []).append(vector)
     return found
+
+
+def _entries_of_items(index: Index, item_ids: list[int], grouping: Grouping) -> list[str]:
+    """The entry of each of these items, in their order."""
+    from .index import Hit
+
+    rows = index.store.items(item_ids)
+    parents = index.store.items([r.parent_id for r in rows.values() if r.parent_id])
+    entries = []
+    for item_id in item_ids:
+        row = rows[item_id]
+        parent = parents.get(row.parent_id)
+        entries.append(entry_of(Hit(row.id, row.modality, row.uri, 0.0, row.path, row.text,
+                                    {"image": parent.uri} if parent else {}), grouping))
+    return entries
+
+
+def _known_entries(index: Index, grouping: Grouping) -> set[str]:
+    """Every entry the index holds parts of."""
+    return {entry for modality in _searchable(index)
+            for entry in _entries_of_items(index, index.store.item_ids(modality).tolist(), grouping)}
+
+
+def _check_answers(index: Index, queries: list[tuple[str, set[str]]], known: set[str],
+                   source: str | Path) -> None:
+    """Refuse queries none of whose answers is an entry of the index (a measure of nothing, or
+    nothing to learn from), naming one unknown answer beside an entry the index does hold;
+    warn when only some are unknown (they count as misses)."""
+    unknown = [sorted(right)[0] for _, right in queries if not right & known]
+    if not unknown:
+        return
+    example = f"{unknown[0]!r} is not one of its {counted(len(known), 'entry', 'entries')}"
+    if known:
+        example += f", such as {min(known)!r}"
+    if len(unknown) == len(queries):
+        raise UsageError(f"no entry named in {source} is in index {index.path}: {example}")
+    warnings.warn(QueryWarning(f"{len(unknown)} of {counted(len(queries), 'query', 'queries')} in "
+                               f"{source} name no entry of the index, and count as misses: {example}"),
+                  stacklevel=3)
 
 
 def _part_arrays(members: dict[str, dict[str, list[np.ndarray]]], names: list[str], dim: int
@@ -216,23 +256,24 @@ def train_fusion_gate(index: Index, queries: str | Path, grouping: str = "stem",
     `read_entry_queries`), among all the index's entries; save it in the index folder."""
     from safetensors.torch import save
 
-    resolved = resolve_grouping(grouping)
-    members = _members(index, None, resolved)
-    names = sorted(members)
-    position = {name: row for row, name in enumerate(names)}
-    examples = [(query, position[entry]) for query, right in read_entry_queries(queries)
-                for entry in sorted(right) if entry in position]
-    if not examples:
-        raise UsageError(f"no entry named in {queries} is in index {index.path}")
-    parts, mask = _part_arrays(members, names, index.dim)
-    vectors = index.text_encoder.encode_texts([query for query, _ in examples])
-    model, report = train_attention(vectors, parts, mask, np.array([row for _, row in examples]), options)
-    data = save({k: v.contiguous() for k, v in model.state_dict().items()},
-                metadata={"dim": str(index.dim), "hidden": str(model.gate[0].out_features)})
-    from .index import storage_errors
-
-    with storage_errors(index.path), replacing(index.path / GATE_NAME) as temporary:
-        temporary.write_bytes(data)
+    with index._write_lock():
+        resolved = resolve_grouping(grouping)
+        members = _members(index, None, resolved)
+        names = sorted(members)
+        position = {name: row for row, name in enumerate(names)}
+        answers = read_entry_queries(queries, resolved)
+        _check_answers(index, answers, set(position), queries)
+        examples = [(query, position[entry]) for query, right in answers
+                    for entry in sorted(right) if entry in position]
+        parts, mask = _part_arrays(members, names, index.dim)
+        vectors = index.text_encoder.encode_texts([query for query, _ in examples])
+        model, report = train_attention(vectors, parts, mask, np.array([row for _, row in examples]),
+                                        options)
+        report["queries"] = len({query for query, _ in examples})  # a query may name several entries
+        data = save({k: v.contiguous() for k, v in model.state_dict().items()},
+                    metadata={"dim": str(index.dim), "hidden": str(model.gate[0].out_features)})
+        with replacing(index.path / GATE_NAME) as temporary:
+            temporary.write_bytes(data)
     return report
 
 
@@ -278,17 +319,19 @@ def _unit_mean(vectors: list[np.ndarray]) -> np.ndarray:
 
 # -- evaluation ------------------------------------------------------------------------------
 
-def read_entry_queries(path: str | Path) -> list[tuple[str, set[str]]]:
+def read_entry_queries(path: str | Path, grouping: Grouping = "stem") -> list[tuple[str, set[str]]]:
     """Queries with the entries that answer them, from a TSV (`query<TAB>entry`), CSV or JSONL
     file with `query` and `entry` fields; a query on several lines has several right entries.
-    Entry paths are taken relative to the file's folder."""
+    Entries are named as `grouping` names them: by stem or folder, paths relative to the file's
+    folder; by a manifest (file name or read), the manifest's entry names."""
     path = Path(path).expanduser()
     rows = _query_rows(path, _read(path, "queries file"))
+    by_path = grouping in GROUPINGS
     answers: dict[str, set[str]] = {}
     for number, (query, entry) in enumerate(rows, 1):
         if not query or not entry:
             raise UsageError(f"queries file {path}, row {number}: needs a query and an entry")
-        answers.setdefault(query, set()).add(os.path.normpath(path.parent / entry))
+        answers.setdefault(query, set()).add(_beside(path, entry) if by_path else entry)
     if not answers:
         raise UsageError(f"queries file {path} holds no queries")
     return list(answers.items())
@@ -305,11 +348,18 @@ def _query_rows(path: Path, text: str) -> list[tuple[str, str]]:
     return [tuple(part.strip() for part in (line.split("\t", 1) + [""])[:2]) for line in lines]
 
 
-def evaluate_fusion(index: Index, queries: list[tuple[str, set[str]]], grouping: str = "stem",
-                    depth: int = 50) -> dict[str, DirectionScores]:
+def evaluate_fusion(index: Index, queries: str | Path | list[tuple[str, set[str]]],
+                    grouping: str = "stem", depth: int = 50) -> dict[str, DirectionScores]:
     """R@1/5/10 and median rank of the right entry, for each single modality (its parts alone
-    ranking the entries) and each fusion strategy: the gain or loss of fusing, measured."""
+    ranking the entries) and each fusion strategy: the gain or loss of fusing, measured.
+
+    `queries` is a queries file (see `read_entry_queries`) or what that function read from one.
+    """
+    source = queries if isinstance(queries, (str, Path)) else "the queries"
     grouping = resolve_grouping(grouping)
+    if isinstance(queries, (str, Path)):
+        queries = read_entry_queries(queries, grouping)
+    _check_answers(index, queries, _known_entries(index, grouping), source)
     rankers = {m: partial(_single_modality, modality=m) for m in _searchable(index)}
     trained = (index.path / GATE_NAME).is_file()
     rankers.update({f: partial(_fused, fusion=f) for f in FUSIONS if f != "attention" or trained})

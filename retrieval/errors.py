@@ -1,6 +1,12 @@
-"""Errors the engine raises on purpose: each carries one line a person can act on."""
+"""Errors the engine raises on purpose: each carries one line a person can act on. And
+`counted`, which every message that counts things shares."""
 
 from __future__ import annotations
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """`1 file`, `2 files`: a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 class RetrievalError(Exception):
@@ -36,8 +42,18 @@ class ModelMismatchError(RetrievalError):
 
 
 class IndexLockedError(RetrievalError):
-    """Another process is writing to the index."""
+    """Another process is writing to the index: `holder` says which, as the lock file tells."""
+
+    def __init__(self, path: object, holder: str) -> None:
+        super().__init__(f"index {path} is being written by {holder}; run again when it is done, "
+                         "or open the index with wait=True to wait for it")
+        self.path = path
+        self.holder = holder
 
 
 class IndexWriteError(RetrievalError):
     """The index folder refuses writes: disk full, read-only, or no permission."""
+
+
+class QueryWarning(UserWarning):
+    """A query that is searched, but perhaps not as meant (a term naming no file is text)."""

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import shlex
 import shutil
 import sqlite3
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -78,8 +82,9 @@ class Index:
     """A retrieval index directory. Open it with `Index.open`; close it, or use `with`."""
 
     def __init__(self, path: Path, store: Store, spec: ModelSpec, device: str, batch_size: int,
-                 readonly: bool, int8: bool = False) -> None:
+                 readonly: bool, int8: bool = False, wait: bool = False) -> None:
         self.path = path
+        self.wait = wait
         self.store = store
         self.spec = spec
         self.device = device
@@ -102,7 +107,7 @@ class Index:
     def open(cls, path: str | Path, *, model: str | None = None, pretrained: str | None = None,
              create: bool = False, rebuild: bool = False, index_type: str | None = None,
              device: str = "auto", batch_size: int = 32, int8: bool = False,
-             readonly: bool = False, audio_model: str | None = None) -> Index:
+             readonly: bool = False, audio_model: str | None = None, wait: bool = False) -> Index:
         """Open the index at `path`, or make it when `create` is set.
 
         `model`/`pretrained` name the model (see `ModelSpec`). An existing index refuses another
@@ -111,6 +116,8 @@ class Index:
         existing one keeps its type until `convert`. `int8` encodes with 8-bit weights (CPU).
         `audio_model` (`clap:NAME` or `clap:/folder`) embeds audio with a CLAP model instead of
         the audio tower `train_audio` makes; changing it on an index with audio needs `rebuild`.
+        One process writes at a time: a write while another process writes raises
+        IndexLockedError at once, naming that process, unless `wait` is set: then it waits.
         """
         if index_type is not None and index_type not in INDEX_TYPES:
             raise UsageError(f"index type must be one of {', '.join(INDEX_TYPES)}, "
@@ -136,17 +143,24 @@ class Index:
             requested = ModelSpec.parse(model, pretrained) if model or pretrained else None
             # A rebuild re-encodes everything (the way out of any inconsistent state), except
             # one asked for with an audio model, which re-encodes the sounds only.
-            spec = _model_of(store, folder, requested, rebuild, start_over=rebuild and audio_model is None)
+            start_over = rebuild and audio_model is None
+            if rebuild and not readonly:  # a rebuild may clear the store: not under another writer
+                with writer_lock(folder, wait):
+                    spec = _model_of(store, folder, requested, rebuild, start_over=start_over)
+            else:
+                spec = _model_of(store, folder, requested, rebuild, start_over=start_over)
             if index_type and not readonly and store.get_info("index_type") is None:
                 with store.conn:
                     store.set_info("index_type", index_type)
-            index = cls(folder, store, spec, device, batch_size, readonly, int8)
+            index = cls(folder, store, spec, device, batch_size, readonly, int8, wait)
             index._made = made
             if audio_model is not None:
                 index._choose_audio_model(audio_model, rebuild)
             if not readonly:
-                with storage_errors(folder):
-                    index._repair()
+                # A writer at work keeps the FAISS files in step itself; repairing beside it would race.
+                with writer_lock(folder, skip_if_busy=True) as held, storage_errors(folder):
+                    if held:
+                        index._repair()
         except BaseException:
             if index is None:
                 store.close()
@@ -304,9 +318,9 @@ class Index:
                        reindex: bool = True) -> dict:
         """Train a Bi-LSTM or small transformer over frame vectors on captioned videos, use it to
         pool every video segment's frames from now on, and re-encode the index's videos with it."""
-        from .video_segments import train_temporal_encoder
-
         with self._write_lock():
+            from .video_segments import train_temporal_encoder  # torch: once this may write
+
             identity, report = train_temporal_encoder(self, pairs, kind, options)
             self._forget("video", temporal=identity)
         if reindex and self._known_roots():
@@ -409,8 +423,6 @@ class Index:
         `engine="ray"` decodes and encodes images as a Ray Data job on the cluster at `address`
         (`auto`, `ray://host:port`; None starts Ray locally); see `retrieval.distributed`.
         """
-        from .build import Builder, BuildOptions
-
         if not sources:
             sources = tuple(self._known_roots())
             captions = [*captions, *self._known_captions()]
@@ -420,24 +432,25 @@ class Index:
             exclude, include_hidden = exclude or (), bool(include_hidden)
         if engine not in ("local", "ray"):
             raise UsageError(f"engine must be local or ray, not {engine!r}")
-        options = BuildOptions(exclude=None if exclude is None else tuple(exclude),
-                               include_hidden=include_hidden,
-                               progress=progress, engine=engine, address=address)
-        if max_megapixels is not None:
-            options.max_megapixels = max_megapixels
-        if max_audio_seconds is not None:
-            options.max_audio_seconds = max_audio_seconds
-        if max_video_seconds is not None:
-            options.max_video_seconds = max_video_seconds
         with self._write_lock():
-            report = Builder(self, options).run(sources, captions)
-        return report
+            from .build import Builder, BuildOptions
+
+            options = BuildOptions(exclude=None if exclude is None else tuple(exclude),
+                                   include_hidden=include_hidden,
+                                   progress=progress, engine=engine, address=address)
+            if max_megapixels is not None:
+                options.max_megapixels = max_megapixels
+            if max_audio_seconds is not None:
+                options.max_audio_seconds = max_audio_seconds
+            if max_video_seconds is not None:
+                options.max_video_seconds = max_video_seconds
+            return Builder(self, options).run(sources, captions)
 
     def remove(self, *sources: str | Path) -> int:
         """Forget every file at or under these paths; returns how many files were removed."""
-        from .build import Builder, BuildOptions
-
         with self._write_lock():
+            from .build import Builder, BuildOptions
+
             return Builder(self, BuildOptions()).remove(sources)
 
     def train_audio(self, pairs: str | Path, options: AudioTrainingOptions | None = None,
@@ -449,10 +462,10 @@ class Index:
         before are then scanned again, so their sounds are encoded with the new tower.
         `log` receives a line per epoch.
         """
-        from .audio_tower import remove_other_towers, save_tower
-        from .audio_training import AudioTrainingOptions, read_audio_pairs, train_audio_tower
-
         with self._write_lock():
+            from .audio_tower import remove_other_towers, save_tower  # torch: once this may write
+            from .audio_training import AudioTrainingOptions, read_audio_pairs, train_audio_tower
+
             tower, report = train_audio_tower(self.encoder, read_audio_pairs(pairs),
                                               options or AudioTrainingOptions(), log)
             report.identity = save_tower(tower, self.path)
@@ -470,20 +483,12 @@ class Index:
 
     @contextmanager
     def _write_lock(self) -> Iterator[None]:
-        """Hold the one writer's lock, and report a disk that refuses writes in one line."""
+        """Hold the one writer's lock (waiting for another writer only if the index was opened
+        with `wait`), and report a disk that refuses writes in one line."""
         if self.readonly:
             raise UsageError(f"index {self.path} was opened read-only")
-        with storage_errors(self.path), open(self.path / LOCK_NAME, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise IndexLockedError(
-                    f"index {self.path} is being written by another process; wait for it to "
-                    "finish, then run again") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with writer_lock(self.path, self.wait):
+            yield
 
     # -- vectors ----------------------------------------------------------------------------
 
@@ -542,15 +547,19 @@ class Index:
 
     def _save_vectors(self, modality: str, vectors: VectorIndex, generation: int) -> None:
         """Save (an on-disk index is already in place), point the manifest at it, then delete
-        the modality's older on-disk folders: readers that map them keep them until they close."""
+        the modality's other files: older on-disk folders, or the in-memory kind's file after a
+        conversion to disk. Readers that map them keep them until they close."""
         name = vectors.folder.name if isinstance(vectors, OnDiskIndex) else f"{modality}.faiss"
         vectors.save(self.path / name)
         manifest = self._manifest()
         manifest.vectors[modality] = VectorFileState(name, len(vectors), generation, vectors.kind)
         manifest.write(self.path)
-        for old in self.path.glob(f"{modality}-*.ondisk*"):
+        for old in [*self.path.glob(f"{modality}-*.ondisk*"), self.path / f"{modality}.faiss"]:
             if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
 
     def _manifest(self) -> Manifest:
         manifest = Manifest.read(self.path) or Manifest(FORMAT_VERSION, {}, self.dim)
@@ -714,6 +723,66 @@ class MadeFolder:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
+
+
+@contextmanager
+def writer_lock(folder: Path, wait: bool = False, skip_if_busy: bool = False) -> Iterator[bool]:
+    """Hold an index folder's one writer lock, with who holds it written in the lock file.
+
+    Another writer is refused at once (IndexLockedError, naming it), waited for with `wait`, or
+    with `skip_if_busy` not waited for: then this yields False and holds nothing.
+    """
+    with storage_errors(folder), open(folder / LOCK_NAME, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if skip_if_busy:
+                yield False
+                return
+            if not wait:
+                raise IndexLockedError(folder, lock_holder(folder)) from None
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.truncate(0)
+            handle.write(json.dumps({"pid": os.getpid(), "command": _command_line(),
+                                     "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            handle.flush()
+            yield True
+        finally:
+            handle.truncate(0)  # a holder is named only while it holds the lock
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def index_writer(path: str | Path) -> str | None:
+    """Who is writing the index at `path` now (see `lock_holder`), or None: a quick look
+    before slow work, which the lock itself still guards."""
+    try:
+        folder = absolute_path(path)
+        if not (folder / LOCK_NAME).is_file():
+            return None
+        with writer_lock(folder, skip_if_busy=True) as free:
+            return None if free else lock_holder(folder)
+    except (OSError, ValueError, IndexWriteError):  # the write itself will say what is wrong
+        return None
+
+
+def lock_holder(folder: Path) -> str:
+    """Who holds an index's writer lock, as its lock file says: `pid 12 (retrieve index ~/P)
+    since 2025-05-01 10:02:03`; `another process` where the file does not say."""
+    try:
+        holder = json.loads((folder / LOCK_NAME).read_text(encoding="utf-8"))
+        return f"pid {holder['pid']} ({holder['command']}) since {holder['since']}"
+    except (OSError, ValueError, TypeError, KeyError):  # not written yet, or by an older version
+        return "another process"
+
+
+def _command_line() -> str:
+    """This process's command, short: `retrieve index photos`, `python -m retrieval ...`."""
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    if program in ("__main__.py", "cli.py"):  # python -m retrieval, python -m retrieval.cli
+        program = "retrieve"
+    command = shlex.join([program, *sys.argv[1:]])
+    return command if len(command) <= 200 else command[:199] + "…"
 
 
 @contextmanager

@@ -2,21 +2,24 @@
 
 Terms are separated by ` + ` or ` - ` (spaces around the sign, so "t-shirt" stays one term;
 a sign at either end is text, so no term is ever empty),
-may carry a weight as `2:` or `0.5:`, and are images or sounds when they name an existing
-image or audio file.
+may carry a weight as `2:` or `0.5:`, and are images, sounds or videos when they name an
+existing such file. A term that reads as a path but names none stays text, with a QueryWarning.
 The query vector is the normalised weighted sum of the terms' vectors.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from .corpus import AUDIO_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES, existing_file
-from .errors import UsageError
+from .errors import QueryWarning, UsageError
 
 _SEPARATOR = re.compile(r"\s+([+-])\s+")
+MEDIA_SUFFIXES = IMAGE_SUFFIXES | AUDIO_SUFFIXES | VIDEO_SUFFIXES
 _WEIGHT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*:\s*(.+)$", re.S)
 
 
@@ -66,11 +69,24 @@ def _weighted(raw: str) -> tuple[float, str]:
 
 def _term(weight: float, body: str) -> QueryTerm:
     suffix = Path(body).suffix.lower()
-    path = existing_file(body) if suffix in IMAGE_SUFFIXES | AUDIO_SUFFIXES | VIDEO_SUFFIXES else None
+    path = existing_file(body) if suffix in MEDIA_SUFFIXES else None
     if path is None:
+        if suffix in MEDIA_SUFFIXES or _has_folder(body):
+            shown = body if len(body) <= 80 else body[:79] + "…"
+            warnings.warn(QueryWarning(f"query term {shown!r} names no image, sound or video "
+                                       "file; searched as text"), stacklevel=4)
         return QueryTerm(weight, text=body)
     if suffix in AUDIO_SUFFIXES:
         return QueryTerm(weight, audio=str(path))
     if suffix in VIDEO_SUFFIXES:
         return QueryTerm(weight, video=str(path))
     return QueryTerm(weight, image=str(path))
+
+
+def _has_folder(body: str) -> bool:
+    """Whether a term reads as a path with a folder: `photos/dog`, `~/dog`, `./dog`; words
+    around a slash ("1/2 cup", "AC/DC live") are text."""
+    separators = tuple(s for s in (os.sep, os.altsep) if s)
+    if body.startswith(("~", ".", *separators)):
+        return any(s in body for s in separators)
+    return any(s in body for s in separators) and not any(c.isspace() for c in body)

@@ -372,15 +372,18 @@ class Store:
 
     def item_ids(self, modality: str, where: str | None = None, under: str | None = None
                  ) -> np.ndarray:
-        """Ids of a modality's items passing a SQL filter over `item_view` and a path prefix."""
+        """Ids of a modality's items passing a SQL filter over `item_view` and whose file is
+        `under` (a stored path: that file, or a folder the file lies in)."""
         sql = "SELECT id FROM item_view WHERE modality = ?"
         params: list = [modality]
         if where:
             sql += f" AND ({where})"
         if under:
-            sql += " AND (path LIKE ? ESCAPE '\\' OR uri LIKE ? ESCAPE '\\')"
-            prefix = _like_prefix(under)
-            params += [prefix, prefix]
+            # Whole path components, as corpus.is_under compares: photos/ima is not photos/images.
+            # substr, not LIKE, which would also take photos/Images for photos/images.
+            folder = under.rstrip(os.sep) + os.sep
+            sql += " AND (path = ? OR substr(path, 1, ?) = ?)"
+            params += [under, len(folder), folder]
         with self._query_only:  # threads sharing this connection see one setting at a time
             try:
                 self.conn.execute("PRAGMA query_only = 1")  # a filter may read, never write
@@ -472,11 +475,6 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
 
 def _blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
-
-
-def _like_prefix(prefix: str) -> str:
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "%"
 
 
 def _chunks(values: list, size: int) -> Iterator[list]:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .contrastive import optimise, symmetric_info_nce
 from .encoders import ClipEncoder, _can_trim_padding, _encode_text_trimmed, load_encoder
-from .errors import UsageError
+from .errors import UsageError, counted
 from .evaluation import DirectionScores, exact_ranks
 from .files import replacing
 from .images import ImageDecodeError, load_image
@@ -102,7 +102,8 @@ class TrainingReport:
         after = self.epochs[-1].held_out if self.epochs else self.before
         recall = ", ".join(f"{direction} {self.before[direction]['R@1']:.3f} -> "
                            f"{after[direction]['R@1']:.3f}" for direction in after) or "no held-out images"
-        return (f"trained {len(self.epochs)} epochs on {self.pairs} pairs in {self.seconds:.1f} s; "
+        return (f"trained {counted(len(self.epochs), 'epoch')} on {counted(self.pairs, 'pair')} in "
+                f"{self.seconds:.1f} s; "
                 f"held-out R@1 {recall}; saved as {self.model}")
 
     def to_dict(self) -> dict:
@@ -174,8 +175,8 @@ class FineTuner:
         started = time.perf_counter()
         trainable = sum(p.numel() for p in self.trainable.values())
         self.log(f"training {trainable:,} parameters "
-                 f"({self.options.train}) on {len(self.train_data.captions)} pairs, "
-                 f"{len(self.held_data.images)} held-out images, {self.encoder.device}")
+                 f"({self.options.train}) on {counted(len(self.train_data.captions), 'pair')}, "
+                 f"{counted(len(self.held_data.images), 'held-out image')}, {self.encoder.device}")
         if self.before is None:
             self.before = self.held_out_recall()
             self.log(f"before training: {_recall_line(self.before)}")

@@ -15,7 +15,7 @@ import soxr
 from PIL import Image
 
 # Private helpers shared with audio decoding: opening sources, spotting empty files, showing lengths.
-from .audio import binary_stream, format_duration, is_empty_stream
+from .audio import binary_stream, format_duration, format_durations, is_empty_stream
 
 DEFAULT_FRAME_RATE = 1.0  # frames sampled per second
 DEFAULT_SEGMENT_SECONDS = 4.0
@@ -118,8 +118,9 @@ def _decode(container: av.container.InputContainer, frame_rate: float, scene_thr
     video = _video_stream(container)
     declared = _declared_seconds(container, video)
     if declared is not None and declared > max_seconds:
-        raise VideoDecodeError(f"too long ({format_duration(declared)}; the limit is "
-                               f"{format_duration(max_seconds)}, raise it with --max-video-seconds)")
+        length, limit = format_durations(declared, max_seconds)
+        raise VideoDecodeError(f"too long ({length}; the limit is {limit}, raise it with "
+                               "--max-video-seconds)")
     video.codec_context.thread_type = "AUTO"
     audio = container.streams.audio[0] if container.streams.audio else None
     # Times count from the container's start: MPEG-TS clocks, for one, do not begin at zero.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import itertools
 import struct
 
@@ -11,7 +12,13 @@ import pytest
 import soundfile as sf
 from sounds import PITCHES, SOUND_RATE, dominant_frequency, render_sound, rms, write_sound
 
-from retrieval.audio import AudioDecodeError, load_audio, split_windows
+from retrieval.audio import (
+    AudioDecodeError,
+    _without_decoder_chatter,
+    format_durations,
+    load_audio,
+    split_windows,
+)
 
 TONE = 440.0
 SOURCE_RATE = 22050
@@ -201,6 +208,9 @@ def claim_length(flac: bytes, frames: int) -> bytes:
 @pytest.mark.parametrize("claimed_seconds,max_seconds,expected", [
     (10 * 3600, 3600.0, "too long (10.0 h; the limit is 1.0 h, raise it with --max-audio-seconds)"),
     (90, 60.0, "too long (1.5 min; the limit is 1.0 min, raise it with --max-audio-seconds)"),
+    # Once "too long (1.0 h; the limit is 1.0 h)": a length just over the limit reads as equal.
+    (3601, 3600.0, "too long (3601 s; the limit is 3600 s, raise it with --max-audio-seconds)"),
+    (61, 60.0, "too long (61 s; the limit is 60 s, raise it with --max-audio-seconds)"),
 ])
 def test_length_is_refused_from_the_header_before_decoding(tmp_path, claimed_seconds, max_seconds, expected):
     # The file holds 1 s of audio but claims far more: only a header check can call it too long.
@@ -284,3 +294,35 @@ def test_written_sounds_load_back(tmp_path):
     loaded = load_audio(write_sound(tmp_path / "a" / "b" / "red_circle.flac", wave), SOUND_RATE)
 
     assert dominant_frequency(loaded, SOUND_RATE) == pytest.approx(PITCHES["red"], rel=0.04)
+
+
+def test_durations_that_differ_read_differently():
+    assert format_durations(3600.25, 3600) == ["3600.2 s", "3600 s"]
+    assert format_durations(0.0999, 0.1) == ["0.0999 s", "0.1 s"]
+    assert format_durations(7200, 3600) == ["2.0 h", "1.0 h"]
+
+
+def test_libmpg123_says_nothing_on_stderr(tmp_path, capfd):
+    """Its notes on a damaged MP3 ("Warning: Xing stream size off by more than 1%") once reached
+    the terminal, beside the engine's own one-line warning."""
+    clean = write_sound(tmp_path / "tone.mp3", sine(TONE, 2.0, SOURCE_RATE), SOURCE_RATE).read_bytes()
+    rng = np.random.default_rng(0)
+    damaged = [clean[: len(clean) // 2]]
+    for _ in range(3):
+        noisy = np.frombuffer(clean, np.uint8).copy()
+        noisy[rng.integers(0, len(noisy), 20)] = rng.integers(0, 256, 20)
+        damaged.append(noisy.tobytes())
+    for data in damaged:
+        try:
+            load_audio(io.BytesIO(data), RATE)
+        except AudioDecodeError:
+            pass
+    assert capfd.readouterr().err == ""
+
+
+def test_other_output_passes_while_audio_decodes(capfd):
+    with _without_decoder_chatter():
+        os.write(2, b"Note: Trying to resync...\n")
+        os.write(2, b"progress 50%\r")  # a progress bar drawn from another thread, say
+        os.write(2, b"something else\n")
+    assert capfd.readouterr().err == "progress 50%\rsomething else\n"

@@ -48,6 +48,12 @@ def test_loads_by_folder_with_or_without_prefix(tiny_clap, tmp_path, monkeypatch
     assert load_clap(f"clap:{tiny_clap.name}", device="cpu").identity == f"clap:{tiny_clap}"
 
 
+def test_loading_draws_no_bar(tiny_clap, capfd):
+    """transformers' "Loading weights: 100%" bar once showed through retrieve index --quiet."""
+    load_clap(str(tiny_clap), device="cpu")
+    assert capfd.readouterr().err == ""
+
+
 def test_vectors_equal_plain_transformers(tiny_clap):
     encoder = load_clap(str(tiny_clap), device="cpu", batch_size=2)
     waves = tones(220, 440, 880)

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from conftest import write_image
 
 from retrieval import Index
-from retrieval.cli import cli
+from retrieval.build import BuildReport
+from retrieval.cli import cli, trained_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,6 +83,56 @@ def test_json_output_has_every_field(built, photo_folder):
     assert yellow["metadata"]["captions"] == ["a yellow picture", "something sunny"]
 
 
+def test_a_query_that_starts_with_a_dash(built, photo_folder):
+    """`retrieve "- dog"` once said "No such option '- '"; `retrieve -- "- dog"` said the same,
+    because the default-command dispatch ate the `--`."""
+    with Index.open(built, readonly=True) as index:
+        expected = [hit.id for hit in index.search("- dog")]
+    code, out, err = run("- dog", "--index", built, "--json")
+    assert code == 0, err
+    assert [h["id"] for h in json.loads(out)] == expected
+    ends = CliRunner().invoke(cli, ["--json", "--", "- dog"], env={"RETRIEVAL_INDEX": str(built)})
+    assert ends.exit_code == 0, ends.stderr
+    assert [h["id"] for h in json.loads(ends.stdout)] == expected
+    assert run("--index", built, "--json", "--", "-dog")[0] == 0
+    code, _, err = run("-dog", "--index", built)  # -d -o -g, or a query: say how to mean a query
+    assert code == 2 and err.splitlines()[-1].endswith("goes after --, as in: retrieve -- -dog")
+    code, _, err = run("--imgae", "q.jpg", "red", "--index", built)
+    assert code == 2 and "--image" in err.splitlines()[-1]
+
+
+def test_a_query_term_like_a_missing_file_warns_and_searches_its_words(built, photo_folder):
+    code, out, err = run("2:holiday/beach.jpg + red", "--index", built, "--json", "-k", "2")
+    assert code == 0 and len(json.loads(out)) == 2
+    assert err.splitlines() == [
+        "warning: query term 'holiday/beach.jpg' names no image, sound or video file; "
+        "searched as text"]
+    assert run("a red picture", "--index", built)[2] == ""
+
+
+def test_weights_reach_the_fusion(built):
+    """`--fusion weighted` once equalled mean: the CLI had no way to give weights."""
+    def entries(*options: str) -> list[tuple[str, float]]:
+        code, out, err = run("red", "--entries", "stem", "--index", built, "--json", *options)
+        assert code == 0, err
+        return [(hit["entry"], hit["score"]) for hit in json.loads(out)]
+
+    weighted = entries("--fusion", "weighted", "--weights", "image=1, text=0")
+    with Index.open(built, readonly=True) as index:
+        expected = index.search_entries("red", grouping="stem", fusion="weighted",
+                                        weights={"image": 1, "text": 0})
+    assert weighted == [(hit.entry, hit.score) for hit in expected]
+    assert weighted != entries("--fusion", "weighted")  # the caption of img0 no longer counts
+    assert all(hit.contributions.get("text", 0) == 0 for hit in expected)
+    assert entries("--fusion", "weighted") == entries("--fusion", "mean")
+    for bad in (["--weights", "image:2", "--entries", "stem"], ["--weights", "image=x", "--entries", "stem"],
+                ["--weights", "image=2"]):
+        code, _, err = run("red", "--index", built, *bad)
+        assert code == 2 and "--weights" in err.splitlines()[-1], err
+    code, _, err = run("red", "--index", built, "--entries", "stem", "--weights", "imag=2")
+    assert code == 2 and "imag" in err
+
+
 def test_image_query_returns_captions_and_images(built, photo_folder):
     image = photo_folder / "city" / "img3.jpg"
     texts = json.loads(run("--image", image, "--index", built, "--json")[1])
@@ -114,6 +165,20 @@ def test_filters(built, photo_folder):
     assert none == []
 
 
+def test_counts_agree_with_their_nouns():
+    """"1 epochs", "1 files", "held-out R@1 0.000" with nothing held out: no more."""
+    assert BuildReport(new=1, images_encoded=1, vectors_reused=1).summary().startswith(
+        "1 new, 0 changed, 0 unchanged, 0 moved, 0 removed, 0 skipped; encoded 1 image, 0 texts, "
+        "0 audio windows and 0 video segments, reused 1 vector in ")
+    report = {"held_out": 0, "epochs": [{"recall_at_1": 0.0}], "seconds": 1.25}
+    assert trained_line("bilstm:ab", "9 segments", report) == (
+        "trained bilstm:ab on 9 segments for 1 epoch in 1.2 s; nothing held out to measure")
+    report = {"held_out": 2, "epochs": [{"recall_at_1": 0.5}] * 3, "seconds": 3.0}
+    assert trained_line("the fusion gate", "9 queries (18 query-entry pairs)", report, "pair") == (
+        "trained the fusion gate on 9 queries (18 query-entry pairs), 2 pairs held out, for 3 epochs "
+        "in 3.0 s; held-out R@1 0.500")
+
+
 def test_info(built, tiny_model):
     code, out, _ = run("info", "--index", built, "--json")
     stats = json.loads(out)
@@ -129,6 +194,8 @@ def test_remove(built, photo_folder):
     assert (code, out.strip()) == (0, "removed 3 files")
     stats = json.loads(run("info", "--index", built, "--json")[1])
     assert stats["counts"]["image"] == 3
+    code, out, _ = run("remove", photo_folder / "beach" / "img1.jpg", "--index", built)
+    assert (code, out.strip()) == (0, "removed 1 file")  # once "1 files"
 
 
 def test_index_from_env_variable(built, monkeypatch):
@@ -245,6 +312,47 @@ def test_console_script_is_installed():
     done = subprocess.run([script, "--help"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "100"})
     assert done.returncode == 0 and "retrieve index" in done.stdout
+
+
+REFUSED_WITHOUT_TORCH = """
+import sys
+from retrieval.cli import main
+sys.argv = ["retrieve", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as done:
+    print(done.code, "torch" in sys.modules)
+"""
+
+
+def test_a_second_writer_is_refused_at_once_naming_the_first(built, photo_folder):
+    """It once imported torch and opened the model first: refused only after 10-14 s."""
+    with Index.open(built) as first, first._write_lock():
+        done = subprocess.run([sys.executable, "-c", REFUSED_WITHOUT_TORCH, "index", str(photo_folder),
+                               "--index", str(built)], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.split() == ["1", "False"], done.stderr  # refused before torch was imported
+    assert done.stderr.startswith(f"error: index {built} is being written by pid {os.getpid()} (")
+    assert done.stderr.rstrip().endswith("or add --wait to wait for it")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_a_writer_with_wait_waits_for_the_first(built, photo_folder):
+    with Index.open(built) as first, first._write_lock():
+        second = subprocess.Popen([sys.executable, "-m", "retrieval", "remove", str(photo_folder / "city"),
+                                   "--index", str(built), "--wait"], cwd=ROOT, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        waiting = second.stderr.readline()  # it says so, then waits: the lock is still held here
+        assert waiting.startswith(f"waiting for pid {os.getpid()} (") and str(built) in waiting
+    out, err = second.communicate()
+    assert (second.returncode, out.strip()) == (0, "removed 3 files"), err
+
+
+def test_python_dash_m_retrieval_runs_the_command():
+    """`python -m retrieval` once failed: "'retrieval' is a package and cannot be directly executed"."""
+    done = subprocess.run([sys.executable, "-m", "retrieval", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Usage: retrieve ") and "retrieve index" in done.stdout
 
 
 def test_index_type_option_and_convert(tmp_path, photo_folder, tiny_model):

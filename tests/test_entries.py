@@ -5,6 +5,7 @@ finds the right entry; parts and contributions reported; the command."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from tiny_model import CLASSES, caption_for, render_shape
 from retrieval import Index
 from retrieval.audio_training import AudioTrainingOptions
 from retrieval.cli import cli
-from retrieval.entries import FUSIONS, entry_of
-from retrieval.errors import UsageError
+from retrieval.entries import FUSIONS, entry_of, evaluate_fusion
+from retrieval.errors import QueryWarning, UsageError
 
 PER_CLASS = 2
 
@@ -120,12 +121,20 @@ def test_entries_on_the_command_line(entry_index, tmp_path):
     assert text.exit_code == 0 and "image" in text.stdout and "audio" in text.stdout
 
 
-def test_evaluate_entries_measures_each_modality_and_each_fusion(entry_index, tmp_path):
-    entries = Path(entry_index).parent / "entries"
-    queries = tmp_path / "queries.tsv"
-    queries.write_text("".join(f"{caption_for(c, s)}\t{entries / f'e{n}_{copy}'}\n"
-                               for n, (c, s) in enumerate(CLASSES) for copy in range(PER_CLASS)))
-    result = CliRunner().invoke(cli, ["evaluate-entries", str(queries), "--index", str(entry_index),
+def write_queries(path: Path, entries: Path) -> Path:
+    """Each class's caption and its entries, named relative to the queries file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    relative = os.path.relpath(entries, path.parent)
+    path.write_text("".join(f"{caption_for(c, s)}\t{relative}/e{n}_{copy}\n"
+                            for n, (c, s) in enumerate(CLASSES) for copy in range(PER_CLASS)))
+    return path
+
+
+def test_evaluate_entries_measures_each_modality_and_each_fusion(entry_index, tmp_path, monkeypatch):
+    """A relative QUERIES path once reported all zeros: its entries never met the index's."""
+    monkeypatch.chdir(tmp_path)
+    write_queries(tmp_path / "q" / "queries.tsv", Path(entry_index).parent / "entries")
+    result = CliRunner().invoke(cli, ["evaluate-entries", "q/queries.tsv", "--index", str(entry_index),
                                       "--json"])
     assert result.exit_code == 0, result.output
     scores = {name: data["recall"]["1"] for name, data in json.loads(result.stdout).items()}
@@ -135,8 +144,26 @@ def test_evaluate_entries_measures_each_modality_and_each_fusion(entry_index, tm
         assert scores["rrf"] == fused(index, "rrf")
     assert min(scores[f] for f in ("rrf", "sum", "mean", "weighted", "concat")) > max(
         scores["image"], scores["audio"])
-    table = CliRunner().invoke(cli, ["evaluate-entries", str(queries), "--index", str(entry_index)])
+    table = CliRunner().invoke(cli, ["evaluate-entries", "q/queries.tsv", "--index", str(entry_index)])
     assert table.exit_code == 0 and "| rrf |" in table.stdout and "| image |" in table.stdout
+
+
+def test_queries_that_name_no_entry_are_an_error_not_zeros(entry_index, tmp_path):
+    queries = tmp_path / "queries.tsv"
+    queries.write_text("a red square\telsewhere/e0_0\n")
+    for command in ("evaluate-entries", "train-fusion"):
+        result = CliRunner().invoke(cli, [command, str(queries), "--index", str(entry_index)])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith(f"error: no entry named in {queries} is in index ")
+        assert f"'{tmp_path}/elsewhere/e0_0' is not one of its {9 * PER_CLASS} entries" in result.stderr
+    known = f"{caption_for(*CLASSES[0])}\t{Path(entry_index).parent}/entries/e0_0\n"
+    queries.write_text(f"a red square\telsewhere/e0_0\n{known}")
+    (tmp_path / "known.tsv").write_text(known)
+    with Index.open(entry_index, readonly=True) as index:
+        with pytest.warns(QueryWarning, match="1 of 2 queries"):
+            both = evaluate_fusion(index, queries, depth=10)
+        alone = evaluate_fusion(index, tmp_path / "known.tsv", depth=10)
+    assert both["rrf"].recall[10] == alone["rrf"].recall[10] / 2  # the unknown one is a miss
 
 
 def test_a_manifest_names_the_entries(entry_index, tmp_path):
@@ -152,18 +179,22 @@ def test_a_manifest_names_the_entries(entry_index, tmp_path):
         assert hits[0].entry == "blue" and set(hits[0].parts) == {"image", "audio"}
         with pytest.raises(UsageError, match="stem, folder or a manifest file"):
             index.search_entries("x", grouping=str(tmp_path / "missing.csv"))
+        # Queries name a manifest's entries by name: once read as paths, none ever matched.
+        queries = tmp_path / "colours.tsv"
+        queries.write_text("a blue square\tblue\na red circle\tred\n")
+        scores = evaluate_fusion(index, queries, str(manifest), depth=10)
+        assert scores["sum"].recall[1] > 0
     (tmp_path / "bad.jsonl").write_text('{"entry": "a"}\n')
     with Index.open(entry_index, readonly=True) as index, pytest.raises(UsageError, match="row 1"):
         index.search_entries("x", grouping=str(tmp_path / "bad.jsonl"))
 
 
-def test_a_trained_attention_gate_fuses_per_query(entry_index, tmp_path):
+def test_a_trained_attention_gate_fuses_per_query(entry_index, tmp_path, monkeypatch):
+    """Trained from a relative QUERIES path, which once found "no entry ... in index"."""
     index_dir = tmp_path / "index"
     shutil.copytree(entry_index, index_dir)
-    entries = Path(entry_index).parent / "entries"
-    queries = tmp_path / "queries.tsv"
-    queries.write_text("".join(f"{caption_for(c, s)}\t{entries / f'e{n}_{copy}'}\n"
-                               for n, (c, s) in enumerate(CLASSES) for copy in range(PER_CLASS)))
+    monkeypatch.chdir(tmp_path)
+    queries = write_queries(Path("queries.tsv"), Path(entry_index).parent / "entries")
     runner = CliRunner()
     untrained = runner.invoke(cli, ["a red circle", "--entries", "stem", "--fusion", "attention",
                                     "--index", str(index_dir)])
@@ -179,6 +210,13 @@ def test_a_trained_attention_gate_fuses_per_query(entry_index, tmp_path):
         assert hit.score == pytest.approx(sum(hit.contributions.values()), abs=1e-5)
     table = runner.invoke(cli, ["evaluate-entries", str(queries), "--index", str(index_dir)])
     assert "| attention |" in table.stdout
+    # 9 queries, each answered by 2 entries: once "on 18 queries ... held-out R@1 0.000"
+    again = runner.invoke(cli, ["train-fusion", str(queries), "--index", str(index_dir), "--held-out", "0",
+                                "--epochs", "1"])
+    assert again.exit_code == 0, again.output
+    assert again.stdout.startswith(
+        "trained the fusion gate on 9 queries (18 query-entry pairs) for 1 epoch in ")
+    assert again.stdout.rstrip().endswith("; nothing held out to measure")
 
 
 def test_multi_part_queries_with_weights_and_negation_find_entries(entry_index, tmp_path):

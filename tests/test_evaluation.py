@@ -127,6 +127,10 @@ def test_a_karpathy_split_and_missing_images(flickr_style):
     assert len(test.images) == 9
     with pytest.raises(UsageError, match="no splits"):
         read_captioned_images(flickr_style / "images", flickr_style / "token.tsv", split="test")
+    # once "no caption in karpathy.json names an image under images", as if the images were amiss
+    with pytest.raises(UsageError, match=r"karpathy.json: no image is in split 'tset'; its splits "
+                                         r"are test, train$"):
+        read_captioned_images(flickr_style / "images", flickr_style / "karpathy.json", split="tset")
     (flickr_style / "images" / "red_circle_0.png").unlink()
     data = read_captioned_images(flickr_style / "images", flickr_style / "token.tsv")
     assert data.missing == ["red_circle_0.png"] and len(data.images) == 26

@@ -267,6 +267,26 @@ def test_remove_forgets_a_folder(tmp_path, photo_folder, tiny_model):
     assert_consistent(index_dir)
 
 
+def test_under_matches_whole_folder_names(tmp_path, tiny_model):
+    """`under` was a text prefix: photos/ima matched photos/images/, and photos/images
+    matched photos/images2/ too."""
+    photos = tmp_path / "photos"
+    inside = write_image(photos / "images" / "a.jpg", (200, 10, 10))
+    write_image(photos / "images2" / "b.jpg", (10, 200, 10))
+    write_image(photos / "imagesque.jpg", (10, 10, 200))
+    index_dir = tmp_path / "index"
+    build(index_dir, [photos], tiny_model)
+    with Index.open(index_dir) as index:
+        assert index.search("x", k=5, under=str(photos / "ima")) == []
+        assert index.search("x", k=5, under=str(photos / "Images")) == []
+        assert [h.path for h in index.search("x", k=5, under=str(photos / "images"))] == [str(inside)]
+        assert [h.path for h in index.search("x", k=5, under=f"{photos}/images/")] == [str(inside)]
+        assert [h.path for h in index.search("x", k=5, under=str(inside))] == [str(inside)]
+        assert index.remove(photos / "ima") == 0
+        assert index.remove(photos / "images") == 1
+        assert index.count("image") == 2
+
+
 def test_exclude_dirs_and_hidden_files(tmp_path, photo_folder, tiny_model):
     write_image(photo_folder / ".hidden" / "secret.jpg", (1, 2, 3))
     write_image(photo_folder / ".dotfile.jpg", (1, 2, 3))
@@ -337,13 +357,16 @@ def test_other_model_is_refused_unless_rebuilding(tmp_path, photo_folder, tiny_m
     assert_consistent(index_dir)
 
 
-def test_second_writer_is_refused(tmp_path, photo_folder, tiny_model):
+def test_second_writer_is_refused_naming_the_first(tmp_path, photo_folder, tiny_model):
+    """The refusal once said only "another process"; it names the writer and since when."""
     index_dir = tmp_path / "index"
     build(index_dir, [photo_folder], tiny_model)
     with Index.open(index_dir) as first, Index.open(index_dir) as second:
         with first._write_lock():
-            with pytest.raises(IndexLockedError, match="another process"):
+            with pytest.raises(IndexLockedError,
+                               match=rf"written by pid {os.getpid()} \(.+\) since \d{{4}}-\d\d-\d\d "):
                 second.add(photo_folder)
+        assert second.add(photo_folder).unchanged == 9  # and once it is done, the second may write
 
 
 def test_missing_index_is_explained(tmp_path):

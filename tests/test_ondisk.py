@@ -107,6 +107,7 @@ def test_an_index_converts_to_on_disk_and_rebuilds_when_it_changes(tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     state = manifest["vectors"]["text"]
     assert state["kind"] == "ivf-pq-disk" and (folder / state["file"] / "lists.ivfdata").exists()
+    assert not (folder / "text.faiss").exists()  # once left behind, stale, beside the folder
     with Index.open(folder, readonly=True) as reader:
         assert reader.vectors("text").kind == "ivf-pq-disk"
         with Index.open(folder) as writer:  # a change: rebuilt into a new folder, the old deleted
@@ -116,6 +117,9 @@ def test_an_index_converts_to_on_disk_and_rebuilds_when_it_changes(tmp_path):
         assert reader.vectors("text").search(clustered(10, seed=8)[4], 1)[1][0] == extra[4]
     assert [p.name for p in folder.glob("text-*.ondisk*")] == \
         [json.loads((folder / "manifest.json").read_text())["vectors"]["text"]["file"]]
+    with Index.open(folder) as index:  # and back into memory: the on-disk folder goes
+        index.convert("flat")
+    assert (folder / "text.faiss").is_file() and not list(folder.glob("text-*.ondisk*"))
 
 
 def test_a_failed_on_disk_build_leaves_nothing_half_made(tmp_path):

@@ -1,0 +1,5 @@
+"""`python -m retrieval`: the `retrieve` command."""
+
+from .cli import main
+
+main()
