@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -254,8 +255,8 @@ def test_build_script_has_the_same_options(tmp_path, photo_folder, tiny_model):
     script = subprocess.run([sys.executable, ROOT / "scripts" / "build_index.py", "--help"],
                             capture_output=True, text=True, check=True).stdout
     command = run("index", "--help")[1]
-    def options(help_text: str) -> str:  # the wrapping width differs between the two
-        return " ".join(help_text.split("Options:")[1].split())
+    def options(help_text: str) -> str:  # the two wrap at different places, hyphens included
+        return " ".join(re.sub(r"-\n\s*", "-", help_text.split("Options:")[1]).split())
 
     assert options(script) == options(command)
     index_dir = tmp_path / "index"
