@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .corpus import absolute_path, display_path
-from .errors import (
+from .core.concurrency import default_workers
+from .core.errors import (
     IndexFormatError,
     IndexLockedError,
     IndexNotFoundError,
@@ -30,21 +30,21 @@ from .errors import (
     RetrievalError,
     UsageError,
 )
-from .manifest import FORMAT_VERSION, Manifest, VectorFileState
-from .models import CLAP_PREFIX, ModelSpec, check_weights_available
-from .ondisk import DISK_KINDS, OnDiskIndex, ShardRunner, build_on_disk
-from .pipeline import default_workers
-from .query import QueryTerm
-from .store import MODALITIES, Store, StoredVectors
-from .text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
-from .vectors import DEFAULT_MEMORY_BUDGET, KINDS, SearchKnobs, VectorIndex, choose_kind
+from .encoders.spec import CLAP_PREFIX, ModelSpec, check_weights_available
+from .encoders.text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
+from .media.corpus import absolute_path, display_path
+from .query.parse import QueryTerm
+from .storage.manifest import FORMAT_VERSION, Manifest, VectorFileState
+from .storage.ondisk import DISK_KINDS, OnDiskIndex, ShardRunner, build_on_disk
+from .storage.store import MODALITIES, Store, StoredVectors
+from .storage.vectors import DEFAULT_MEMORY_BUDGET, KINDS, SearchKnobs, VectorIndex, choose_kind
 
 if TYPE_CHECKING:
-    from .audio import AudioEncoder
-    from .audio_training import AudioTrainingOptions, AudioTrainingReport
-    from .build import BuildReport
-    from .encoders import ClipEncoder
-    from .search import AudioQuery, ImageQuery
+    from .build.builder import BuildReport
+    from .encoders.clip import ClipEncoder
+    from .media.audio import AudioEncoder
+    from .query.encode import AudioQuery, ImageQuery
+    from .train.audio import AudioTrainingOptions, AudioTrainingReport
 
 DB_NAME = "meta.sqlite"
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
@@ -213,7 +213,7 @@ class Index:
         """The index's model, loaded on first use."""
         if self._encoder is None:
             check_weights_available(self.spec)  # before torch is imported: refused in a blink
-            from .encoders import load_encoder
+            from .encoders.clip import load_encoder
 
             self._encoder = load_encoder(self.spec, self.device, self.batch_size, self.int8)
             self._record_dim(self._encoder.dim)
@@ -246,15 +246,15 @@ class Index:
             self._audio_encoder = None  # retrained or replaced by a writer since it was loaded
         if self._audio_encoder is None and identity:
             if identity.startswith(CLAP_PREFIX):
-                from .clap import load_clap
+                from .encoders.clap import load_clap
 
                 self._audio_encoder = load_clap(identity, self.device)
                 if not self.readonly and self.store.get_info("audio_dim") is None:
                     with self.store.conn:
                         self.store.set_info("audio_dim", str(self._audio_encoder.dim))
             else:
-                from .audio_tower import load_tower
-                from .encoders import resolve_device
+                from .encoders.audio_tower import load_tower
+                from .encoders.clip import resolve_device
 
                 self._audio_encoder = load_tower(self.path, identity, resolve_device(self.device),
                                                  self.batch_size)
@@ -265,7 +265,7 @@ class Index:
         if not audio_model.startswith(CLAP_PREFIX):
             raise UsageError(f"--audio-model {audio_model!r}: name a CLAP model as clap:NAME or "
                              "clap:/folder; our own tower is made with retrieve train-audio")
-        from .clap import clap_identity
+        from .encoders.clap import clap_identity
 
         identity = clap_identity(audio_model)
         if identity == self.audio_model:
@@ -298,7 +298,7 @@ class Index:
                   scene_threshold: float | None = None, temporal: str | None = None) -> None:
         """Record index-wide choices: the default entry fusion, and how videos are sampled and
         pooled. Video choices cannot change while the index holds videos made with others."""
-        from .entries import FUSIONS
+        from .query.entries import FUSIONS
 
         if fusion is not None and fusion not in FUSIONS:
             raise UsageError(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}")
@@ -319,7 +319,7 @@ class Index:
         """Train a Bi-LSTM or small transformer over frame vectors on captioned videos, use it to
         pool every video segment's frames from now on, and re-encode the index's videos with it."""
         with self._write_lock():
-            from .video_segments import train_temporal_encoder  # torch: once this may write
+            from .encoders.video import train_temporal_encoder  # torch: once this may write
 
             identity, report = train_temporal_encoder(self, pairs, kind, options)
             self._forget("video", temporal=identity)
@@ -329,7 +329,7 @@ class Index:
 
     def video_setting(self, key: str) -> str:
         """A recorded video choice (frame_rate, scene_threshold, temporal), or its default."""
-        from .video_segments import VIDEO_SETTINGS
+        from .encoders.video import VIDEO_SETTINGS
 
         return self.store.get_info(key) or VIDEO_SETTINGS[key]
 
@@ -421,7 +421,7 @@ class Index:
         sources, every source and captions file indexed before is scanned again, each source
         walked with the `exclude` and `include_hidden` it was last given (unless given here).
         `engine="ray"` decodes and encodes images as a Ray Data job on the cluster at `address`
-        (`auto`, `ray://host:port`; None starts Ray locally); see `retrieval.distributed`.
+        (`auto`, `ray://host:port`; None starts Ray locally); see `retrieval.build.ray`.
         """
         if not sources:
             sources = tuple(self._known_roots())
@@ -433,7 +433,7 @@ class Index:
         if engine not in ("local", "ray"):
             raise UsageError(f"engine must be local or ray, not {engine!r}")
         with self._write_lock():
-            from .build import Builder, BuildOptions
+            from .build.builder import Builder, BuildOptions
 
             options = BuildOptions(exclude=None if exclude is None else tuple(exclude),
                                    include_hidden=include_hidden,
@@ -449,7 +449,7 @@ class Index:
     def remove(self, *sources: str | Path) -> int:
         """Forget every file at or under these paths; returns how many files were removed."""
         with self._write_lock():
-            from .build import Builder, BuildOptions
+            from .build.builder import Builder, BuildOptions
 
             return Builder(self, BuildOptions()).remove(sources)
 
@@ -463,8 +463,8 @@ class Index:
         `log` receives a line per epoch.
         """
         with self._write_lock():
-            from .audio_tower import remove_other_towers, save_tower  # torch: once this may write
-            from .audio_training import AudioTrainingOptions, read_audio_pairs, train_audio_tower
+            from .encoders.audio_tower import remove_other_towers, save_tower  # torch: once this may write
+            from .train.audio import AudioTrainingOptions, read_audio_pairs, train_audio_tower
 
             tower, report = train_audio_tower(self.encoder, read_audio_pairs(pairs),
                                               options or AudioTrainingOptions(), log)
@@ -593,7 +593,7 @@ class Index:
         window or segment (`metadata` start and end, `uri` ending in `#t=START,END`).
         `where` is SQL over item_view's columns, `under` a path prefix, `min_score` a cosine floor.
         """
-        from .search import query_modality, query_terms, query_vector
+        from .query.encode import query_modality, query_terms, query_vector
 
         if k < 1:
             raise UsageError(f"k must be at least 1, not {k}")
@@ -617,8 +617,8 @@ class Index:
 
     def search_entries(self, query: str | None = None, **options) -> list:
         """Entries (files sharing a stem, or a folder) that best match a query, each modality
-        searched on its own and the evidence fused; see `retrieval.entries.search_entries`."""
-        from .entries import search_entries
+        searched on its own and the evidence fused; see `retrieval.query.entries.search_entries`."""
+        from .query.entries import search_entries
 
         return search_entries(self, query, **options)
 
@@ -779,7 +779,7 @@ def lock_holder(folder: Path) -> str:
 def _command_line() -> str:
     """This process's command, short: `retrieve index photos`, `python -m retrieval ...`."""
     program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-    if program in ("__main__.py", "cli.py"):  # python -m retrieval, python -m retrieval.cli
+    if program == "__main__.py":  # python -m retrieval, python -m retrieval.cli
         program = "retrieve"
     command = shlex.join([program, *sys.argv[1:]])
     return command if len(command) <= 200 else command[:199] + "…"
@@ -854,7 +854,7 @@ def _model_of(store: Store, folder: Path, requested: ModelSpec | None, rebuild: 
 def _start_over(store: Store, folder: Path, spec: ModelSpec) -> None:
     """Forget every file and vector, to encode them all again with `spec`, and the embedding
     shards of an unfinished Ray build; but not for a model whose weights cannot be had."""
-    from .distributed import SHARDS_FOLDER
+    from .build.ray import SHARDS_FOLDER
 
     check_weights_available(spec)
     with store.conn:
