@@ -14,12 +14,12 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Index": "index", "Hit": "index",
-    "BuildReport": "build.builder",
+    "Index": "index", "Hit": "core.types",
+    "BuildReport": "build.report",
     "ClipEncoder": "encoders.clip", "load_encoder": "encoders.clip", "ModelSpec": "encoders.spec",
     "parse_query": "query.parse", "QueryTerm": "query.parse",
     "TrainingOptions": "train.clip", "AudioTrainingOptions": "train.audio",
-    "FusionTrainingOptions": "query.fusion",
+    "FusionTrainingOptions": "train.fusion",
     "RetrievalError": "core.errors", "UsageError": "core.errors", "ModelLoadError": "core.errors",
     "IndexNotFoundError": "core.errors", "IndexFormatError": "core.errors",
     "ModelMismatchError": "core.errors", "IndexLockedError": "core.errors",

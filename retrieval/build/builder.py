@@ -33,8 +33,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..core.concurrency import default_workers, prefetch_map
-from ..core.errors import UsageError, counted
-from ..encoders.video import decode_segments, segment_vectors
+from ..core.errors import UsageError
+from ..core.paths import absolute_path, display_path, is_under
+from ..core.types import MODALITIES
 from ..media.audio import DEFAULT_MAX_AUDIO_SECONDS, AudioDecodeError, AudioWindow, load_audio, split_windows
 from ..media.captions import CaptionFormatError
 from ..media.corpus import (
@@ -42,24 +43,23 @@ from ..media.corpus import (
     Skipped,
     SourceFile,
     WalkOptions,
-    absolute_path,
-    display_path,
     file_digest,
-    is_under,
     read_items,
     text_digest,
     walk_sources,
 )
-from ..media.images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
+from ..media.images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError
 from ..media.video import DEFAULT_MAX_VIDEO_SECONDS, VideoDecodeError, VideoSegment
-from ..storage.store import MODALITIES, FileRow, NewItem, SkippedRow
+from ..storage.folder import SHARDS_FOLDER
+from ..storage.store import FileRow, NewItem, SkippedRow
+from .reading import EmptyFile, UnreadableFile, preprocess_bytes, read_source, unexpected
+from .report import NO_AUDIO_ENCODER, BuildReport
 
 if TYPE_CHECKING:
     import torch
 
-    from ..index import Index
+    from ..context import IndexContext
     from ..storage.ondisk import ShardRunner
-    from ..storage.vectors import VectorIndex
     from .ray import Shards
 
 MADE_FLUSH = 4096  # vectors made by a distributed job, written per transaction
@@ -77,98 +77,6 @@ class BuildOptions:
     workers: int = field(default_factory=default_workers)
     engine: str = "local"  # or "ray": images are decoded and encoded by a Ray Data job
     address: str | None = None  # the Ray cluster; None starts a local one
-
-
-# Why sounds wait: the index's reason, not the files', so it is said once (see `skipped_lines`).
-NO_AUDIO_ENCODER = "no audio encoder yet"
-
-
-@dataclass
-class BuildReport:
-    """What a build did, counted in files; `encoded` and `reused` count vectors."""
-
-    new: int = 0
-    changed: int = 0
-    unchanged: int = 0
-    moved: int = 0
-    removed: int = 0
-    skipped: list[Skipped] = field(default_factory=list)  # warned about in this run
-    skipped_unchanged: int = 0  # skipped before and unchanged since: not read, not warned about
-    images_encoded: int = 0
-    texts_encoded: int = 0
-    audio_encoded: int = 0  # audio windows; a file has one per few seconds
-    video_encoded: int = 0  # video segments; a file has one per few seconds
-    vectors_reused: int = 0
-    seconds: float = 0.0
-
-    @property
-    def items_per_second(self) -> float:
-        encoded = self.images_encoded + self.texts_encoded + self.audio_encoded + self.video_encoded
-        return encoded / self.seconds if self.seconds else 0.0
-
-    def summary(self) -> str:
-        skipped = f"{len(self.skipped) + self.skipped_unchanged} skipped"
-        if self.skipped_unchanged:
-            skipped += f" ({self.skipped_unchanged} unchanged since their warning)"
-        return (f"{self.new} new, {self.changed} changed, {self.unchanged} unchanged, "
-                f"{self.moved} moved, {self.removed} removed, {skipped}; "
-                f"encoded {counted(self.images_encoded, 'image')}, {counted(self.texts_encoded, 'text')}, "
-                f"{counted(self.audio_encoded, 'audio window')} and "
-                f"{counted(self.video_encoded, 'video segment')}, "
-                f"reused {counted(self.vectors_reused, 'vector')} in {self.seconds:.1f} s "
-                f"({self.items_per_second:.1f} items/s)")
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["items_per_second"] = self.items_per_second
-        return data
-
-
-def skipped_lines(skipped: list[Skipped]) -> list[str]:
-    """A warning per skipped file, but one for all the sounds waiting for an audio encoder."""
-    lines, waiting = [], []
-    for one in skipped:
-        if one.reason.startswith(NO_AUDIO_ENCODER):
-            waiting.append(one)
-        else:
-            lines.append(f"skipped {one.path}: {one.reason}")
-    if waiting:
-        lines.append(f"skipped {counted(len(waiting), 'sound')}: {waiting[0].reason}")
-    return lines
-
-
-class UnreadableFile(Exception):
-    """A source file that cannot be read, or is empty; the message says which."""
-
-
-class EmptyFile(UnreadableFile):
-    """A source file with no bytes: skipped until it changes (an unreadable one is retried)."""
-
-
-def read_source(path: str) -> bytes:
-    """A source file's bytes, for hashing and decoding."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as error:
-        raise UnreadableFile(f"cannot read ({error.strerror})") from None
-    if not data:
-        raise EmptyFile("empty file")
-    return data
-
-
-def unexpected(error: Exception) -> str:
-    """The warning for an error no check foresaw: its kind and message, on one line."""
-    return " ".join(f"unexpected error ({type(error).__name__}: {error})".split())
-
-
-def preprocess_bytes(data: bytes, preprocess: Callable, input_side: int, max_megapixels: float
-                     ) -> torch.Tensor:
-    """An image file's bytes as the model's input tensor; raises ImageDecodeError."""
-    # Twice the input side: the resize that follows smooths away draft decoding's
-    # differences (vectors agree to ~1e-3), at a fraction of the decoding cost.
-    image = load_image(io.BytesIO(data), max_megapixels, min_side=2 * input_side)
-    return preprocess(image)
 
 
 @dataclass
@@ -216,9 +124,10 @@ class _Outcome:
 class Builder:
     """One build or removal over an index; holds the index's write lock while it runs."""
 
-    def __init__(self, index: Index, options: BuildOptions) -> None:
-        self.index = index
-        self.store = index.store
+    def __init__(self, context: IndexContext, options: BuildOptions) -> None:
+        self.context = context
+        self.encoders = context.encoders
+        self.store = context.store
         self.options = options
         self.report = BuildReport()
         self.known: dict[str, FileRow] = {}
@@ -238,7 +147,7 @@ class Builder:
         self.text_bar: tqdm | None = None
         # item id -> new vector, or None for a removed item; applied to FAISS at the end
         self.changes: dict[str, dict[int, np.ndarray | None]] = {m: {} for m in MODALITIES}
-        self.base = {m: index._fresh_vectors(m) for m in MODALITIES}
+        self.base = {m: context.vectors.fresh(m) for m in MODALITIES}
         self.shards: Shards | None = None
 
     # -- the build --------------------------------------------------------------------------
@@ -291,19 +200,19 @@ class Builder:
     def _embed_on_ray(self, pending: list[SourceFile]) -> None:
         """Embed the images and new texts of `pending` files as Ray Data jobs writing shards;
         Ray is joined (or started, which takes seconds) only when the shards lack some."""
-        from .ray import SHARDS_FOLDER, Shards, connect, embed_images, embed_texts
+        from .ray import Shards, connect, embed_images, embed_texts
 
-        shards = Shards(self.index.path / SHARDS_FOLDER)
+        shards = Shards(self.context.folder / SHARDS_FOLDER)
         images = shards.images_to_embed(pending)
         texts = shards.texts_to_embed(
             self._unembedded_texts([s for s in pending if s.kind in ("text", "captions")]))
         if images or texts:
             connect(self.options.address)
-            embed_images(self.index, images, shards, self.options.max_megapixels, self.options.progress)
-            embed_texts(self.index, texts, shards, self.options.progress)
+            embed_images(self.encoders, images, shards, self.options.max_megapixels, self.options.progress)
+            embed_texts(self.encoders, texts, shards, self.options.progress)
         self.shards = Shards(shards.folder)
         if self.shards.dim:  # the driver may never load the model (texts alone): record it here
-            self.index._record_dim(self.shards.dim)
+            self.context.settings.record_dim(self.shards.dim, self.encoders.spec)
 
     def _unembedded_texts(self, sources: list[SourceFile]) -> dict[str, str]:
         """The texts these files hold that no stored item has a vector for, by text hash.
@@ -400,7 +309,7 @@ class Builder:
     def _index_images(self, pending: list[tuple[SourceFile, FileRow | None]]) -> None:
         if not pending:
             return
-        size = self.index.encoder.batch_size  # loaded here: worker threads must not record its dim
+        size = self.encoders.clip.batch_size  # loaded here: worker threads must not record its dim
         batch: list[_Prepared] = []
         made: list[_Prepared] = []  # embedded by a distributed job
         for item in self._to_encode(pending, "image", self._decode_image, size * 4,
@@ -468,7 +377,7 @@ class Builder:
 
     def _decode_image(self, item: _Prepared, data: bytes) -> None:
         try:
-            encoder = self.index.encoder
+            encoder = self.encoders.clip
             item.pixels = preprocess_bytes(data, encoder.preprocess, encoder.input_side,
                                            self.options.max_megapixels)
         except ImageDecodeError as error:
@@ -521,7 +430,7 @@ class Builder:
     def _encode_images(self, batch: list[_Prepared]) -> None:
         import torch
 
-        vectors = self.index.encoder.encode_image_tensors(torch.stack([i.pixels for i in batch]))
+        vectors = self.encoders.clip.encode_image_tensors(torch.stack([i.pixels for i in batch]))
         self._write_images(batch, list(vectors))
         self.report.images_encoded += len(batch)
 
@@ -555,10 +464,10 @@ class Builder:
         """Like images, but a file holds one item per window, all replaced when it changes."""
         if not pending:
             return
-        encoder = self.index.audio_encoder_or_none()
+        encoder = self.encoders.audio_or_none()
         if encoder is None:
             reason = (f"{NO_AUDIO_ENCODER}: train one with `retrieve train-audio PAIRS --index "
-                      f"{self.index.path}`, or build with --audio-model clap:NAME")
+                      f"{self.context.folder}`, or build with --audio-model clap:NAME")
             for source, _ in pending:
                 self._skip(source, reason)
             return
@@ -574,7 +483,7 @@ class Builder:
         self._settle_copies()
 
     def _decode_audio(self, item: _Prepared, data: bytes) -> None:
-        encoder = self.index.audio_encoder
+        encoder = self.encoders.audio
         try:
             wave = load_audio(io.BytesIO(data), encoder.sample_rate, self.options.max_audio_seconds)
             item.windows = split_windows(wave, encoder.sample_rate)
@@ -583,7 +492,7 @@ class Builder:
 
     def _encode_audio(self, batch: list[_Prepared]) -> None:
         waves = [window.samples for item in batch for window in item.windows]
-        vectors = iter(self.index.audio_encoder.encode_audio(waves))
+        vectors = iter(self.encoders.audio.encode_audio(waves))
         for item in batch:
             self._write_timed(item, [(w.start, w.end) for w in item.windows],
                               [next(vectors) for _ in item.windows])
@@ -598,7 +507,7 @@ class Builder:
         for item in self._to_encode(pending, "video", self._decode_video, self.options.workers,
                                     unit="video", desc="video"):
             with self._guard(item.source, item.digest) as outcome:
-                vectors = segment_vectors(self.index, item.segments)
+                vectors = self.encoders.encode_segments(item.segments)
             if not outcome.failed:
                 self._write_timed(item, [(s.start, s.end) for s in item.segments], list(vectors))
                 self.report.video_encoded += len(item.segments)
@@ -606,7 +515,7 @@ class Builder:
 
     def _decode_video(self, item: _Prepared, data: bytes) -> None:
         try:
-            item.segments = decode_segments(self.index, io.BytesIO(data), self.options.max_video_seconds)
+            item.segments = self.encoders.decode_video(io.BytesIO(data), self.options.max_video_seconds)
         except VideoDecodeError as error:
             item.error, item.lasting = str(error), True
 
@@ -636,7 +545,7 @@ class Builder:
     def _index_texts(self, pending: list[tuple[SourceFile, FileRow | None]]) -> None:
         """Text files' items, written a batch of texts per transaction, across files: a file
         of 5,000 captions is committed in steps, and a killed build re-encodes one batch."""
-        size = self.index.batch_size
+        size = self.encoders.batch_size
         batch: list[tuple[_TextFile, ItemSpec]] = []
         for source, row in pending:
             parsed = self._read_text_file(source, row)
@@ -754,7 +663,7 @@ class Builder:
         missing = [(d, t) for d, t in digests.items() if d not in vectors]
         self.report.vectors_reused += len(texts) - len(missing) - len(made)
         if missing:
-            encoded = self.index.encoder.encode_texts([text for _, text in missing])
+            encoded = self.encoders.clip.encode_texts([text for _, text in missing])
             vectors.update({digest: vector for (digest, _), vector in zip(missing, encoded)})
             if self.text_bar is None:  # shown once there is something to encode
                 self.text_bar = tqdm(unit="text", desc="texts", disable=not self.options.progress)
@@ -776,19 +685,7 @@ class Builder:
 
     def _finish_vectors(self) -> None:
         """Apply this build's changes to each FAISS index and save it, or rebuild a stale one."""
-        for modality in MODALITIES:
-            changes, vectors = self.changes[modality], self.base[modality]
-            if self._needs_rebuild(vectors, changes, modality):
-                self.index._rebuild_vectors(modality, self._shard_runner())
-            elif changes:
-                if vectors.can_remove:
-                    vectors.remove(np.fromiter(changes, dtype=np.int64, count=len(changes)))
-                added = [(i, v) for i, v in changes.items() if v is not None]
-                if added:
-                    vectors.add(np.array([i for i, _ in added], dtype=np.int64),
-                                np.stack([v for _, v in added]))
-                self.index._store_vectors(modality, vectors, self.store.generation(modality))
-        self.index._write_manifest()
+        self.context.vectors.apply(self.changes, self.base, self._shard_runner())
 
     def _shard_runner(self) -> ShardRunner | None:
         """Ray tasks fill an on-disk index's shards in a Ray build; local processes otherwise."""
@@ -797,19 +694,3 @@ class Builder:
         from .ray import ray_runner
 
         return ray_runner(self.options.address)
-
-    def _needs_rebuild(self, vectors: VectorIndex | None, changes: dict, modality: str) -> bool:
-        """Stale, of another size or kind than the index should now have, or unable to remove."""
-        if vectors is None or vectors.dim != self.index.dim_of(modality):
-            return True
-        if vectors.kind != self.index.kind_for(self.store.count(modality), modality):
-            return True
-        if not changes:
-            return False
-        if not vectors.can_add:  # an on-disk index is rebuilt in shards, as it was built
-            return True
-        if vectors.can_remove:
-            return False
-        held = set(vectors.ids().tolist())  # a graph can take new ids, not drop or replace one
-        return any(v is None or i in held for i, v in changes.items())
-

@@ -43,12 +43,11 @@ from ..encoders.spec import ModelSpec
 from ..media.corpus import SourceFile, file_digest
 from ..media.images import ImageDecodeError
 from ..storage.ondisk import ShardJob, ShardRunner
-from .builder import UnreadableFile, preprocess_bytes, read_source
+from .reading import UnreadableFile, preprocess_bytes, read_source
 
 if TYPE_CHECKING:
-    from ..index import Index
+    from ..context import Encoders
 
-SHARDS_FOLDER = "shards"
 RETRIES = 3  # for the tasks that fill an on-disk index's shards
 TEXT_BATCH = 256
 RAY_LOGS_VARIABLE = "RETRIEVAL_RAY_LOGS"  # set (to anything but 0) to see what Ray prints
@@ -179,28 +178,28 @@ def _check_reachable(address: str | None) -> None:
         raise ConnectionError(error.strerror or str(error)) from None
 
 
-def embed_images(index: Index, files: Sequence[SourceFile], shards: Shards,
+def embed_images(encoders: Encoders, files: Sequence[SourceFile], shards: Shards,
                  max_megapixels: float, progress: bool) -> int:
     """Run the Ray Data job over image `files`, writing shards; returns how many it covered."""
     todo = shards.images_to_embed(files)
     if not todo:
         return 0
-    encoder = index.encoder
+    encoder = encoders.clip
     rows = [{"path": f.path, "key": f.key, "size": f.size, "mtime_ns": f.mtime_ns} for f in todo]
     dataset = _items(rows, encoder.batch_size).map_batches(
         decode_images, batch_size=encoder.batch_size,
         fn_kwargs={"preprocess": encoder.preprocess, "input_side": encoder.input_side,
                    "max_megapixels": max_megapixels})
-    _embed_and_write(index, dataset, encoder.batch_size, shards.folder / "images", len(todo),
+    _embed_and_write(encoders, dataset, encoder.batch_size, shards.folder / "images", len(todo),
                      "images on Ray", progress)
     return len(todo)
 
 
-def embed_texts(index: Index, texts: dict[str, str], shards: Shards, progress: bool) -> int:
+def embed_texts(encoders: Encoders, texts: dict[str, str], shards: Shards, progress: bool) -> int:
     """Run the Ray Data job over texts (by text hash) not in the shards yet; returns how many."""
     todo = [{"key": digest, "text": text} for digest, text in shards.texts_to_embed(texts).items()]
     if todo:
-        _embed_and_write(index, _items(todo, TEXT_BATCH), TEXT_BATCH, shards.folder / "texts",
+        _embed_and_write(encoders, _items(todo, TEXT_BATCH), TEXT_BATCH, shards.folder / "texts",
                          len(todo), "texts on Ray", progress)
     return len(todo)
 
@@ -211,7 +210,7 @@ def _items(rows: list[dict], batch: int):
     return ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch))
 
 
-def _embed_and_write(index: Index, dataset, batch: int, folder: Path, total: int, desc: str,
+def _embed_and_write(encoders: Encoders, dataset, batch: int, folder: Path, total: int, desc: str,
                      progress: bool) -> None:
     """Encode a dataset's batches in the actor pool, write them as shards into `folder`."""
     import ray.data
@@ -223,8 +222,8 @@ def _embed_and_write(index: Index, dataset, batch: int, folder: Path, total: int
     dataset = dataset.map_batches(
         Embedder, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,
-        fn_constructor_kwargs={"spec": index.spec, "device": "cuda" if gpus else "cpu",
-                               "batch_size": index.batch_size, "int8": index.int8,
+        fn_constructor_kwargs={"spec": encoders.spec, "device": "cuda" if gpus else "cpu",
+                               "batch_size": encoders.batch_size, "int8": encoders.int8,
                                "threads": max(1, cpus // actors)})
     dataset = dataset.map_batches(write_shard, batch_size=None, fn_kwargs={"folder": str(folder)})
     with ray_output_hidden(), tqdm(total=total, desc=desc, disable=not progress) as bar:

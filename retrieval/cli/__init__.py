@@ -19,6 +19,7 @@ import click
 from click_default_group import DefaultGroup
 
 from ..core.errors import IndexEmptyError, IndexLockedError, QueryWarning, RetrievalError, counted
+from ..core.types import MODALITIES
 from ..media.audio import DEFAULT_MAX_AUDIO_SECONDS
 from ..media.images import DEFAULT_MAX_MEGAPIXELS
 from ..media.video import DEFAULT_MAX_VIDEO_SECONDS
@@ -139,7 +140,7 @@ def _options_then_words(ctx: click.Context, params: list[click.Parameter], args:
 def wait_or_refuse(index_dir: str, wait: bool) -> None:
     """Before any slow start: refuse a write at once while another process writes the index,
     or, with --wait, say what this one waits for."""
-    from ..index import index_writer
+    from ..storage.folder import index_writer
 
     holder = index_writer(index_dir)
     if holder is not None and not wait:
@@ -388,7 +389,7 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                            max_audio_seconds=max_audio_seconds, max_video_seconds=max_video_seconds,
                            progress=not quiet and sys.stderr.isatty(), engine=engine, address=address)
     if not quiet:
-        from ..build.builder import skipped_lines
+        from ..build.report import skipped_lines
 
         for line in skipped_lines(report.skipped):
             click.echo(f"warning: {line}", err=True)
@@ -435,8 +436,8 @@ def convert_command(index_type: str, index_dir: str, ef_search: int | None, npro
     with Index.open(index_dir, wait=wait) as index:
         index.convert(index_type, ef_search=ef_search, nprobe=nprobe, rerank=rerank,
                       memory_budget=budget)
-        kinds = {m: index.vectors(m).kind for m in ("image", "text", "audio", "video")}
-    click.echo(f"index type {index_type}: " + ", ".join(f"{m} {k}" for m, k in kinds.items()))
+        built = {m: index.vectors(m).index_type for m in MODALITIES}
+    click.echo(f"index type {index_type}: " + ", ".join(f"{m} {t}" for m, t in built.items()))
 
 
 @cli.command("info")
@@ -500,7 +501,7 @@ def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int
     with Index.open(index_dir, create=True, device=device, wait=wait) as index:
         report = index.train_audio(pairs, options, reindex=not no_reindex, log=log)
     if not quiet:
-        from ..build.builder import skipped_lines
+        from ..build.report import skipped_lines
 
         for line in skipped_lines(report.skipped):
             click.echo(f"warning: {line}", err=True)
@@ -565,10 +566,9 @@ def evaluate_entries_command(queries: str, index_dir: str, grouping: str, depth:
     entry names.
     """
     from ..index import Index
-    from ..query.entries import evaluate_fusion
 
     with Index.open(index_dir, readonly=True) as index, printing_query_warnings():
-        results = evaluate_fusion(index, queries, grouping, depth)
+        results = index.evaluate_entries(queries, grouping, depth)
     if as_json:
         click.echo(json.dumps({name: vars(scores) for name, scores in results.items()}, indent=2))
         return
@@ -600,13 +600,12 @@ def train_fusion_command(queries: str, index_dir: str, grouping: str, epochs: in
     """
     wait_or_refuse(index_dir, wait)
     from ..index import Index
-    from ..query.entries import train_fusion_gate
-    from ..query.fusion import FusionTrainingOptions
+    from ..train.fusion import FusionTrainingOptions
 
     options = FusionTrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                     held_out=held_out, seed=seed)
     with Index.open(index_dir, wait=wait) as index, printing_query_warnings():
-        report = train_fusion_gate(index, queries, grouping, options)
+        report = index.train_fusion(queries, grouping, options)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -639,7 +638,7 @@ def train_temporal_command(pairs: str, index_dir: str, kind: str, epochs: int, b
     """
     wait_or_refuse(index_dir, wait)
     from ..index import Index
-    from ..query.fusion import FusionTrainingOptions
+    from ..train.fusion import FusionTrainingOptions
 
     options = FusionTrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                     held_out=held_out, seed=seed)

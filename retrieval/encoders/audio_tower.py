@@ -20,12 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
 from torch import nn
 
 from ..core.errors import ModelLoadError
-from ..core.files import replacing
+from ..core.files import read_tensors, tensors_bytes, write_atomically
 
 TOWER_PREFIX = "tower:"
 
@@ -162,11 +160,9 @@ def save_tower(tower: AudioTower, folder: Path) -> str:
     A new tower never overwrites the one the index's audio vectors were made with, so a
     training run killed before the index records the new identity leaves the old one usable.
     """
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in tower.state_dict().items()}
-    data = save(state, metadata={"config": json.dumps(asdict(tower.config))})
+    data = tensors_bytes(tower.state_dict(), {"config": json.dumps(asdict(tower.config))})
     identity = TOWER_PREFIX + hashlib.sha256(data).hexdigest()[:16]
-    with replacing(tower_path(folder, identity)) as temporary:
-        temporary.write_bytes(data)
+    write_atomically(tower_path(folder, identity), data)
     return identity
 
 
@@ -186,9 +182,8 @@ def load_tower(folder: Path, identity: str, device: str = "cpu",
     """The tower an index recorded, from its folder."""
     path = tower_path(folder, identity)
     try:
-        with safe_open(str(path), framework="pt") as weights:
-            config = json.loads(weights.metadata()["config"])
-            state = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118
+        state, metadata = read_tensors(path)
+        config = json.loads(metadata["config"])
         config["channels"] = tuple(config["channels"])
         tower = AudioTower(AudioTowerConfig(**config))
         tower.load_state_dict(state)

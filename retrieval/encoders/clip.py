@@ -70,10 +70,7 @@ class ClipEncoder:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts, batch by batch; open_clip truncates each to the model's context length."""
         def encode(chunk: Sequence[str]) -> np.ndarray:
-            tokens = self.tokenizer(list(chunk)).to(self.device)
-            if _can_trim_padding(self.model):
-                return _normalised(_encode_text_trimmed(self.model, tokens))
-            return _normalised(self.model.encode_text(tokens))
+            return _normalised(text_features(self.model, self.tokenizer(list(chunk)).to(self.device)))
 
         return self._in_batches(texts, encode)
 
@@ -83,7 +80,13 @@ class ClipEncoder:
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
 
 
-def _can_trim_padding(model: torch.nn.Module) -> bool:
+def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text(tokens)`, with the padding trimmed where that changes nothing: the
+    features the engine and its fine-tuning compute (not normalised)."""
+    return _encode_text_trimmed(model, tokens) if can_trim_padding(model) else model.encode_text(tokens)
+
+
+def can_trim_padding(model: torch.nn.Module) -> bool:
     """True for open_clip's own text tower: causal attention, pooled at or before the end token.
 
     Then padding after the longest sequence's end token cannot change any output, and

@@ -265,7 +265,7 @@ def _open_clip_tables() -> tuple[set[str], ModuleType]:
     """
     if "open_clip" not in sys.modules:
         try:
-            folder, pretrained = _open_clip_pretrained_alone()
+            folder, pretrained = open_clip_pretrained_alone()
             return {path.stem for path in (folder / "model_configs").glob("*.json")}, pretrained
         except Exception:  # another open_clip layout: pay for the import instead
             pass
@@ -275,7 +275,7 @@ def _open_clip_tables() -> tuple[set[str], ModuleType]:
 
 
 @functools.cache
-def _open_clip_pretrained_alone() -> tuple[Path, ModuleType]:
+def open_clip_pretrained_alone() -> tuple[Path, ModuleType]:
     """open_clip's folder, and its pretrained.py loaded by itself under another package name.
 
     pretrained.py needs only open_clip's constants and version; it imports safetensors.torch

@@ -6,10 +6,10 @@ import contextlib
 import io
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -29,17 +29,6 @@ _SFE_BAD_FILE = 7
 
 class AudioDecodeError(ValueError):
     """Why an audio file cannot be used, in one line (shown as `skipped PATH: <message>`)."""
-
-
-class AudioEncoder(Protocol):
-    """What embeds audio: our own trained tower or a CLAP model."""
-
-    identity: str  # recorded by an index, e.g. "tower:<sha>" or "clap:laion/clap-htsat-unfused"
-    sample_rate: int  # the rate waves must be given at
-    dim: int
-
-    def encode_audio(self, waves: Sequence[np.ndarray]) -> np.ndarray:
-        """Embed mono float32 waves at `sample_rate`: float32 (N, dim), L2-normalised rows."""
 
 
 @dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; windows compare by identity

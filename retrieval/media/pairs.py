@@ -7,6 +7,8 @@ relative to the folder or to the captions file, or else by its file name when th
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ import numpy as np
 
 from ..core.errors import UsageError
 from .captions import CaptionFormatError, read_caption_pairs, read_split_pairs
-from .corpus import walk_sources
+from .corpus import VIDEO_SUFFIXES, walk_sources
 
 
 @dataclass
@@ -99,3 +101,27 @@ def _image_finder(folder: Path, captions_folder: Path):
                 or by_name.get(os.path.basename(reference)))
 
     return find
+
+
+def read_video_pairs(source: str | Path) -> list[tuple[Path, str]]:
+    """(video, caption) pairs: a folder where a video has a `.txt` caption of the same stem, or a
+    CSV/JSONL file with `video` and `caption` fields (paths relative to the file)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        pairs = [(video, caption) for video in sorted(path.rglob("*"))
+                 if video.suffix.lower() in VIDEO_SUFFIXES and video.with_suffix(".txt").is_file()
+                 for caption in video.with_suffix(".txt").read_text(encoding="utf-8").splitlines()[:1]
+                 if caption.strip()]
+    elif path.suffix.lower() in (".csv", ".jsonl") and path.is_file():
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        try:
+            rows = ([json.loads(line) for line in lines if line.strip()] if path.suffix.lower() == ".jsonl"
+                    else list(csv.DictReader(lines)))
+            pairs = [(path.parent / str(row["video"]), str(row["caption"]).strip()) for row in rows]
+        except (ValueError, KeyError, TypeError) as error:
+            raise UsageError(f"video pairs {path}: needs video and caption fields ({error})") from None
+    else:
+        raise UsageError(f"video pairs {source}: give a folder, a .csv or a .jsonl file")
+    if not pairs:
+        raise UsageError(f"video pairs {source}: no video with a caption (clip.mp4 with clip.txt beside it)")
+    return pairs

@@ -10,12 +10,13 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import UsageError
-from ..media.corpus import existing_file
+from ..core.paths import existing_file
+from ..core.vectors import unit_mean
 from ..media.images import ImageDecodeError, load_image, to_rgb
 from .parse import QueryTerm, parse_query
 
 if TYPE_CHECKING:
-    from ..index import Index
+    from ..context import Encoders
 
 
 ImageInput = str | Path | Image.Image | BinaryIO
@@ -55,21 +56,21 @@ def query_modality(terms: list[QueryTerm]) -> str:
     return next(m for m in ("text", "image", "audio", "video") if m in kinds)
 
 
-def query_vector(index: Index, terms: list[QueryTerm], target: str) -> np.ndarray:
+def query_vector(encoders: Encoders, terms: list[QueryTerm], target: str) -> np.ndarray:
     """The normalised weighted sum of the terms' vectors, in the space of `target`'s vectors.
 
     Images, texts and our own audio tower share the CLIP space. A CLAP audio encoder has a
     space of its own, shared by its sounds and its texts only.
     """
-    in_clap = target == "audio" and index.audio_is_clap
+    in_clap = target == "audio" and encoders.audio_is_clap
     parts = []
     for modality in ("text", "image", "audio", "video"):
         chosen = [t for t in terms if t.modality == modality and t.item is None]
         if chosen:
-            parts.append(_weighted(_encode(index, chosen, modality, in_clap), chosen))
+            parts.append(_weighted(_encode(encoders, chosen, modality, in_clap), chosen))
     items = [t for t in terms if t.item is not None]
     for term in items:
-        _check_item_space(index, term.modality, in_clap)
+        _check_item_space(encoders, term.modality, in_clap)
     if items:
         parts.append(_weighted(np.stack([t.item[1] for t in items]), items))
     total = np.sum(parts, axis=0)
@@ -81,32 +82,32 @@ def query_vector(index: Index, terms: list[QueryTerm], target: str) -> np.ndarra
     return total / norm
 
 
-def _encode(index: Index, terms: list[QueryTerm], modality: str, in_clap: bool) -> np.ndarray:
+def _encode(encoders: Encoders, terms: list[QueryTerm], modality: str, in_clap: bool) -> np.ndarray:
     if modality == "text":
-        encoder = index.audio_encoder if in_clap else index.text_encoder
+        encoder = encoders.audio if in_clap else encoders.text
         return encoder.encode_texts([t.text for t in terms])
     if modality == "video":
         if in_clap:
             raise UsageError("this index's audio is embedded by CLAP, which knows sounds and "
                              "texts only; search its audio with text or a sound")
-        return np.stack([_video_vector(index, t.video) for t in terms])
+        return np.stack([_video_vector(encoders, t.video) for t in terms])
     if modality == "image":
         if in_clap:
             raise UsageError("this index's audio is embedded by CLAP, which knows sounds and "
                              "texts only; search its audio with text or a sound")
         opened = [_open_image(t.image) for t in terms]  # a bad path fails before the model loads
-        return index.encoder.encode_images(opened)
-    if index.audio_is_clap and not in_clap:
+        return encoders.clip.encode_images(opened)
+    if encoders.audio_is_clap and not in_clap:
         raise UsageError("this index's audio is embedded by CLAP, whose sounds cannot be compared "
                          "with images or texts of the CLIP model; use --target audio, or train "
                          "our own audio tower with retrieve train-audio")
-    encoder = index.audio_encoder
+    encoder = encoders.audio
     return np.stack([_sound_vector(encoder, t.audio) for t in terms])
 
 
-def _check_item_space(index: Index, modality: str, in_clap: bool) -> None:
+def _check_item_space(encoders: Encoders, modality: str, in_clap: bool) -> None:
     """An indexed item's vector joins a query only in the space it was made in."""
-    if in_clap != (modality == "audio" and index.audio_is_clap):
+    if in_clap != (modality == "audio" and encoders.audio_is_clap):
         raise UsageError("this index's audio is embedded by CLAP, in a space of its own: a sound "
                          "is like other sounds only, and images and texts like images and texts")
 
@@ -133,16 +134,15 @@ def _open_image(image: ImageInput) -> Image.Image:
         raise UsageError(f"query image {image}: {error}") from None
 
 
-def _video_vector(index: Index, video: AudioInput) -> np.ndarray:
+def _video_vector(encoders: Encoders, video: AudioInput) -> np.ndarray:
     """A query video: the normalised mean of its segments' vectors, made as the index makes them."""
-    from ..encoders.video import decode_segments, segment_vectors
     from ..media.video import DEFAULT_MAX_VIDEO_SECONDS, VideoDecodeError
 
     try:
-        segments = decode_segments(index, _query_file(video, "video"), DEFAULT_MAX_VIDEO_SECONDS)
+        segments = encoders.decode_video(_query_file(video, "video"), DEFAULT_MAX_VIDEO_SECONDS)
     except VideoDecodeError as error:
         raise UsageError(f"query video {_name(video)}: {error}") from None
-    return _mean_direction(segment_vectors(index, segments))
+    return unit_mean(encoders.encode_segments(segments))
 
 
 def _sound_vector(encoder, audio: AudioInput) -> np.ndarray:
@@ -154,13 +154,7 @@ def _sound_vector(encoder, audio: AudioInput) -> np.ndarray:
     except AudioDecodeError as error:
         raise UsageError(f"query sound {_name(audio)}: {error}") from None
     windows = split_windows(wave, encoder.sample_rate)
-    return _mean_direction(encoder.encode_audio([w.samples for w in windows]))
-
-
-def _mean_direction(vectors: np.ndarray) -> np.ndarray:
-    """The unit vector of a query's windows or segments together."""
-    mean = vectors.mean(axis=0)
-    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+    return unit_mean(encoder.encode_audio([w.samples for w in windows]))
 
 
 def _query_file(value: AudioInput, kind: str) -> Path | BinaryIO:

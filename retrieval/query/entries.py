@@ -12,7 +12,7 @@ and their evidence fused:
   one entry vector and scores that (see `fusion.early_fuse`); a modality's part vector is the
   mean of the entry's items of that modality (all captions of an image, all windows of a sound);
 - `attention` weighs each modality's cosine per query with a small gate trained on the user's
-  queries (`train_fusion_gate`, saved in the index folder; see `fusion.AttentionFusion`).
+  queries (`retrieval.train.fusion`, saved in the index folder; see `gate.AttentionFusion`).
 Every hit tells which part of each modality matched and how much each modality contributed.
 """
 
@@ -23,36 +23,19 @@ import json
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..context import IndexContext
 from ..core.errors import QueryWarning, UsageError, counted
-from ..core.files import replacing
-from ..media.corpus import absolute_path, display_path
-from ..train.evaluation import DirectionScores
-from .encode import query_terms, query_vector
-from .fusion import (
-    EARLY,
-    LATE,
-    MODALITIES,
-    AttentionFusion,
-    FusionTrainingOptions,
-    early_fuse,
-    early_fuse_query,
-    late_fuse,
-    train_attention,
-)
+from ..core.paths import absolute_path, stored_path
+from ..core.types import FUSIONS, GROUPINGS, LATE_FUSIONS, MODALITIES, Hit
+from ..core.vectors import unit_mean
+from .encode import AudioQuery, ImageQuery, query_terms, query_vector
+from .fusion import early_fuse, early_fuse_query, late_fuse
+from .search import Searcher
 
-if TYPE_CHECKING:
-    from ..index import Hit, Index
-    from .encode import AudioQuery, ImageQuery
-
-GROUPINGS = ("stem", "folder")
-FUSIONS = (*LATE, *EARLY, "attention")
-GATE_NAME = "fusion_gate.safetensors"
 DEFAULT_DEPTH = 200  # parts fetched per modality before grouping
 
 
@@ -76,8 +59,13 @@ Grouping = str | dict[str, str]  # "stem", "folder", or a manifest's file path -
 def entry_of(hit: Hit, grouping: Grouping) -> str:
     """The entry a part belongs to; a caption belongs to its image's entry. A file a manifest
     does not name is an entry of its own."""
-    path = hit.metadata.get("image") if hit.modality == "text" and hit.metadata.get("image") else None
-    path = path or hit.path or hit.uri.split("#")[0]
+    return entry_key(hit.modality, hit.path, hit.uri, hit.metadata.get("image"), grouping)
+
+
+def entry_key(modality: str, path: str | None, uri: str, image: str | None, grouping: Grouping) -> str:
+    """The entry of an item of `modality` in the file at `path` (None: the file is `uri`'s);
+    `image` is a caption's image."""
+    path = (image if modality == "text" and image else None) or path or uri.split("#")[0]
     if isinstance(grouping, dict):
         return grouping.get(path, path)
     return os.path.splitext(path)[0] if grouping == "stem" else os.path.dirname(path)
@@ -102,7 +90,7 @@ def resolve_grouping(grouping: str) -> Grouping:
 def _beside(file: Path, name: str) -> str:
     """A path named in `file`, taken relative to the file's folder, as the index stores paths
     (absolute, display form), whatever the working directory."""
-    return display_path(str(absolute_path(absolute_path(file).parent / name)))
+    return stored_path(absolute_path(file).parent / name)
 
 
 def _manifest_rows(path: Path) -> list[tuple[str, str]]:
@@ -114,15 +102,16 @@ def _manifest_rows(path: Path) -> list[tuple[str, str]]:
     return [((r.get("entry") or "").strip(), (r.get("path") or "").strip()) for r in rows]
 
 
-def search_entries(index: Index, query: str | None = None, *, text: str | None = None,
+def search_entries(searcher: Searcher, query: str | None = None, *, text: str | None = None,
                    image: ImageQuery = None, audio: AudioQuery = None, video: AudioQuery = None,
                    k: int = 10,
                    grouping: Grouping = "stem", fusion: str | None = None,
                    weights: dict[str, float] | None = None, depth: int = DEFAULT_DEPTH) -> list[EntryHit]:
     """The k entries that best match a query, each modality searched and their evidence fused
     (by `fusion`, else the index's recorded default, else rrf)."""
+    context = searcher.context
     grouping = resolve_grouping(grouping) if isinstance(grouping, str) else grouping
-    fusion = fusion or index.store.get_info("fusion") or "rrf"
+    fusion = fusion or context.settings.fusion or "rrf"
     if fusion not in FUSIONS:
         raise UsageError(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}")
     if k < 1:
@@ -132,46 +121,47 @@ def search_entries(index: Index, query: str | None = None, *, text: str | None =
     rankings: dict[str, list[tuple[int, float]]] = {}
     parts: dict[tuple[int, str], Hit] = {}
     vectors: dict[str, np.ndarray] = {}
-    for modality in _searchable(index):
-        vectors[modality] = query_vector(index, terms, modality)
+    for modality in searchable(context):
+        vectors[modality] = query_vector(context.encoders, terms, modality)
         ranking = []
-        for hit in index._hydrate(*index._nearest(modality, vectors[modality],
-                                                  min(depth, index.count(modality)), None)):
+        for hit in searcher.hydrate(*searcher.nearest(modality, vectors[modality],
+                                                      min(depth, context.count(modality)))):
             entry = keys.setdefault(entry_of(hit, grouping), len(keys))
             if (entry, modality) not in parts:  # the best part of each modality stands for it
                 parts[(entry, modality)] = hit
                 ranking.append((entry, hit.score))
         rankings[modality] = ranking
     names = list(keys)
-    if fusion in LATE:
+    if fusion in LATE_FUSIONS:
         fused = [(hit.entry, hit.score, hit.contributions)
                  for hit in late_fuse(rankings, fusion, weights, k)]
     elif fusion == "attention":
-        fused = _attention(index, next(iter(vectors.values())), keys, grouping, k)
+        fused = _attention(context, next(iter(vectors.values())), keys, grouping, k)
     else:
-        fused = _early(index, vectors, keys, grouping, fusion, weights, k)
+        fused = _early(context, vectors, keys, grouping, fusion, weights, k)
     return [EntryHit(names[entry], score, contributions,
                      {m: parts[(entry, m)] for m in MODALITIES if (entry, m) in parts})
             for entry, score, contributions in fused]
 
 
-def _searchable(index: Index) -> list[str]:
+def searchable(context: IndexContext) -> list[str]:
     """Modalities with items whose vectors a query can be compared with (CLAP audio cannot)."""
-    found = [m for m in MODALITIES if index.count(m) and not (m == "audio" and index.audio_is_clap)]
+    found = [m for m in MODALITIES
+             if context.count(m) and not (m == "audio" and context.encoders.audio_is_clap)]
     if not found:
-        raise UsageError(f"index {index.path} holds nothing to group into entries")
+        raise UsageError(f"index {context.folder} holds nothing to group into entries")
     return found
 
 
-def _early(index: Index, vectors: dict[str, np.ndarray], keys: dict[str, int], grouping: Grouping,
-           fusion: str, weights: dict[str, float] | None, k: int
+def _early(context: IndexContext, vectors: dict[str, np.ndarray], keys: dict[str, int],
+           grouping: Grouping, fusion: str, weights: dict[str, float] | None, k: int
            ) -> list[tuple[int, float, dict[str, float]]]:
     """Score each candidate entry by its fused vector; contributions split the score by modality."""
     query = next(iter(vectors.values()))  # all modalities share the CLIP space here
-    members = _members(index, set(keys), grouping)
+    members = entry_members(context, set(keys), grouping)
     scored = []
     for name, entry in keys.items():
-        parts = {m: _unit_mean(vs) for m, vs in members.get(name, {}).items()}
+        parts = {m: unit_mean(vs) for m, vs in members.get(name, {}).items()}
         if not parts or (fusion != "mean" and weights and not any(weights.get(m, 1) for m in parts)):
             continue  # nothing of it, or nothing that counts: every part it has is weighted 0
         fused = early_fuse(parts, fusion, weights)
@@ -186,42 +176,39 @@ def _early(index: Index, vectors: dict[str, np.ndarray], keys: dict[str, int], g
     return scored[:k]
 
 
-def _members(index: Index, entries: set[str] | None, grouping: Grouping
-             ) -> dict[str, dict[str, list[np.ndarray]]]:
+def entry_members(context: IndexContext, entries: set[str] | None, grouping: Grouping
+                  ) -> dict[str, dict[str, list[np.ndarray]]]:
     """entry -> modality -> the stored vectors of every item of that entry (of every entry
     when `entries` is None)."""
     found: dict[str, dict[str, list[np.ndarray]]] = {}
-    for modality in _searchable(index):
-        ids, stored = index.store.all_vectors(modality)
-        for entry, vector in zip(_entries_of_items(index, ids.tolist(), grouping), stored):
+    for modality in searchable(context):
+        ids, stored = context.store.all_vectors(modality)
+        for entry, vector in zip(_entries_of_items(context, ids.tolist(), grouping), stored):
             if entries is None or entry in entries:
                 found.setdefault(entry, {}).setdefault(modality, []).append(vector)
     return found
 
 
-def _entries_of_items(index: Index, item_ids: list[int], grouping: Grouping) -> list[str]:
+def _entries_of_items(context: IndexContext, item_ids: list[int], grouping: Grouping) -> list[str]:
     """The entry of each of these items, in their order."""
-    from ..index import Hit
-
-    rows = index.store.items(item_ids)
-    parents = index.store.items([r.parent_id for r in rows.values() if r.parent_id])
+    rows = context.store.items(item_ids)
+    parents = context.store.items([r.parent_id for r in rows.values() if r.parent_id])
     entries = []
     for item_id in item_ids:
         row = rows[item_id]
         parent = parents.get(row.parent_id)
-        entries.append(entry_of(Hit(row.id, row.modality, row.uri, 0.0, row.path, row.text,
-                                    {"image": parent.uri} if parent else {}), grouping))
+        entries.append(entry_key(row.modality, row.path, row.uri, parent.uri if parent else None, grouping))
     return entries
 
 
-def _known_entries(index: Index, grouping: Grouping) -> set[str]:
+def known_entries(context: IndexContext, grouping: Grouping) -> set[str]:
     """Every entry the index holds parts of."""
-    return {entry for modality in _searchable(index)
-            for entry in _entries_of_items(index, index.store.item_ids(modality).tolist(), grouping)}
+    return {entry for modality in searchable(context)
+            for entry in _entries_of_items(context, context.store.item_ids(modality).tolist(), grouping)}
 
 
-def _check_answers(index: Index, queries: list[tuple[str, set[str]]], known: set[str],
-                   source: str | Path) -> None:
+def check_answers(context: IndexContext, queries: list[tuple[str, set[str]]], known: set[str],
+                  source: str | Path) -> None:
     """Refuse queries none of whose answers is an entry of the index (a measure of nothing, or
     nothing to learn from), naming one unknown answer beside an entry the index does hold;
     warn when only some are unknown (they count as misses)."""
@@ -232,59 +219,34 @@ def _check_answers(index: Index, queries: list[tuple[str, set[str]]], known: set
     if known:
         example += f", such as {min(known)!r}"
     if len(unknown) == len(queries):
-        raise UsageError(f"no entry named in {source} is in index {index.path}: {example}")
+        raise UsageError(f"no entry named in {source} is in index {context.folder}: {example}")
     warnings.warn(QueryWarning(f"{len(unknown)} of {counted(len(queries), 'query', 'queries')} in "
                                f"{source} name no entry of the index, and count as misses: {example}"),
                   stacklevel=3)
 
 
-def _part_arrays(members: dict[str, dict[str, list[np.ndarray]]], names: list[str], dim: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def part_arrays(members: dict[str, dict[str, list[np.ndarray]]], names: list[str], dim: int
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(parts (N, M, d), mask (N, M)) of these entries, in MODALITIES order."""
     parts = np.zeros((len(names), len(MODALITIES), dim), np.float32)
     mask = np.zeros((len(names), len(MODALITIES)), bool)
     for row, name in enumerate(names):
         for modality, vectors in members.get(name, {}).items():
-            parts[row, MODALITIES.index(modality)] = _unit_mean(vectors)
+            parts[row, MODALITIES.index(modality)] = unit_mean(vectors)
             mask[row, MODALITIES.index(modality)] = True
     return parts, mask
 
 
-def train_fusion_gate(index: Index, queries: str | Path, grouping: str = "stem",
-                      options: FusionTrainingOptions | None = None) -> dict:
-    """Train the attention gate on queries and the entries that answer them (see
-    `read_entry_queries`), among all the index's entries; save it in the index folder."""
-    from safetensors.torch import save
-
-    with index._write_lock():
-        resolved = resolve_grouping(grouping)
-        members = _members(index, None, resolved)
-        names = sorted(members)
-        position = {name: row for row, name in enumerate(names)}
-        answers = read_entry_queries(queries, resolved)
-        _check_answers(index, answers, set(position), queries)
-        examples = [(query, position[entry]) for query, right in answers
-                    for entry in sorted(right) if entry in position]
-        parts, mask = _part_arrays(members, names, index.dim)
-        vectors = index.text_encoder.encode_texts([query for query, _ in examples])
-        model, report = train_attention(vectors, parts, mask, np.array([row for _, row in examples]),
-                                        options)
-        report["queries"] = len({query for query, _ in examples})  # a query may name several entries
-        data = save({k: v.contiguous() for k, v in model.state_dict().items()},
-                    metadata={"dim": str(index.dim), "hidden": str(model.gate[0].out_features)})
-        with replacing(index.path / GATE_NAME) as temporary:
-            temporary.write_bytes(data)
-    return report
-
-
-def _attention(index: Index, query: np.ndarray, keys: dict[str, int], grouping: Grouping, k: int
-               ) -> list[tuple[int, float, dict[str, float]]]:
+def _attention(context: IndexContext, query: np.ndarray, keys: dict[str, int], grouping: Grouping,
+               k: int) -> list[tuple[int, float, dict[str, float]]]:
     """Candidate entries scored by the trained gate's per-query weighting of their parts."""
     import torch
 
-    model = _load_gate(index)
+    from .gate import load_gate
+
+    model = load_gate(context.folder)
     names = list(keys)
-    parts, mask = _part_arrays(_members(index, set(names), grouping), names, len(query))
+    parts, mask = part_arrays(entry_members(context, set(names), grouping), names, len(query))
     query_t = torch.from_numpy(query[None].astype(np.float32))
     with torch.no_grad():
         scores = model(query_t, torch.from_numpy(parts), torch.from_numpy(mask))[0].numpy()
@@ -298,26 +260,7 @@ def _attention(index: Index, query: np.ndarray, keys: dict[str, int], grouping: 
     return fused
 
 
-def _load_gate(index: Index):
-    from safetensors import safe_open
-
-    path = index.path / GATE_NAME
-    if not path.is_file():
-        raise UsageError(f"index {index.path} has no trained fusion gate; train one with: retrieve "
-                         f"train-fusion QUERIES --index {index.path}")
-    with safe_open(str(path), framework="pt") as weights:
-        meta = weights.metadata()
-        model = AttentionFusion(int(meta["dim"]), int(meta["hidden"]))
-        model.load_state_dict({name: weights.get_tensor(name) for name in weights.keys()})  # noqa: SIM118
-    return model.eval()
-
-
-def _unit_mean(vectors: list[np.ndarray]) -> np.ndarray:
-    mean = np.mean(vectors, axis=0)
-    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
-
-
-# -- evaluation ------------------------------------------------------------------------------
+# -- queries with their answers --------------------------------------------------------------------
 
 def read_entry_queries(path: str | Path, grouping: Grouping = "stem") -> list[tuple[str, set[str]]]:
     """Queries with the entries that answer them, from a TSV (`query<TAB>entry`), CSV or JSONL
@@ -346,41 +289,6 @@ def _query_rows(path: Path, text: str) -> list[tuple[str, str]]:
         rows = list(csv.DictReader(lines))
         return [((r.get("query") or "").strip(), (r.get("entry") or "").strip()) for r in rows]
     return [tuple(part.strip() for part in (line.split("\t", 1) + [""])[:2]) for line in lines]
-
-
-def evaluate_fusion(index: Index, queries: str | Path | list[tuple[str, set[str]]],
-                    grouping: str = "stem", depth: int = 50) -> dict[str, DirectionScores]:
-    """R@1/5/10 and median rank of the right entry, for each single modality (its parts alone
-    ranking the entries) and each fusion strategy: the gain or loss of fusing, measured.
-
-    `queries` is a queries file (see `read_entry_queries`) or what that function read from one.
-    """
-    source = queries if isinstance(queries, (str, Path)) else "the queries"
-    grouping = resolve_grouping(grouping)
-    if isinstance(queries, (str, Path)):
-        queries = read_entry_queries(queries, grouping)
-    _check_answers(index, queries, _known_entries(index, grouping), source)
-    rankers = {m: partial(_single_modality, modality=m) for m in _searchable(index)}
-    trained = (index.path / GATE_NAME).is_file()
-    rankers.update({f: partial(_fused, fusion=f) for f in FUSIONS if f != "attention" or trained})
-    results = {}
-    for name, rank_entries in rankers.items():
-        ranks = []
-        for query, right in queries:
-            order = rank_entries(index, query, grouping, depth)
-            ranks.append(next((n for n, entry in enumerate(order, 1) if entry in right), depth + 1))
-        results[name] = DirectionScores.from_ranks(np.array(ranks), depth)
-    return results
-
-
-def _single_modality(index: Index, query: str, grouping: Grouping, depth: int, modality: str) -> list[str]:
-    hits = index._hydrate(*index._nearest(modality, query_vector(index, query_terms(query), modality),
-                                          min(depth * 4, index.count(modality)), None))
-    return list(dict.fromkeys(entry_of(hit, grouping) for hit in hits))[:depth]
-
-
-def _fused(index: Index, query: str, grouping: Grouping, depth: int, fusion: str) -> list[str]:
-    return [hit.entry for hit in search_entries(index, query, k=depth, grouping=grouping, fusion=fusion)]
 
 
 def _read(path: Path, what: str) -> str:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import QueryWarning, UsageError
-from ..media.corpus import AUDIO_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES, existing_file
+from ..core.paths import existing_file
+from ..media.corpus import AUDIO_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 _SEPARATOR = re.compile(r"\s+([+-])\s+")
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | AUDIO_SUFFIXES | VIDEO_SUFFIXES

@@ -26,8 +26,9 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from ..core.errors import RetrievalError, UsageError
-from ..index import TARGETS, Hit, Index
-from ..media.corpus import is_under, path_from_display
+from ..core.paths import is_under, path_from_display
+from ..core.types import TARGETS, Hit
+from ..index import Index
 from ..media.images import ImageDecodeError, load_image
 from .fanout import LocalShard, RemoteShard, ShardedIndex, open_shards
 

@@ -6,8 +6,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ..core.errors import RetrievalError, UsageError
-from ..index import Hit
-from ..media.corpus import existing_file
+from ..core.paths import existing_file
+from ..core.types import Hit
 
 TIMEOUT_S = 60.0
 
@@ -31,7 +31,7 @@ def search_server(url: str, text: str | None, images: list[str], sounds: list[st
                                  "retrieve serve, or search without --server") from None
     if response.status_code >= 400:
         raise server_error(response, f"server {url}")
-    return [Hit(**hit) for hit in response.json()]
+    return [Hit.from_dict(hit) for hit in response.json()]
 
 
 def server_error(response, who: str) -> RetrievalError:

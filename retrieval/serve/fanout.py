@@ -23,7 +23,8 @@ from typing import BinaryIO
 import numpy as np
 
 from ..core.errors import RetrievalError, UsageError
-from ..index import Hit, Index
+from ..core.types import Hit
+from ..index import Index
 from .client import server_error
 
 MAX_SHARDS = 1000
@@ -79,11 +80,12 @@ class RemoteShard:
                 form[name] = str(value)
         if "query" in form:
             form["q"] = form.pop("query")
-        return [Hit(**hit) for hit in self._call("POST", "/api/search", data=form, files=files or None)]
+        found = self._call("POST", "/api/search", data=form, files=files or None)
+        return [Hit.from_dict(hit) for hit in found]
 
     def item(self, item_id: int) -> Hit | None:
         data = self._call("GET", f"/api/items/{item_id}", missing_ok=True)
-        return None if data is None else Hit(score=1.0, **data)
+        return None if data is None else Hit.from_dict(data, score=1.0)
 
     def item_vector(self, item_id: int) -> tuple[str, np.ndarray]:
         data = self._call("GET", f"/api/items/{item_id}/vector")

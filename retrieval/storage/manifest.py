@@ -20,10 +20,22 @@ MANIFEST_NAME = "manifest.json"
 
 @dataclass
 class VectorFileState:
+    """One modality's FAISS file, as saved: its name, size, the generation it reflects, its type."""
+
     file: str
     count: int
     generation: int
-    kind: str = "flat"
+    index_type: str = "flat"  # "kind" in manifest.json
+
+    @classmethod
+    def from_json(cls, data: dict) -> VectorFileState:
+        data = dict(data)
+        index_type = data.pop("kind", "flat")
+        return cls(**data, index_type=index_type)
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "count": self.count, "generation": self.generation,
+                "kind": self.index_type}
 
 
 @dataclass
@@ -40,7 +52,7 @@ class Manifest:
         """The manifest, or None when it is missing or unreadable (it can be rewritten)."""
         try:
             data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-            vectors = {m: VectorFileState(**state) for m, state in data.pop("vectors", {}).items()}
+            vectors = {m: VectorFileState.from_json(state) for m, state in data.pop("vectors", {}).items()}
             manifest = cls(**data, vectors=vectors)
         except (OSError, ValueError, TypeError):
             return None
@@ -53,5 +65,5 @@ class Manifest:
     def write(self, folder: Path) -> None:
         """Atomically replace manifest.json."""
         with replacing(folder / MANIFEST_NAME) as temporary:
-            temporary.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n",
-                                 encoding="utf-8")
+            data = {**asdict(self), "vectors": {m: s.to_json() for m, s in self.vectors.items()}}
+            temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

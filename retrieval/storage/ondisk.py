@@ -33,9 +33,9 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
+from ..core.types import DISK_INDEX_TYPES
 from .vectors import SearchKnobs, VectorIndex, new_trained_index
 
-DISK_KINDS = {"ivf-pq-disk": "ivf-pq", "ivf-sq-disk": "ivf-sq"}
 CHUNK_ROWS = 65_536  # vectors read and added at a time: 128 MiB of 512-d float32
 SAMPLE_PIECES = 64  # the training sample is read from this many places spread over the ids
 
@@ -98,11 +98,11 @@ def fill_shard(job: ShardJob) -> str:
     return job.path
 
 
-def build_on_disk(source: VectorSource, folder: Path, kind: str, workers: int = 2,
+def build_on_disk(source: VectorSource, folder: Path, index_type: str, workers: int = 2,
                   runner: ShardRunner | None = None, trained: faiss.Index | None = None,
                   lists: int | None = None, log: Callable[[str], None] = lambda line: None
                   ) -> OnDiskIndex:
-    """Build an on-disk index of `kind` (a key of DISK_KINDS) from `source` into `folder`.
+    """Build an on-disk index of `index_type` (a key of DISK_INDEX_TYPES) from `source` into `folder`.
 
     `lists` inverted lists (default: about 4 sqrt(N)); `trained` (an empty trained index)
     skips training, so two builds can share codebooks.
@@ -112,7 +112,7 @@ def build_on_disk(source: VectorSource, folder: Path, kind: str, workers: int = 
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     try:
-        _assemble(source, building, kind, workers, runner, trained, lists, log)
+        _assemble(source, building, index_type, workers, runner, trained, lists, log)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -121,7 +121,7 @@ def build_on_disk(source: VectorSource, folder: Path, kind: str, workers: int = 
     return OnDiskIndex.load(folder)
 
 
-def _assemble(source: VectorSource, building: Path, kind: str, workers: int,
+def _assemble(source: VectorSource, building: Path, index_type: str, workers: int,
               runner: ShardRunner | None, trained: faiss.Index | None, lists: int | None,
               log: Callable[[str], None]) -> None:
     """Train (unless given `trained`), fill the shards and merge their lists, in `building`."""
@@ -130,7 +130,7 @@ def _assemble(source: VectorSource, building: Path, kind: str, workers: int,
     chunks = _chunks(ids)
     if trained is None:
         log(f"training on a sample of the {len(ids):,} vectors")
-        trained = new_trained_index(DISK_KINDS[kind], source.dim, len(ids),
+        trained = new_trained_index(DISK_INDEX_TYPES[index_type], source.dim, len(ids),
                                     lambda limit: _sample(source, ids, limit), lists)
     faiss.write_index(trained, str(building / TRAINED_FILE))
     np.lib.format.open_memmap(building / VECTORS_FILE, "w+", np.float32, (len(ids), source.dim)).flush()
@@ -195,10 +195,7 @@ class OnDiskIndex(VectorIndex):
         super().__init__(index)
         self.folder = folder
         self.sorted_ids = np.load(folder / IDS_FILE, mmap_mode="r")
-        self.matrix = np.load(folder / VECTORS_FILE, mmap_mode="r")
-        # Re-ranking reads a few hundred scattered rows: without this hint, each 2 KB row read
-        # from disk pulls in the kernel's read-around window (128 KB+) beside it.
-        self.matrix._mmap.madvise(mmap.MADV_RANDOM)
+        self.matrix = _mapped_for_random_reads(folder / VECTORS_FILE)
 
     @classmethod
     def load(cls, folder: Path, mmap: bool = True) -> OnDiskIndex:
@@ -208,8 +205,8 @@ class OnDiskIndex(VectorIndex):
             return cls(faiss.read_index(str(folder / INDEX_FILE), flags), folder)
 
     @property
-    def kind(self) -> str:
-        return super().kind + "-disk"
+    def index_type(self) -> str:
+        return super().index_type + "-disk"
 
     @property
     def can_remove(self) -> bool:
@@ -239,3 +236,21 @@ class OnDiskIndex(VectorIndex):
     def save(self, path: Path) -> None:
         if path != self.folder:
             raise ValueError(f"an on-disk index lives where it was built ({self.folder})")
+
+
+def _mapped_for_random_reads(path: Path) -> np.ndarray:
+    """A .npy matrix mapped read-only, with the kernel told its pages are read at random.
+
+    Re-ranking reads a few hundred scattered rows: without the hint, each 2 KB row read from
+    disk pulls in the kernel's read-around window (128 KB+) beside it. numpy's own memmap
+    keeps its map to itself, so the map is made here.
+    """
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran_order, dtype = read_header(handle)
+        offset = handle.tell()
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped.madvise(mmap.MADV_RANDOM)
+    return np.ndarray(shape, dtype, buffer=mapped, offset=offset, order="F" if fortran_order else "C")

@@ -19,8 +19,7 @@ import numpy as np
 import sqlite_utils
 
 from ..core.errors import UsageError
-
-MODALITIES = ("image", "text", "audio", "video")
+from ..core.types import MODALITIES
 
 # What `where` filters see: one row per item with its file's columns.
 ITEM_VIEW = """

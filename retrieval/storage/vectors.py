@@ -1,14 +1,14 @@
 """FAISS vector indexes for one modality: ids are SQLite item ids, scores are cosine similarity.
 
-Four kinds sit behind one class:
+Four index types sit behind one class:
 - `flat`: exact search; the right choice up to tens of thousands of vectors;
 - `hnsw`: a graph index, fast and accurate, holding every full vector in RAM;
 - `ivf-sq`: inverted lists of 8-bit scalar-quantised vectors (a quarter of the memory);
 - `ivf-pq`: inverted lists of product-quantised codes (a few dozen bytes a vector);
 - `ivf-sq-disk`, `ivf-pq-disk`: the same with lists and exact vectors memory-mapped from disk,
   built in parallel shards (see `ondisk`), for corpora larger than RAM.
-The quantised kinds re-rank their candidates with exact vectors (kept in SQLite), so their
-scores are true cosine similarities. `choose_kind` picks one by corpus size and memory budget.
+The quantised types re-rank their candidates with exact vectors (kept in SQLite), so their
+scores are true cosine similarities. `choose_index_type` picks one by corpus size and memory budget.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import faiss
 import numpy as np
 
 from ..core.files import replacing
+from ..core.types import MEMORY_INDEX_TYPES
 
-MEMORY_KINDS = ("flat", "hnsw", "ivf-sq", "ivf-pq")
-KINDS = (*MEMORY_KINDS, "ivf-sq-disk", "ivf-pq-disk")
 FLAT_LIMIT = 50_000  # below this, exact search is already a few milliseconds
 IVF_MINIMUM = 10_000  # fewer vectors cannot train product-quantiser codebooks well
 DEFAULT_MEMORY_BUDGET = 4 << 30
@@ -43,23 +42,23 @@ DEFAULT_RERANK = {"ivf-sq": 4, "ivf-pq": 50}
 class SearchKnobs:
     """Search-time accuracy/speed settings; defaults give recall@10 >= 0.95 in the benchmark.
 
-    `rerank` None means the kind's DEFAULT_RERANK.
+    `rerank` None means the index type's DEFAULT_RERANK.
     """
 
     ef_search: int = 64
     nprobe: int = 32
     rerank: int | None = None
 
-    def rerank_for(self, kind: str) -> int:
-        return self.rerank or DEFAULT_RERANK.get(kind.removesuffix("-disk"), 1)  # same codes on disk
+    def rerank_for(self, index_type: str) -> int:
+        return self.rerank or DEFAULT_RERANK.get(index_type.removesuffix("-disk"), 1)  # same codes on disk
 
 
-def choose_kind(requested: str, count: int, dim: int,
+def choose_index_type(requested: str, count: int, dim: int,
                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
-    """The kind to build for `count` vectors.
+    """The index type to build for `count` vectors.
 
     `auto`: exact while it is fast, HNSW while full vectors fit the budget, then IVF with
-    8-bit codes, then product quantisation. IVF kinds need vectors to train on: below
+    8-bit codes, then product quantisation. IVF types need vectors to train on: below
     IVF_MINIMUM a flat index stands in until a later build has enough.
     """
     if requested != "auto":
@@ -82,13 +81,14 @@ class VectorIndex:
     # -- making -----------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, kind: str, dim: int, ids: np.ndarray, vectors: np.ndarray) -> VectorIndex:
-        """A new in-memory index of `kind` holding `vectors`; IVF kinds are trained on them first.
-        (On-disk kinds are built in shards by `ondisk.build_on_disk`.)"""
-        if kind not in MEMORY_KINDS:
-            raise ValueError(f"unknown in-memory index type {kind!r}; choose from {', '.join(MEMORY_KINDS)}")
+    def build(cls, index_type: str, dim: int, ids: np.ndarray, vectors: np.ndarray) -> VectorIndex:
+        """A new in-memory index of `index_type` holding `vectors`; IVF types are trained on them
+        first. (On-disk types are built in shards by `ondisk.build_on_disk`.)"""
+        if index_type not in MEMORY_INDEX_TYPES:
+            raise ValueError(f"unknown in-memory index type {index_type!r}; choose from "
+                             f"{', '.join(MEMORY_INDEX_TYPES)}")
         vectors = _matrix(vectors) if len(vectors) else np.zeros((0, dim), np.float32)
-        index = cls(new_trained_index(kind, dim, len(vectors),
+        index = cls(new_trained_index(index_type, dim, len(vectors),
                                       lambda limit: _training_sample(vectors, limit)))
         index.add(ids, vectors)
         return index
@@ -108,7 +108,7 @@ class VectorIndex:
     # -- properties -------------------------------------------------------------------------
 
     @property
-    def kind(self) -> str:
+    def index_type(self) -> str:
         inner = _unwrapped(self.index)
         if isinstance(inner, faiss.IndexHNSW):
             return "hnsw"
@@ -125,7 +125,7 @@ class VectorIndex:
     @property
     def can_remove(self) -> bool:
         """HNSW graphs cannot drop nodes; removing from one means rebuilding it."""
-        return self.kind != "hnsw"
+        return self.index_type != "hnsw"
 
     @property
     def can_add(self) -> bool:
@@ -162,16 +162,16 @@ class VectorIndex:
                ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) for one query vector, optionally only among `allowed` ids.
 
-        Quantised kinds re-rank `k * rerank` candidates with `exact` vectors when given.
+        Quantised types re-rank `k * rerank` candidates with `exact` vectors when given.
         A filter narrow enough to scan is searched exactly: approximate indexes lose recall
         when most of what they visit is filtered out.
         """
         if allowed is not None and not len(allowed):
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
-        if allowed is not None and exact is not None and self.kind != "flat" \
+        if allowed is not None and exact is not None and self.index_type != "flat" \
                 and len(allowed) <= FLAT_LIMIT:
             return _exact_top_k(query, np.asarray(allowed, dtype=np.int64), exact(allowed), k)
-        fetch = k * knobs.rerank_for(self.kind) if exact is not None else k
+        fetch = k * knobs.rerank_for(self.index_type) if exact is not None else k
         params = self._search_params(knobs, allowed, fetch)
         with _one_thread():
             scores, ids = self.index.search(_matrix(query[None, :]), fetch, params=params)
@@ -185,11 +185,11 @@ class VectorIndex:
         # Passed to the constructor, the selector is kept alive by FAISS's Python wrapper.
         extra = {"sel": faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))} \
             if allowed is not None else {}
-        kind = self.kind
-        if kind == "hnsw":
+        index_type = self.index_type
+        if index_type == "hnsw":
             # The graph search keeps efSearch candidates: fewer than k would cut results short.
             return faiss.SearchParametersHNSW(efSearch=max(knobs.ef_search, k), **extra)
-        if kind.startswith("ivf"):
+        if index_type.startswith("ivf"):
             return faiss.SearchParametersIVF(nprobe=knobs.nprobe, **extra)
         return faiss.SearchParameters(**extra)
 
@@ -213,27 +213,27 @@ def _exact_top_k(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int
     return scores[order].astype(np.float32), ids[order]
 
 
-def new_trained_index(kind: str, dim: int, count: int, sample: Callable[[int], np.ndarray],
+def new_trained_index(index_type: str, dim: int, count: int, sample: Callable[[int], np.ndarray],
                       lists: int | None = None) -> faiss.Index:
-    """An empty index of `kind` for `count` vectors; IVF kinds (with `lists` inverted lists, or
+    """An empty index of `index_type` for `count` vectors; IVF types (with `lists` inverted lists, or
     a number suited to `count`) are trained on `sample(limit)`, at most `limit` of the vectors."""
-    index = _new_faiss_index(kind, dim, count, lists)
+    index = _new_faiss_index(index_type, dim, count, lists)
     if not index.is_trained:
         lists = faiss.extract_index_ivf(index).nlist
         index.train(_matrix(sample(max(100_000, 40 * lists))))
     return index
 
 
-def _new_faiss_index(kind: str, dim: int, count: int, lists: int | None = None) -> faiss.Index:
-    if kind == "flat":
+def _new_faiss_index(index_type: str, dim: int, count: int, lists: int | None = None) -> faiss.Index:
+    if index_type == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if kind == "hnsw":
+    if index_type == "hnsw":
         graph = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = 80
         return faiss.IndexIDMap2(graph)
     nlist = lists or _list_count(count)
     quantizer = faiss.IndexFlatIP(dim)
-    if kind == "ivf-sq":
+    if index_type == "ivf-sq":
         index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                               faiss.METRIC_INNER_PRODUCT)
     else:

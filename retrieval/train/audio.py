@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..core.errors import UsageError, counted
+from ..core.paths import existing_file
 from ..encoders.audio_tower import AudioTower, AudioTowerConfig, padded_batch
 from ..media.audio import AudioDecodeError, load_audio
 from ..media.captions import split_lines
-from ..media.corpus import AUDIO_SUFFIXES, IMAGE_SUFFIXES, Skipped, existing_file
+from ..media.corpus import AUDIO_SUFFIXES, IMAGE_SUFFIXES, Skipped
 from ..media.images import ImageDecodeError, load_image
 from .loop import optimise, symmetric_info_nce
 

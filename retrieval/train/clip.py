@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ..core.concurrency import default_workers, prefetch_map
 from ..core.errors import UsageError, counted
 from ..core.files import replacing
-from ..encoders.clip import ClipEncoder, _can_trim_padding, _encode_text_trimmed, load_encoder
+from ..encoders.clip import ClipEncoder, load_encoder, text_features
 from ..encoders.spec import HF_HUB, LOCAL_DIR, ModelSpec
 from ..media.images import ImageDecodeError, load_image
 from ..media.pairs import CaptionedImages
@@ -211,7 +211,7 @@ class FineTuner:
         return {"text->image": _recall(text_ranks), "image->text": _recall(image_ranks)}
 
     def _train_epoch(self, epoch: int) -> float:
-        _train_mode(self.encoder.model)
+        train_mode(self.encoder.model)
         batches = _batches(len(self.train_data.captions), self.options.batch_size, self.generator)
         losses = [self._step(batch) for batch in tqdm(
             batches, desc=f"epoch {epoch}/{self.options.epochs}", unit="step",
@@ -223,8 +223,8 @@ class FineTuner:
         images = self.caption_image[batch]
         pixels = _flipped(self.train_pixels[images].float(), self.generator).to(device)
         image_features = F.normalize(model.encode_image(pixels), dim=-1)
-        text_features = F.normalize(_encode_text(model, self.tokens[batch].to(device)), dim=-1)
-        logits = model.logit_scale.exp() * image_features @ text_features.T
+        texts = F.normalize(text_features(model, self.tokens[batch].to(device)), dim=-1)
+        logits = model.logit_scale.exp() * image_features @ texts.T
         loss = symmetric_info_nce(logits, _positives(images, self.text_ids[batch]).to(device))
         return optimise(loss, self.optimizer, self.schedule, model.logit_scale)
 
@@ -351,7 +351,7 @@ def _make_trainable(model: nn.Module, options: TrainingOptions, spec: ModelSpec)
     return chosen
 
 
-def _train_mode(model: nn.Module) -> None:
+def train_mode(model: nn.Module) -> None:
     """Training mode, except for batch norms that do not train: their running statistics are
     weights too, and a frozen tower (or adapted base) must come out as it went in."""
     model.train()
@@ -444,11 +444,6 @@ def _positives(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
 def _text_ids(captions: list[str]) -> list[int]:
     ids: dict[str, int] = {}
     return [ids.setdefault(caption, len(ids)) for caption in captions]
-
-
-def _encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Text features as the engine computes them, padding trimmed where that changes nothing."""
-    return _encode_text_trimmed(model, tokens) if _can_trim_padding(model) else model.encode_text(tokens)
 
 
 def _recall(ranks: np.ndarray) -> dict[str, float]:

@@ -11,7 +11,7 @@ import time
 import faiss
 import numpy as np
 import pytest
-from support import run_cli_process, write_image, write_shape_folder
+from support import held_lock, run_cli_process, write_image, write_shape_folder
 
 from retrieval import Index
 from retrieval.core.errors import (
@@ -361,8 +361,8 @@ def test_second_writer_is_refused_naming_the_first(tmp_path, photo_folder, tiny_
     """The refusal once said only "another process"; it names the writer and since when."""
     index_dir = tmp_path / "index"
     build(index_dir, [photo_folder], tiny_model)
-    with Index.open(index_dir) as first, Index.open(index_dir) as second:
-        with first._write_lock():
+    with Index.open(index_dir) as second:
+        with held_lock(index_dir):
             with pytest.raises(IndexLockedError,
                                match=rf"written by pid {os.getpid()} \(.+\) since \d{{4}}-\d\d-\d\d "):
                 second.add(photo_folder)
@@ -553,7 +553,7 @@ def test_a_non_utf8_name_and_its_escaped_spelling_are_two_files(tmp_path, tiny_m
     write_image(source / "z.jpg", (10, 200, 10))
     report = build(tmp_path / "index", [source], tiny_model)
     assert (report.new, report.images_encoded, report.skipped) == (3, 3, [])
-    from retrieval.media.corpus import path_from_display
+    from retrieval.core.paths import path_from_display
 
     with Index.open(tmp_path / "index") as index:
         hits = index.search("x", k=5)

@@ -30,7 +30,7 @@ from support.sounds import render_sound, write_sound
 from support.tiny_model import CLASSES
 
 from retrieval import Index
-from retrieval.storage.store import MODALITIES
+from retrieval.core.types import MODALITIES
 from retrieval.train.audio import AudioTrainingOptions
 
 TRIALS = int(os.environ.get("RETRIEVAL_CRASH_TRIALS", "25"))
@@ -234,7 +234,7 @@ def test_killed_conversion_keeps_every_item(seed, reference, tmp_path):
     assert_consistent(index_dir, context)
     with Index.open(index_dir) as index:
         index.convert("hnsw")
-        assert {index.vectors(m).kind for m in MODALITIES} == {"hnsw"}
+        assert {index.vectors(m).index_type for m in MODALITIES} == {"hnsw"}
     assert_consistent(index_dir, context)
     snapshot(index_dir).assert_equal(snapshot(reference_dir), context)
 

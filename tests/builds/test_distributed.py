@@ -23,9 +23,10 @@ from support import write_shape_folder
 from support.vectors import ArraySource
 
 from retrieval import Index
-from retrieval.build.ray import SHARDS_FOLDER, Shards, embed_images, embed_texts, ray_runner
+from retrieval.build.ray import Shards, embed_images, embed_texts, ray_runner
 from retrieval.cli import cli
 from retrieval.media.corpus import text_digest, walk_sources
+from retrieval.storage.folder import SHARDS_FOLDER
 from retrieval.storage.ondisk import build_on_disk
 from retrieval.storage.vectors import VectorIndex, new_trained_index
 
@@ -133,16 +134,16 @@ def test_an_interrupted_job_resumes_from_its_shards(tmp_path, corpus, tiny_model
     images = [f for f in walk_sources([corpus]).files if f.kind == "image"]
     with Index.open(tmp_path / "ray", model=tiny_model, create=True, batch_size=4) as index:
         shards = Shards(index.path / SHARDS_FOLDER)
-        assert embed_images(index, images[:12], shards, 64.0, progress=False) == 12  # then stopped
+        assert embed_images(index.context.encoders, images[:12], shards, 64.0, progress=False) == 12  # then stopped
         (shards.folder / "damaged.npz").write_bytes(b"PK\x03\x04 cut short")
         (shards.folder / ".partial.123.tmp.npz").write_bytes(b"")
         resumed = Shards(shards.folder)
         assert len(resumed.rows) == 12
-        assert embed_images(index, images, resumed, 64.0, progress=False) == len(images) - 12
-        assert embed_images(index, images, Shards(shards.folder), 64.0, progress=False) == 0
+        assert embed_images(index.context.encoders, images, resumed, 64.0, progress=False) == len(images) - 12
+        assert embed_images(index.context.encoders, images, Shards(shards.folder), 64.0, progress=False) == 0
         texts = {text_digest(text): text for text in ("a red circle", "a text no caption has")}
-        assert embed_texts(index, texts, Shards(shards.folder), progress=False) == 2
-        assert embed_texts(index, texts, Shards(shards.folder), progress=False) == 0
+        assert embed_texts(index.context.encoders, texts, Shards(shards.folder), progress=False) == 2
+        assert embed_texts(index.context.encoders, texts, Shards(shards.folder), progress=False) == 0
         report = index.add(corpus, engine="ray")
         assert report.images_encoded == len(images) - 2  # broken.png and empty.jpg are skipped
     with Index.open(tmp_path / "local", model=tiny_model, create=True) as index:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from support import write_image
+from support import held_lock, write_image
 
 from retrieval import Index
 from retrieval.build.builder import BuildReport
@@ -328,7 +328,7 @@ except SystemExit as done:
 
 def test_a_second_writer_is_refused_at_once_naming_the_first(built, photo_folder):
     """It once imported torch and opened the model first: refused only after 10-14 s."""
-    with Index.open(built) as first, first._write_lock():
+    with held_lock(built):
         done = subprocess.run([sys.executable, "-c", REFUSED_WITHOUT_TORCH, "index", str(photo_folder),
                                "--index", str(built)], capture_output=True, text=True, cwd=ROOT)
     assert done.stdout.split() == ["1", "False"], done.stderr  # refused before torch was imported
@@ -338,7 +338,7 @@ def test_a_second_writer_is_refused_at_once_naming_the_first(built, photo_folder
 
 
 def test_a_writer_with_wait_waits_for_the_first(built, photo_folder):
-    with Index.open(built) as first, first._write_lock():
+    with held_lock(built):
         second = subprocess.Popen([sys.executable, "-m", "retrieval", "remove", str(photo_folder / "city"),
                                    "--index", str(built), "--wait"], cwd=ROOT, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from support import write_image
 
-from retrieval import Index
+from retrieval import Hit, Index
 from retrieval.cli import cli
 from retrieval.core.errors import RetrievalError, UsageError
-from retrieval.index import Hit
-from retrieval.media.corpus import IMAGE_SUFFIXES, display_path
+from retrieval.core.paths import display_path
+from retrieval.media.corpus import IMAGE_SUFFIXES
 
 # -- the hostile corpus --------------------------------------------------------------------
 

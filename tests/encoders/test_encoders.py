@@ -146,7 +146,7 @@ def test_the_weight_check_reads_open_clip_tables_as_open_clip_does():
     """The check reads open_clip's tables without importing torch; they must be open_clip's own."""
     from retrieval.encoders import spec as models
 
-    folder, alone = models._open_clip_pretrained_alone()
+    folder, alone = models.open_clip_pretrained_alone()
     assert folder == Path(open_clip.__file__).parent
     assert alone.list_pretrained() == open_clip.list_pretrained()
     assert alone.get_pretrained_cfg("ViT-B-32", "openai") == open_clip.get_pretrained_cfg("ViT-B-32", "openai")
@@ -182,10 +182,10 @@ def test_device_choice():
 
 def test_trimmed_text_encoding_equals_full_padding(tiny_model):
     """Padding is cut after the batch's longest text: the vectors must not change."""
-    from retrieval.encoders.clip import _can_trim_padding
+    from retrieval.encoders.clip import can_trim_padding
 
     encoder = load_encoder(ModelSpec.parse(tiny_model), "cpu", batch_size=4)
-    assert _can_trim_padding(encoder.model)
+    assert can_trim_padding(encoder.model)
     texts = ["a", "a dog in the park", "two " * 60 + "long", "", "a red circle on grey",
              "ünïcödé 猫 text"]
     with torch.no_grad():

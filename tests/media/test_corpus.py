@@ -15,14 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retrieval.media.corpus import (
-    IMAGE_SUFFIXES,
-    SourceFile,
-    display_path,
-    path_from_display,
-    read_items,
-    walk_sources,
-)
+from retrieval.core.paths import display_path, path_from_display
+from retrieval.media.corpus import IMAGE_SUFFIXES, SourceFile, read_items, walk_sources
 
 # -- helpers ---------------------------------------------------------------------------------
 

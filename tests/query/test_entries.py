@@ -19,7 +19,8 @@ from support.tiny_model import CLASSES, caption_for, render_shape
 from retrieval import Index
 from retrieval.cli import cli
 from retrieval.core.errors import QueryWarning, UsageError
-from retrieval.query.entries import FUSIONS, entry_of, evaluate_fusion
+from retrieval.core.types import FUSIONS
+from retrieval.query.entries import entry_of
 from retrieval.train.audio import AudioTrainingOptions
 
 PER_CLASS = 2
@@ -161,8 +162,8 @@ def test_queries_that_name_no_entry_are_an_error_not_zeros(entry_index, tmp_path
     (tmp_path / "known.tsv").write_text(known)
     with Index.open(entry_index, readonly=True) as index:
         with pytest.warns(QueryWarning, match="1 of 2 queries"):
-            both = evaluate_fusion(index, queries, depth=10)
-        alone = evaluate_fusion(index, tmp_path / "known.tsv", depth=10)
+            both = index.evaluate_entries(queries, depth=10)
+        alone = index.evaluate_entries(tmp_path / "known.tsv", depth=10)
     assert both["rrf"].recall[10] == alone["rrf"].recall[10] / 2  # the unknown one is a miss
 
 
@@ -182,7 +183,7 @@ def test_a_manifest_names_the_entries(entry_index, tmp_path):
         # Queries name a manifest's entries by name: once read as paths, none ever matched.
         queries = tmp_path / "colours.tsv"
         queries.write_text("a blue square\tblue\na red circle\tred\n")
-        scores = evaluate_fusion(index, queries, str(manifest), depth=10)
+        scores = index.evaluate_entries(queries, str(manifest), depth=10)
         assert scores["sum"].recall[1] > 0
     (tmp_path / "bad.jsonl").write_text('{"entry": "a"}\n')
     with Index.open(entry_index, readonly=True) as index, pytest.raises(UsageError, match="row 1"):

@@ -18,20 +18,14 @@ import pytest
 import torch
 
 from retrieval.core.errors import UsageError
-from retrieval.query.fusion import (
-    EARLY,
-    MODALITIES,
-    AttentionFusion,
-    FusedHit,
-    FusionTrainingOptions,
-    TemporalEncoder,
-    early_fuse,
-    early_fuse_query,
-    late_fuse,
-    pool_frames,
-    train_attention,
-    train_temporal,
-)
+from retrieval.core.types import EARLY_FUSIONS as EARLY
+from retrieval.core.types import MODALITIES
+from retrieval.encoders.temporal import TemporalEncoder
+from retrieval.encoders.video import pool_frames
+from retrieval.query.fusion import FusedHit, early_fuse, early_fuse_query, late_fuse
+from retrieval.query.gate import AttentionFusion
+from retrieval.train.fusion import FusionTrainingOptions, train_attention
+from retrieval.train.temporal import train_temporal
 
 WORLD = ("image", "text", "audio")  # the modalities the synthetic entries have
 DIM = 24
@@ -362,7 +356,7 @@ def test_temporal_encoders_learn_frame_order(kind, mirrored, captions):
     found = (model.encode(mirrored.frames) @ captions.T).argmax(axis=1)
     assert np.mean(found == mirrored.classes) >= 0.9
     assert report["held_out"] == 72 and report["epochs"][-1]["recall_at_1"] >= 0.9
-    assert isinstance(model, TemporalEncoder) and model.kind == kind
+    assert isinstance(model, TemporalEncoder) and model.architecture == kind
 
 
 # -- mistakes ----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 
 import faiss
@@ -50,14 +51,14 @@ def test_on_disk_index_maps_its_lists_and_vectors_and_can_move(twins, tmp_path):
     _, disk, ids, vectors = twins
     invlists = faiss.extract_index_ivf(disk.index).invlists
     assert isinstance(faiss.downcast_InvertedLists(invlists), faiss.OnDiskInvertedLists)
-    assert isinstance(disk.matrix, np.memmap) and isinstance(disk.sorted_ids, np.memmap)
+    assert isinstance(disk.matrix.base, mmap.mmap) and isinstance(disk.sorted_ids, np.memmap)
     assert np.array_equal(disk.exact_vectors(ids[[5, 1, 3]]), vectors[[5, 1, 3]])
     assert sorted(p.name for p in disk.folder.iterdir()) == \
         ["ids.npy", "index.faiss", "lists.ivfdata", "vectors.npy"]
     moved = tmp_path / "elsewhere"
     shutil.copytree(disk.folder, moved)
     reopened = OnDiskIndex.load(moved)
-    assert reopened.kind == "ivf-pq-disk" and not reopened.can_add and not reopened.can_remove
+    assert reopened.index_type == "ivf-pq-disk" and not reopened.can_add and not reopened.can_remove
     assert reopened.search(vectors[77], 1)[1][0] == ids[77]
 
 
@@ -65,7 +66,7 @@ def test_on_disk_filters_and_scalar_quantiser(tmp_path):
     source = ArraySource(IVF_MINIMUM + 2_000, seed=4)
     ids, vectors = source.read(0, 1 << 40)
     disk = build_on_disk(source, tmp_path / "text", "ivf-sq-disk", workers=1)
-    assert disk.kind == "ivf-sq-disk" and len(disk) == len(ids)
+    assert disk.index_type == "ivf-sq-disk" and len(disk) == len(ids)
     allowed = ids[::400]
     _, found = disk.search(vectors[3], 5, allowed=allowed)
     expected = allowed[np.argsort(-(vectors[(allowed - 7) // 3] @ vectors[3]))[:5]]
@@ -83,7 +84,7 @@ def test_an_index_converts_to_on_disk_and_rebuilds_when_it_changes(tmp_path):
                      for v in vectors[:20]]
         index.convert("ivf-pq-disk")
         disk = index.vectors("text")
-        assert disk.kind == "ivf-pq-disk" and disk.ids().tolist() == sorted(ids)
+        assert disk.index_type == "ivf-pq-disk" and disk.ids().tolist() == sorted(ids)
         # trained on the same vectors in the same order: the same codebooks, the same results
         assert all(list(disk.search(v, 10)[1]) == list(found) for v, found in zip(vectors, in_memory))
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -91,10 +92,10 @@ def test_an_index_converts_to_on_disk_and_rebuilds_when_it_changes(tmp_path):
     assert state["kind"] == "ivf-pq-disk" and (folder / state["file"] / "lists.ivfdata").exists()
     assert not (folder / "text.faiss").exists()  # once left behind, stale, beside the folder
     with Index.open(folder, readonly=True) as reader:
-        assert reader.vectors("text").kind == "ivf-pq-disk"
+        assert reader.vectors("text").index_type == "ivf-pq-disk"
         with Index.open(folder) as writer:  # a change: rebuilt into a new folder, the old deleted
             extra = fill(writer, clustered(10, seed=8), "more")
-            assert writer.vectors("text").kind == "ivf-pq-disk"
+            assert writer.vectors("text").index_type == "ivf-pq-disk"
             assert len(writer.vectors("text")) == len(ids) + 10
         assert reader.vectors("text").search(clustered(10, seed=8)[4], 1)[1][0] == extra[4]
     assert [p.name for p in folder.glob("text-*.ondisk*")] == \

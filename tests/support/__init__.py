@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from retrieval.storage.folder import writer_lock
 from support.tiny_model import CLASSES, caption_for, render_shape
 
 
@@ -68,3 +69,8 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items()
            if name not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     return {**env, "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+
+
+def held_lock(index_folder: str | Path):
+    """The index folder's writer lock, held by this process as another writer would hold it."""
+    return writer_lock(Path(index_folder))

@@ -22,14 +22,13 @@ def clustered(count: int, seed: int = 0) -> np.ndarray:
 
 def fill(index: Index, vectors: np.ndarray, name: str = "synthetic") -> list[int]:
     """Store synthetic vectors as text items of /`name`.txt, as a build would."""
+    index.context.settings.record_dim(DIM, "the synthetic vectors")
     with index.store.conn:
-        index.store.set_info("dim", str(DIM))
         file_id = index.store.upsert_file(f"/{name}.txt", "/", "text", 0, 0, "x")
         ids = index.store.insert_items(file_id, [
             NewItem(f"/{name}.txt#L{n}", "text", vector, f"h{n}", f"text {n}")
             for n, vector in enumerate(vectors)])
         index.store.bump_generation("text")
-    index.dim = DIM
     return ids
 
 

@@ -65,7 +65,7 @@ def test_known_answers():
     texts = unit(np.array([[1, 0], [0.1, 0.995], [0.6, 0.8], [0.8, 0.6]], np.float32))
     owner = np.array([0, 0, 1, 1])
     data = CaptionedImages(["a", "b"], ["x", "w", "y", "z"], owner)
-    result = evaluate_vectors(data, images, texts, kind="flat", depth=10)
+    result = evaluate_vectors(data, images, texts, index_type="flat", depth=10)
     text = result.exact["text->image"]  # x 1, w 2 (nearer image 1), y 1, z 2 (nearer image 0)
     assert text.recall[1] == 0.5 and text.recall[5] == 1.0
     assert (text.median_rank, text.mean_rank) == (1.5, 1.5)
@@ -138,8 +138,8 @@ def test_a_karpathy_split_and_missing_images(flickr_style):
 
 def test_evaluate_a_trained_model_through_the_api_and_the_cli(flickr_style, trained_model):
     result = evaluate(ModelSpec.parse(trained_model), flickr_style / "images", flickr_style / "token.tsv",
-                      kind="hnsw", device="cpu")
-    assert (result.images, result.captions, result.kind) == (27, 27, "hnsw")
+                      index_type="hnsw", device="cpu")
+    assert (result.images, result.captions, result.index_type) == (27, 27, "hnsw")
     assert result.exact["text->image"].recall[10] >= 0.9
     assert result.exact["image->text"].recall[1] >= 0.9  # 3 renders share each caption text
     write_image(flickr_style / "images" / "broken.png", (1, 2, 3))

@@ -23,7 +23,7 @@ from retrieval.core.errors import ModelLoadError, UsageError
 from retrieval.encoders.clip import load_encoder
 from retrieval.encoders.spec import ModelSpec
 from retrieval.media.pairs import CaptionedImages, read_captioned_images
-from retrieval.train.clip import FineTuner, TrainingOptions, _train_mode, fine_tune
+from retrieval.train.clip import FineTuner, TrainingOptions, fine_tune, train_mode
 
 PER_CLASS = 100
 HELD_OUT = len(CLASSES)  # one held-out image per class: see shape_pairs
@@ -183,7 +183,7 @@ def test_adapters_change_base_weights_only_through_the_merge(tmp_path, few_pairs
 def test_batch_norms_that_do_not_train_keep_their_statistics():
     model = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2))
     model[0].requires_grad_(False)
-    _train_mode(model)
+    train_mode(model)
     assert model.training and not model[0].training and model[1].training
 
 
