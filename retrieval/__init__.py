@@ -14,13 +14,15 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Index": "index", "Hit": "index",
-    "BuildReport": "build",
-    "ClipEncoder": "encoders", "load_encoder": "encoders", "ModelSpec": "models",
-    "parse_query": "query", "QueryTerm": "query",
-    "RetrievalError": "errors", "UsageError": "errors", "ModelLoadError": "errors",
-    "IndexNotFoundError": "errors", "IndexFormatError": "errors",
-    "ModelMismatchError": "errors", "IndexLockedError": "errors",
+    "Index": "index", "Hit": "core.types",
+    "BuildReport": "build.report",
+    "ClipEncoder": "encoders.clip", "load_encoder": "encoders.clip", "ModelSpec": "encoders.spec",
+    "parse_query": "query.parse", "QueryTerm": "query.parse",
+    "TrainingOptions": "train.clip", "AudioTrainingOptions": "train.audio",
+    "FusionTrainingOptions": "train.fusion",
+    "RetrievalError": "core.errors", "UsageError": "core.errors", "ModelLoadError": "core.errors",
+    "IndexNotFoundError": "core.errors", "IndexFormatError": "core.errors",
+    "ModelMismatchError": "core.errors", "IndexLockedError": "core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

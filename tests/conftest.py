@@ -12,17 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # sleeping ones while other processes ran. Set before torch loads libgomp; children inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import hashlib  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from tiny_model import CLASSES, caption_for, render_shape, train_tiny_clip, write_local_dir_model  # noqa: E402
+from support import write_image, write_shape_folder  # noqa: E402
+from support.tiny_model import train_tiny_clip, write_local_dir_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -49,16 +44,6 @@ def trained_model(tmp_path_factory, trained_clip) -> str:
     return write_local_dir_model(tmp_path_factory.mktemp("trained-model"), trained_clip)
 
 
-def write_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> Path:
-    """A small image with some structure, so different colours embed differently."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.zeros((size[1], size[0], 3), np.uint8)
-    pixels[:] = colour
-    pixels[: size[1] // 2, : size[0] // 2] = (255 - colour[0], colour[1] // 2, 255 - colour[2])
-    Image.fromarray(pixels).save(path)
-    return path
-
-
 @pytest.fixture
 def photo_folder(tmp_path) -> Path:
     """Six images in two folders, a sidecar caption file, a Flickr captions file, a text corpus."""
@@ -81,29 +66,6 @@ def shape_folder(tmp_path) -> Path:
     return write_shape_folder(tmp_path / "shapes", seed=12345)
 
 
-def write_shape_folder(root: Path, seed: int, per_class: int = 3) -> Path:
-    """Renders of every (colour, shape) class, with a Flickr captions file."""
-    root.mkdir()
-    rng = np.random.default_rng(seed)
-    lines = []
-    for color, shape in CLASSES:
-        for copy in range(per_class):
-            name = f"{color}_{shape}_{copy}.png"
-            render_shape(color, shape, rng).save(root / name)
-            lines.append(f"{name}#0\t{caption_for(color, shape)}")
-    (root / "captions.tsv").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def put_in_hub_cache(cache: Path, repo: str, folder: Path) -> None:
-    """Lay the files of `folder` out in a Hugging Face hub cache as a download of `repo` would."""
-    commit = hashlib.sha1(repo.encode()).hexdigest()
-    entry = cache / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(folder, entry / "snapshots" / commit)
-    (entry / "refs").mkdir()
-    (entry / "refs" / "main").write_text(commit)
-
-
 @pytest.fixture
 def no_network(monkeypatch) -> list:
     """Offline mode off, and every connection refused; returns the addresses tried."""
@@ -121,23 +83,3 @@ def no_network(monkeypatch) -> list:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(socket, "create_connection", refuse)
     return tried
-
-
-def run_cli_process(*args: str | Path, env: dict[str, str] | None = None
-                    ) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """`python -m retrieval.cli ARGS` in a new process: its result (stderr without the import
-    times) and the names of the modules it imported."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "retrieval.cli", *map(str, args)],
-                            capture_output=True, text=True, timeout=600, env=env)
-    imports = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
-    result.stderr = "".join(line + "\n" for line in result.stderr.splitlines()
-                            if not line.startswith("import time:"))
-    return result, {line.rsplit("|", 1)[1].strip() for line in imports[1:]}
-
-
-def offline_env(tmp_path: Path) -> dict[str, str]:
-    """A new process's environment on a machine with an empty Hugging Face cache and no way to
-    the hub (its address refuses connections), offline mode not set."""
-    env = {name: value for name, value in os.environ.items()
-           if name not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    return {**env, "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": "http://127.0.0.1:9"}

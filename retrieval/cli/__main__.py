@@ -1,0 +1,5 @@
+"""`python -m retrieval.cli`: the `retrieve` command."""
+
+from . import main
+
+main()

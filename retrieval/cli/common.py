@@ -1,0 +1,153 @@
+"""What every command shares: the common options, error reporting (one line and an exit code),
+the query-first argument parsing and the write-lock check."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import wraps
+
+import click
+from click_default_group import DefaultGroup
+
+from ..core.errors import IndexLockedError, QueryWarning, RetrievalError
+
+DEFAULT_INDEX = "indexes/default"
+
+index_option = click.option(
+    "--index", "index_dir", envvar="RETRIEVAL_INDEX", default=DEFAULT_INDEX, show_default=True,
+    type=click.Path(file_okay=False), help="Index directory (or set RETRIEVAL_INDEX).")
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps ...")
+batch_option = click.option(
+    "--batch-size", default=32, show_default=True, type=click.IntRange(1),
+    help="Items encoded per forward pass.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+wait_option = click.option(
+    "--wait", is_flag=True,
+    help="If another process is writing the index, wait for it instead of stopping.")
+
+
+def schedule_options(epochs: int, batch_size: int, learning_rate: float):
+    """--epochs, --batch-size and --learning-rate, with a trainer's defaults."""
+    def decorate(command):
+        command = click.option("--learning-rate", default=learning_rate, show_default=True,
+                               type=click.FloatRange(min=0, min_open=True))(command)
+        command = click.option(
+            "--batch-size", default=batch_size, show_default=True, type=click.IntRange(2),
+            help="Pairs per step; the other pairs of a batch are each pair's negatives.")(command)
+        return click.option("--epochs", default=epochs, show_default=True,
+                            type=click.IntRange(1))(command)
+    return decorate
+
+
+def model_options(command):
+    """--model and --pretrained, shared by every command that names a model."""
+    command = click.option(
+        "--pretrained", help="Pretrained tag (default laion2b_s34b_b79k for ViT-B-32) "
+        "or a checkpoint file.")(command)
+    return click.option(
+        "--model", help="open_clip model name, local-dir:PATH or hf-hub:ORG/REPO "
+        "[default for a new index: ViT-B-32].")(command)
+
+
+def reports_errors(command):
+    """Turn the engine's errors into one line on stderr and the right exit code."""
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except IndexLockedError as error:
+            click.echo(f"error: index {error.path} is being written by {error.holder}; run again "
+                       "when it is done, or add --wait to wait for it", err=True)
+            sys.exit(error.exit_code)
+        except RetrievalError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; what was committed is kept, run again to resume", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+class SearchFirstGroup(DefaultGroup):
+    """The default-command group, where a leading `--` belongs to the search query:
+    `retrieve -- "-dog"` searches for "-dog" (a bare group would swallow the `--`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args[:1] == ["--"]:
+            args = [self.default_cmd_name, *args]
+        return super().parse_args(ctx, args)
+
+
+class SearchCommand(click.Command):
+    """A command whose arguments are query words, and a word that starts with '-' but that no
+    option could be ("- dog") is one of them too."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _options_then_words(ctx, self.get_params(ctx), args))
+
+
+def _options_then_words(ctx: click.Context, params: list[click.Parameter], args: list[str]
+                        ) -> list[str]:
+    """`args` reordered as options, `--`, then the query words in their order, so that click
+    takes every query word as one. A word that could name an option but names none ("-dog",
+    "--imgae") is refused, with a hint for a query that really starts with '-'."""
+    takes_value = {name: not (param.is_flag or param.count)
+                   for param in params if isinstance(param, click.Option)
+                   for name in (*param.opts, *param.secondary_opts)}
+    options: list[str] = []
+    words: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+        if arg == "--":
+            words += rest
+        elif arg in takes_value:
+            value = next(rest, None) if takes_value[arg] else None
+            if takes_value[arg] and value is None:
+                return args  # click reports the missing value
+            options += [arg] if value is None else [arg, value]
+        elif takes_value.get(name):  # --index=DIR, -k5
+            options.append(arg)
+        elif arg.startswith("-") and len(arg) > 1 and not any(c.isspace() for c in arg):
+            error = click.NoSuchOption(arg, possibilities=[n for n in takes_value if n[:2] == "--"],
+                                       ctx=ctx)
+            if not error.possibilities and not arg.startswith("--"):
+                error.message = (f"No such option {arg!r}; a query that starts with '-' goes "
+                                 f"after --, as in: retrieve -- {shlex.quote(arg)}")
+            raise error
+        else:
+            words.append(arg)
+    return [*options, "--", *words] if words else options
+
+
+def wait_or_refuse(index_dir: str, wait: bool) -> None:
+    """Before any slow start: refuse a write at once while another process writes the index,
+    or, with --wait, say what this one waits for."""
+    from ..storage.folder import index_writer
+
+    holder = index_writer(index_dir)
+    if holder is not None and not wait:
+        raise IndexLockedError(index_dir, holder)
+    if holder is not None:
+        click.echo(f"waiting for {holder} to finish writing index {index_dir}", err=True)
+
+
+@contextmanager
+def printing_query_warnings() -> Iterator[None]:
+    """Show the engine's warnings about a query (a term naming no file) as one line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", QueryWarning)
+        try:
+            yield
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, QueryWarning):
+                    click.echo(f"warning: {warning.message}", err=True)
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename,
+                                         warning.lineno)

@@ -1,0 +1,92 @@
+"""Commands that measure retrieval: `evaluate` (captioned images) and `evaluate-entries`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..core.errors import counted
+from ..core.types import MEMORY_INDEX_TYPES
+from .common import (
+    batch_option,
+    device_option,
+    index_option,
+    json_option,
+    model_options,
+    printing_query_warnings,
+    reports_errors,
+)
+
+
+@click.command("evaluate")
+@click.argument("images", type=click.Path(file_okay=False))
+@click.option("--captions", required=True, type=click.Path(dir_okay=False),
+              help="Flickr token TSV, Karpathy or COCO JSON, CSV or JSONL captions of IMAGES.")
+@click.option("--split", help="Only this split of a Karpathy JSON file (train, val, test ...).")
+@model_options
+@click.option("--index-type", type=click.Choice(("auto", *MEMORY_INDEX_TYPES)), default="auto",
+              show_default=True,
+              help="FAISS index measured beside exact search (auto: what an index would pick).")
+@click.option("--depth", default=100, show_default=True, type=click.IntRange(10),
+              help="Results fetched per query from the FAISS index.")
+@device_option
+@batch_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@reports_errors
+def evaluate_command(images: str, captions: str, split: str | None, model: str | None,
+                     pretrained: str | None, index_type: str, depth: int, device: str,
+                     batch_size: int, quiet: bool, as_json: bool) -> None:
+    """Measure a model on captioned images: Recall@1/5/10, median and mean rank, both ways.
+
+    Text -> image counts a caption right when its image comes back; image -> text counts an
+    image right at the rank of the first of its captions. Measured with exact search and
+    through a FAISS index of --index-type, so any loss from approximate search shows.
+    """
+    from ..encoders.spec import ModelSpec
+    from ..train.evaluation import evaluate
+
+    result = evaluate(ModelSpec.parse(model, pretrained), images, captions, split, index_type, depth,
+                      device, batch_size, progress=not quiet and sys.stderr.isatty())
+    for path in result.unreadable:
+        click.echo(f"warning: skipped {path}: not a readable image (its captions are left out)",
+                   err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"{result.model}: {counted(result.images, 'image')}, {counted(result.captions, 'caption')} "
+               f"(encoded in {result.seconds['encode']:.1f} s)\n")
+    click.echo(result.table())
+
+
+@click.command("evaluate-entries")
+@click.argument("queries", type=click.Path(dir_okay=False))
+@index_option
+@click.option("--entries", "grouping", metavar="stem|folder|MANIFEST", default="stem",
+              show_default=True, help="How files group into entries (see search --entries).")
+@click.option("--depth", default=50, show_default=True, type=click.IntRange(10),
+              help="Entries ranked per query.")
+@json_option
+@reports_errors
+def evaluate_entries_command(queries: str, index_dir: str, grouping: str, depth: int,
+                             as_json: bool) -> None:
+    """Measure entry search: R@1/5/10 and median rank for each single modality and each fusion.
+
+    QUERIES is a TSV (query<TAB>entry), CSV or JSONL file of queries and the entries that
+    answer them: paths without suffix, or folders, relative to the file; with a manifest, its
+    entry names.
+    """
+    from ..index import Index
+
+    with Index.open(index_dir, readonly=True) as index, printing_query_warnings():
+        results = index.evaluate_entries(queries, grouping, depth)
+    if as_json:
+        click.echo(json.dumps({name: vars(scores) for name, scores in results.items()}, indent=2))
+        return
+    click.echo("| ranking by | R@1 | R@5 | R@10 | median rank |\n|---|---|---|---|---|")
+    for name, scores in results.items():
+        median = f"{scores.median_rank:g}" if scores.median_rank is not None else f"> {depth}"
+        recall = " | ".join(f"{100 * scores.recall[k]:.1f}" for k in (1, 5, 10))
+        click.echo(f"| {name} | {recall} | {median} |")

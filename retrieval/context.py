@@ -1,0 +1,219 @@
+"""What the layers below the facade receive instead of `Index`: an index's folder, its store,
+settings and vector sets, and its encoders, each loaded on first use (`IndexContext`).
+
+The builder, the searcher and the trainers take a context (or less); only `index.Index`
+assembles one, in `IndexContext.open`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import numpy as np
+
+from .core.errors import ModelLoadError, ModelMismatchError, UsageError
+from .encoders.audio import AudioEncoder, is_clap, load_audio_encoder
+from .encoders.spec import ModelSpec, check_weights_available
+from .encoders.text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
+from .storage.folder import SHARDS_FOLDER, writer_lock
+from .storage.settings import Settings
+from .storage.store import Store
+from .storage.vector_sets import VectorSets
+
+if TYPE_CHECKING:
+    from .encoders.clip import ClipEncoder
+    from .encoders.video import VideoSampling
+    from .media.video import VideoSegment
+
+
+class Encoders:
+    """An index's encoders, each loaded on first use: the CLIP model, the numpy text tower a
+    build exported, the audio encoder the index records, and video segments made of both."""
+
+    def __init__(self, folder: Path, spec: ModelSpec, settings: Settings, device: str = "auto",
+                 batch_size: int = 32, int8: bool = False, readonly: bool = False) -> None:
+        self.folder = folder
+        self.spec = spec
+        self.settings = settings
+        self.device = device
+        self.batch_size = batch_size
+        self.int8 = int8
+        self.readonly = readonly
+        self._clip: ClipEncoder | None = None
+        self._text_tower: NumpyTextEncoder | None = None
+        self._audio: AudioEncoder | None = None
+
+    @property
+    def loaded_clip(self) -> bool:
+        return self._clip is not None
+
+    @property
+    def clip(self) -> ClipEncoder:
+        """The index's CLIP model, loaded on first use; a writer exports its text tower."""
+        if self._clip is None:
+            check_weights_available(self.spec)  # before torch is imported: refused in a blink
+            from .encoders.clip import load_encoder
+
+            self._clip = load_encoder(self.spec, self.device, self.batch_size, self.int8)
+            self.settings.record_dim(self._clip.dim, self.spec)
+            if not self.readonly and load_text_tower(self.folder, self.spec.identity) is None:
+                export_text_tower(self._clip, self.folder)
+        return self._clip
+
+    @property
+    def text(self) -> ClipEncoder | NumpyTextEncoder:
+        """What encodes text queries: the numpy text tower a build exported (no torch import,
+        so a query starts in well under a second), else the full model."""
+        if self._clip is None and self._text_tower is None:
+            self._text_tower = load_text_tower(self.folder, self.spec.identity)
+        return self._text_tower or self.clip
+
+    # -- audio -------------------------------------------------------------------------------
+
+    @property
+    def audio_is_clap(self) -> bool:
+        """The index's audio is embedded by CLAP, in a space of its own (not CLIP's)."""
+        return is_clap(self.settings.audio_model)
+
+    def audio_or_none(self) -> AudioEncoder | None:
+        """The audio encoder the index records, loaded on first use; None when it has none."""
+        identity = self.settings.audio_model
+        if self._audio is not None and self._audio.identity != identity:
+            self._audio = None  # retrained or replaced by a writer since it was loaded
+        if self._audio is None and identity:
+            self._audio = load_audio_encoder(identity, self.folder, self.device, self.batch_size)
+            if is_clap(identity) and not self.readonly and not self.settings.audio_dim:
+                with self.settings.store.conn:
+                    self.settings.update(audio_dim=self._audio.dim)
+        return self._audio
+
+    @property
+    def audio(self) -> AudioEncoder:
+        """The index's audio encoder; ModelLoadError when it has none yet."""
+        encoder = self.audio_or_none()
+        if encoder is None:
+            raise ModelLoadError(
+                f"index {self.folder} has no audio encoder yet; train one with: retrieve "
+                f"train-audio PAIRS --index {self.folder} (or build with --audio-model clap:NAME)")
+        return encoder
+
+    # -- video -------------------------------------------------------------------------------
+
+    def video_sampling(self) -> VideoSampling:
+        """How the index samples videos; soundtracks at the audio tower's rate (no other
+        encoder hears them)."""
+        from .encoders.video import ANY_SAMPLE_RATE, VideoSampling  # PyAV: only where videos are
+
+        encoder = self.audio_or_none()
+        rate = encoder.sample_rate if encoder is not None and not self.audio_is_clap else ANY_SAMPLE_RATE
+        return VideoSampling(self.settings.frame_rate, self.settings.scene_threshold, rate)
+
+    def decode_video(self, source: str | BinaryIO, max_seconds: float) -> list[VideoSegment]:
+        """A video's segments, sampled as the index records (VideoDecodeError when unusable)."""
+        from .encoders.video import decode_segments
+
+        return decode_segments(source, self.video_sampling(), max_seconds)
+
+    def encode_segments(self, segments: list[VideoSegment]) -> np.ndarray:
+        """One unit vector per segment, in the CLIP space, made as the index makes them."""
+        from .encoders.video import VideoEncoder, pool_frames
+
+        pooling = self.settings.frame_pooling
+        if ":" in pooling:  # a trained temporal encoder's identity
+            from .encoders.temporal import load_temporal
+
+            model = load_temporal(self.folder, pooling)
+
+            def pool(sequences: list[np.ndarray]) -> list[np.ndarray]:
+                return list(model.encode(sequences))
+        else:
+            def pool(sequences: list[np.ndarray]) -> list[np.ndarray]:
+                return [pool_frames(sequence, pooling) for sequence in sequences]
+        sound = None if self.audio_is_clap else self.audio_or_none()
+        return VideoEncoder(self.clip, pool, sound).encode_segments(segments)
+
+
+@dataclass
+class IndexContext:
+    """The few handles the layers below the facade need: an index's folder, its store, its
+    settings, its FAISS vector sets and its encoders; and its one writer's lock."""
+
+    folder: Path
+    store: Store
+    settings: Settings
+    vectors: VectorSets
+    encoders: Encoders
+    readonly: bool = False
+    wait: bool = False
+
+    @classmethod
+    def assemble(cls, folder: Path, store: Store, spec: ModelSpec, device: str = "auto",
+                 batch_size: int = 32, int8: bool = False, readonly: bool = False,
+                 wait: bool = False) -> IndexContext:
+        settings = Settings(folder, store)
+        return cls(folder, store, settings, VectorSets(folder, store, settings, readonly),
+                   Encoders(folder, spec, settings, device, batch_size, int8, readonly), readonly, wait)
+
+    @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """Hold the one writer's lock (waiting for another writer only if the index was opened
+        with `wait`), and report a disk that refuses writes in one line."""
+        if self.readonly:
+            raise UsageError(f"index {self.folder} was opened read-only")
+        with writer_lock(self.folder, self.wait):
+            yield
+
+    def count(self, modality: str) -> int:
+        return self.store.count(modality)
+
+    def forget(self, kind: str, **settings: str | int | None) -> None:
+        """Drop every file and vector of a kind made with an encoder about to change, and record
+        the new `settings` (None removes one), in one transaction. Hold the write lock."""
+        with self.store.conn:
+            self.store.delete_files(self.store.file_ids_of_kind(kind))
+            self.store.bump_generation(kind)
+            self.settings.update(**settings)
+        self.vectors.rebuild(kind)
+        self.vectors.write_manifest()
+
+
+# -- the model an index is opened with ------------------------------------------------------------
+
+def resolve_model(store: Store, folder: Path, requested: ModelSpec | None, rebuild: bool,
+                  start_over: bool = False) -> ModelSpec:
+    """The index's model; a new index records the requested (or default) one. Another model
+    needs `rebuild`, and starts the index over; so does `start_over` with the same one."""
+    settings = Settings(folder, store)
+    recorded = settings.model
+    if recorded is None:  # a new index (or one killed before its first commit)
+        spec = requested or ModelSpec.parse()
+        if not store.readonly:
+            with store.conn:
+                settings.record_model(spec.name, spec.pretrained)
+        return spec
+    recorded_spec = ModelSpec(*recorded)
+    if requested is None or requested.identity == recorded_spec.identity:
+        if start_over and not store.readonly:
+            _start_over(store, folder, recorded_spec)
+        return recorded_spec
+    if not rebuild and not store.is_empty():
+        raise ModelMismatchError(
+            f"index {folder} was built with model {recorded_spec}, not {requested}; query without "
+            "--model, or re-encode everything with --rebuild")
+    _start_over(store, folder, requested)
+    return requested
+
+
+def _start_over(store: Store, folder: Path, spec: ModelSpec) -> None:
+    """Forget every file and vector, to encode them all again with `spec`, and the embedding
+    shards of an unfinished Ray build; but not for a model whose weights cannot be had."""
+    check_weights_available(spec)
+    with store.conn:
+        store.clear()
+        Settings(folder, store).record_model(spec.name, spec.pretrained)
+    shutil.rmtree(folder / SHARDS_FOLDER, ignore_errors=True)

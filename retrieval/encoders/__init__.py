@@ -1,0 +1,1 @@
+"""What turns content into vectors: model identity, CLIP, the numpy text tower, audio towers, CLAP."""

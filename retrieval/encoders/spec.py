@@ -1,0 +1,302 @@
+"""Model identity: which open_clip model an index uses, and whether its weights can be had,
+without importing torch."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import socket
+import sys
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from ..core.errors import ModelLoadError
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+CLAP_PREFIX = "clap:"  # an audio model from LAION-CLAP, as `clap:NAME` or `clap:/folder`
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+HF_WEIGHTS_NAME = "open_clip_pytorch_model.bin"  # what open_clip asks a hub repo for ...
+HF_SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"  # ... after this twin
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load: an open_clip name (or `local-dir:`/`hf-hub:` reference) and weights.
+
+    `pretrained` is a tag such as `laion2b_s34b_b79k` or a checkpoint file; it is ignored
+    for `local-dir:` and `hf-hub:` models, which carry their own weights.
+    """
+
+    name: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+
+    @classmethod
+    def parse(cls, name: str | None = None, pretrained: str | None = None) -> ModelSpec:
+        """Normalise user input: local paths become absolute so the identity survives a `cd`."""
+        name = name or DEFAULT_MODEL
+        if name.startswith(LOCAL_DIR):
+            path = Path(name[len(LOCAL_DIR):]).expanduser().resolve()
+            return cls(f"{LOCAL_DIR}{path}", None)
+        if name.startswith(HF_HUB):
+            return cls(name, None)
+        if pretrained is None and name == DEFAULT_MODEL:
+            pretrained = DEFAULT_PRETRAINED
+        if pretrained and looks_like_path(pretrained):
+            pretrained = str(Path(pretrained).expanduser().resolve())
+        return cls(name, pretrained or None)
+
+    @property
+    def identity(self) -> str:
+        """A stable string an index records to refuse vectors from any other model."""
+        return f"{self.name}@{self.pretrained}" if self.pretrained else self.name
+
+    def __str__(self) -> str:
+        return self.identity
+
+
+def looks_like_path(value: str) -> bool:
+    """A `pretrained` value that names a checkpoint file rather than a tag."""
+    return os.sep in value or value.endswith(WEIGHT_SUFFIXES) or Path(value).expanduser().exists()
+
+
+# -- can the weights be had? -------------------------------------------------------------------
+# Answered without importing torch (seconds, most of a GB), so that a model that cannot be
+# loaded is refused at once, and without letting huggingface_hub retry a network that is not
+# there (it retries each file for about 30 s).
+
+HUB_PROBE_SECONDS = 1.5  # a connection to the hub that takes longer counts as none
+OPEN_CLIP_CACHE = Path("~/.cache/clip")  # where open_clip keeps weights it downloads by URL
+_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads its variables
+
+
+def check_weights_available(spec: ModelSpec) -> bool:
+    """Raise a one-line ModelLoadError when the weights `spec` needs can be had neither from
+    disk nor from the Hugging Face Hub; catch what open_clip would only warn about (a local
+    folder without weights gives a random model).
+
+    Returns True when everything the model needs from the hub is in its cache: the load then
+    need not, and should not, ask the hub anything.
+    """
+    if spec.name.startswith(LOCAL_DIR):
+        _check_local_dir(spec)
+        return False
+    if spec.name.startswith(HF_HUB):
+        return from_hub_cache(spec.name[len(HF_HUB):],
+                              [("open_clip_config.json",), _weight_file_names(HF_WEIGHTS_NAME)],
+                              lambda cause: cannot_load_message(spec, cause))
+    models, pretrained = _open_clip_tables()
+    if spec.name.replace("/", "-") not in models:
+        raise ModelLoadError(
+            f"unknown model {spec.name!r}; use an open_clip name (see open_clip.list_models()), "
+            "local-dir:/path or hf-hub:org/repo")
+    if not spec.pretrained:
+        return False  # open_clip makes a model with random weights, as asked
+    if looks_like_path(spec.pretrained):
+        if not Path(spec.pretrained).is_file():
+            raise ModelLoadError(
+                f"model {spec.identity}: checkpoint file {spec.pretrained} not found; "
+                "pass --pretrained with an existing checkpoint file or a known tag")
+        return False
+    tags = pretrained.list_pretrained_tags_by_model(spec.name)
+    if spec.pretrained not in tags:
+        raise ModelLoadError(
+            f"model {spec.name}: unknown pretrained tag {spec.pretrained!r} (known tags: "
+            f"{', '.join(tags) or 'none'}); or pass a checkpoint file with --pretrained")
+    return _tag_available(spec, pretrained.get_pretrained_cfg(spec.name, spec.pretrained))
+
+
+def _check_local_dir(spec: ModelSpec) -> None:
+    folder = Path(spec.name[len(LOCAL_DIR):])
+    if not (folder / "open_clip_config.json").is_file():
+        raise ModelLoadError(
+            f"model {spec.name}: no open_clip_config.json in {folder}; point local-dir: at a "
+            "folder holding open_clip_config.json and its weights (e.g. a downloaded hf-hub repo)")
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
+        raise ModelLoadError(
+            f"model {spec.name}: no weights file (*.safetensors, *.bin, *.pth) in {folder}; "
+            "copy the model's weights into that folder")
+
+
+def _tag_available(spec: ModelSpec, config: dict) -> bool:
+    """Where open_clip looks for a tag's weights: a file, a hub repo, or a URL (in that order
+    of preference, the hub before the URL, as its `download_pretrained` does)."""
+    if config.get("file"):
+        return Path(config["file"]).is_file()
+    if config.get("hf_hub"):
+        repo, filename = os.path.split(config["hf_hub"])  # `org/name/`: the default file
+        return from_hub_cache(repo, [_weight_file_names(filename or HF_WEIGHTS_NAME)],
+                              lambda cause: cannot_load_message(spec, cause))
+    url = config.get("url", "")
+    if (OPEN_CLIP_CACHE.expanduser() / os.path.basename(url)).is_file():
+        return True
+    host = urllib.parse.urlsplit(url).hostname or url
+    unreachable = _unreachable(host, 443)
+    if unreachable:
+        raise ModelLoadError(cannot_load_message(spec, f"not in {OPEN_CLIP_CACHE}, and {unreachable}"))
+    return False
+
+
+def _weight_file_names(filename: str) -> tuple[str, ...]:
+    """The weight files open_clip asks a hub repo for: a safetensors twin first, as it does."""
+    if filename == HF_WEIGHTS_NAME:
+        return HF_SAFE_WEIGHTS_NAME, filename
+    if filename.endswith((".bin", ".pth")):
+        return filename[:-4] + ".safetensors", filename
+    return (filename,)
+
+
+def cannot_load_message(spec: ModelSpec, cause: str) -> str:
+    """Why `spec`'s weights could not be loaded, and how to supply them, in one line."""
+    return (f"could not load weights for model {spec.identity} ({cause}). Without internet, "
+            "supply weights yourself: download them on a connected machine into the Hugging Face "
+            "cache (~/.cache/huggingface), or pass --pretrained /path/to/checkpoint, or "
+            "--model local-dir:/folder with open_clip_config.json and weights")
+
+
+def one_line(error: BaseException) -> str:
+    """An error's whole message on one line (libraries wrap causes over several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def from_hub_cache(repo: str, needed: Sequence[tuple[str, ...]],
+                   explain: Callable[[str], str]) -> bool:
+    """True when the Hugging Face cache holds a file of each group of alternatives in `needed`
+    from `repo`; False when some must be downloaded and the hub can be reached. Otherwise a
+    ModelLoadError, worded by `explain` from the cause."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    def cached(name: str) -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(repo, name), str)
+        except ValueError:  # not a valid repo id: the load says so
+            return False
+
+    missing = [names[0] for names in needed if not any(cached(name) for name in names)]
+    if not missing:
+        return True
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ModelLoadError(explain(
+            f"{repo}/{missing[0]} is not in the Hugging Face cache {constants.HF_HUB_CACHE}, "
+            f"and {unreachable}"))
+    return False
+
+
+def hub_offline_requested() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, now or when huggingface_hub was
+    imported: it reads the variable once, at import."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or any(
+        os.environ.get(name, "").upper() in _TRUE_VALUES
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached now (offline mode is set, or no connection
+    to it, or to the proxy on the way, within HUB_PROBE_SECONDS), or None."""
+    from huggingface_hub import constants
+
+    if hub_offline_requested():
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    return _unreachable(endpoint.hostname or constants.ENDPOINT, port)
+
+
+def _unreachable(host: str, port: int) -> str | None:
+    """Why a TCP connection to host:port (or to the proxy for it) fails, or None.
+
+    Name resolution has no timeout of its own, so the attempt runs on a thread given
+    HUB_PROBE_SECONDS; one that is still resolving then is left to finish in the background.
+    """
+    proxy = urllib.request.getproxies().get("https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port, what = parts.hostname or proxy, parts.port or 80, f"the proxy {proxy}"
+    else:
+        what = host
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(error.strerror or str(error) or type(error).__name__)
+
+    attempt = threading.Thread(target=connect, daemon=True)
+    attempt.start()
+    attempt.join(HUB_PROBE_SECONDS)
+    if outcome and outcome[0] is None:
+        return None
+    return f"{what} cannot be reached ({outcome[0] if outcome else f'no answer in {HUB_PROBE_SECONDS:g} s'})"
+
+
+@contextmanager
+def hub_cache_only(enabled: bool = True) -> Iterator[None]:
+    """Within the block, huggingface_hub serves files from its cache and asks the network
+    nothing (it reads HF_HUB_OFFLINE once, at import; this sets what it read)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or enabled
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _open_clip_tables() -> tuple[set[str], ModuleType]:
+    """open_clip's architecture names, and its module of pretrained tags and their sources.
+
+    When open_clip is imported already, its own (with configs added at run time); otherwise
+    read without importing it, since its package imports torch.
+    """
+    if "open_clip" not in sys.modules:
+        try:
+            folder, pretrained = open_clip_pretrained_alone()
+            return {path.stem for path in (folder / "model_configs").glob("*.json")}, pretrained
+        except Exception:  # another open_clip layout: pay for the import instead
+            pass
+    import open_clip
+
+    return set(open_clip.list_models()), open_clip.pretrained
+
+
+@functools.cache
+def open_clip_pretrained_alone() -> tuple[Path, ModuleType]:
+    """open_clip's folder, and its pretrained.py loaded by itself under another package name.
+
+    pretrained.py needs only open_clip's constants and version; it imports safetensors.torch
+    optionally, which is held back here (it would import torch), so the loaded copy believes
+    safetensors missing: it serves to read tables, never to load weights.
+    """
+    found = importlib.util.find_spec("open_clip")
+    if found is None or found.origin is None:
+        raise ModuleNotFoundError("open_clip")
+    folder = Path(found.origin).parent
+    alias = "_retrieval_open_clip_tables"
+    package = ModuleType(alias)
+    package.__path__ = [str(folder)]
+    held_back = "safetensors.torch" not in sys.modules
+    sys.modules[alias] = package
+    if held_back:
+        sys.modules["safetensors.torch"] = None  # type: ignore[assignment]  # import fails
+    try:
+        return folder, importlib.import_module(f"{alias}.pretrained")
+    finally:
+        if held_back:
+            del sys.modules["safetensors.torch"]
+        for name in [n for n in sys.modules if n == alias or n.startswith(f"{alias}.")]:
+            del sys.modules[name]

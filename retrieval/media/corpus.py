@@ -1,0 +1,304 @@
+"""Walk sources, recognise each file's modality, and turn files into the items they hold.
+
+A file is one of five kinds:
+- `image`: one image item;
+- `audio`: one audio item per window of a few seconds (cut by the builder once decoded);
+- `video`: one item per segment of a few seconds: its frames and soundtrack fused;
+- `text`: a text corpus, one text item per non-empty line (.txt) or per record (.jsonl);
+- `captions`: text items linked to images: a sidecar `<image stem>.txt`, or a captions
+  file (Flickr token TSV, CSV, JSONL, COCO JSON) named on the command line or found as
+  `captions.{tsv,csv,jsonl,json}` at the top of a source folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.paths import absolute_path, display_path
+from .captions import CAPTION_FILE_NAMES, parse_json, read_caption_pairs, split_lines
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".webm", ".mov"})
+TEXT_SUFFIXES = frozenset({".txt", ".jsonl"})
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A file found under a source, with what the incremental check compares."""
+
+    path: str
+    root: str
+    kind: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def key(self) -> str:
+        """The path as stored and shown: always valid UTF-8 (see `display_path`)."""
+        return display_path(self.path)
+
+
+@dataclass(frozen=True)
+class ItemSpec:
+    """One item a file holds, before it is embedded.
+
+    `uri` is unique across the index; `parent_ref` names the image a caption belongs to,
+    as written in the captions source (resolved to an item id by the index).
+    """
+
+    uri: str
+    modality: str
+    text: str | None = None
+    parent_ref: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Skipped:
+    """A path the build could not use, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class WalkResult:
+    files: list[SourceFile]
+    skipped: list[Skipped]
+
+
+@dataclass(frozen=True)
+class WalkOptions:
+    """How a source folder is walked. An index records them per source, so that a bare
+    rebuild walks each source as it was walked when named."""
+
+    exclude_dirs: tuple[str, ...] = ()  # folder names, or absolute folder paths
+    include_hidden: bool = False
+
+    @classmethod
+    def of(cls, exclude_dirs: Iterable[str] = (), include_hidden: bool = False) -> WalkOptions:
+        """Options with the paths among `exclude_dirs` made absolute (names stay names)."""
+        excluded = {str(absolute_path(d)) if os.sep in d else d for d in exclude_dirs}
+        return cls(tuple(sorted(excluded)), include_hidden)
+
+
+def walk_sources(sources: Iterable[str | Path], exclude_dirs: Iterable[str] = (),
+                 captions_files: Iterable[str | Path] = (), include_hidden: bool = False,
+                 options: Mapping[str, WalkOptions] | None = None) -> WalkResult:
+    """List every indexable file under `sources` (folders or single files).
+
+    Hidden entries and folders named in `exclude_dirs` (by name or by path) are not entered;
+    `options`, keyed by a source's absolute path, sets them for that source instead.
+    Symlinks to files and to folders are followed; a folder reached a second time (a loop,
+    or two links to one folder) is walked once, under the first path that reached it.
+    """
+    default = WalkOptions.of(exclude_dirs, include_hidden)
+    found: dict[str, SourceFile] = {}
+    skipped: list[Skipped] = []
+    for source in sources:
+        root = absolute_path(source)
+        if _is(root, Path.is_dir):
+            walk_options = (options or {}).get(str(root), default)
+            paths = _walk_folder(root, walk_options, skipped)
+            auto_captions = [root / name for name in CAPTION_FILE_NAMES if (root / name).is_file()]
+        elif _is(root, Path.exists) or _is(root, Path.is_symlink):
+            paths, auto_captions = [root], []
+            root = root.parent
+        else:
+            raise FileNotFoundError(f"source {source}: no such file or folder")
+        for path in paths:
+            _add(found, skipped, path, root, _kind_of(path))
+        for path in auto_captions:
+            _add(found, skipped, path, root, "captions")
+    for captions in captions_files:
+        path = absolute_path(captions)
+        if not _is(path, Path.is_file):
+            raise FileNotFoundError(f"captions file {captions}: no such file")
+        _add(found, skipped, path, path.parent, "captions")
+    _mark_sidecars(found)
+    return WalkResult(sorted(found.values(), key=lambda f: f.path), skipped)
+
+
+def _is(path: Path, test) -> bool:
+    """A Path test that is False for names no file system could hold (NUL, over-long)."""
+    try:
+        return test(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _walk_folder(root: Path, options: WalkOptions, skipped: list[Skipped]) -> Iterator[Path]:
+    """The files under `root`. Symlinked folders are entered after the real tree, so a file
+    keeps its real path when a link also leads to it; a folder already walked (a loop, a
+    second link) is not walked again."""
+    def on_error(error: OSError) -> None:
+        skipped.append(Skipped(display_path(str(error.filename)),
+                               f"cannot read folder ({error.strerror})"))
+
+    walked = {_folder_identity(str(root))}
+    links: deque[str] = deque()  # symlinked folders found, entered once the real tree is done
+    tops = [str(root)]
+    while tops:
+        for folder, dirs, names in os.walk(tops.pop(), onerror=on_error):
+            entered = []
+            for name in sorted(dirs):
+                path = os.path.join(folder, name)
+                if not _enter(folder, name, options):
+                    continue
+                if os.path.islink(path):
+                    links.append(path)
+                elif _first_visit(path, walked):
+                    entered.append(name)
+            dirs[:] = entered
+            for name in sorted(names):
+                if options.include_hidden or not name.startswith("."):
+                    if _kind_of(Path(name)):
+                        yield Path(folder, name)
+        while links and not tops:
+            link = links.popleft()
+            if _follow_link(link) and _first_visit(link, walked):
+                tops.append(link)
+
+
+def _follow_link(link: str) -> bool:
+    """Whether a symlinked folder found in a source is entered: today every one is (a later
+    rule, such as leaving out links that lead outside the sources, belongs here)."""
+    return True
+
+
+def _folder_identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _first_visit(path: str, walked: set) -> bool:
+    """True the first time a folder (by device and inode) is reached; records it."""
+    identity = _folder_identity(path)
+    if identity is None or identity in walked:
+        return identity is None  # unreadable: os.walk reports it when it tries to list it
+    walked.add(identity)
+    return True
+
+
+def _enter(folder: str, name: str, options: WalkOptions) -> bool:
+    if name.startswith(".") and not options.include_hidden:
+        return False
+    return name not in options.exclude_dirs and os.path.join(folder, name) not in options.exclude_dirs
+
+
+def _kind_of(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    if suffix in AUDIO_SUFFIXES:
+        return "audio"
+    if suffix in VIDEO_SUFFIXES:
+        return "video"
+    return None
+
+
+def _add(found: dict[str, SourceFile], skipped: list[Skipped], path: Path, root: Path,
+         kind: str | None) -> None:
+    if kind is None:
+        return
+    try:
+        info = path.stat()
+    except OSError as error:
+        reason = "broken symlink" if path.is_symlink() else f"cannot stat ({error.strerror})"
+        skipped.append(Skipped(display_path(str(path)), reason))
+        return
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+        skipped.append(Skipped(display_path(str(path)), "not a regular file"))
+        return
+    found[str(path)] = SourceFile(str(path), display_path(str(root)), kind, info.st_size,
+                                  info.st_mtime_ns)
+
+
+def _mark_sidecars(found: dict[str, SourceFile]) -> None:
+    """A .txt beside an image of the same stem holds that image's captions, not a corpus."""
+    image_stems = {os.path.splitext(p)[0] for p, f in found.items() if f.kind == "image"}
+    for path, source in list(found.items()):
+        if source.kind == "text" and path.lower().endswith(".txt"):
+            if os.path.splitext(path)[0] in image_stems:
+                found[path] = SourceFile(path, source.root, "captions", source.size, source.mtime_ns)
+
+
+def read_items(source: SourceFile, data: bytes) -> list[ItemSpec]:
+    """The items a file holds, from its bytes (already read for hashing)."""
+    if source.kind == "image":
+        return [ItemSpec(uri=source.key, modality="image")]
+    text = data.decode("utf-8-sig", errors="replace")  # -sig: editors' byte-order marks
+    if source.kind == "captions":
+        image = _sidecar_image(source.path)
+        pairs = read_caption_pairs(source.path, text, os.path.basename(image) if image else None)
+        return _caption_items(source.key, pairs)
+    if source.path.lower().endswith(".jsonl"):
+        return _jsonl_texts(source.key, text)
+    return [ItemSpec(uri=f"{source.key}#L{number}", modality="text", text=line.strip())
+            for number, line in enumerate(split_lines(text), 1) if line.strip()]
+
+
+def _caption_items(uri: str, pairs: list[tuple[str, str]]) -> list[ItemSpec]:
+    seen: Counter[str] = Counter()
+    items = []
+    for name, caption in pairs:
+        image = display_path(name)  # compared with stored paths when captions are linked
+        if caption:
+            # Numbering per image keeps a caption's uri when other lines of the file change.
+            items.append(ItemSpec(uri=f"{uri}#{image}#{seen[image]}", modality="text",
+                                  text=caption, parent_ref=image))
+            seen[image] += 1
+    return items
+
+
+def _sidecar_image(path: str) -> str | None:
+    if not path.lower().endswith(".txt"):
+        return None
+    stem = os.path.splitext(path)[0]
+    for candidate in os.listdir(os.path.dirname(path)):
+        full = os.path.join(os.path.dirname(path), candidate)
+        if os.path.splitext(full)[0] == stem and _kind_of(Path(candidate)) == "image":
+            return full
+    return None
+
+
+def _jsonl_texts(path: str, content: str) -> list[ItemSpec]:
+    """Records with a `text` field; an `id` field names the item, other fields become metadata."""
+    items = []
+    uris: set[str] = set()
+    for number, line in enumerate(split_lines(content), 1):
+        if not line.strip():
+            continue
+        record = parse_json(line, f"line {number}")
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"line {number} has no string field 'text'")
+        uri = f"{path}#id={record.pop('id')}" if "id" in record else f"{path}#L{number}"
+        if uri in uris:
+            raise ValueError(f"line {number} repeats the id of an earlier record")
+        uris.add(uri)
+        text = record.pop("text").strip()
+        if text:
+            items.append(ItemSpec(uri=uri, modality="text", text=text, meta=record))
+    return items
+
+
+def file_digest(data: bytes) -> str:
+    """The content hash that detects renames and real changes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def text_digest(text: str) -> str:
+    """The content hash of one text item, so equal texts share one embedding."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

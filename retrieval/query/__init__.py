@@ -1,0 +1,1 @@
+"""Answering queries: parsing them, turning terms into vectors, searching, entries and fusion."""

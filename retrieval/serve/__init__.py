@@ -1,0 +1,1 @@
+"""The HTTP service, sharded fan-out, the client and the page."""

@@ -1,0 +1,202 @@
+"""Sharded search: one query fanned out to several index shards, their hits merged by score.
+
+A shard is an index folder opened in this process, or a `retrieve serve` reached over HTTP.
+Every shard must embed with the same model: scores are then cosine similarities in one space,
+and the best k hits of all shards are the best k overall.
+
+Hits get global ids, `local id * MAX_SHARDS + shard number`, so an id names its shard and a
+later call (`item`, `like=`) goes back to it. "More like this" asks the owning shard for the
+item's vector and sends that vector to every shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from ..core.errors import RetrievalError, UsageError
+from ..core.types import Hit
+from ..index import Index
+from .client import server_error
+
+MAX_SHARDS = 1000
+
+
+class LocalShard:
+    """An index folder opened read-only here; its searches run one at a time."""
+
+    def __init__(self, folder: str | Path, device: str = "auto") -> None:
+        self.index = Index.open(folder, readonly=True, device=device)
+        self.name = str(self.index.path)
+        self.lock = threading.Lock()
+
+    def search(self, **query) -> list[Hit]:
+        with self.lock:
+            return self.index.search(**query)
+
+    def item(self, item_id: int) -> Hit | None:
+        with self.lock:
+            return self.index.item(item_id)
+
+    def item_vector(self, item_id: int) -> tuple[str, np.ndarray]:
+        with self.lock:
+            return self.index.item_vector(item_id)
+
+    def stats(self) -> dict:
+        with self.lock:
+            return self.index.stats()
+
+    def close(self) -> None:
+        self.index.close()
+
+
+class RemoteShard:
+    """A `retrieve serve` at `url`, searched through its JSON API."""
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        import httpx
+
+        self.name = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.name, timeout=timeout)
+
+    def search(self, **query) -> list[Hit]:
+        form, files = {}, []
+        for name, value in query.items():
+            if value is None:
+                continue
+            if name in ("image", "audio", "video"):
+                files += [(name, (f"{name}-{n}", io.BytesIO(data))) for n, data in enumerate(value)]
+            elif name == "vector":
+                form[name] = json.dumps([float(x) for x in value])
+            else:
+                form[name] = str(value)
+        if "query" in form:
+            form["q"] = form.pop("query")
+        found = self._call("POST", "/api/search", data=form, files=files or None)
+        return [Hit.from_dict(hit) for hit in found]
+
+    def item(self, item_id: int) -> Hit | None:
+        data = self._call("GET", f"/api/items/{item_id}", missing_ok=True)
+        return None if data is None else Hit.from_dict(data, score=1.0)
+
+    def item_vector(self, item_id: int) -> tuple[str, np.ndarray]:
+        data = self._call("GET", f"/api/items/{item_id}/vector")
+        return data["modality"], np.asarray(data["vector"], np.float32)
+
+    def stats(self) -> dict:
+        return self._call("GET", "/api/stats")
+
+    def fetch(self, path: str, params: dict | None = None) -> tuple[bytes, str]:
+        """Raw bytes and media type of one of the shard's files or thumbnails."""
+        response = self._send("GET", path, params=params)
+        return response.content, response.headers.get("content-type", "application/octet-stream")
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _call(self, method: str, path: str, missing_ok: bool = False, **options):
+        response = self._send(method, path, missing_ok, **options)
+        return None if response is None else response.json()
+
+    def _send(self, method: str, path: str, missing_ok: bool = False, **options):
+        import httpx
+
+        try:
+            response = self.client.request(method, path, **options)
+        except httpx.HTTPError as error:
+            raise RetrievalError(f"shard {self.name}: unreachable ({error}); start it with "
+                                 "retrieve serve, or leave it out") from None
+        if response.status_code == 404 and missing_ok:
+            return None
+        if response.status_code >= 400:
+            raise server_error(response, f"shard {self.name}")
+        return response
+
+
+Shard = LocalShard | RemoteShard
+
+
+def open_shards(folders: Sequence[str | Path] = (), urls: Sequence[str] = (),
+                device: str = "auto") -> list[Shard]:
+    """Local shards first, then remote ones; shard numbers follow this order."""
+    shards: list[Shard] = [LocalShard(folder, device) for folder in folders]
+    shards += [RemoteShard(url) for url in urls]
+    if not shards:
+        raise UsageError("no shards: give at least one index folder or server URL")
+    if len(shards) > MAX_SHARDS:
+        raise UsageError(f"at most {MAX_SHARDS} shards, not {len(shards)}")
+    return shards
+
+
+class ShardedIndex:
+    """Several shards searched as one index."""
+
+    def __init__(self, shards: Sequence[Shard]) -> None:
+        self.shards = list(shards)
+        self.pool = ThreadPoolExecutor(max_workers=len(self.shards))
+
+    def locate(self, global_id: int) -> tuple[Shard, int]:
+        """The shard holding a global id, and the id there."""
+        number = global_id % MAX_SHARDS
+        if global_id < 0 or number >= len(self.shards):
+            raise UsageError(f"no item with id {global_id}: it names no shard of this service")
+        return self.shards[number], global_id // MAX_SHARDS
+
+    def search(self, query: str | None = None, *, like: int | None = None,
+               image: Sequence[BinaryIO] | None = None, audio: Sequence[BinaryIO] | None = None,
+               video: Sequence[BinaryIO] | None = None, k: int = 10, **options) -> list[Hit]:
+        """The best k hits of all shards, with global ids; options as `Index.search`'s."""
+        if like is not None:
+            shard, local = self.locate(like)
+            options["vector_of"], options["vector"] = shard.item_vector(local)
+        uploads = {name: [_read(f) for f in files] for name, files in
+                   (("image", image), ("audio", audio), ("video", video)) if files}
+        futures = [self.pool.submit(self._search_one, shard, query, k, uploads, options)
+                   for shard in self.shards]
+        hits = [replace(hit, id=hit.id * MAX_SHARDS + number)
+                for number, future in enumerate(futures) for hit in future.result()]
+        return sorted(hits, key=lambda hit: -hit.score)[:k]
+
+    @staticmethod
+    def _search_one(shard: Shard, query: str | None, k: int, uploads: dict[str, list[bytes]],
+                    options: dict) -> list[Hit]:
+        # Each shard reads its own copy of an upload: one stream cannot be read by several.
+        if isinstance(shard, LocalShard):
+            files = {name: [io.BytesIO(data) for data in datas] for name, datas in uploads.items()}
+        else:
+            files = uploads
+        return shard.search(query=query, k=k, **files, **options)
+
+    def item_vector(self, global_id: int) -> tuple[str, np.ndarray]:
+        shard, local = self.locate(global_id)
+        return shard.item_vector(local)
+
+    def item(self, global_id: int) -> Hit | None:
+        shard, local = self.locate(global_id)
+        hit = shard.item(local)
+        return None if hit is None else replace(hit, id=global_id)
+
+    def stats(self) -> dict:
+        """Each shard's statistics, and the counts summed."""
+        each = [shard.stats() for shard in self.shards]
+        counts = {m: sum(s["counts"].get(m, 0) for s in each) for m in each[0]["counts"]}
+        return {**each[0], "path": None, "counts": counts,
+                "shards": [{"name": shard.name, **s} for shard, s in zip(self.shards, each)]}
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        for shard in self.shards:
+            shard.close()
+
+
+def _read(upload: BinaryIO) -> bytes:
+    upload.seek(0)
+    return upload.read()

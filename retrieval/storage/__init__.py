@@ -1,0 +1,1 @@
+"""What an index folder keeps: SQLite metadata, the manifest and FAISS vector sets."""

@@ -1,0 +1,1 @@
+"""Training and measuring: fine-tuning CLIP, the audio tower, the fusion gate and the temporal encoder."""

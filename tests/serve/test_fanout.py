@@ -1,0 +1,118 @@
+"""Sharded search: the merged hits of several shards equal those of one index over them all,
+in one process and across servers."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from support import write_shape_folder
+from support.serving import free_port, running_server
+
+from retrieval import Index
+from retrieval.serve.fanout import MAX_SHARDS, ShardedIndex, open_shards
+
+QUERIES = ["a red circle", "a blue square", "a green triangle", "a red square"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> list[Path]:
+    """Three folders of renders with captions: one corpus split three ways."""
+    root = tmp_path_factory.mktemp("split")
+    return [write_shape_folder(root / f"part{n}", seed=20 + n, per_class=2) for n in range(3)]
+
+
+@pytest.fixture(scope="module")
+def indexes(parts, trained_model, tmp_path_factory) -> tuple[Path, list[Path]]:
+    """One index over every part, and one index (a shard) per part."""
+    root = tmp_path_factory.mktemp("indexes")
+    with Index.open(root / "whole", model=trained_model, create=True) as index:
+        index.add(*parts)
+    shards = []
+    for number, part in enumerate(parts):
+        with Index.open(root / f"shard{number}", model=trained_model, create=True) as index:
+            index.add(part)
+        shards.append(root / f"shard{number}")
+    return root / "whole", shards
+
+
+def ranked(hits) -> list[tuple[str, float]]:
+    return [(hit.uri, round(hit.score, 5)) for hit in hits]
+
+
+def assert_same_top_k(found: list[tuple[str, float]], index: Index, k: int, **query) -> None:
+    """The scores one index ranks first, each hit scored as that index scores it: identical
+    captions in several shards tie, and ties may come in any order."""
+    expected = ranked(index.search(k=k, **query))
+    everything = dict(ranked(index.search(k=1000, **query)))
+    assert [score for _, score in found] == [score for _, score in expected]
+    assert all(everything[uri] == score for uri, score in found)
+
+
+def test_shards_in_one_process_return_what_one_index_returns(indexes):
+    whole, shards = indexes
+    sharded = ShardedIndex(open_shards(shards, device="cpu"))
+    with Index.open(whole, readonly=True, device="cpu") as index:
+        for query in QUERIES:
+            for target in ("image", "text"):
+                found = ranked(sharded.search(query, k=8, target=target))
+                assert_same_top_k(found, index, 8, query=query, target=target)
+        best = sharded.search("a red circle", k=1, target="image")[0]
+        shard, local = sharded.locate(best.id)
+        assert shard is sharded.shards[best.id % MAX_SHARDS] and shard.item(local).uri == best.uri
+        assert sharded.item(best.id).uri == best.uri
+        like = sharded.search(like=best.id, k=3, target="image")  # vector from its shard, sent to all
+        assert like[0].uri == best.uri and like[0].score == pytest.approx(1.0, abs=1e-5)
+        assert_same_top_k(ranked(like), index, 3, like=index.store.item_id(best.uri, "image"),
+                          target="image")
+    assert sharded.stats()["counts"]["image"] == 3 * 18
+    sharded.close()
+
+
+def png_bytes(path: str) -> bytes:
+    out = io.BytesIO()
+    Image.open(path).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_server_fans_out_to_shard_servers_and_relays_their_files(indexes):
+    whole, shards = indexes
+    with running_server(shards[1]) as second, running_server(shards[2]) as third, \
+            running_server(shards[0], shard_urls=[second, third]) as front, \
+            Index.open(whole, readonly=True, device="cpu") as index:
+        for query in QUERIES:
+            hits = httpx.get(f"{front}/api/search", params={"q": query, "k": 8, "target": "text"}).json()
+            assert_same_top_k([(h["uri"], round(h["score"], 5)) for h in hits], index, 8, query=query,
+                              target="text")
+        hits = httpx.get(f"{front}/api/search", params={"q": "a blue triangle", "k": 20}).json()
+        remote = next(h for h in hits if h["id"] % MAX_SHARDS == 2)  # held by the third server
+        assert httpx.get(f"{front}/api/items/{remote['id']}").json()["uri"] == remote["uri"]
+        image = httpx.get(f"{front}/api/items/{remote['id']}/file")
+        assert image.status_code == 200 and image.content == Path(remote["path"]).read_bytes()
+        thumbnail = httpx.get(f"{front}/api/items/{remote['id']}/thumbnail", params={"size": 64})
+        assert thumbnail.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(thumbnail.content)).size[0] <= 64
+        like = httpx.get(f"{front}/api/search",
+                         params={"like": remote["id"], "k": 2, "target": "image"}).json()
+        assert like[0]["id"] == remote["id"] and like[0]["score"] == pytest.approx(1.0, abs=1e-5)
+        upload = {"image": ("q.png", png_bytes(remote["path"]), "image/png")}
+        found = httpx.post(f"{front}/api/search", data={"k": "5", "target": "image"}, files=upload).json()
+        assert found[0]["uri"] == remote["uri"]
+        assert_same_top_k([(h["uri"], round(h["score"], 5)) for h in found], index, 5,
+                          image=remote["path"], target="image")
+        stats = httpx.get(f"{front}/api/stats").json()
+        assert [s["name"] for s in stats["shards"]][1:] == [second, third]
+        assert httpx.get(f"{front}/api/items/{7 * MAX_SHARDS + 5}").status_code == 400  # no shard 5
+
+
+def test_an_unreachable_shard_is_named_in_one_line(indexes):
+    _, shards = indexes
+    gone = f"http://127.0.0.1:{free_port()}"
+    with running_server(shards[0], shard_urls=[gone]) as front:
+        response = httpx.get(f"{front}/api/search", params={"q": "a red circle"})
+    assert response.status_code == 503
+    detail = response.json()["detail"]
+    assert detail.startswith(f"shard {gone}: unreachable") and "\n" not in detail
