@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ..media.images import load_image
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -39,8 +40,9 @@ def unexpected(error: Exception) -> str:
 
 
 def preprocess_bytes(data: bytes, preprocess: Callable, input_side: int, max_megapixels: float
-                     ) -> torch.Tensor:
-    """An image file's bytes as the model's input tensor; raises ImageDecodeError."""
+                     ) -> torch.Tensor | np.ndarray:
+    """An image file's bytes as the model's input, as `preprocess` makes it (a tensor for the
+    torch model, an array for the ONNX tower); raises ImageDecodeError."""
     # Twice the input side: the resize that follows smooths away draft decoding's
     # differences (vectors agree to ~1e-3), at a fraction of the decoding cost.
     image = load_image(io.BytesIO(data), max_megapixels, min_side=2 * input_side)
