@@ -22,6 +22,7 @@ from .encoders.onnx_towers import (
     OnnxImageEncoder,
     OnnxTextEncoder,
     cached_key,
+    export_in_child,
     install_cached,
     load_image_tower,
     load_text_tower,
@@ -117,9 +118,14 @@ class Encoders:
 
     def _bring_towers_up_to_date(self) -> None:
         """A writer's towers must come from the weights on disk now (a checkpoint may have been
-        fine-tuned in place): those cached for them, found without torch, else exported from
-        the model, which is loaded for it."""
-        key = cached_key(weights_fingerprint(self.spec))
+        fine-tuned in place): those cached for them, found without torch, else exported in a
+        child process (this one stays without torch), else exported from the model loaded
+        here (random weights, which no file describes; or the child failed)."""
+        fingerprint = weights_fingerprint(self.spec)
+        key = cached_key(fingerprint)
+        if key is None and fingerprint is not None:
+            export_in_child(self.spec.name, self.spec.pretrained)
+            key = cached_key(fingerprint)
         if key is None or not install_cached(key, self.folder):
             self.clip  # noqa: B018  loads the model, which exports its towers
 

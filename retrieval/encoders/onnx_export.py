@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from .clip import ClipEncoder, can_trim_padding, encode_trimmed_tokens, text_features
+from .clip import ClipEncoder, can_trim_padding, encode_trimmed_tokens, load_encoder, text_features
 from .onnx_towers import (
     FORMAT,
     IMAGE_FILE,
@@ -44,7 +45,9 @@ from .onnx_towers import (
     remember_source,
     staging_folder,
     swap_in,
+    warn_skipped,
 )
+from .spec import ModelSpec, weights_fingerprint
 from .tokenizer import ClipTokenizer
 
 TOLERANCE = 1e-4  # the largest difference from open_clip's normalised vectors a tower may show
@@ -88,9 +91,18 @@ def export_towers(encoder: ClipEncoder, folder: Path, fingerprint: str | None = 
         return
     for name in LEGACY_FILES:
         (folder / name).unlink(missing_ok=True)
-    for tower, reason in (read_manifest(target) or {}).get("skipped", {}).items():
-        log.warning(f"{tower} queries of {encoder.spec.identity} will load the model: its {tower} "
-                    f"tower was not exported to ONNX ({reason})")
+    warn_skipped(target)
+
+
+def export_to_cache(spec: ModelSpec) -> None:
+    """Load `spec`'s model on the CPU and export its towers into the cache, found again by
+    its weights' fingerprint (what `export_in_child` runs in a process of its own)."""
+    fingerprint = weights_fingerprint(spec)
+    encoder = load_encoder(spec, "cpu")
+    key = cache_key(encoder)
+    if read_manifest(cache_root() / key) is None:
+        _export_into(encoder, key, cache_root() / key)
+    remember_source(fingerprint, key)
 
 
 def cache_key(encoder: ClipEncoder) -> str:
@@ -263,3 +275,7 @@ def _onnx_export(module: torch.nn.Module, example: torch.Tensor, input_name: str
         text = str(error).strip()
         cause = text.splitlines()[0][:160] if text else type(error).__name__
         raise NotExported(f"the ONNX export failed: {cause}") from None
+
+
+if __name__ == "__main__":  # export_in_child: python -m retrieval.encoders.onnx_export NAME PRETRAINED
+    export_to_cache(ModelSpec(sys.argv[1], sys.argv[2] or None))

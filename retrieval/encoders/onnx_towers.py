@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -39,6 +41,8 @@ BATCH = 32  # texts or images per ONNX Runtime call
 # machine was busy, and 16 ms against 10 ms in a quiet moment. The image tower, 4 GFLOPs a
 # picture, runs on ONNX Runtime's own count (one thread per core).
 TEXT_THREADS = 1
+
+log = logging.getLogger(__name__)
 
 
 # -- preprocessing ----------------------------------------------------------------------------
@@ -218,7 +222,7 @@ def read_manifest(towers: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
 
 
-def open_session(path: Path, threads: int = 0, quick: bool = False):
+def open_session(path: Path, threads: int = 0, quick: bool = False, spinning: bool = True):
     """An ONNX Runtime session for the tower in `path` on `threads` threads (0: one per core),
     or None (ONNX Runtime missing, file damaged).
 
@@ -237,6 +241,8 @@ def open_session(path: Path, threads: int = 0, quick: bool = False):
     options.log_severity_level = 3  # errors only: its warnings are not the user's business
     if quick:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception:  # onnxruntime raises its own kinds for a damaged or foreign file
@@ -308,7 +314,29 @@ def install_cached(key: str, folder: Path) -> bool:
         install(cache_root() / key, folder / TOWERS_DIR)
     except OSError:
         return False
+    warn_skipped(folder / TOWERS_DIR)
     return True
+
+
+def export_in_child(name: str, pretrained: str | None) -> None:
+    """Export a model's towers into the cache in a process of its own, so that this one never
+    holds torch and the model beside the towers (a first ViT-B-32 build peaked at 2.5 GB doing
+    both). Whatever goes wrong there, the caller finds no towers and loads the model itself,
+    which reports any real cause."""
+    package_root = str(Path(__file__).resolve().parents[2])  # the child imports this code
+    path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    module = __name__.rsplit(".", 1)[0] + ".onnx_export"
+    subprocess.run([sys.executable, "-m", module, name, pretrained or ""], check=False,
+                   env={**os.environ, "PYTHONPATH": path}, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def warn_skipped(towers: Path) -> None:
+    """One line for each tower that the folder `towers` lacks because it did not export."""
+    manifest = read_manifest(towers) or {}
+    for tower, reason in manifest.get("skipped", {}).items():
+        log.warning(f"{tower} queries of {manifest.get('model')} will load the model: its "
+                    f"{tower} tower was not exported to ONNX ({reason})")
 
 
 def _hashed(fingerprint: str) -> str:

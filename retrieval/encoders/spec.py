@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..core.errors import ModelLoadError
+from ..core.imports import without_module
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -346,14 +347,10 @@ def open_clip_pretrained_alone() -> tuple[Path, ModuleType]:
     alias = "_retrieval_open_clip_tables"
     package = ModuleType(alias)
     package.__path__ = [str(folder)]
-    held_back = "safetensors.torch" not in sys.modules
     sys.modules[alias] = package
-    if held_back:
-        sys.modules["safetensors.torch"] = None  # type: ignore[assignment]  # import fails
     try:
-        return folder, importlib.import_module(f"{alias}.pretrained")
+        with without_module("safetensors.torch"):
+            return folder, importlib.import_module(f"{alias}.pretrained")
     finally:
-        if held_back:
-            del sys.modules["safetensors.torch"]
         for name in [n for n in sys.modules if n == alias or n.startswith(f"{alias}.")]:
             del sys.modules[name]
