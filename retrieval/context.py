@@ -110,7 +110,7 @@ class Encoders:
             if not self.readonly and self._clip is None:
                 self._bring_towers_up_to_date()
             load = load_image_tower if kind == "image" else load_text_tower
-            tower = load(self.folder, self.spec.identity, self.one_shot)
+            tower = load(self.folder, self.spec.identity, self.one_shot, for_build=not self.readonly)
             if tower is not None and not self.readonly:
                 self.settings.record_dim(tower.dim, self.spec)
             self._towers[kind] = tower

@@ -11,6 +11,7 @@ weights, e.g. as scripts/benchmark.py writes one):
     PYTHONPATH=$PWD python scripts/bench_memory.py cold   INDEX QUERY_IMAGE [REPEATS]
     PYTHONPATH=$PWD python scripts/bench_memory.py warm   INDEX CAPTIONS_TSV [COUNT]
     PYTHONPATH=$PWD python scripts/bench_memory.py ceiling INDEX PHOTOS [BATCH...]
+    PYTHONPATH=$PWD python scripts/bench_memory.py captions INDEX CAPTIONS_TSV
     PYTHONPATH=$PWD python scripts/bench_memory.py serve  INDEX
 """
 
@@ -105,6 +106,11 @@ def warm(index: str, captions_tsv: str, count: int = 200) -> None:
                             ("ONNX text tower, quick session", True)):
         with Index.open(index, readonly=True, one_shot=one_shot) as opened:
             _report_warm(label, opened, picks, opened.text_encoder)
+    from retrieval.encoders.onnx_towers import load_text_tower
+
+    with Index.open(index, readonly=True) as opened:
+        both_cores = load_text_tower(opened.path, opened.spec.identity, for_build=True)
+        _report_warm("ONNX text tower, a thread per core, not spinning", opened, picks, both_cores)
     with Index.open(index, readonly=True) as opened:
         import torch
 
@@ -123,7 +129,7 @@ def _report_warm(label: str, index, picks: list[str], encoder) -> None:
         encoder.encode_texts([text])
         encode.append(time.perf_counter() - started)
     whole = []
-    if type(encoder).__name__ == type(index.text_encoder).__name__:
+    if encoder is index.text_encoder:  # search() encodes with it
         for text in picks:
             started = time.perf_counter()
             index.search(text, k=10)
@@ -178,6 +184,32 @@ def _rate(encode, pixels, size: int) -> float:
     return done / (time.perf_counter() - started)
 
 
+# -- 3b. the caption phase against bare text encoding -------------------------------------------
+
+def captions(index: str, captions_tsv: str) -> None:
+    """Bare text encoding of the captions in CAPTIONS_TSV (the build's text tower, batches of
+    32), then a whole `retrieve index --captions` process adding them to INDEX, whose images
+    are indexed already: captions/s of each, and their ratio."""
+    from retrieval import Index
+    from retrieval.encoders.onnx_towers import load_text_tower
+
+    texts = [line.split("\t", 1)[1].strip() for line in Path(captions_tsv).read_text().splitlines()
+             if "\t" in line]
+    with Index.open(index, readonly=True) as opened:
+        tower = load_text_tower(opened.path, opened.spec.identity, for_build=True)
+        assert tower is not None, "no ONNX text tower in this index"
+        print(load())
+        started = time.perf_counter()
+        for start in range(0, len(texts), 32):
+            tower.encode_texts(texts[start:start + 32])
+        bare = len(texts) / (time.perf_counter() - started)
+    print(f"bare text encoding: {bare:.1f} captions/s; {load()}")
+    figures = timed_process([*CLI, "index", "--index", index, "--captions", captions_tsv])
+    whole = len(texts) / figures["wall_s"]
+    print(f"whole `retrieve index --captions` process: {whole:.1f} captions/s ({figures['wall_s']} s, "
+          f"peak {figures['peak_mb']} MB), {whole / bare:.2f} of bare; {load()}")
+
+
 # -- the server's resident memory ---------------------------------------------------------------
 
 def serve(index: str) -> None:
@@ -214,7 +246,8 @@ def _memory(pid: int) -> str:
 
 
 if __name__ == "__main__":
-    commands = {"build": build, "cold": cold, "warm": warm, "ceiling": ceiling, "serve": serve}
+    commands = {"build": build, "cold": cold, "warm": warm, "ceiling": ceiling, "captions": captions,
+                "serve": serve}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         raise SystemExit(__doc__)
     arguments = [int(a) if a.isdigit() else a for a in sys.argv[2:]]

@@ -41,6 +41,9 @@ BATCH = 32  # texts or images per ONNX Runtime call
 # machine was busy, and 16 ms against 10 ms in a quiet moment. The image tower, 4 GFLOPs a
 # picture, runs on ONNX Runtime's own count (one thread per core).
 TEXT_THREADS = 1
+# A build's towers run on one thread per core, but their threads do not spin between
+# operators waiting for more work (ONNX Runtime's default, good for one query's latency): in a
+# build the decode threads share the same cores, and a spinning thread takes their time.
 
 log = logging.getLogger(__name__)
 
@@ -186,21 +189,27 @@ def normalised(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
-def load_image_tower(folder: Path, model_identity: str, quick: bool = False) -> OnnxImageEncoder | None:
+def load_image_tower(folder: Path, model_identity: str, quick: bool = False,
+                     for_build: bool = False) -> OnnxImageEncoder | None:
     """The exported image tower of this model in index folder `folder`, or None; `quick`
-    as `open_session` says."""
+    as `open_session` says; a build's threads do not spin (see TEXT_THREADS)."""
     entry = _tower_entry(folder, model_identity, "image")
-    session = entry and open_session(folder / TOWERS_DIR / entry["file"], 0, quick)
+    session = entry and open_session(folder / TOWERS_DIR / entry["file"], 0, quick,
+                                     spinning=not for_build)
     if session is None:
         return None
     return OnnxImageEncoder(session, Preprocess(**_tuples(entry["preprocess"])), entry["dim"])
 
 
-def load_text_tower(folder: Path, model_identity: str, quick: bool = False) -> OnnxTextEncoder | None:
+def load_text_tower(folder: Path, model_identity: str, quick: bool = False,
+                    for_build: bool = False) -> OnnxTextEncoder | None:
     """The exported text tower of this model in index folder `folder`, or None; `quick` as
-    `open_session` says."""
+    `open_session` says. A query's text runs on TEXT_THREADS; a build's batches of captions
+    on one thread per core (see TEXT_THREADS)."""
     entry = _tower_entry(folder, model_identity, "text")
-    session = entry and open_session(folder / TOWERS_DIR / entry["file"], TEXT_THREADS, quick)
+    threads = 0 if for_build else TEXT_THREADS
+    session = entry and open_session(folder / TOWERS_DIR / entry["file"], threads, quick,
+                                     spinning=not for_build)
     if session is None:
         return None
     return OnnxTextEncoder(session, entry["context_length"], entry["trim"], entry["dim"])

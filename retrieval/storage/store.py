@@ -17,15 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.imports import without_module
-
-# sqlite_utils imports pandas whenever it is installed (Ray brings it), only to give
-# pandas.Timestamp columns a type; no column here holds one. Held back, a cold query starts
-# about 0.3 s sooner (1.5 s on a loaded machine).
-with without_module("pandas"):
-    import sqlite_utils
-
 from ..core.errors import UsageError
+from ..core.imports import without_module
 from ..core.types import MODALITIES
 
 # What `where` filters see: one row per item with its file's columns.
@@ -94,21 +87,28 @@ class Store:
         else:
             conn = sqlite3.connect(path, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 30000")
-        self.db = sqlite_utils.Database(conn)
+        self._conn = conn
         if not readonly:
-            self.db.enable_wal()
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             self._create_schema()
 
     @property
     def conn(self) -> sqlite3.Connection:
-        return self.db.conn
+        return self._conn
 
     def close(self) -> None:
         self.conn.close()
 
     def _create_schema(self) -> None:
-        db = self.db
+        # Only writers create the schema: a reader (a query) needs none of sqlite_utils, whose
+        # import costs a tenth of a second, and which imports pandas whenever it is installed
+        # (Ray brings it), only to type pandas.Timestamp columns; none here holds one.
+        with without_module("pandas"):
+            import sqlite_utils
+
+        db = sqlite_utils.Database(self.conn)
         with self.conn:
             db["info"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
             db["files"].create({

@@ -184,11 +184,16 @@ def test_damaged_towers_fall_back_to_the_model(tmp_path, photo_folder, tiny_mode
         assert [h.id for h in index.search("a red picture")] == expected_text
 
 
+# What a text or image query needs none of: torch and open_clip (seconds and a gigabyte);
+# pandas, which sqlite_utils imports when installed; PyAV, for videos only.
+NOT_FOR_QUERIES = {"torch", "open_clip", "pandas", "av"}
+
+
 def run_cli_query(*args: str | Path) -> tuple[list[int], set[str]]:
-    """Hit ids of a `retrieve` query in a new process, and which of torch/open_clip it imported."""
+    """Hit ids of a `retrieve` query in a new process, and which of NOT_FOR_QUERIES it imported."""
     done, imported = run_cli_process(*args, "--json", "-k", "3")
     assert done.returncode == 0, done.stderr
-    return [h["id"] for h in json.loads(done.stdout)], imported & {"torch", "open_clip"}
+    return [h["id"] for h in json.loads(done.stdout)], imported & NOT_FOR_QUERIES
 
 
 def test_cli_text_and_image_queries_do_not_import_torch(tmp_path, photo_folder, tiny_model):
