@@ -9,10 +9,10 @@ weights, e.g. as scripts/benchmark.py writes one):
 
     PYTHONPATH=$PWD python scripts/bench_memory.py build  PHOTOS MODEL WORKDIR
     PYTHONPATH=$PWD python scripts/bench_memory.py cold   INDEX QUERY_IMAGE [REPEATS]
-    PYTHONPATH=$PWD python scripts/bench_memory.py warm   INDEX CAPTIONS_TSV [COUNT]
-    PYTHONPATH=$PWD python scripts/bench_memory.py ceiling INDEX PHOTOS [BATCH...]
+    PYTHONPATH=$PWD python scripts/bench_memory.py warm   INDEX CAPTIONS_TSV [COUNT] [torch]
+    PYTHONPATH=$PWD python scripts/bench_memory.py ceiling INDEX PHOTOS [BATCH...] [spinning] [torch]
     PYTHONPATH=$PWD python scripts/bench_memory.py captions INDEX CAPTIONS_TSV
-    PYTHONPATH=$PWD python scripts/bench_memory.py serve  INDEX
+    PYTHONPATH=$PWD python scripts/bench_memory.py serve  INDEX IMAGE
 """
 
 from __future__ import annotations
@@ -73,12 +73,12 @@ def build(photos: str, model: str, workdir: str) -> None:
 
 # -- 2. cold queries ----------------------------------------------------------------------------
 
-def cold(index: str, image: str, repeats: int = 5) -> None:
+def cold(index: str, image: str, repeats: str = "5") -> None:
     """Whole `retrieve` processes: a text query and an image query, alternated; median wall
     and CPU seconds and peak RSS of each."""
     runs: dict[str, list[dict]] = {"text": [], "image": []}
     print(load())
-    for _ in range(repeats):
+    for _ in range(int(repeats)):
         runs["text"].append(timed_process([*CLI, "a dog running on the grass", "--index", index, "-k", "10"]))
         runs["image"].append(timed_process([*CLI, "--image", image, "--index", index, "-k", "10"]))
     for kind, figures in runs.items():
@@ -90,32 +90,31 @@ def cold(index: str, image: str, repeats: int = 5) -> None:
 
 # -- 4. warm text queries -----------------------------------------------------------------------
 
-def warm(index: str, captions_tsv: str, count: int = 200) -> None:
+def warm(index: str, captions_tsv: str, count: str = "200", *options: str) -> None:
     """p50/p95 of a warm text query (encode + search + hydrate) through `Index.search`, with
-    the ONNX text tower (pre-packed and quick sessions) and with the torch model; and the
-    encode alone for each."""
+    the ONNX text tower (pre-packed and quick sessions), and the encode alone, in wall and in
+    CPU milliseconds (the latter hardly depends on the machine's load); with `torch` also the
+    torch model's encode."""
     import numpy as np
 
     from retrieval import Index
+    from retrieval.encoders.onnx_towers import load_text_tower
 
     texts = [line.split("\t", 1)[1].strip() for line in Path(captions_tsv).read_text().splitlines()
              if "\t" in line]
-    picks = [texts[i] for i in np.random.default_rng(0).choice(len(texts), count)]
+    picks = [texts[i] for i in np.random.default_rng(0).choice(len(texts), int(count))]
     print(load())
     for label, one_shot in (("ONNX text tower, pre-packed session", False),
                             ("ONNX text tower, quick session", True)):
         with Index.open(index, readonly=True, one_shot=one_shot) as opened:
             _report_warm(label, opened, picks, opened.text_encoder)
-    from retrieval.encoders.onnx_towers import load_text_tower
-
     with Index.open(index, readonly=True) as opened:
         both_cores = load_text_tower(opened.path, opened.spec.identity, for_build=True)
         _report_warm("ONNX text tower, a thread per core, not spinning", opened, picks, both_cores)
-    with Index.open(index, readonly=True) as opened:
-        import torch
+        if "torch" in options:
+            import torch
 
-        print(f"torch threads {torch.get_num_threads()}")
-        _report_warm("torch model", opened, picks, opened.encoder)
+            _report_warm(f"torch model, {torch.get_num_threads()} threads", opened, picks, opened.encoder)
     print(load())
 
 
@@ -123,37 +122,39 @@ def _report_warm(label: str, index, picks: list[str], encoder) -> None:
     for text in picks[:5]:  # warm-up
         index.search(text, k=10)
         encoder.encode_texts([text])
-    encode = []
-    for text in picks:
-        started = time.perf_counter()
-        encoder.encode_texts([text])
-        encode.append(time.perf_counter() - started)
-    whole = []
+    line = f"{label}: encode {_latency(lambda text: encoder.encode_texts([text]), picks)}"
     if encoder is index.text_encoder:  # search() encodes with it
-        for text in picks:
-            started = time.perf_counter()
-            index.search(text, k=10)
-            whole.append(time.perf_counter() - started)
-    line = f"{label}: encode p50 {1000 * statistics.median(encode):.1f} ms, " \
-           f"p95 {1000 * statistics.quantiles(encode, n=20)[-1]:.1f} ms"
-    if whole:
-        line += f"; search (encode + search + hydrate) p50 {1000 * statistics.median(whole):.1f} ms, " \
-                f"p95 {1000 * statistics.quantiles(whole, n=20)[-1]:.1f} ms"
+        whole = _latency(lambda text: index.search(text, k=10), picks)
+        line += f"; search (encode + search + hydrate) {whole}"
     print(line)
+
+
+def _latency(run, picks: list[str]) -> str:
+    wall, cpu = [], []
+    for text in picks:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        run(text)
+        wall.append(1000 * (time.perf_counter() - started))
+        cpu.append(1000 * (time.process_time() - cpu_started))
+    return (f"p50 {statistics.median(wall):.1f} ms (CPU {statistics.median(cpu):.1f} ms), "
+            f"p95 {statistics.quantiles(wall, n=20)[-1]:.1f} ms")
 
 
 # -- 3. the encode-only ceiling -----------------------------------------------------------------
 
-def ceiling(index: str, photos: str, *batches: str) -> None:
+def ceiling(index: str, photos: str, *options: str) -> None:
     """Bare image encode rate of the index's ONNX image tower on pre-decoded pixels of PHOTOS,
-    per batch size, with ONNX Runtime's spinning threads on and off; and of the torch model."""
+    per batch size given (default 32), images per wall second and CPU seconds per image; with
+    `spinning` also with ONNX Runtime's spinning threads, with `torch` also the torch model.
+    Compare CPU seconds per image with a whole build's (GNU time's user + system over images):
+    unlike wall time, it hardly depends on what else the machine runs."""
     import numpy as np
 
     from retrieval import Index
     from retrieval.encoders.onnx_towers import OnnxImageEncoder, open_session
     from retrieval.media.images import load_image
 
-    sizes = [int(b) for b in batches] or [16, 32, 64]
+    sizes = [int(o) for o in options if o.isdigit()] or [32]
     with Index.open(index, readonly=True) as opened:
         tower = opened.image_encoder
         assert isinstance(tower, OnnxImageEncoder), "no ONNX image tower in this index"
@@ -161,27 +162,32 @@ def ceiling(index: str, photos: str, *batches: str) -> None:
         pixels = np.stack([tower.preprocess(load_image(p, min_side=2 * tower.input_side))
                            for p in paths[:max(sizes) * 2]])
         session_path = opened.path / "onnx" / "image.onnx"
-        for spinning in ("1", "0"):
-            session = open_session(session_path, 0, spinning=spinning == "1")
+        for spinning in (False, True) if "spinning" in options else (False,):
+            session = open_session(session_path, 0, spinning=spinning)
             for size in sizes:
-                rate = _rate(lambda batch, run=session.run: run(None, {"pixels": batch}), pixels, size)
-                print(f"ONNX image tower, batch {size}, spinning {spinning}: {rate:.2f} img/s; {load()}")
-        import torch
+                rate, cpu = _rate(lambda batch, run=session.run: run(None, {"pixels": batch}), pixels, size)
+                print(f"ONNX image tower, batch {size}, spinning {spinning}: {rate:.2f} img/s, "
+                      f"{cpu:.3f} CPU-s/img; {load()}")
+        if "torch" in options:
+            import torch
 
-        encoder = opened.encoder
-        for size in sizes:
-            rate = _rate(lambda batch: encoder.encode_image_tensors(torch.from_numpy(batch)), pixels, size)
-            print(f"torch, batch {size}, {torch.get_num_threads()} threads: {rate:.2f} img/s; {load()}")
+            encoder = opened.encoder
+            for size in sizes:
+                rate, cpu = _rate(lambda batch: encoder.encode_image_tensors(torch.from_numpy(batch)),
+                                  pixels, size)
+                print(f"torch, batch {size}, {torch.get_num_threads()} threads: {rate:.2f} img/s, "
+                      f"{cpu:.3f} CPU-s/img; {load()}")
 
 
-def _rate(encode, pixels, size: int) -> float:
+def _rate(encode, pixels, size: int) -> tuple[float, float]:
+    """Images per wall second, and CPU seconds (all threads) per image."""
     encode(pixels[:size])  # warm-up
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     done = 0
     for start in range(0, len(pixels) - size + 1, size):
         encode(pixels[start:start + size])
         done += size
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), (time.process_time() - cpu_started) / done
 
 
 # -- 3b. the caption phase against bare text encoding -------------------------------------------
@@ -212,10 +218,12 @@ def captions(index: str, captions_tsv: str) -> None:
 
 # -- the server's resident memory ---------------------------------------------------------------
 
-def serve(index: str) -> None:
-    """Resident memory (VmRSS, VmHWM) of `retrieve serve` on INDEX: started, and after a
-    text query."""
+def serve(index: str, image: str) -> None:
+    """Resident memory (VmRSS, VmHWM) of `retrieve serve` on INDEX: started, after a text
+    query, after an image query (IMAGE uploaded)."""
     import socket
+
+    import httpx
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -234,6 +242,10 @@ def serve(index: str) -> None:
         query = urllib.parse.quote("a dog running on the grass")
         urllib.request.urlopen(f"{base}/api/search?q={query}&k=10", timeout=120).read()
         print(f"after a text query: {_memory(server.pid)}; {load()}")
+        with open(image, "rb") as upload:
+            httpx.post(f"{base}/api/search", files={"image": upload}, data={"k": "10"},
+                       timeout=120).raise_for_status()
+        print(f"after an image query: {_memory(server.pid)}; {load()}")
     finally:
         server.terminate()
         server.wait()
@@ -250,5 +262,4 @@ if __name__ == "__main__":
                 "serve": serve}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         raise SystemExit(__doc__)
-    arguments = [int(a) if a.isdigit() else a for a in sys.argv[2:]]
-    commands[sys.argv[1]](*arguments)
+    commands[sys.argv[1]](*sys.argv[2:])
