@@ -72,14 +72,14 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
     if weights and not entries:
         raise click.BadParameter("weights fuse the modalities of entries: add --entries",
                                  param_hint="'--weights'")
+    if dedup and entries:
+        raise click.BadParameter("--dedup folds single hits; entries are not deduplicated",
+                                 param_hint="'--dedup'")
     if entries:
         with printing_query_warnings():
             found = _entries_here(index_dir, text, images, sounds, videos, k, entries, fusion, weights)
         _print_entries(found, as_json)
         return
-    if dedup and entries:
-        raise click.BadParameter("--dedup folds single hits; entries are not deduplicated",
-                                 param_hint="'--dedup'")
     search = dict(k=k, target=target, where=where, under=under, min_score=min_score,
                   dedup=dedup or None)
     if server:
