@@ -54,7 +54,8 @@ def plant(photos: list[Path], count: int, folder: Path, seed: int) -> dict[str, 
 
 def scores(index: Index, truth: dict[str, str], **options) -> dict:
     found = index.duplicates(**options)
-    pairs = {tuple(sorted(p)) for g in found.groups for p in itertools.combinations([f.path for f in g.files], 2)}
+    pairs = {tuple(sorted(p)) for g in found.groups
+             for p in itertools.combinations([f.path for f in g.files], 2)}
     true = {tuple(sorted(p)) for p in truth.items()}
     hits = len(pairs & true)
     return {**{k: v for k, v in options.items()}, "precision": round(hits / max(1, len(pairs)), 4),

@@ -71,7 +71,8 @@ def _write(write, path: str, option: str) -> None:
     try:
         write(path)
     except OSError as error:
-        raise click.BadParameter(f"cannot write {path} ({error.strerror})", param_hint=f"'{option}'")
+        raise click.BadParameter(f"cannot write {path} ({error.strerror})",
+                                 param_hint=f"'{option}'") from None
 
 
 def _csv(found) -> str:

@@ -155,8 +155,8 @@ def find_duplicates(store: Store, *, threshold: float | None = None, by: str = "
         pairs.append(similar_pairs(store.vectors_for_ids(ids), threshold))
     if by in ("phash", "both") and rows:
         pairs.append(hash_pairs(_hashes(rows, store), max_distance))
-    groups = [_group([rows[i] for i in members]) for members in connected_groups(len(rows), np.concatenate(pairs))
-              if len(members) >= min_size]
+    components = connected_groups(len(rows), np.concatenate(pairs))
+    groups = [_group([rows[i] for i in members]) for members in components if len(members) >= min_size]
     groups.sort(key=lambda g: (-len(g.files), g.keep.path))
     unmeasured = sum(row.width is None for row in rows)
     return Duplicates(groups, len(rows), by, threshold, max_distance, unmeasured,

@@ -86,7 +86,8 @@ def test_exact_copies_are_grouped_whatever_the_threshold(planted):
         found = index.duplicates(threshold=1.0)
     copies = {(str(p), str(p.parent.parent / p.name.replace("-copy", "")))
               for p in (photos / "copies").glob("*-copy.png")}
-    assert {tuple(sorted(f.path for f in g.files)) for g in found.groups} == {tuple(sorted(c)) for c in copies}
+    found_groups = {tuple(sorted(f.path for f in g.files)) for g in found.groups}
+    assert found_groups == {tuple(sorted(c)) for c in copies}
     assert all(g.exact and g.reason.startswith("exact copies: oldest") for g in found.groups)
 
 
@@ -171,7 +172,8 @@ def test_hashes_are_added_by_the_next_build_without_encoding(tmp_path, trained_m
         assert index.duplicates().unmeasured == 0
     monkeypatch.undo()
     with Index.open(tmp_path / "index") as index:
-        with pytest.raises(Exception, match=f"{len(truth)} images of {len(truth)} have no perceptual hash yet"):
+        missing = f"{len(truth)} images of {len(truth)} have no perceptual hash yet"
+        with pytest.raises(Exception, match=missing):
             index.duplicates(by="phash")
         report = index.add()
         assert report.images_measured == len({Path(p).read_bytes() for p in truth})
