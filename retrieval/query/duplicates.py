@@ -35,6 +35,7 @@ DEFAULT_MAX_DISTANCE = 6
 # Above this many images the range search runs on an inverted-file index (IVF): each query
 # compares only the few cells nearest it instead of every image; near-duplicates share cells.
 EXACT_SEARCH_LIMIT = 50_000
+IVF_CELLS_PER_ROOT = 2  # 2 * sqrt(n) cells: 2,000 for 1M images
 IVF_PROBES = 8
 QUERY_BATCH = 4096
 # How many candidates a deduplicated search collapses into its k hits, per hit wanted.
@@ -201,9 +202,10 @@ def _range_index(vectors: np.ndarray):
     if count <= EXACT_SEARCH_LIMIT:
         index = faiss.IndexFlatIP(dim)
     else:
-        cells = int(4 * np.sqrt(count))
+        cells = int(IVF_CELLS_PER_ROOT * np.sqrt(count))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, cells, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(0).choice(count, min(count, 64 * cells), replace=False)
+        index.cp.niter = 10  # coarse cells need no fine k-means: near-duplicates share theirs
+        sample = np.random.default_rng(0).choice(count, min(count, 40 * cells), replace=False)
         index.train(vectors[np.sort(sample)])
         index.nprobe = IVF_PROBES
     index.add(vectors)

@@ -23,6 +23,8 @@ import retrieval.build.builder
 import retrieval.media.images
 from retrieval import Index
 from retrieval.cli import cli
+from retrieval.query import duplicates
+from retrieval.query.duplicates import connected_groups, exact_pairs, hash_bytes, hash_pairs, similar_pairs
 from retrieval.serve.app import create_app
 
 GROUPS = 6  # classes with planted copies; the other classes' renders stand alone
@@ -235,3 +237,26 @@ def test_cli_search_dedup(planted):
     assert len({truth[h["path"]] for h in json.loads(out)}) == 3
     code, _, err = run("search", "a red circle", "--index", folder, "--dedup", "--entries", "stem")
     assert code == 2 and "--dedup" in err
+
+
+# -- the pair search alone -----------------------------------------------------------------------
+
+def test_range_search_finds_planted_pairs_exactly_and_on_ivf(monkeypatch):
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    vectors[2990:] = vectors[:10] + 0.05 * rng.standard_normal((10, 16)).astype(np.float32)
+    vectors[1] = vectors[0] * 3  # length does not matter: cosine 1 (and 2991 is like no one now)
+    planted = {(i, 2990 + i) for i in range(10) if i != 1} | {(0, 1), (1, 2990)}
+    exact = {tuple(p) for p in similar_pairs(vectors, 0.99, batch=700).tolist()}
+    assert exact == planted
+    monkeypatch.setattr(duplicates, "EXACT_SEARCH_LIMIT", 100)  # the IVF path, on a small set
+    assert {tuple(p) for p in similar_pairs(vectors, 0.99).tolist()} == planted
+    assert connected_groups(3000, np.array(sorted(planted)))[0] == [0, 1, 2990]
+
+
+def test_hash_pairs_count_bits_and_skip_missing_hashes():
+    hashes = hash_bytes(["ffff000000000000", "ffff00000000000f", None, "0000000000000000",
+                         "ffff000000000000"])
+    assert {tuple(p) for p in hash_pairs(hashes, 4).tolist()} == {(0, 1), (0, 4), (1, 4)}
+    assert {tuple(p) for p in hash_pairs(hashes, 3).tolist()} == {(0, 4)}
+    assert exact_pairs(["a", "b", "a", "", ""]).tolist() == [[0, 2]]
