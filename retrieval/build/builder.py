@@ -398,7 +398,6 @@ class Builder:
         missing = self.store.images_without_facts(want_hashes=hashing_available())
         if not missing:
             return
-        side = self.encoders.clip.input_side
 
         def measure(entry: tuple[str, str]) -> tuple[str, ImageFacts | None]:
             digest, path = entry
@@ -406,7 +405,7 @@ class Builder:
                 data = read_source(path)
                 if file_digest(data) != digest:  # changed since: its next build measures it
                     return digest, None
-                return digest, measure_bytes(data, side, self.options.max_megapixels)
+                return digest, measure_bytes(data, self.options.max_megapixels)
             except (UnreadableFile, ImageDecodeError):
                 return digest, ImageFacts(0, 0)  # unreadable now: not tried again
             except Exception as error:  # no single file may stop a build

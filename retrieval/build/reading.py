@@ -54,7 +54,12 @@ def preprocess_and_measure(data: bytes, preprocess: Callable, input_side: int, m
     return preprocess(image), measure_image(image, size)
 
 
-def measure_bytes(data: bytes, input_side: int, max_megapixels: float) -> ImageFacts:
-    """An image file's facts alone, for an image indexed before they were recorded."""
-    image, size = load_image_with_size(io.BytesIO(data), max_megapixels, min_side=2 * input_side)
+# The shorter side an image is decoded at (at least) to be measured alone: pHash reads 128x128.
+MEASURE_SIDE = 256
+
+
+def measure_bytes(data: bytes, max_megapixels: float) -> ImageFacts:
+    """An image file's facts alone, for an image indexed before they were recorded: no model
+    is needed for them."""
+    image, size = load_image_with_size(io.BytesIO(data), max_megapixels, min_side=MEASURE_SIDE)
     return measure_image(image, size)
