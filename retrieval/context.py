@@ -99,7 +99,7 @@ class Encoders:
         if encoder is None:
             raise ModelLoadError(
                 f"index {self.folder} has no audio encoder yet; train one with: retrieve "
-                f"train-audio PAIRS --index {self.folder} (or build with --audio-model clap:NAME)")
+                f"train-audio PAIRS --index {self.folder} (or build with `audio_model` clap:NAME)")
         return encoder
 
     # -- video -------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def resolve_model(store: Store, folder: Path, requested: ModelSpec | None, rebui
     if not rebuild and not store.is_empty():
         raise ModelMismatchError(
             f"index {folder} was built with model {recorded_spec}, not {requested}; query without "
-            "--model, or re-encode everything with --rebuild")
+            "`model`, or re-encode everything (`rebuild`)")
     _start_over(store, folder, requested)
     return requested
 

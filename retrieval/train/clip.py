@@ -278,10 +278,10 @@ class FineTuner:
 def check_options(options: TrainingOptions) -> None:
     """Refuse options that name nothing or leave nothing to train, with one line each."""
     if options.train not in TRAIN_MODES:
-        raise UsageError(f"--train must be one of {', '.join(TRAIN_MODES)}, not {options.train!r}")
+        raise UsageError(f"`train` must be one of {', '.join(TRAIN_MODES)}, not {options.train!r}")
     unknown = [tower for tower in options.freeze if tower not in TOWERS]
     if unknown:
-        raise UsageError(f"--freeze takes {' or '.join(TOWERS)}, not {unknown[0]!r}")
+        raise UsageError(f"`freeze` takes {' or '.join(TOWERS)}, not {unknown[0]!r}")
     if set(options.freeze) >= set(TOWERS):
         raise UsageError("both towers are frozen, so nothing would train; freeze at most one of "
                          f"{', '.join(TOWERS)}")
@@ -324,8 +324,8 @@ def _make_trainable(model: nn.Module, options: TrainingOptions, spec: ModelSpec)
     chosen = {name: p for name, p in model.named_parameters() if _trains(name, towers, options.train)}
     for tower in towers:
         if not any(_tower_of(name) == tower for name in chosen):
-            raise UsageError(f"model {spec.identity}: its {tower} tower has nothing --train "
-                             f"{options.train} could train; choose another mode or --freeze {tower}")
+            raise UsageError(f"model {spec.identity}: its {tower} tower has nothing to train in mode "
+                             f"{options.train!r} (`train`); choose another mode, or `freeze` {tower}")
     for parameter in chosen.values():
         parameter.requires_grad_(True)
     return chosen
@@ -427,7 +427,7 @@ def _claim_output(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"output {folder} is a file; name a folder to save the model in")
     if folder.is_dir() and any(folder.iterdir()):
-        raise UsageError(f"output folder {folder} is not empty; pass --resume to continue the training "
+        raise UsageError(f"output folder {folder} is not empty; pass `resume` to continue the training "
                          "saved there, or choose a new or empty folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -482,7 +482,7 @@ def _read_state(folder: Path, spec: ModelSpec, options: TrainingOptions, digest:
     path = folder / STATE_NAME
     if not path.is_file():
         raise UsageError(f"nothing to resume in {folder}: no {STATE_NAME} there; "
-                         "train without --resume into a new folder")
+                         "train without `resume` into a new folder")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for a cut or foreign file

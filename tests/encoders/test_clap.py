@@ -233,7 +233,7 @@ def test_changing_the_clap_model_needs_rebuild(tiny_clap, tiny_model, tmp_path):
     with Index.open(tmp_path / "index", model=tiny_model, create=True,
                     audio_model=f"clap:{tiny_clap}") as index:
         index.add(folder)
-    with pytest.raises(ModelMismatchError, match="--rebuild"):
+    with pytest.raises(ModelMismatchError, match="`rebuild`"):
         Index.open(tmp_path / "index", audio_model=f"clap:{other}")
     with Index.open(tmp_path / "index", audio_model=f"clap:{other}", rebuild=True) as index:
         assert index.count("audio") == 0 and index.audio_model == f"clap:{other}"

@@ -90,7 +90,7 @@ def test_weights_that_cannot_be_had_give_one_clear_line(name, pretrained, messag
     text = str(raised.value)
     assert message in text and "\n" not in text
     if text.startswith("could not load"):
-        assert "--pretrained" in text and "local-dir:" in text
+        assert "`pretrained`" in text and "local-dir:" in text
 
 
 @pytest.mark.parametrize("kind", ["tag", "hf-hub", "checkpoint", "local-dir"])
