@@ -62,15 +62,16 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from retrieval import ClipEncoder, Index, ModelSpec, load_encoder
-from retrieval.audio_training import AudioTrainingOptions
-from retrieval.captions import CAPTION_FILE_NAMES
-from retrieval.corpus import read_items, walk_sources
-from retrieval.images import load_image
-from retrieval.ondisk import build_on_disk
-from retrieval.pipeline import default_workers, prefetch_map
-from retrieval.store import Store
-from retrieval.text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
-from retrieval.vectors import MEMORY_KINDS, SearchKnobs, VectorIndex
+from retrieval.core.concurrency import default_workers, prefetch_map
+from retrieval.core.types import MEMORY_INDEX_TYPES
+from retrieval.encoders.text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
+from retrieval.media.captions import CAPTION_FILE_NAMES
+from retrieval.media.corpus import read_items, walk_sources
+from retrieval.media.images import load_image
+from retrieval.storage.ondisk import build_on_disk
+from retrieval.storage.store import Store
+from retrieval.storage.vectors import SearchKnobs, VectorIndex
+from retrieval.train.audio import AudioTrainingOptions
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k-test"
@@ -551,7 +552,7 @@ def measure_ann_size(count: int, args: argparse.Namespace) -> list[dict]:
     log(f"ann: N={count}: flat")
     flat, truth = measure_kind("flat", vectors, queries, None)
     results = [flat]
-    for kind in MEMORY_KINDS[1:]:  # on-disk kinds: see --scale
+    for kind in MEMORY_INDEX_TYPES[1:]:  # on-disk kinds: see --scale
         log(f"ann: N={count}: {kind}")
         results.append(measure_kind(kind, vectors, queries, truth)[0])
     return results
@@ -1350,7 +1351,8 @@ def section_breakeven(corpus: Corpus, spec: ModelSpec, args: argparse.Namespace,
                  "--quiet", "--json"])
             report = json.loads(output)
             runs.append({"images": size, "engine": engine, "wall_s": wall, "peak_rss_bytes": rss,
-                         "images_encoded": report["images_encoded"], "texts_encoded": report["texts_encoded"]})
+                         "images_encoded": report["images_encoded"],
+                         "texts_encoded": report["texts_encoded"]})
     walls = {(run["images"], run["engine"]): run["wall_s"] for run in runs}
     even = next((size for size in sizes if walls[size, "ray"] <= walls[size, "local"]), None)
     data = {"runs": runs, "break_even_images": even}
