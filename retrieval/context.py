@@ -171,14 +171,15 @@ class IndexContext:
     def count(self, modality: str) -> int:
         return self.store.count(modality)
 
-    def forget(self, kind: str, **settings: str | int | None) -> None:
-        """Drop every file and vector of a kind made with an encoder about to change, and record
-        the new `settings` (None removes one), in one transaction. Hold the write lock."""
+    def forget(self, modality: str, **settings: str | int | None) -> None:
+        """Drop every file of a modality (`audio`, `video`) and its vectors, made with an encoder
+        about to change, and record the new `settings` (None removes one), in one transaction.
+        Hold the write lock."""
         with self.store.conn:
-            self.store.delete_files(self.store.file_ids_of_kind(kind))
-            self.store.bump_generation(kind)
+            self.store.delete_files(self.store.file_ids_of_kind(modality))  # such files hold only it
+            self.store.bump_generation(modality)
             self.settings.update(**settings)
-        self.vectors.rebuild(kind)
+        self.vectors.rebuild(modality)
         self.vectors.write_manifest()
 
 

@@ -368,9 +368,10 @@ class Index:
 
     def train_temporal(self, pairs: str | Path, kind: str = "bilstm",
                        options: FusionTrainingOptions | None = None, reindex: bool = True) -> dict:
-        """Train a Bi-LSTM or small transformer (`kind`) over frame vectors on captioned videos,
-        use it to pool every video segment's frames from now on, and re-encode the index's
-        videos with it."""
+        """Train a Bi-LSTM or small transformer over frame vectors on captioned videos, use it to
+        pool every video segment's frames from now on, and re-encode the index's videos with it.
+        `kind` is the encoder's architecture (TEMPORAL_ARCHITECTURES; the name the CLI's
+        `--kind` shares), passed on as `architecture`."""
         with self.context.write_lock():
             from .train.temporal import train_temporal_encoder  # torch: once this may write
 
