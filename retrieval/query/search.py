@@ -135,7 +135,7 @@ def stored_under(path: str | Path | None) -> str | None:
     try:
         return stored_path(path)
     except FileNotFoundError as error:
-        raise UsageError(f"--under: {error}") from None
+        raise UsageError(f"`under`: {error}") from None
 
 
 def _check_text(option: str, value: str | None) -> None:
