@@ -140,15 +140,15 @@ def find_duplicates(store: Store, *, threshold: float | None = None, by: str = "
     Exact copies (one content hash) are always grouped."""
     started = time.perf_counter()
     if by not in DUPLICATE_SIGNALS:
-        raise UsageError(f"by must be one of {', '.join(DUPLICATE_SIGNALS)}, not {by!r}")
+        raise UsageError(f"`by` must be one of {', '.join(DUPLICATE_SIGNALS)}, not {by!r}")
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     if not -1.0 <= threshold <= 1.0:
-        raise UsageError(f"threshold is a cosine, between -1 and 1, not {threshold:g}")
+        raise UsageError(f"`threshold` is a cosine, between -1 and 1, not {threshold:g}")
     max_distance = DEFAULT_MAX_DISTANCE if max_distance is None else int(max_distance)
     if not 0 <= max_distance <= 64:
-        raise UsageError(f"max_distance counts bits of a 64-bit hash: 0 to 64, not {max_distance}")
+        raise UsageError(f"`max_distance` counts bits of a 64-bit hash: 0 to 64, not {max_distance}")
     if min_size < 2:
-        raise UsageError(f"min_size must be at least 2, not {min_size}")
+        raise UsageError(f"`min_size` must be at least 2, not {min_size}")
     rows = store.image_files(under)
     pairs = [exact_pairs([row.sha256 for row in rows])]
     if by in ("vector", "both") and rows:

@@ -27,6 +27,9 @@ from retrieval.query import duplicates
 from retrieval.query.duplicates import connected_groups, exact_pairs, hash_bytes, hash_pairs, similar_pairs
 from retrieval.serve.app import create_app
 
+# pHash needs imagehash (a dependency: a fresh install has it); without it those tests are skipped.
+needs_imagehash = pytest.mark.skipif(not retrieval.media.images.hashing_available(),
+                                     reason="imagehash is not installed: pip install -e .")
 GROUPS = 6  # classes with planted copies; the other classes' renders stand alone
 OLD = 1_000_000_000  # originals are older than their copies, as in a real library
 
@@ -93,6 +96,7 @@ def test_exact_copies_are_grouped_whatever_the_threshold(planted):
     assert all(g.exact and g.reason.startswith("exact copies: oldest") for g in found.groups)
 
 
+@needs_imagehash
 def test_perceptual_hashes_alone_and_beside_the_vectors(planted):
     photos, folder, truth = planted
     with Index.open(folder, readonly=True) as index:
@@ -161,6 +165,7 @@ def test_api_search_dedup(planted):
     assert folded[0]["duplicates"] and len({h["path"] for h in folded}) == 3
 
 
+@needs_imagehash
 def test_hashes_are_added_by_the_next_build_without_encoding(tmp_path, trained_model, monkeypatch):
     truth = plant(tmp_path / "photos")
     # A build where imagehash is not installed records sizes, but no hashes.
@@ -207,6 +212,7 @@ def test_cli_table_json_csv(planted):
     assert code == 2 and "one of --json and --csv" in err
 
 
+@needs_imagehash
 def test_cli_options(planted, tmp_path):
     photos, folder, truth = planted
 
