@@ -249,3 +249,15 @@ def test_checkpoint_changed_in_place_exports_again(tiny_model, other_tiny_model,
         assert isinstance(tower, OnnxImageEncoder)
         expected = load_encoder(ModelSpec.parse(spec), "cpu").encode_images([image])
         assert np.abs(tower.encode_images([image]) - expected).max() < TOLERANCE
+
+
+def test_first_build_exports_in_a_child_process(tmp_path, photo_folder, tiny_model):
+    """A model's first build (nothing cached) exports its towers in a process of its own: the
+    build process never imports torch, yet ends with the towers, which are cached for the next."""
+    env = {**os.environ, "RETRIEVAL_CACHE": str(tmp_path / "cache")}
+    done, imported = run_cli_process("index", photo_folder, "--index", tmp_path / "index",
+                                     "--model", tiny_model, env=env)
+    assert done.returncode == 0, done.stderr
+    assert not imported & {"torch", "open_clip"}
+    assert load_image_tower(tmp_path / "index", ModelSpec.parse(tiny_model).identity) is not None
+    assert any((tmp_path / "cache" / TOWERS_DIR).glob(f"*/{TEXT_FILE}"))
