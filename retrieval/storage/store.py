@@ -300,6 +300,10 @@ class Store:
             f"WHERE files.kind = 'image' AND files.sha256 != '' AND ({missing}) GROUP BY files.sha256")
         return [(digest, path) for digest, path in rows]
 
+    def _has_table(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                 [name]).fetchone() is not None
+
     def forget_unused_facts(self) -> None:
         """Drop the facts of contents no indexed file holds any more."""
         self.conn.execute("DELETE FROM image_facts WHERE sha256 NOT IN "
@@ -307,7 +311,7 @@ class Store:
 
     def image_files(self, under: str | None = None) -> list[ImageFileRow]:
         """Every indexed image file (`under`: at or below that stored path), with its facts."""
-        if self.db["image_facts"].exists():
+        if self._has_table("image_facts"):
             facts = ("image_facts.width, image_facts.height, image_facts.phash, image_facts.dhash "
                      "FROM items JOIN files ON files.id = items.file_id "
                      "LEFT JOIN image_facts ON image_facts.sha256 = files.sha256 ")
