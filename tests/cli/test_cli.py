@@ -369,3 +369,13 @@ def test_index_type_option_and_convert(tmp_path, photo_folder, tiny_model):
     after = json.loads(run("red", "--index", index_dir, "--json")[1])
     assert [h["id"] for h in after] == [h["id"] for h in before]
     assert run("convert", "nonsense", "--index", index_dir)[0] == 2
+
+
+def test_search_device_reaches_the_model(built, photo_folder):
+    """A text query may use the exported numpy text tower; an image query needs the model."""
+    image = photo_folder / "city" / "img3.jpg"
+    code, out, err = run("--image", image, "--index", built, "--device", "cpu", "--target", "image",
+                         "--json", "-k", "1")
+    assert code == 0 and json.loads(out)[0]["uri"] == str(image), err
+    code, _, err = run("--image", image, "--index", built, "--device", "bogus")
+    assert code == 1 and "bogus" in err and len(err.splitlines()) == 1
