@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from support import write_shape_folder
+from support.stored import items_by_uri
 from support.vectors import ArraySource
 
 from retrieval import Index
@@ -55,11 +56,13 @@ def corpus(tmp_path) -> Path:
 def contents(folder: Path) -> tuple[list[tuple], dict[str, np.ndarray]]:
     """Every item's metadata, and its vector, by uri."""
     with Index.open(folder, readonly=True) as index:
-        rows = index.store.conn.execute(
-            "SELECT items.uri, items.modality, items.content_hash, items.text, items.parent_ref, "
-            "files.path, files.sha256, vectors.vector FROM items JOIN files ON files.id = items.file_id "
-            "JOIN vectors ON vectors.item_id = items.id ORDER BY items.uri").fetchall()
-    return [row[:-1] for row in rows], {row[0]: np.frombuffer(row[-1], np.float32) for row in rows}
+        items = items_by_uri(index.store)
+        files = index.store.files_by_path()
+        parents = {row.id: uri for uri, row in items.items()}
+        rows = [(uri, row.modality, row.text, parents.get(row.parent_id), row.meta, row.path,
+                 files[row.path].sha256) for uri, row in sorted(items.items())]
+        vectors = index.store.vectors_for_ids(np.array([items[row[0]].id for row in rows], np.int64))
+    return rows, {row[0]: vector for row, vector in zip(rows, vectors)}
 
 
 def assert_same_index(local: Path, distributed: Path) -> None:

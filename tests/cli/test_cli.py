@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import sysconfig
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from support import held_lock, write_image
+from support.stored import committed_items, integrity
 
 from retrieval import Index
 from retrieval.build.builder import BuildReport
@@ -293,18 +293,11 @@ def test_kill_9_during_a_build_leaves_an_index_that_answers_and_resumes(tmp_path
     with Index.open(index_dir) as index:
         assert index.count("image") == 300
         assert len(index.vectors("image")) == 300
-        uris = [row[0] for row in index.store.conn.execute("SELECT uri FROM items")]
-    assert len(set(uris)) == 300
+        assert integrity(index.store)["duplicated uris"] == 0
 
 
 def _count_images(index_dir: Path) -> int:
-    if not (index_dir / "meta.sqlite").exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{index_dir / 'meta.sqlite'}?mode=ro", uri=True) as conn:
-            return conn.execute("SELECT count(*) FROM items WHERE modality='image'").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
+    return committed_items(index_dir, "image") or 0
 
 
 def test_console_script_is_installed():

@@ -116,8 +116,10 @@ def test_scene_threshold_samples_a_frame_at_each_cut(clip, tmp_path, tiny_model)
 def test_int8_encodes_with_8_bit_weights_on_the_cpu(tmp_path, folders, tiny_model):
     index(folders, "--index", tmp_path / "float", "--model", tiny_model, "--device", "cpu")
     index(folders, "--index", tmp_path / "int8", "--model", tiny_model, "--device", "cpu", "--int8")
-    with Index.open(tmp_path / "float", readonly=True) as a, Index.open(tmp_path / "int8", readonly=True) as b:
-        exact, quantised = a.store.all_vectors("image")[1], b.store.all_vectors("image")[1]
+    with Index.open(tmp_path / "float", readonly=True) as exact_index:
+        exact = exact_index.store.all_vectors("image")[1]
+    with Index.open(tmp_path / "int8", readonly=True) as quantised_index:
+        quantised = quantised_index.store.all_vectors("image")[1]
     assert not np.array_equal(exact, quantised)
     assert np.abs(exact - quantised).max() < 0.05
     code, error = refused(folders, "--index", tmp_path / "gpu", "--model", tiny_model,

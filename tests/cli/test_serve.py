@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,8 @@ def pictures(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def indexes(pictures, tiny_model) -> tuple[Path, Path]:
     for part in ("a", "b"):
-        built = CliRunner().invoke(cli, ["index", str(pictures / part), "--index", str(pictures / f"index-{part}"),
-                                         "--model", tiny_model, "--quiet"])
+        built = CliRunner().invoke(cli, ["index", str(pictures / part), "--index",
+                                         str(pictures / f"index-{part}"), "--model", tiny_model, "--quiet"])
         assert built.exit_code == 0, built.output
     return pictures / "index-a", pictures / "index-b"
 

@@ -76,8 +76,10 @@ def test_like_searches_with_an_items_own_vector(searcher):
 
 def test_filters_and_minimum_score(searcher):
     query = unit(1, 0, 0, 0)
-    assert paths(searcher.search(vector=query, target="image", where="path LIKE '%green%'")) == ["/p/green.png"]
-    assert paths(searcher.search(vector=query, target="image", min_score=0.9)) == ["/p/red.png", "/p/reddish.png"]
+    green = searcher.search(vector=query, target="image", where="path LIKE '%green%'")
+    assert paths(green) == ["/p/green.png"]
+    close = searcher.search(vector=query, target="image", min_score=0.9)
+    assert paths(close) == ["/p/red.png", "/p/reddish.png"]
     assert searcher.search(vector=query, target="video") == []  # nothing of that kind: no model needed
 
 
