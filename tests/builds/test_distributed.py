@@ -1,9 +1,9 @@
 """Distributed builds on a local Ray cluster: the same index as a local build, resumable shards,
 a killed worker, on-disk shards filled by Ray tasks.
 
-Every Ray Data job costs 20-30 s however small its corpus, so the builds are marked `slow`
-(`pytest -m slow tests/builds/test_distributed.py`); the default run keeps Ray tasks filling an on-disk
-index and the one-line error for an unreachable cluster."""
+Every Ray Data job costs 20-30 s however small its corpus and Ray's start alone takes seconds, so
+every test that runs Ray is marked `slow` (`pytest -m slow tests/builds/test_distributed.py`); the
+default run starts no Ray and keeps the one-line error for an unreachable cluster."""
 
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ from retrieval.storage.ondisk import build_on_disk
 from retrieval.storage.vectors import VectorIndex, new_trained_index
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray cluster for the module: starting Ray takes seconds."""
+    """One local Ray cluster for the module's slow tests: starting Ray takes seconds, so the
+    default run, which leaves those out, never starts it."""
     import ray
 
     tests = str(Path(__file__).parents[1])  # workers unpickle support.vectors.ArraySource from here
@@ -74,6 +75,7 @@ def assert_same_index(local: Path, distributed: Path) -> None:
 
 
 @pytest.mark.slow  # a Ray Data job: 20-30 s each
+@pytest.mark.usefixtures("local_ray")
 def test_a_ray_build_gives_the_items_and_vectors_of_a_local_build(tmp_path, corpus, tiny_model):
     with Index.open(tmp_path / "local", model=tiny_model, create=True) as index:
         local = index.add(corpus)
@@ -95,6 +97,7 @@ def test_a_ray_build_gives_the_items_and_vectors_of_a_local_build(tmp_path, corp
 
 
 @pytest.mark.slow  # a Ray Data job: 20-30 s each
+@pytest.mark.usefixtures("local_ray")
 def test_the_cli_builds_on_ray_and_updates_incrementally(tmp_path, corpus, tiny_model):
     run = CliRunner().invoke
     result = run(cli, ["index", str(corpus), "--index", str(tmp_path / "ray"), "--model", tiny_model,
@@ -112,6 +115,7 @@ def test_the_cli_builds_on_ray_and_updates_incrementally(tmp_path, corpus, tiny_
 
 
 @pytest.mark.slow  # a Ray Data job: 20-30 s each
+@pytest.mark.usefixtures("local_ray")
 def test_a_ray_build_of_texts_alone_works_and_ray_prints_nothing(tmp_path, tiny_model):
     """The driver never loads the model for texts alone, so the vector size must come from the
     shards; and with --quiet nothing of Ray's own (C++ errors, log lines) reaches the terminal."""
@@ -133,6 +137,7 @@ def test_a_ray_build_of_texts_alone_works_and_ray_prints_nothing(tmp_path, tiny_
 
 
 @pytest.mark.slow  # a Ray Data job: 20-30 s each
+@pytest.mark.usefixtures("local_ray")
 def test_an_interrupted_job_resumes_from_its_shards(tmp_path, corpus, tiny_model):
     images = [f for f in walk_sources([corpus]).files if f.kind == "image"]
     with Index.open(tmp_path / "ray", model=tiny_model, create=True, batch_size=4) as index:
@@ -168,6 +173,7 @@ def embedder_processes() -> list[int]:
 
 
 @pytest.mark.slow  # a Ray Data job: 20-30 s each
+@pytest.mark.usefixtures("local_ray")
 def test_a_killed_ray_worker_loses_and_duplicates_nothing(tmp_path, tiny_model):
     corpus = write_shape_folder(tmp_path / "shapes", seed=7, per_class=8)
     shard_folder = tmp_path / "ray" / SHARDS_FOLDER / "images"
@@ -195,6 +201,8 @@ def test_a_killed_ray_worker_loses_and_duplicates_nothing(tmp_path, tiny_model):
     assert_same_index(tmp_path / "local", tmp_path / "ray")
 
 
+@pytest.mark.slow  # Ray's start alone takes seconds; local processes fill shards in test_ondisk.py
+@pytest.mark.usefixtures("local_ray")
 def test_ray_tasks_fill_an_on_disk_index_like_local_processes(tmp_path):
     source = ArraySource(20_000, seed=2)
     ids, vectors = source.read(0, 1 << 40)
