@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support.vectors import unit_vector as unit
 
 from retrieval.context import IndexContext
 from retrieval.core.errors import UsageError
@@ -13,11 +14,6 @@ from retrieval.query.search import Searcher
 from retrieval.storage.store import NewItem, Store
 
 DIM = 4
-
-
-def unit(*values: float) -> np.ndarray:
-    vector = np.array(values, np.float32)
-    return vector / np.linalg.norm(vector)
 
 
 @pytest.fixture

@@ -7,14 +7,10 @@ import sqlite3
 
 import numpy as np
 import pytest
+from support.vectors import unit_vector as unit
 
 from retrieval.core.errors import UsageError
 from retrieval.storage.store import NewItem, SkippedRow, Store
-
-
-def unit(*values: float) -> np.ndarray:
-    vector = np.array(values, np.float32)
-    return vector / np.linalg.norm(vector)
 
 
 @pytest.fixture
