@@ -17,6 +17,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from support import write_image, write_shape_folder  # noqa: E402
+from support.tiny_coca import TINY_COCA_CFG, train_tiny_coca  # noqa: E402
 from support.tiny_model import train_tiny_clip, write_local_dir_model  # noqa: E402
 
 
@@ -42,6 +43,14 @@ def trained_clip() -> torch.nn.Module:
 def trained_model(tmp_path_factory, trained_clip) -> str:
     """`trained_clip` in local-dir form: its `local-dir:` spec."""
     return write_local_dir_model(tmp_path_factory.mktemp("trained-model"), trained_clip)
+
+
+@pytest.fixture(scope="session")
+def trained_coca(tmp_path_factory, trained_clip) -> str:
+    """A tiny CoCa trained for seconds, on `trained_clip`'s eyes, to caption the renders
+    ("a red circle"): its `local-dir:` spec."""
+    coca = train_tiny_coca(trained_clip.visual, seed=0)
+    return write_local_dir_model(tmp_path_factory.mktemp("trained-coca"), coca, model_cfg=TINY_COCA_CFG)
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ TEMPORAL_ARCHITECTURES = ("bilstm", "transformer")  # learnt encoders that read 
 ENGINES = ("local", "ray")
 TRAIN_MODES = ("all", "projections", "adapters")
 TOWERS = ("image", "text")
+CAPTION_METHODS = ("beam", "top-p")  # how a CoCa model writes captions
 
 
 @dataclass
