@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,13 +24,10 @@ from PIL import Image
 from torch import Tensor
 
 from ..core.errors import ModelLoadError, UsageError
-from ..core.types import CAPTION_METHODS
+from .caption_spec import DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED, CaptionOptions
 from .clip import ClipEncoder, load_encoder
 from .spec import HF_HUB, LOCAL_DIR, ModelSpec
 
-DEFAULT_CAPTION_MODEL = "coca_ViT-B-32"
-# The COCO-finetuned weights write plain descriptive captions; the LAION-only tag writes alt-text.
-DEFAULT_CAPTION_PRETRAINED = "mscoco_finetuned_laion2b_s13b_b90k"
 # open_clip's CoCa training defaults (--coca-caption-loss-weight, --coca-contrastive-loss-weight).
 CAPTION_LOSS_WEIGHT = 2.0
 CONTRASTIVE_LOSS_WEIGHT = 1.0
@@ -43,51 +39,11 @@ NEVER = float("-inf")  # the log-probability of a token ruled out
 NextTokenLogProbs = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
-@dataclass(frozen=True)
-class CaptionOptions:
-    """How captions are generated.
-
-    `max_length` counts the caption's tokens, not the start and end tokens. `no_repeat_ngram`
-    forbids any n-gram of that many tokens to occur twice in a caption (0 allows repeats).
-    Top-p sampling draws from a generator seeded with `seed` for every batch, so the same
-    batch gives the same captions.
-    """
-
-    method: str = "beam"            # one of CAPTION_METHODS
-    beam_width: int = 3
-    length_penalty: float = 1.0     # beam scores are divided by length ** length_penalty
-    top_p: float = 0.9
-    temperature: float = 1.0
-    max_length: int = 20
-    no_repeat_ngram: int = 3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in CAPTION_METHODS:
-            raise UsageError(f"method must be one of {', '.join(CAPTION_METHODS)}, not {self.method!r}")
-        for name in ("beam_width", "max_length"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.temperature <= 0:
-            raise UsageError(f"temperature must be above 0, not {self.temperature}")
-        if self.no_repeat_ngram < 0:
-            raise UsageError(f"no_repeat_ngram must be 0 (off) or more, not {self.no_repeat_ngram}")
-
-
-def caption_model_spec(name: str | None = None, pretrained: str | None = None) -> ModelSpec:
-    """The caption model a user asked for; with no name, CoCa ViT-B-32 with its COCO weights."""
-    if name is None:
-        return ModelSpec(DEFAULT_CAPTION_MODEL, pretrained or DEFAULT_CAPTION_PRETRAINED)
-    return ModelSpec.parse(name, pretrained)
-
-
 def load_captioner(spec: ModelSpec, options: CaptionOptions | None = None, device: str = "auto",
                    batch_size: int = 8) -> Captioner:
     """Load the CoCa model named by `spec`; a model that is no CoCa is refused before its weights
     are fetched wherever its configuration can be read without them."""
-    if _configured_as_coca(spec) is False:
+    if configured_as_coca(spec) is False:
         raise ModelLoadError(_not_coca(spec))
     encoder = load_encoder(spec, device, batch_size, option_prefix="caption-")
     return Captioner(encoder, options)
@@ -456,7 +412,7 @@ def _search_done(hypotheses: list[tuple[float, list[int]]], best_live: float, wi
 
 # -- model checks -----------------------------------------------------------------------------
 
-def _configured_as_coca(spec: ModelSpec) -> bool | None:
+def configured_as_coca(spec: ModelSpec) -> bool | None:
     """Whether `spec`'s configuration has a caption decoder; None when it cannot be read yet."""
     if spec.name.startswith(HF_HUB):
         return None  # its configuration comes with its weights

@@ -17,13 +17,12 @@ from support.tiny_coca import TINY_COCA_CFG, create_tiny_coca
 from support.tiny_model import CLASSES, caption_for, render_batch, render_shape
 
 from retrieval.core.errors import ModelLoadError, UsageError
+from retrieval.encoders.caption_spec import CaptionOptions, caption_model_spec
 from retrieval.encoders.captioner import (
     Captioner,
-    CaptionOptions,
     beam_search,
     can_decode_stepwise,
     caption_decoder,
-    caption_model_spec,
     coca_loss,
     load_captioner,
     sample_top_p,
