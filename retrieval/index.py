@@ -22,7 +22,7 @@ from .core.errors import (
 from .core.paths import absolute_path
 from .core.types import ENGINES, FRAME_POOLINGS, FUSIONS, INDEX_TYPES, MODALITIES, Hit
 from .encoders.audio import is_clap
-from .encoders.spec import ModelSpec, check_weights_available
+from .encoders.spec import ModelSpec
 from .storage.folder import MadeFolder, holds_index, open_store, storage_errors, writer_lock
 from .storage.manifest import FORMAT_VERSION
 from .storage.settings import KNOBS
@@ -329,15 +329,15 @@ class Index:
             raise UsageError(f"engine must be local or ray, not {engine!r}")
         with self.context.write_lock():
             from .build.builder import Builder, BuildOptions
-            from .build.captions import resolve_request
+            from .build.captions import check_request, resolve_request
 
             request = resolve_request(
                 self.context.settings.captioning, self.spec, caption=caption,
                 every_image=caption_every_image, model=caption_model, pretrained=caption_pretrained,
                 method=caption_method, max_length=caption_max_length, beam_width=caption_beam_width,
                 top_p=caption_top_p)
-            if request is not None and (caption or recaption):  # asked now: refused at once
-                check_weights_available(request.model, option_prefix="caption-")
+            if request is not None and request.to_dict() != self.context.settings.captioning:
+                check_request(request)  # asked now: refused at once, not after the images
             with self.store.conn:
                 self.context.settings.record_captioning(None if request is None else request.to_dict())
             options = BuildOptions(exclude=None if exclude is None else tuple(exclude),

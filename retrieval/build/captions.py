@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from ..core.concurrency import prefetch_map
 from ..core.errors import UsageError
-from ..encoders.caption_spec import CaptionOptions, caption_model_spec
-from ..encoders.spec import ModelSpec
+from ..encoders.caption_spec import CaptionOptions, caption_model_spec, check_coca, configured_as_coca
+from ..encoders.spec import ModelSpec, check_weights_available
 from ..media.corpus import Skipped, text_digest
 from ..media.images import ImageDecodeError
 from ..storage.store import ImageToCaption, NewItem
@@ -98,10 +98,15 @@ def resolve_request(recorded: dict | None, index_model: ModelSpec, *, caption: b
     return CaptionRequest(spec, options, every)
 
 
+def check_request(request: CaptionRequest) -> None:
+    """Refuse, in one line and before any image is encoded, a caption model whose weights
+    cannot be had or that is no CoCa."""
+    check_weights_available(request.model, option_prefix="caption-")
+    check_coca(request.model)
+
+
 def default_caption_model(index_model: ModelSpec) -> ModelSpec:
     """The index's own model when its configuration says it is a CoCa, else the default CoCa."""
-    from ..encoders.captioner import configured_as_coca
-
     return index_model if configured_as_coca(index_model) else caption_model_spec()
 
 

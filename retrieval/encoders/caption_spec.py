@@ -3,11 +3,14 @@ importing torch (the model itself is in `captioner`)."""
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..core.errors import UsageError
+from ..core.errors import ModelLoadError, UsageError
 from ..core.types import CAPTION_METHODS
-from .spec import ModelSpec
+from .spec import HF_HUB, LOCAL_DIR, ModelSpec, open_clip_pretrained_alone
 
 DEFAULT_CAPTION_MODEL = "coca_ViT-B-32"
 # Both of open_clip's tags for it were trained on LAION-2B; this one was then fine-tuned on COCO
@@ -63,3 +66,42 @@ def caption_model_spec(name: str | None = None, pretrained: str | None = None) -
     if name is None:
         return ModelSpec(DEFAULT_CAPTION_MODEL, pretrained or DEFAULT_CAPTION_PRETRAINED)
     return ModelSpec.parse(name, pretrained)
+
+
+def check_coca(spec: ModelSpec) -> None:
+    """Refuse a model that is no CoCa, wherever its configuration can be read without weights."""
+    if configured_as_coca(spec) is False:
+        raise ModelLoadError(not_coca_message(spec))
+
+
+def configured_as_coca(spec: ModelSpec) -> bool | None:
+    """Whether `spec`'s configuration has a caption decoder; None when it cannot be read yet.
+    Read without importing torch where open_clip is not imported yet."""
+    if spec.name.startswith(HF_HUB):
+        return None  # its configuration comes with its weights
+    if spec.name.startswith(LOCAL_DIR):
+        # A folder without a readable one: load_encoder explains what is wrong with it.
+        return _has_decoder(Path(spec.name[len(LOCAL_DIR):]) / "open_clip_config.json", "model_cfg")
+    name = spec.name.replace("/", "-")
+    if "open_clip" in sys.modules:  # its own table, with configs added at run time
+        config = sys.modules["open_clip"].get_model_config(name)
+        return None if config is None else "multimodal_cfg" in config
+    try:
+        folder, _ = open_clip_pretrained_alone()
+    except Exception:  # another open_clip layout: the load finds out
+        return None
+    return _has_decoder(folder / "model_configs" / f"{name}.json")
+
+
+def _has_decoder(config: Path, section: str | None = None) -> bool | None:
+    try:
+        data = json.loads(config.read_text())
+        return "multimodal_cfg" in (data[section] if section else data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def not_coca_message(spec: ModelSpec) -> str:
+    return (f"caption model {spec.identity} is not a CoCa model and cannot write captions; pass a "
+            f"CoCa model as --caption-model, e.g. {DEFAULT_CAPTION_MODEL} with "
+            f"--caption-pretrained {DEFAULT_CAPTION_PRETRAINED}")

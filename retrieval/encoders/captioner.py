@@ -11,9 +11,7 @@ keys and values (each image is encoded once, not once per beam as in open_clip's
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import open_clip
@@ -24,9 +22,9 @@ from PIL import Image
 from torch import Tensor
 
 from ..core.errors import ModelLoadError, UsageError
-from .caption_spec import DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED, CaptionOptions
+from .caption_spec import CaptionOptions, check_coca, not_coca_message
 from .clip import ClipEncoder, load_encoder
-from .spec import HF_HUB, LOCAL_DIR, ModelSpec
+from .spec import ModelSpec
 
 # open_clip's CoCa training defaults (--coca-caption-loss-weight, --coca-contrastive-loss-weight).
 CAPTION_LOSS_WEIGHT = 2.0
@@ -43,8 +41,7 @@ def load_captioner(spec: ModelSpec, options: CaptionOptions | None = None, devic
                    batch_size: int = 8) -> Captioner:
     """Load the CoCa model named by `spec`; a model that is no CoCa is refused before its weights
     are fetched wherever its configuration can be read without them."""
-    if configured_as_coca(spec) is False:
-        raise ModelLoadError(_not_coca(spec))
+    check_coca(spec)
     encoder = load_encoder(spec, device, batch_size, option_prefix="caption-")
     return Captioner(encoder, options)
 
@@ -58,7 +55,7 @@ class Captioner:
 
     def __init__(self, encoder: ClipEncoder, options: CaptionOptions | None = None) -> None:
         if not isinstance(encoder.model, open_clip.CoCa):
-            raise ModelLoadError(_not_coca(encoder.spec))
+            raise ModelLoadError(not_coca_message(encoder.spec))
         self.encoder = encoder
         self.model: open_clip.CoCa = encoder.model
         self.options = options or CaptionOptions()
@@ -411,22 +408,3 @@ def _search_done(hypotheses: list[tuple[float, list[int]]], best_live: float, wi
 
 
 # -- model checks -----------------------------------------------------------------------------
-
-def configured_as_coca(spec: ModelSpec) -> bool | None:
-    """Whether `spec`'s configuration has a caption decoder; None when it cannot be read yet."""
-    if spec.name.startswith(HF_HUB):
-        return None  # its configuration comes with its weights
-    if spec.name.startswith(LOCAL_DIR):
-        config = Path(spec.name[len(LOCAL_DIR):]) / "open_clip_config.json"
-        try:
-            return "multimodal_cfg" in json.loads(config.read_text())["model_cfg"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # load_encoder explains what is wrong with the folder
-    config = open_clip.get_model_config(spec.name.replace("/", "-"))
-    return None if config is None else "multimodal_cfg" in config
-
-
-def _not_coca(spec: ModelSpec) -> str:
-    return (f"caption model {spec.identity} is not a CoCa model and cannot write captions; pass a "
-            f"CoCa model as --caption-model, e.g. {DEFAULT_CAPTION_MODEL} with "
-            f"--caption-pretrained {DEFAULT_CAPTION_PRETRAINED}")
