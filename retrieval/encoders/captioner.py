@@ -263,26 +263,52 @@ class CocaLoss(NamedTuple):
     caption: Tensor
 
 
+class CocaOutputs(NamedTuple):
+    """What CoCa's objective reads of one batch: the normalised image and text embeddings,
+    and the decoder's next-token logits with the tokens they predict."""
+
+    image_features: Tensor
+    text_features: Tensor
+    logits: Tensor
+    labels: Tensor
+
+
+def coca_outputs(model: open_clip.CoCa, images: Tensor, tokens: Tensor) -> CocaOutputs:
+    """CoCa's forward pass on preprocessed images and their tokenized captions, for its loss.
+
+    The same as `model(images, tokens)`, but the decoder runs only up to the batch's longest
+    caption: a causal decoder's outputs there do not depend on the padding after it, which the
+    caption loss ignores anyway, and the vocabulary-wide logits over all context positions are
+    most of the memory of a step.
+    """
+    image_latent, image_tokens = model.visual(images)
+    text_latent, text_tokens = model.text(tokens)
+    written = int(tokens.ne(model.pad_id).any(dim=0).nonzero().max()) + 1
+    logits = model.text_decoder(image_tokens, text_tokens[:, :written - 1])
+    return CocaOutputs(F.normalize(image_latent, dim=-1), F.normalize(text_latent, dim=-1), logits,
+                       tokens[:, 1:written])
+
+
 def coca_loss(model: open_clip.CoCa, images: Tensor, tokens: Tensor,
               caption_weight: float = CAPTION_LOSS_WEIGHT,
               contrastive_weight: float = CONTRASTIVE_LOSS_WEIGHT) -> CocaLoss:
     """open_clip's CoCaLoss on a batch of preprocessed images and their tokenized captions.
 
     Pair i (image i, caption i) is the only positive of row i in the contrastive part, as in
-    open_clip's training. The same as `CoCaLoss(...)(**model(images, tokens))`, but the
-    decoder runs only up to the batch's longest caption: a causal decoder's outputs there do
-    not depend on the padding after it, which the caption loss ignores anyway, and the
-    vocabulary-wide logits over all context positions are most of the memory of a step.
+    open_clip's training.
     """
-    image_latent, image_tokens = model.visual(images)
-    text_latent, text_tokens = model.text(tokens)
-    written = int(tokens.ne(model.pad_id).any(dim=0).nonzero().max()) + 1
-    logits = model.text_decoder(image_tokens, text_tokens[:, :written - 1])
+    outputs = coca_outputs(model, images, tokens)
     objective = CoCaLoss(caption_loss_weight=caption_weight, clip_loss_weight=contrastive_weight,
                          pad_id=model.pad_id)
-    contrastive, caption = objective(F.normalize(image_latent, dim=-1), F.normalize(text_latent, dim=-1),
-                                     logits, tokens[:, 1:written], model.logit_scale.exp())
+    contrastive, caption = objective(*outputs[:2], *outputs[2:], model.logit_scale.exp())
     return CocaLoss(contrastive + caption, contrastive, caption)
+
+
+def caption_loss(model: open_clip.CoCa, outputs: CocaOutputs, weight: float = CAPTION_LOSS_WEIGHT) -> Tensor:
+    """CoCa's captioning part alone (open_clip's, weighted), for a trainer with a contrastive
+    loss of its own."""
+    objective = CoCaLoss(caption_loss_weight=weight, clip_loss_weight=0, pad_id=model.pad_id)
+    return objective(*outputs[:2], *outputs[2:], model.logit_scale.exp())[1]
 
 
 # -- searches ---------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from ..core.concurrency import default_workers, prefetch_map
 from ..core.errors import UsageError, counted
 from ..core.files import replacing
+from ..encoders.captioner import CONTRASTIVE_LOSS_WEIGHT, caption_loss, coca_outputs
 from ..encoders.clip import ClipEncoder, load_encoder, text_features
 from ..encoders.spec import HF_HUB, LOCAL_DIR, ModelSpec
 from ..media.images import ImageDecodeError, load_image
@@ -222,11 +223,22 @@ class FineTuner:
         model, device = self.encoder.model, self.encoder.device
         images = self.caption_image[batch]
         pixels = _flipped(self.train_pixels[images].float(), self.generator).to(device)
-        image_features = F.normalize(model.encode_image(pixels), dim=-1)
-        texts = F.normalize(text_features(model, self.tokens[batch].to(device)), dim=-1)
+        tokens = self.tokens[batch].to(device)
+        if isinstance(model, open_clip.CoCa):
+            # CoCa's combined objective: the contrastive part (ours: soft positives, as a batch
+            # may hold several captions of one image) plus its captioning part, weighted as
+            # open_clip trains it, so fine-tuning also teaches the decoder to write the captions.
+            outputs = coca_outputs(model, pixels, tokens)
+            image_features, texts = outputs.image_features, outputs.text_features
+            written = caption_loss(model, outputs)
+        else:
+            image_features = F.normalize(model.encode_image(pixels), dim=-1)
+            texts = F.normalize(text_features(model, tokens), dim=-1)
+            written = 0
         logits = model.logit_scale.exp() * image_features @ texts.T
         loss = symmetric_info_nce(logits, _positives(images, self.text_ids[batch]).to(device))
-        return optimise(loss, self.optimizer, self.schedule, model.logit_scale)
+        return optimise(CONTRASTIVE_LOSS_WEIGHT * loss + written, self.optimizer, self.schedule,
+                        model.logit_scale)
 
     # -- data --------------------------------------------------------------------------------
 
