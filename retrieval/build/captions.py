@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..core.concurrency import prefetch_map
 from ..core.errors import UsageError
-from ..encoders.caption_spec import CaptionOptions, caption_model_spec, check_coca, configured_as_coca
+from ..encoders.caption_spec import CaptionOptions, caption_model_spec, check_coca, default_caption_model
 from ..encoders.spec import ModelSpec, check_weights_available
 from ..media.corpus import Skipped, text_digest
 from ..media.images import ImageDecodeError
@@ -103,11 +103,6 @@ def check_request(request: CaptionRequest) -> None:
     cannot be had or that is no CoCa."""
     check_weights_available(request.model, option_prefix="caption-")
     check_coca(request.model)
-
-
-def default_caption_model(index_model: ModelSpec) -> ModelSpec:
-    """The index's own model when its configuration says it is a CoCa, else the default CoCa."""
-    return index_model if configured_as_coca(index_model) else caption_model_spec()
 
 
 @dataclass

@@ -8,12 +8,13 @@ import sys
 import click
 
 from ..core.errors import counted
-from ..core.types import CAPTION_METHODS, ENGINES, FRAME_POOLINGS, FUSIONS, INDEX_TYPES, MODALITIES
+from ..core.types import ENGINES, FRAME_POOLINGS, FUSIONS, INDEX_TYPES, MODALITIES
 from ..media.audio import DEFAULT_MAX_AUDIO_SECONDS
 from ..media.images import DEFAULT_MAX_MEGAPIXELS
 from ..media.video import DEFAULT_MAX_VIDEO_SECONDS
 from .common import (
     batch_option,
+    caption_writer_options,
     device_option,
     index_option,
     json_option,
@@ -25,7 +26,7 @@ from .common import (
 
 
 def caption_options(command):
-    """--caption and the options of the captions a CoCa model writes for images."""
+    """--caption and the options of the captions a CoCa model writes for images at build time."""
     options = [
         click.option("--caption/--no-caption", default=None,
                      help="Write a caption with a CoCa model for every image without one (recorded: "
@@ -33,19 +34,7 @@ def caption_options(command):
         click.option("--caption-all/--caption-uncaptioned", "caption_all", default=None,
                      help="Caption every image, beside its human captions / only those without "
                      "[recorded; default: only those without]."),
-        click.option("--caption-model", help="CoCa model writing captions: open_clip name (with "
-                     "--caption-pretrained), local-dir:PATH or hf-hub:ORG/REPO [default: the index's "
-                     "model if a CoCa, else coca_ViT-B-32]."),
-        click.option("--caption-pretrained", help="Its pretrained tag or checkpoint file "
-                     "[default for coca_ViT-B-32: mscoco_finetuned_laion2b_s13b_b90k]."),
-        click.option("--caption-method", type=click.Choice(CAPTION_METHODS),
-                     help="Beam search or top-p sampling [recorded; default beam]."),
-        click.option("--caption-max-length", type=click.IntRange(1),
-                     help="Most tokens per caption [recorded; default 20]."),
-        click.option("--caption-beam-width", type=click.IntRange(1),
-                     help="Beams per image [recorded; default 3]."),
-        click.option("--caption-top-p", type=click.FloatRange(0, 1, min_open=True),
-                     help="Top-p sampling's probability mass [recorded; default 0.9]."),
+        caption_writer_options,
         click.option("--recaption", is_flag=True,
                      help="Replace captions another caption model (or method) wrote."),
     ]

@@ -68,6 +68,11 @@ def caption_model_spec(name: str | None = None, pretrained: str | None = None) -
     return ModelSpec.parse(name, pretrained)
 
 
+def default_caption_model(index_model: ModelSpec) -> ModelSpec:
+    """The index's own model when its configuration says it is a CoCa, else the default CoCa."""
+    return index_model if configured_as_coca(index_model) else caption_model_spec()
+
+
 def check_coca(spec: ModelSpec) -> None:
     """Refuse a model that is no CoCa, wherever its configuration can be read without weights."""
     if configured_as_coca(spec) is False:

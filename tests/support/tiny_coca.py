@@ -31,17 +31,26 @@ TINY_COCA_CFG: dict = {
 }
 
 
-def create_tiny_coca(seed: int = 0) -> tuple[torch.nn.Module, Callable, Callable]:
-    """Seeded, untrained tiny CoCa with its val preprocess and tokenizer."""
-    return create_tiny_clip(seed, TINY_COCA_CFG)
+def create_tiny_coca(seed: int = 0, model_cfg: dict = TINY_COCA_CFG
+                     ) -> tuple[torch.nn.Module, Callable, Callable]:
+    """Seeded, untrained tiny CoCa (TINY_COCA_CFG, or `model_cfg`), its val preprocess and tokenizer."""
+    return create_tiny_clip(seed, model_cfg)
+
+
+def with_context(context: int) -> dict:
+    """TINY_COCA_CFG with room for captions of `context` tokens, start and end included."""
+    return {**TINY_COCA_CFG, "text_cfg": {**TINY_COCA_CFG["text_cfg"], "context_length": context},
+            "multimodal_cfg": {**TINY_COCA_CFG["multimodal_cfg"], "context_length": context}}
 
 
 def train_tiny_coca(clip_visual: torch.nn.Module, seed: int = 0, steps: int = 120, pool_per_class: int = 64,
-                    lr: float = 3e-3, projection_lr: float = 3e-2) -> torch.nn.Module:
+                    lr: float = 3e-3, projection_lr: float = 3e-2,
+                    describe: Callable[[str, str], str] = caption_for) -> torch.nn.Module:
     """Train a tiny CoCa with `coca_loss` on top of a trained tiny CLIP's vision tower.
 
     Each batch holds one render of every class, so no two pairs share a caption and the
-    contrastive part has a single positive per row, as `coca_loss` assumes.
+    contrastive part has a single positive per row, as `coca_loss` assumes. `describe` writes
+    each class's caption (caption_for: "a red circle").
     """
     model, preprocess, tokenizer = create_tiny_coca(seed)
     # Everything but the projection, whose shape differs (CoCa's pooler works at the text width).
@@ -53,7 +62,7 @@ def train_tiny_coca(clip_visual: torch.nn.Module, seed: int = 0, steps: int = 12
     # As for the tiny CLIP: the 49408-row token table's dense update would dominate every step.
     model.text.token_embedding.requires_grad_(False)
     pool, pool_labels = render_batch(pool_per_class, np.random.default_rng(seed), preprocess)
-    class_tokens = tokenizer([caption_for(color, shape) for color, shape in CLASSES])
+    class_tokens = tokenizer([describe(color, shape) for color, shape in CLASSES])
     generator = torch.Generator().manual_seed(seed)
     # open_clip leaves the decoder's vocabulary projection uninitialised (torch.empty): start it
     # at zero, and let it learn faster than the rest, or most of the run goes to learning which

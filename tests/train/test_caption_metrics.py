@@ -3,9 +3,13 @@ skipped with a note without Java, bad input refused in one line."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from retrieval.core.errors import UsageError
 from retrieval.train import caption_metrics
@@ -76,3 +80,37 @@ def test_mismatched_input_is_refused_in_one_line(candidates, references, metrics
         score_captions(candidates, references, metrics)
     assert "\n" not in str(raised.value)
 
+
+
+# -- evaluate --captioning ------------------------------------------------------------------------
+
+def test_evaluate_captioning_scores_the_tiny_cocas_captions(trained_model, trained_coca, tmp_path):
+    from support import run_cli_process, write_shape_folder
+
+    from retrieval.encoders.clip import load_encoder
+    from retrieval.encoders.spec import ModelSpec
+
+    shapes = write_shape_folder(tmp_path / "shapes", seed=31, per_class=2)
+    result, _ = run_cli_process("evaluate", shapes, "--captions", shapes / "captions.tsv", "--captioning",
+                                "--model", trained_model, "--caption-model", trained_coca,
+                                "--caption-max-length", "8", "--device", "cpu", "--json")
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["images"] == found["references"] == 18 and found["caption_model"] == trained_coca
+    expected = [name for name in METRICS if shutil.which("java") or name != "METEOR"]
+    assert list(found["scores"]) == expected
+    # The renders' captions have three words ("a red circle"): no 4-grams, so BLEU-4 says nothing.
+    assert found["scores"]["BLEU-3"] >= 0.8 and found["images_per_second"] > 0
+    # Each image's caption, against the references of another image: lower on every metric.
+    names = sorted(found["captions"])
+    truths = {name: [line.split("\t")[1] for line in (shapes / "captions.tsv").read_text().splitlines()
+                     if line.startswith(Path(name).name + "#")] for name in names}
+    shifted = score_captions({name: found["captions"][names[i - 3]] for i, name in enumerate(names)}, truths,
+                             metrics=["BLEU-3", "CIDEr"])
+    assert shifted["BLEU-3"] < found["scores"]["BLEU-3"] and shifted["CIDEr"] < found["scores"]["CIDEr"]
+    # CLIP-score: the mean cosine of each image with its caption, above that with another's.
+    encoder = load_encoder(ModelSpec.parse(trained_model), "cpu")
+    images = encoder.encode_images([Image.open(name).convert("RGB") for name in names])
+    captions = encoder.encode_texts([found["captions"][name] for name in names])
+    assert found["clip_score"] == pytest.approx(float(np.mean(np.sum(images * captions, axis=1))), abs=1e-4)
+    assert float(np.mean(np.sum(images * np.roll(captions, 3, axis=0), axis=1))) < found["clip_score"]
