@@ -123,7 +123,7 @@ class Index:
     def _choose_audio_model(self, audio_model: str, rebuild: bool) -> None:
         """Record a CLAP model for the audio; another one's vectors are dropped only on rebuild."""
         if not is_clap(audio_model):
-            raise UsageError(f"--audio-model {audio_model!r}: name a CLAP model as clap:NAME or "
+            raise UsageError(f"`audio_model` {audio_model!r}: name a CLAP model as clap:NAME or "
                              "clap:/folder; our own tower is made with retrieve train-audio")
         from .encoders.clap import clap_identity
 
@@ -132,11 +132,11 @@ class Index:
             return
         if self.readonly:
             raise ModelMismatchError(f"index {self.path} embeds audio with {self.audio_model}, "
-                                     f"not {identity}; search without --audio-model")
+                                     f"not {identity}; search without `audio_model`")
         if self.count("audio") and not rebuild:
             raise ModelMismatchError(
                 f"index {self.path} embeds audio with {self.audio_model}, not {identity}; keep "
-                "it, or re-encode the audio with --rebuild")
+                "it, or re-encode the audio (`rebuild`)")
         with self.context.write_lock():
             self.context.forget("audio", audio_model=identity, audio_dim=None)
 
@@ -393,9 +393,10 @@ class Index:
 
     def train_temporal(self, pairs: str | Path, kind: str = "bilstm",
                        options: FusionTrainingOptions | None = None, reindex: bool = True) -> dict:
-        """Train a Bi-LSTM or small transformer (`kind`) over frame vectors on captioned videos,
-        use it to pool every video segment's frames from now on, and re-encode the index's
-        videos with it."""
+        """Train a Bi-LSTM or small transformer over frame vectors on captioned videos, use it to
+        pool every video segment's frames from now on, and re-encode the index's videos with it.
+        `kind` is the encoder's architecture (TEMPORAL_ARCHITECTURES; the name the CLI's
+        `--kind` shares), passed on as `architecture`."""
         with self.context.write_lock():
             from .train.temporal import train_temporal_encoder  # torch: once this may write
 

@@ -475,7 +475,7 @@ class Builder:
         encoder = self.encoders.audio_or_none()
         if encoder is None:
             reason = (f"{NO_AUDIO_ENCODER}: train one with `retrieve train-audio PAIRS --index "
-                      f"{self.context.folder}`, or build with --audio-model clap:NAME")
+                      f"{self.context.folder}`, or build with `audio_model` clap:NAME")
             for source, _ in pending:
                 self._skip(source, reason)
             return

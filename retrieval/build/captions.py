@@ -80,7 +80,7 @@ def resolve_request(recorded: dict | None, index_model: ModelSpec, *, caption: b
     asked = any(value is not None for value in (every_image, model, pretrained, *given.values()))
     if caption is False:
         if asked:
-            raise UsageError("caption=False writes no captions: give no other caption parameter")
+            raise UsageError("`caption` False writes no captions: give no other caption parameter")
         return None
     if not caption and not asked:
         return None if recorded is None else CaptionRequest.from_dict(recorded)
@@ -101,7 +101,7 @@ def resolve_request(recorded: dict | None, index_model: ModelSpec, *, caption: b
 def check_request(request: CaptionRequest) -> None:
     """Refuse, in one line and before any image is encoded, a caption model whose weights
     cannot be had or that is no CoCa."""
-    check_weights_available(request.model, option_prefix="caption-")
+    check_weights_available(request.model, parameter_prefix="caption_")
     check_coca(request.model)
 
 

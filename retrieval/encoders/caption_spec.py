@@ -108,5 +108,5 @@ def _has_decoder(config: Path, section: str | None = None) -> bool | None:
 
 def not_coca_message(spec: ModelSpec) -> str:
     return (f"caption model {spec.identity} is not a CoCa model and cannot write captions; pass a "
-            f"CoCa model as --caption-model, e.g. {DEFAULT_CAPTION_MODEL} with "
-            f"--caption-pretrained {DEFAULT_CAPTION_PRETRAINED}")
+            f"CoCa model as `caption_model`, e.g. {DEFAULT_CAPTION_MODEL} with "
+            f"`caption_pretrained` {DEFAULT_CAPTION_PRETRAINED}")

@@ -42,7 +42,7 @@ def load_captioner(spec: ModelSpec, options: CaptionOptions | None = None, devic
     """Load the CoCa model named by `spec`; a model that is no CoCa is refused before its weights
     are fetched wherever its configuration can be read without them."""
     check_coca(spec)
-    encoder = load_encoder(spec, device, batch_size, option_prefix="caption-")
+    encoder = load_encoder(spec, device, batch_size, parameter_prefix="caption_")
     return Captioner(encoder, options)
 
 

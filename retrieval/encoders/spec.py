@@ -79,17 +79,17 @@ OPEN_CLIP_CACHE = Path("~/.cache/clip")  # where open_clip keeps weights it down
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads its variables
 
 
-def check_weights_available(spec: ModelSpec, option_prefix: str = "") -> bool:
+def check_weights_available(spec: ModelSpec, parameter_prefix: str = "") -> bool:
     """Raise a one-line ModelLoadError when the weights `spec` needs can be had neither from
     disk nor from the Hugging Face Hub; catch what open_clip would only warn about (a local
     folder without weights gives a random model).
 
     Returns True when everything the model needs from the hub is in its cache: the load then
-    need not, and should not, ask the hub anything. `option_prefix` names the options that
-    supply this model in the errors: "caption-" makes them say --caption-model.
+    need not, and should not, ask the hub anything. `parameter_prefix` names the options that
+    supply this model in the errors: "caption_" makes them name `caption_model`.
     """
     def explain(cause: str) -> str:
-        return cannot_load_message(spec, cause, option_prefix)
+        return cannot_load_message(spec, cause, parameter_prefix)
 
     if spec.name.startswith(LOCAL_DIR):
         _check_local_dir(spec)
@@ -101,7 +101,7 @@ def check_weights_available(spec: ModelSpec, option_prefix: str = "") -> bool:
     models, pretrained = _open_clip_tables()
     if spec.name.replace("/", "-") not in models:
         raise ModelLoadError(
-            f"unknown {option_prefix.replace('-', ' ')}model {spec.name!r}; use an open_clip name "
+            f"unknown {parameter_prefix.replace('_', ' ')}model {spec.name!r}; use an open_clip name "
             "(see open_clip.list_models()), local-dir:/path or hf-hub:org/repo")
     if not spec.pretrained:
         return False  # open_clip makes a model with random weights, as asked
@@ -109,13 +109,13 @@ def check_weights_available(spec: ModelSpec, option_prefix: str = "") -> bool:
         if not Path(spec.pretrained).is_file():
             raise ModelLoadError(
                 f"model {spec.identity}: checkpoint file {spec.pretrained} not found; "
-                f"pass --{option_prefix}pretrained with an existing checkpoint file or a known tag")
+                f"pass `{parameter_prefix}pretrained` an existing checkpoint file or a known tag")
         return False
     tags = pretrained.list_pretrained_tags_by_model(spec.name)
     if spec.pretrained not in tags:
         raise ModelLoadError(
             f"model {spec.name}: unknown pretrained tag {spec.pretrained!r} (known tags: "
-            f"{', '.join(tags) or 'none'}); or pass a checkpoint file with --{option_prefix}pretrained")
+            f"{', '.join(tags) or 'none'}); or pass a checkpoint file as `{parameter_prefix}pretrained`")
     return _tag_available(spec, pretrained.get_pretrained_cfg(spec.name, spec.pretrained), explain)
 
 
@@ -158,14 +158,14 @@ def _weight_file_names(filename: str) -> tuple[str, ...]:
     return (filename,)
 
 
-def cannot_load_message(spec: ModelSpec, cause: str, option_prefix: str = "") -> str:
+def cannot_load_message(spec: ModelSpec, cause: str, parameter_prefix: str = "") -> str:
     """Why `spec`'s weights could not be loaded, and how to supply them, in one line; the
-    options named are those `option_prefix` picks (--pretrained, --caption-pretrained ...)."""
-    return (f"could not load weights for {option_prefix.replace('-', ' ')}model {spec.identity} "
+    parameters named are those `parameter_prefix` picks (`pretrained`, `caption_pretrained` ...)."""
+    return (f"could not load weights for {parameter_prefix.replace('_', ' ')}model {spec.identity} "
             f"({cause}). Without internet, supply weights yourself: download them on a connected "
             "machine into the Hugging Face cache (~/.cache/huggingface), or pass "
-            f"--{option_prefix}pretrained /path/to/checkpoint, or "
-            f"--{option_prefix}model local-dir:/folder with open_clip_config.json and weights")
+            f"`{parameter_prefix}pretrained` /path/to/checkpoint, or "
+            f"`{parameter_prefix}model` local-dir:/folder with open_clip_config.json and weights")
 
 
 def one_line(error: BaseException) -> str:

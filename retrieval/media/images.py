@@ -63,7 +63,7 @@ def _check_size(image: Image.Image, max_megapixels: float) -> None:
     if megapixels > max_megapixels:
         raise ImageDecodeError(
             f"{width}x{height} is {megapixels:.1f} megapixels, over the {max_megapixels:g} MP cap "
-            "(raise --max-megapixels to index it)")
+            "(raise `max_megapixels` to index it)")
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:

@@ -135,7 +135,7 @@ def _stored(path: str | None) -> str | None:
     try:
         return stored_path(path)
     except FileNotFoundError as error:
-        raise UsageError(f"--under: {error}") from None
+        raise UsageError(f"`under`: {error}") from None
 
 
 def _check_text(option: str, value: str | None) -> None:

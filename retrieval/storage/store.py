@@ -430,7 +430,7 @@ class Store:
                 rows = self.conn.execute(sql, params).fetchall()
             except sqlite3.Error as error:
                 raise UsageError(
-                    f"--where {where!r}: {error}; columns are "
+                    f"`where` {where!r}: {error}; columns are "
                     "id, modality, uri, text, parent_id, meta, path, size, mtime") from None
             finally:
                 self.conn.execute("PRAGMA query_only = 0")

@@ -174,7 +174,7 @@ def test_bad_caption_requests_are_refused_in_one_line(tiny_model, tmp_path):
         assert "\n" not in str(raised.value)
         with pytest.raises(UsageError, match="^method must be one of beam, top-p"):
             index.add(shapes, caption=True, caption_method="greedy")
-        with pytest.raises(UsageError, match="caption=False writes no captions"):
+        with pytest.raises(UsageError, match="`caption` False writes no captions"):
             index.add(shapes, caption=False, caption_model=tiny_model)
 
 

@@ -190,7 +190,7 @@ def test_a_model_without_caption_decoder_is_refused_in_one_line(tiny_model, monk
         # Refused from its configuration, before any weights are sought.
         with pytest.raises(ModelLoadError, match="is not a CoCa model") as raised:
             load_captioner(spec, device="cpu")
-        assert "\n" not in str(raised.value) and "--caption-model" in str(raised.value)
+        assert "\n" not in str(raised.value) and "`caption_model`" in str(raised.value)
     with pytest.raises(ModelLoadError, match="is not a CoCa model"):
         Captioner(load_encoder(ModelSpec.parse(tiny_model), "cpu"))
 
@@ -210,7 +210,7 @@ def test_offline_the_default_caption_model_fails_in_one_line_before_it_is_built(
     message = str(raised.value)
     assert "\n" not in message
     assert message.startswith(f"could not load weights for caption model {spec.identity}")
-    assert "--caption-pretrained /path/to/checkpoint" in message and "--caption-model local-dir:" in message
+    assert "`caption_pretrained` /path/to/checkpoint" in message and "`caption_model` local-dir:" in message
 
 
 @torch.inference_mode()
