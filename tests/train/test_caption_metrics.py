@@ -3,7 +3,6 @@ skipped with a note without Java, bad input refused in one line."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -85,17 +84,16 @@ def test_mismatched_input_is_refused_in_one_line(candidates, references, metrics
 # -- evaluate --captioning ------------------------------------------------------------------------
 
 def test_evaluate_captioning_scores_the_tiny_cocas_captions(trained_model, trained_coca, tmp_path):
-    from support import run_cli_process, write_shape_folder
+    # The CLI's `evaluate --captioning` runs in README's blocks (tests/cli/test_readme.py).
+    from support import write_shape_folder
 
+    from retrieval import CaptionOptions, ModelSpec, evaluate_captioning
     from retrieval.encoders.clip import load_encoder
-    from retrieval.encoders.spec import ModelSpec
 
     shapes = write_shape_folder(tmp_path / "shapes", seed=31, per_class=2)
-    result, _ = run_cli_process("evaluate", shapes, "--captions", shapes / "captions.tsv", "--captioning",
-                                "--model", trained_model, "--caption-model", trained_coca,
-                                "--caption-max-length", "8", "--device", "cpu", "--json")
-    assert result.returncode == 0, result.stderr
-    found = json.loads(result.stdout)
+    found = evaluate_captioning(shapes, shapes / "captions.tsv", model=ModelSpec.parse(trained_model),
+                                caption_model=ModelSpec.parse(trained_coca),
+                                options=CaptionOptions(max_length=8), device="cpu").to_dict()
     assert found["images"] == found["references"] == 18 and found["caption_model"] == trained_coca
     expected = [name for name in METRICS if shutil.which("java") or name != "METEOR"]
     assert list(found["scores"]) == expected
