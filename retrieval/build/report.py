@@ -31,6 +31,7 @@ class BuildReport:
     captions_written: int = 0  # by a caption model, for images (see build.captions)
     captions_reused: int = 0  # a caption already written for the same content by the same model
     caption_seconds: float = 0.0  # of `seconds`, spent writing captions
+    images_measured: int = 0  # indexed before their size and hashes were recorded: measured now
     seconds: float = 0.0
 
     @property
@@ -47,8 +48,10 @@ class BuildReport:
                 f"encoded {counted(self.images_encoded, 'image')}, {counted(self.texts_encoded, 'text')}, "
                 f"{counted(self.audio_encoded, 'audio window')} and "
                 f"{counted(self.video_encoded, 'video segment')}, "
-                f"reused {counted(self.vectors_reused, 'vector')}{self._captions()} in "
-                f"{self.seconds:.1f} s ({self.items_per_second:.1f} items/s)")
+                f"reused {counted(self.vectors_reused, 'vector')}"
+                + (f", measured {counted(self.images_measured, 'image')} for duplicate finding"
+                   if self.images_measured else "")
+                + f"{self._captions()} in {self.seconds:.1f} s ({self.items_per_second:.1f} items/s)")
 
     def _captions(self) -> str:
         if not self.captions_written:
