@@ -1,4 +1,4 @@
-"""Crash safety: builds (of images, captions and sounds), removals and conversions killed with
+"""Crash safety: builds (of images, captions and sounds), captioning, removals and conversions killed with
 SIGKILL at random moments.
 
 After every kill the index must open; every SQLite item must have exactly one FAISS vector
@@ -183,6 +183,56 @@ def test_killed_caption_phase_resumes_with_the_captions_committed(seed, corpus, 
     assert report.texts_encoded == IMAGES - committed, f"{context}: only what was missing is encoded"
     assert_consistent(index_dir, context)
     snapshot(index_dir).assert_equal(snapshot(reference[0]), context)
+
+
+def _written(index_dir: Path) -> int:
+    """Captions a model wrote that are committed."""
+    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
+        return conn.execute("SELECT count(*) FROM items WHERE json_extract(meta, '$.generated') = 1"
+                            ).fetchone()[0]
+
+
+def caption_command(index_dir: Path, corpus: Path, tiny_coca: str) -> list[str]:
+    """Caption every image of the reference (beside its human caption) with the tiny CoCa."""
+    return cli("index", str(corpus), "--index", str(index_dir), "--caption", "--caption-all",
+               "--caption-model", tiny_coca, "--caption-max-length", "4", "--batch-size", "8", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def captioned_reference(corpus, reference, tiny_coca, tmp_path_factory) -> Path:
+    """The reference index with a written caption for every image, written uninterrupted."""
+    index_dir = tmp_path_factory.mktemp("captioned-reference") / "index"
+    shutil.copytree(reference[0], index_dir)
+    subprocess.run(caption_command(index_dir, corpus, tiny_coca), check=True, capture_output=True)
+    assert _written(index_dir) == IMAGES
+    return index_dir
+
+
+@pytest.mark.parametrize("seed", trial_seeds())
+def test_killed_captioning_resumes_without_loss_or_duplicates(seed, corpus, reference, captioned_reference,
+                                                              tiny_coca, tmp_path):
+    """Written captions are committed a batch per transaction: a kill among them keeps those
+    written, and the next bare build (the index records the request) writes only the rest."""
+    batch = 8
+    target = random.Random(seed).randint(1, IMAGES // batch // 2) * batch
+    context = f"captioning killed once {target} captions were written (seed {seed})"
+    index_dir = tmp_path / "index"
+    shutil.copytree(reference[0], index_dir)
+    process = subprocess.Popen(caption_command(index_dir, corpus, tiny_coca),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and _written(index_dir) < target:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    committed = _written(index_dir)
+    print(f"{context}: {committed} of {IMAGES} captions written at the kill")
+    assert target <= committed < IMAGES, f"{context}: the kill did not land among the captions"
+    assert_consistent(index_dir, context)
+    with Index.open(index_dir, batch_size=batch) as index:
+        report = index.add()
+    assert report.captions_written == IMAGES - committed, f"{context}: only what was missing is written"
+    assert_consistent(index_dir, context)
+    snapshot(index_dir).assert_equal(snapshot(captioned_reference), context)
 
 
 @pytest.mark.parametrize("seed", trial_seeds())
