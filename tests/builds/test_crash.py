@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from support import write_image
 from support.sounds import render_sound, write_sound
-from support.stored import committed_items, integrity, item_ids, items_by_uri
+from support.stored import committed_items, integrity, item_ids, items_by_uri, written_captions
 from support.tiny_model import CLASSES
 
 from retrieval import Index
@@ -185,13 +185,6 @@ def test_killed_caption_phase_resumes_with_the_captions_committed(seed, corpus, 
     snapshot(index_dir).assert_equal(snapshot(reference[0]), context)
 
 
-def _written(index_dir: Path) -> int:
-    """Captions a model wrote that are committed."""
-    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
-        return conn.execute("SELECT count(*) FROM items WHERE json_extract(meta, '$.generated') = 1"
-                            ).fetchone()[0]
-
-
 def caption_command(index_dir: Path, corpus: Path, tiny_coca: str) -> list[str]:
     """Caption every image of the reference (beside its human caption) with the tiny CoCa."""
     return cli("index", str(corpus), "--index", str(index_dir), "--caption", "--caption-all",
@@ -204,7 +197,7 @@ def captioned_reference(corpus, reference, tiny_coca, tmp_path_factory) -> Path:
     index_dir = tmp_path_factory.mktemp("captioned-reference") / "index"
     shutil.copytree(reference[0], index_dir)
     subprocess.run(caption_command(index_dir, corpus, tiny_coca), check=True, capture_output=True)
-    assert _written(index_dir) == IMAGES
+    assert written_captions(index_dir) == IMAGES
     return index_dir
 
 
@@ -220,11 +213,11 @@ def test_killed_captioning_resumes_without_loss_or_duplicates(seed, corpus, refe
     shutil.copytree(reference[0], index_dir)
     process = subprocess.Popen(caption_command(index_dir, corpus, tiny_coca),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and _written(index_dir) < target:
+    while process.poll() is None and written_captions(index_dir) < target:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    committed = _written(index_dir)
+    committed = written_captions(index_dir)
     print(f"{context}: {committed} of {IMAGES} captions written at the kill")
     assert target <= committed < IMAGES, f"{context}: the kill did not land among the captions"
     assert_consistent(index_dir, context)

@@ -39,6 +39,22 @@ def committed_items(index_dir: Path, modality: str = "image") -> int | None:
         store.close()
 
 
+def written_captions(index_dir: Path) -> int:
+    """How many captions a model wrote that another process has committed (0 before the schema)."""
+    if not (index_dir / "meta.sqlite").exists():
+        return 0
+    try:
+        store = Store(index_dir / "meta.sqlite", readonly=True)
+    except sqlite3.OperationalError:
+        return 0
+    try:
+        return sum(1 for row in items_by_uri(store, "text").values() if row.meta.get("generated"))
+    except sqlite3.OperationalError:  # killed before the schema was created
+        return 0
+    finally:
+        store.close()
+
+
 def integrity(store: Store) -> dict[str, int]:
     """Vectors without an item, items without a vector, and items sharing a uri: all 0 in a
     sound index."""
