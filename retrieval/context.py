@@ -18,8 +18,17 @@ import numpy as np
 
 from .core.errors import ModelLoadError, ModelMismatchError, UsageError
 from .encoders.audio import AudioEncoder, is_clap, load_audio_encoder
-from .encoders.spec import ModelSpec, check_weights_available
-from .encoders.text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
+from .encoders.onnx_towers import (
+    OnnxImageEncoder,
+    OnnxTextEncoder,
+    cached_key,
+    export_in_child,
+    install_cached,
+    load_image_tower,
+    load_text_tower,
+    torch_may_use_an_accelerator,
+)
+from .encoders.spec import ModelSpec, check_weights_available, weights_fingerprint
 from .storage.folder import SHARDS_FOLDER, writer_lock
 from .storage.settings import Settings
 from .storage.store import Store
@@ -34,11 +43,19 @@ if TYPE_CHECKING:
 
 
 class Encoders:
-    """An index's encoders, each loaded on first use: the CLIP model, the numpy text tower a
-    build exported, the audio encoder the index records, and video segments made of both."""
+    """An index's encoders, each loaded on first use: the CLIP model, the ONNX towers a build
+    exported (`encoders.onnx_towers`), the audio encoder the index records, and video
+    segments made of both.
+
+    Images and texts go through the ONNX towers wherever they serve (no torch import: a
+    query starts in a fraction of a second, a build holds half the memory); the model is
+    loaded only for what they cannot do: models that do not export, int8 encoding, a GPU,
+    training and video. `one_shot` is for a process that answers one query and exits: its
+    towers start at once but run slower (see `open_session`)."""
 
     def __init__(self, folder: Path, spec: ModelSpec, settings: Settings, device: str = "auto",
-                 batch_size: int = 32, int8: bool = False, readonly: bool = False) -> None:
+                 batch_size: int = 32, int8: bool = False, readonly: bool = False,
+                 one_shot: bool = False) -> None:
         self.folder = folder
         self.spec = spec
         self.settings = settings
@@ -46,8 +63,9 @@ class Encoders:
         self.batch_size = batch_size
         self.int8 = int8
         self.readonly = readonly
+        self.one_shot = one_shot
         self._clip: ClipEncoder | None = None
-        self._text_tower: NumpyTextEncoder | None = None
+        self._towers: dict[str, OnnxImageEncoder | OnnxTextEncoder | None] = {}  # None: missing
         self._audio: AudioEncoder | None = None
         self._captioner: Captioner | None = None
 
@@ -57,24 +75,62 @@ class Encoders:
 
     @property
     def clip(self) -> ClipEncoder:
-        """The index's CLIP model, loaded on first use; a writer exports its text tower."""
+        """The index's CLIP model, loaded on first use; a writer exports its ONNX towers."""
         if self._clip is None:
             check_weights_available(self.spec)  # before torch is imported: refused in a blink
+            fingerprint = weights_fingerprint(self.spec)  # of the files about to be loaded
             from .encoders.clip import load_encoder
 
             self._clip = load_encoder(self.spec, self.device, self.batch_size, self.int8)
             self.settings.record_dim(self._clip.dim, self.spec)
-            if not self.readonly and load_text_tower(self.folder, self.spec.identity) is None:
-                export_text_tower(self._clip, self.folder)
+            if not self.readonly:
+                from .encoders.onnx_export import export_towers
+
+                export_towers(self._clip, self.folder, fingerprint)
+                self._towers.clear()  # look again: the towers may be new
         return self._clip
 
     @property
-    def text(self) -> ClipEncoder | NumpyTextEncoder:
-        """What encodes text queries: the numpy text tower a build exported (no torch import,
-        so a query starts in well under a second), else the full model."""
-        if self._clip is None and self._text_tower is None:
-            self._text_tower = load_text_tower(self.folder, self.spec.identity)
-        return self._text_tower or self.clip
+    def text(self) -> ClipEncoder | OnnxTextEncoder:
+        """What encodes texts: the ONNX text tower, else the model."""
+        tower = None if self._wants_model() else self._tower("text")
+        return tower or self.clip
+
+    @property
+    def images(self) -> ClipEncoder | OnnxImageEncoder:
+        """What encodes images (`preprocess`, `input_side`, `encode_preprocessed`,
+        `encode_images`): the ONNX image tower, else the model (always for int8)."""
+        tower = None if self.int8 or self._wants_model() else self._tower("image")
+        return tower or self.clip
+
+    def _wants_model(self) -> bool:
+        """A build that may run on a GPU keeps to torch, which uses it; queries (a few
+        vectors each) are quicker on the towers anyway."""
+        return not self.readonly and torch_may_use_an_accelerator(self.device)
+
+    def _tower(self, kind: str) -> OnnxImageEncoder | OnnxTextEncoder | None:
+        if kind not in self._towers:
+            if not self.readonly and self._clip is None:
+                self._bring_towers_up_to_date()
+            load = load_image_tower if kind == "image" else load_text_tower
+            tower = load(self.folder, self.spec.identity, self.one_shot, for_build=not self.readonly)
+            if tower is not None and not self.readonly:
+                self.settings.record_dim(tower.dim, self.spec)
+            self._towers[kind] = tower
+        return self._towers[kind]
+
+    def _bring_towers_up_to_date(self) -> None:
+        """A writer's towers must come from the weights on disk now (a checkpoint may have been
+        fine-tuned in place): those cached for them, found without torch, else exported in a
+        child process (this one stays without torch), else exported from the model loaded
+        here (random weights, which no file describes; or the child failed)."""
+        fingerprint = weights_fingerprint(self.spec)
+        key = cached_key(fingerprint)
+        if key is None and fingerprint is not None:
+            export_in_child(self.spec.name, self.spec.pretrained)
+            key = cached_key(fingerprint)
+        if key is None or not install_cached(key, self.folder):
+            self.clip  # noqa: B018  loads the model, which exports its towers
 
     # -- captions ----------------------------------------------------------------------------
 
@@ -172,10 +228,11 @@ class IndexContext:
     @classmethod
     def assemble(cls, folder: Path, store: Store, spec: ModelSpec, device: str = "auto",
                  batch_size: int = 32, int8: bool = False, readonly: bool = False,
-                 wait: bool = False) -> IndexContext:
+                 wait: bool = False, one_shot: bool = False) -> IndexContext:
         settings = Settings(folder, store)
+        encoders = Encoders(folder, spec, settings, device, batch_size, int8, readonly, one_shot)
         return cls(folder, store, settings, VectorSets(folder, store, settings, readonly),
-                   Encoders(folder, spec, settings, device, batch_size, int8, readonly), readonly, wait)
+                   encoders, readonly, wait)
 
     @contextmanager
     def write_lock(self) -> Iterator[None]:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .build.report import BuildReport
     from .encoders.audio import AudioEncoder
     from .encoders.clip import ClipEncoder
-    from .encoders.text_tower import NumpyTextEncoder
+    from .encoders.onnx_towers import OnnxImageEncoder, OnnxTextEncoder
     from .query.duplicates import Duplicates
     from .query.encode import AudioQuery, ImageQuery
     from .query.entries import EntryHit
@@ -57,7 +57,8 @@ class Index:
     def open(cls, path: str | Path, *, model: str | None = None, pretrained: str | None = None,
              create: bool = False, rebuild: bool = False, index_type: str | None = None,
              device: str = "auto", batch_size: int = 32, int8: bool = False,
-             readonly: bool = False, audio_model: str | None = None, wait: bool = False) -> Index:
+             readonly: bool = False, audio_model: str | None = None, wait: bool = False,
+             one_shot: bool = False) -> Index:
         """Open the index at `path`, or make it when `create` is set.
 
         `model`/`pretrained` name the model (see `ModelSpec`). An existing index refuses another
@@ -68,6 +69,8 @@ class Index:
         the audio tower `train_audio` makes; changing it on an index with audio needs `rebuild`.
         One process writes at a time: a write while another process writes raises
         IndexLockedError at once, naming that process, unless `wait` is set: then it waits.
+        `one_shot` is for a process that makes one search and exits: the ONNX query towers then
+        start in a fraction of the time but run slower.
         """
         if index_type is not None and index_type not in INDEX_TYPES:
             raise UsageError(f"index type must be one of {', '.join(INDEX_TYPES)}, "
@@ -103,7 +106,7 @@ class Index:
                 with store.conn:
                     store.set_info("index_type", index_type)
             index = cls(IndexContext.assemble(folder, store, spec, device, batch_size, int8, readonly,
-                                              wait), made)
+                                              wait, one_shot), made)
             if audio_model is not None:
                 index._choose_audio_model(audio_model, rebuild)
             if not readonly:
@@ -244,9 +247,14 @@ class Index:
         return self.context.encoders.clip
 
     @property
-    def text_encoder(self) -> ClipEncoder | NumpyTextEncoder:
-        """What encodes text queries: the numpy text tower a build exported, else the model."""
+    def text_encoder(self) -> ClipEncoder | OnnxTextEncoder:
+        """What encodes text queries: the ONNX text tower a build exported, else the model."""
         return self.context.encoders.text
+
+    @property
+    def image_encoder(self) -> ClipEncoder | OnnxImageEncoder:
+        """What encodes image queries: the ONNX image tower a build exported, else the model."""
+        return self.context.encoders.images
 
     @property
     def audio_encoder(self) -> AudioEncoder:

@@ -64,7 +64,8 @@ from safetensors.torch import save_file
 from retrieval import ClipEncoder, Index, ModelSpec, load_encoder
 from retrieval.core.concurrency import default_workers, prefetch_map
 from retrieval.core.types import MEMORY_INDEX_TYPES
-from retrieval.encoders.text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
+from retrieval.encoders.onnx_export import export_towers
+from retrieval.encoders.onnx_towers import OnnxTextEncoder, load_text_tower
 from retrieval.media.captions import CAPTION_FILE_NAMES
 from retrieval.media.corpus import read_items, walk_sources
 from retrieval.media.images import load_image
@@ -413,7 +414,7 @@ def render_images(data: dict, args: argparse.Namespace) -> str:
 
 
 
-def measure_text_latency(encoder: ClipEncoder | NumpyTextEncoder, texts: Sequence[str], count: int,
+def measure_text_latency(encoder: ClipEncoder | OnnxTextEncoder, texts: Sequence[str], count: int,
                          seed: int) -> dict:
     """`encode_texts([q])` for `count` texts picked at random, after five warm-up calls."""
     picks = np.random.default_rng(seed).choice(len(texts), count, replace=len(texts) < count)
@@ -423,11 +424,12 @@ def measure_text_latency(encoder: ClipEncoder | NumpyTextEncoder, texts: Sequenc
             **percentiles(millis)}
 
 
-def numpy_text_tower(encoder: ClipEncoder, folder: Path) -> NumpyTextEncoder | None:
-    """The numpy text tower a build exports and index readers answer text queries with
-    (None for a model whose text tower is not the standard one)."""
+def onnx_text_tower(encoder: ClipEncoder, folder: Path) -> OnnxTextEncoder | None:
+    """The ONNX text tower a build exports and index readers answer text queries with
+    (None for a model whose text tower does not export)."""
     folder.mkdir(parents=True, exist_ok=True)
-    return load_text_tower(folder, encoder.spec.identity) if export_text_tower(encoder, folder) else None
+    export_towers(encoder, folder)
+    return load_text_tower(folder, encoder.spec.identity)
 
 
 def measure_text_throughput(encoder: ClipEncoder, texts: Sequence[str], batch: int) -> dict:
@@ -441,11 +443,11 @@ def measure_text_throughput(encoder: ClipEncoder, texts: Sequence[str], batch: i
 
 def section_text(corpus_texts: list[str], encoder: ClipEncoder, args: argparse.Namespace,
                  workdir: Path) -> tuple[dict, str]:
-    """Single-query latency (torch model, and the numpy tower readers use) and batch throughput."""
+    """Single-query latency (torch model, and the ONNX tower readers use) and batch throughput."""
     texts = corpus_texts or generated_captions(args.texts, args.seed)
     log(f"text: {args.text_queries} single-query encodes")
     latency = measure_text_latency(encoder, texts, args.text_queries, args.seed)
-    tower = None if args.int8 else numpy_text_tower(encoder, workdir / "text-tower")
+    tower = None if args.int8 else onnx_text_tower(encoder, workdir / "text-tower")
     tower_latency = measure_text_latency(tower, texts, args.text_queries, args.seed) if tower else None
     many = [texts[i % len(texts)] for i in range(args.texts)]
     throughput = []
@@ -453,12 +455,12 @@ def section_text(corpus_texts: list[str], encoder: ClipEncoder, args: argparse.N
         log(f"text: {len(many)} texts in batches of {batch}")
         throughput.append(measure_text_throughput(encoder, many, batch))
     data = {"source": "corpus captions" if corpus_texts else "generated captions",
-            "single_query": latency, "single_query_numpy_tower": tower_latency,
+            "single_query": latency, "single_query_onnx_tower": tower_latency,
             "throughput": throughput}
     rows = [(f"single query, `ClipEncoder.encode_texts([q])` ({latency['queries']} queries, "
              f"{latency['mean_words']:.1f} words avg)",
              f"p50 {latency['p50_ms']:.1f} ms, p95 {latency['p95_ms']:.1f} ms"),
-            ("single query, `NumpyTextEncoder.encode_texts([q])` (what index readers use)",
+            ("single query, `OnnxTextEncoder.encode_texts([q])` (what index readers use)",
              f"p50 {tower_latency['p50_ms']:.1f} ms, p95 {tower_latency['p95_ms']:.1f} ms"
              if tower_latency else "none: builds export no tower for this model or with --int8")]
     rows += [(f"batch throughput, {t['texts']} texts in batches of {t['batch']}"

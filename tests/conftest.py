@@ -21,6 +21,15 @@ from support.tiny_coca import TINY_COCA_CFG, create_tiny_coca, train_tiny_coca, 
 from support.tiny_model import train_tiny_clip, write_local_dir_model  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory) -> Path:
+    """One export cache for the session (subprocesses inherit it): each model's ONNX towers
+    are exported once, not once per index, and never into the user's own cache."""
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    os.environ["RETRIEVAL_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A seeded, untrained tiny CLIP: `local-dir:` spec. Fine wherever meaning is not tested."""

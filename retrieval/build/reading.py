@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ..media.images import ImageFacts, load_image, load_image_with_size, measure_image
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -39,8 +40,9 @@ def unexpected(error: Exception) -> str:
 
 
 def preprocess_bytes(data: bytes, preprocess: Callable, input_side: int, max_megapixels: float
-                     ) -> torch.Tensor:
-    """An image file's bytes as the model's input tensor; raises ImageDecodeError."""
+                     ) -> torch.Tensor | np.ndarray:
+    """An image file's bytes as the model's input, as `preprocess` makes it (a tensor for the
+    torch model, an array for the ONNX tower); raises ImageDecodeError."""
     # Twice the input side: the resize that follows smooths away draft decoding's
     # differences (vectors agree to ~1e-3), at a fraction of the decoding cost.
     image = load_image(io.BytesIO(data), max_megapixels, min_side=2 * input_side)
@@ -48,7 +50,7 @@ def preprocess_bytes(data: bytes, preprocess: Callable, input_side: int, max_meg
 
 
 def preprocess_and_measure(data: bytes, preprocess: Callable, input_side: int, max_megapixels: float
-                           ) -> tuple[torch.Tensor, ImageFacts]:
+                           ) -> tuple[torch.Tensor | np.ndarray, ImageFacts]:
     """`preprocess_bytes`, and the image's facts (size, perceptual hashes) from the same decode."""
     image, size = load_image_with_size(io.BytesIO(data), max_megapixels, min_side=2 * input_side)
     return preprocess(image), measure_image(image, size)

@@ -8,10 +8,16 @@ import sys
 import click
 
 from ..core.errors import counted
-from ..core.types import ENGINES, FRAME_POOLINGS, FUSIONS, INDEX_TYPES, MODALITIES
-from ..media.audio import DEFAULT_MAX_AUDIO_SECONDS
-from ..media.images import DEFAULT_MAX_MEGAPIXELS
-from ..media.video import DEFAULT_MAX_VIDEO_SECONDS
+from ..core.types import (
+    DEFAULT_MAX_AUDIO_SECONDS,
+    DEFAULT_MAX_MEGAPIXELS,
+    DEFAULT_MAX_VIDEO_SECONDS,
+    ENGINES,
+    FRAME_POOLINGS,
+    FUSIONS,
+    INDEX_TYPES,
+    MODALITIES,
+)
 from .common import (
     batch_option,
     caption_writer_options,

@@ -103,7 +103,7 @@ def _search_here(index_dir: str, text: str | None, images: tuple[str, ...], soun
     from ..index import Index
 
     with Index.open(index_dir, model=model, pretrained=pretrained, device=device,
-                    readonly=True) as index:
+                    readonly=True, one_shot=True) as index:
         if index.store.is_empty():
             raise IndexEmptyError(
                 f"index {index.path} holds no items yet; add some with: "
@@ -116,7 +116,7 @@ def _entries_here(index_dir: str, text: str | None, images: tuple[str, ...], sou
                   weights: dict[str, float] | None) -> list:
     from ..index import Index
 
-    with Index.open(index_dir, readonly=True) as index:
+    with Index.open(index_dir, readonly=True, one_shot=True) as index:
         return index.search_entries(text, image=list(images) or None, audio=list(sounds) or None,
                                     video=list(videos) or None, k=k, grouping=grouping, fusion=fusion,
                                     weights=weights)

@@ -3,7 +3,6 @@ half of one), and model weights in safetensors form, saved and read in one way."
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -87,23 +86,3 @@ def read_metadata(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as weights:
         return weights.metadata() or {}
-
-
-def map_tensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
-    """A float32 safetensors file's metadata and arrays, memory-mapped: the arrays are views,
-    read from disk as touched (safetensors' own numpy loader copies every tensor). ValueError
-    when the file is not such a file, OSError when it cannot be read."""
-    with open(path, "rb") as handle:
-        header_size = int.from_bytes(handle.read(8), "little")
-        if not 0 < header_size <= os.path.getsize(path) - 8:
-            raise ValueError(f"{path} is not a safetensors file")
-        header = json.loads(handle.read(header_size))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
-    metadata = header.pop("__metadata__", {})
-    arrays = {}
-    for name, entry in header.items():
-        if entry["dtype"] != "F32":
-            raise ValueError(f"{name} is {entry['dtype']}, not F32")
-        start, end = entry["data_offsets"]
-        arrays[name] = data[start:end].view(np.float32).reshape(entry["shape"])
-    return metadata, arrays

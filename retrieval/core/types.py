@@ -7,6 +7,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+# -- limits a build judges files by (the CLI shows them as defaults) -----------------------------
+
+DEFAULT_MAX_MEGAPIXELS = 100.0
+DEFAULT_MAX_AUDIO_SECONDS = 3600.0  # longer files are skipped as "huge": the whole file is decoded in memory
+DEFAULT_MAX_VIDEO_SECONDS = 3 * 3600.0
+
 # -- modalities and what a search returns ------------------------------------------------------
 
 MODALITIES = ("image", "text", "audio", "video")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..core.errors import ModelLoadError, UsageError
 from .spec import ModelSpec, cannot_load_message, check_weights_available, hub_cache_only, one_line
+from .weights import create_model_and_transforms
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -60,6 +61,10 @@ class ClipEncoder:
         features = self.model.encode_image(pixels.to(self.device))
         return _normalised(features)
 
+    def encode_preprocessed(self, images: Sequence[torch.Tensor]) -> np.ndarray:
+        """Embed images each made by `preprocess_image`, as one batch."""
+        return self.encode_image_tensors(torch.stack(list(images)))
+
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embed RGB images, batch by batch."""
         return self._in_batches(
@@ -83,7 +88,10 @@ class ClipEncoder:
 def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """`model.encode_text(tokens)`, with the padding trimmed where that changes nothing: the
     features the engine and its fine-tuning compute (not normalised)."""
-    return _encode_text_trimmed(model, tokens) if can_trim_padding(model) else model.encode_text(tokens)
+    if not can_trim_padding(model):
+        return model.encode_text(tokens)
+    length = int(tokens.ne(0).any(dim=0).nonzero().max()) + 1
+    return encode_trimmed_tokens(model, tokens[:, :length])
 
 
 def can_trim_padding(model: torch.nn.Module) -> bool:
@@ -97,10 +105,10 @@ def can_trim_padding(model: torch.nn.Module) -> bool:
             and getattr(model, "text_pool_type", None) in ("argmax", "eos", "first"))
 
 
-def _encode_text_trimmed(model: open_clip.CLIP, tokens: torch.Tensor) -> torch.Tensor:
-    """`model.encode_text` on tokens cut after the last non-padding position of the batch."""
-    length = int(tokens.ne(0).any(dim=0).nonzero().max()) + 1
-    tokens = tokens[:, :length]
+def encode_trimmed_tokens(model: open_clip.CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text` for a tower that `can_trim_padding`, on tokens already cut after
+    the batch's last non-padding position (any length up to the context length)."""
+    length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)
@@ -136,7 +144,7 @@ def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32,
     makes them name `caption_model` and `caption_pretrained`.
     `int8` quantises the image tower's linear layers to 8 bits (CPU only): faster image
     encoding, vectors within ~1e-3 cosine of fp32. Text stays in fp32: it is cheap, and the
-    query side (the numpy tower) computes it in fp32 too.
+    query side (the ONNX text tower) computes it in fp32 too.
     """
     cached = check_weights_available(spec, parameter_prefix)
     device = resolve_device(device)
@@ -144,8 +152,7 @@ def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32,
         raise UsageError(f"int8 encoding runs on the CPU only, not on {device}; drop `int8`")
     try:
         with hub_cache_only(cached):  # no update checks, which retry for long without a network
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.name, pretrained=spec.pretrained, device=device)
+            model, preprocess = create_model_and_transforms(spec.name, spec.pretrained, device)
             tokenizer = open_clip.get_tokenizer(spec.name)
     except Exception as error:  # open_clip and huggingface_hub raise many kinds for one cause
         raise ModelLoadError(cannot_load_message(spec, one_line(error), parameter_prefix)) from error

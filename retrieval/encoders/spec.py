@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..core.errors import ModelLoadError
+from ..core.imports import without_module
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -117,6 +118,63 @@ def check_weights_available(spec: ModelSpec, parameter_prefix: str = "") -> bool
             f"model {spec.name}: unknown pretrained tag {spec.pretrained!r} (known tags: "
             f"{', '.join(tags) or 'none'}); or pass a checkpoint file as `{parameter_prefix}pretrained`")
     return _tag_available(spec, pretrained.get_pretrained_cfg(spec.name, spec.pretrained), explain)
+
+
+def weights_fingerprint(spec: ModelSpec) -> str | None:
+    """Where `spec`'s weights are, and each file's size and modification time, found without
+    importing torch; None for random weights or weights not on disk yet.
+
+    Equal fingerprints mean the same weights (a file changed in place changes its stat), so
+    what was derived from them once (exported ONNX towers) can be reused without loading them.
+    """
+    if spec.name.startswith(LOCAL_DIR):
+        folder = Path(spec.name[len(LOCAL_DIR):])
+        files = sorted(p for p in folder.glob("*")
+                       if p.suffix in WEIGHT_SUFFIXES or p.name == "open_clip_config.json")
+    elif spec.name.startswith(HF_HUB):
+        files = _hub_files(spec.name[len(HF_HUB):], ["open_clip_config.json",
+                                                     *_weight_file_names(HF_WEIGHTS_NAME)])
+    elif not spec.pretrained:
+        return None
+    elif looks_like_path(spec.pretrained):
+        files = [Path(spec.pretrained)]
+    else:
+        try:
+            config = _open_clip_tables()[1].get_pretrained_cfg(spec.name, spec.pretrained)
+        except Exception:  # an unknown tag: the load reports it
+            return None
+        if config.get("file"):
+            files = [Path(config["file"])]
+        elif config.get("hf_hub"):
+            repo, filename = os.path.split(config["hf_hub"])
+            files = _hub_files(repo, list(_weight_file_names(filename or HF_WEIGHTS_NAME)))
+        else:
+            files = [OPEN_CLIP_CACHE.expanduser() / os.path.basename(config.get("url", ""))]
+    stats = []
+    for path in files:
+        try:
+            stat = path.resolve().stat()
+        except OSError:
+            continue
+        stats.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    if not any(Path(entry.rsplit(":", 2)[0]).suffix in WEIGHT_SUFFIXES for entry in stats):
+        return None
+    return "\n".join([spec.identity, *stats])
+
+
+def _hub_files(repo: str, names: list[str]) -> list[Path]:
+    """The files of `repo` among `names` that the Hugging Face cache holds."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = []
+    for name in names:
+        try:
+            path = try_to_load_from_cache(repo, name)
+        except ValueError:  # not a valid repo id
+            return []
+        if isinstance(path, str):
+            found.append(Path(path))
+    return found
 
 
 def _check_local_dir(spec: ModelSpec) -> None:
@@ -294,14 +352,10 @@ def open_clip_pretrained_alone() -> tuple[Path, ModuleType]:
     alias = "_retrieval_open_clip_tables"
     package = ModuleType(alias)
     package.__path__ = [str(folder)]
-    held_back = "safetensors.torch" not in sys.modules
     sys.modules[alias] = package
-    if held_back:
-        sys.modules["safetensors.torch"] = None  # type: ignore[assignment]  # import fails
     try:
-        return folder, importlib.import_module(f"{alias}.pretrained")
+        with without_module("safetensors.torch"):
+            return folder, importlib.import_module(f"{alias}.pretrained")
     finally:
-        if held_back:
-            del sys.modules["safetensors.torch"]
         for name in [n for n in sys.modules if n == alias or n.startswith(f"{alias}.")]:
             del sys.modules[name]

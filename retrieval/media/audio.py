@@ -15,7 +15,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-DEFAULT_MAX_AUDIO_SECONDS = 3600.0  # longer files are skipped as "huge": the whole file is decoded in memory
+from ..core.types import DEFAULT_MAX_AUDIO_SECONDS
+
 MIN_AUDIO_SECONDS = 0.1
 DEFAULT_WINDOW_SECONDS = 5.0
 SILENCE_PEAK = 1e-4  # -80 dBFS

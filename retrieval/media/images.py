@@ -10,7 +10,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_MEGAPIXELS = 100.0
+from ..core.types import DEFAULT_MAX_MEGAPIXELS
 
 # Our own megapixel cap is checked before decoding; PIL's bomb check would only duplicate it
 # with a different message, so it is lifted to let the cap be the one rule.

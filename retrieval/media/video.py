@@ -14,12 +14,13 @@ import numpy as np
 import soxr
 from PIL import Image
 
+from ..core.types import DEFAULT_MAX_VIDEO_SECONDS
+
 # Private helpers shared with audio decoding: opening sources, spotting empty files, showing lengths.
 from .audio import binary_stream, format_duration, format_durations, is_empty_stream
 
 DEFAULT_FRAME_RATE = 1.0  # frames sampled per second
 DEFAULT_SEGMENT_SECONDS = 4.0
-DEFAULT_MAX_VIDEO_SECONDS = 3 * 3600.0
 
 # Containers store timestamps in coarse units (often milliseconds): a frame stamped 0.333 s is the
 # one due at 1/3 s, and a duration a hair over a segment boundary makes no sliver of a segment.

@@ -96,7 +96,7 @@ def _encode(encoders: Encoders, terms: list[QueryTerm], modality: str, in_clap: 
             raise UsageError("this index's audio is embedded by CLAP, which knows sounds and "
                              "texts only; search its audio with text or a sound")
         opened = [_open_image(t.image) for t in terms]  # a bad path fails before the model loads
-        return encoders.clip.encode_images(opened)
+        return encoders.images.encode_images(opened)
     if encoders.audio_is_clap and not in_clap:
         raise UsageError("this index's audio is embedded by CLAP, whose sounds cannot be compared "
                          "with images or texts of the CLIP model; use `target` audio, or train "

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import sqlite_utils
 
 from ..core.errors import UsageError
+from ..core.imports import without_module
 from ..core.types import MODALITIES
 
 if TYPE_CHECKING:  # PIL stays unloaded for readers that never see an image
@@ -129,21 +129,28 @@ class Store:
         else:
             conn = sqlite3.connect(path, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 30000")
-        self.db = sqlite_utils.Database(conn)
+        self._conn = conn
         if not readonly:
-            self.db.enable_wal()
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             self._create_schema()
 
     @property
     def conn(self) -> sqlite3.Connection:
-        return self.db.conn
+        return self._conn
 
     def close(self) -> None:
         self.conn.close()
 
     def _create_schema(self) -> None:
-        db = self.db
+        # Only writers create the schema: a reader (a query) needs none of sqlite_utils, whose
+        # import costs a tenth of a second, and which imports pandas whenever it is installed
+        # (Ray brings it), only to type pandas.Timestamp columns; none here holds one.
+        with without_module("pandas"):
+            import sqlite_utils
+
+        db = sqlite_utils.Database(self.conn)
         with self.conn:
             db["info"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
             db["files"].create({
@@ -315,6 +322,10 @@ class Store:
             f"WHERE files.kind = 'image' AND files.sha256 != '' AND ({missing}) GROUP BY files.sha256")
         return [(digest, path) for digest, path in rows]
 
+    def _has_table(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                 [name]).fetchone() is not None
+
     def forget_unused_facts(self) -> None:
         """Drop the facts of contents no indexed file holds any more."""
         self.conn.execute("DELETE FROM image_facts WHERE sha256 NOT IN "
@@ -322,7 +333,7 @@ class Store:
 
     def image_files(self, under: str | None = None) -> list[ImageFileRow]:
         """Every indexed image file (`under`: at or below that stored path), with its facts."""
-        if self.db["image_facts"].exists():
+        if self._has_table("image_facts"):
             facts = ("image_facts.width, image_facts.height, image_facts.phash, image_facts.dhash "
                      "FROM items JOIN files ON files.id = items.file_id "
                      "LEFT JOIN image_facts ON image_facts.sha256 = files.sha256 ")

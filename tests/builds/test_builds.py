@@ -22,6 +22,8 @@ from retrieval.core.errors import (
     ModelMismatchError,
     UsageError,
 )
+from retrieval.encoders.clip import ClipEncoder
+from retrieval.encoders.onnx_towers import OnnxImageEncoder, OnnxTextEncoder
 from retrieval.encoders.spec import ModelSpec
 from retrieval.storage.store import Store
 from retrieval.storage.vectors import VectorIndex
@@ -52,14 +54,29 @@ def assert_consistent(index_dir):
 
 
 def forbid_encoding(monkeypatch):
-    """Make any encoder call fail, to prove a build encodes nothing."""
-    from retrieval.encoders.clip import ClipEncoder
-
+    """Make any encoder call fail, the model's or the ONNX towers', to prove a build encodes nothing."""
     def refuse(*args, **kwargs):
         raise AssertionError("the encoder was called")
 
-    for name in ("encode_image_tensors", "encode_texts", "encode_images"):
-        monkeypatch.setattr(ClipEncoder, name, refuse)
+    for kind, names in ENCODING_METHODS.items():
+        for name in names:
+            monkeypatch.setattr(kind, name, refuse)
+
+
+# What a build encodes images and texts with: the ONNX towers, or the model where they do not serve.
+ENCODING_METHODS = {
+    ClipEncoder: ("encode_image_tensors", "encode_preprocessed", "encode_texts", "encode_images"),
+    OnnxImageEncoder: ("encode_pixels", "encode_preprocessed", "encode_images"),
+    OnnxTextEncoder: ("encode_tokens", "encode_texts"),
+}
+
+
+def wrap_encoding(monkeypatch, name: str, wrapper) -> None:
+    """Replace method `name` of every encoder class that has it by `wrapper(self, real, *args)`."""
+    for kind in ENCODING_METHODS:
+        real = getattr(kind, name, None)
+        if real is not None:
+            monkeypatch.setattr(kind, name, lambda self, *args, real=real: wrapper(self, real, *args))
 
 
 def test_build_indexes_images_captions_and_texts(tmp_path, photo_folder, tiny_model):
@@ -307,25 +324,23 @@ def test_interrupted_build_opens_and_resumes_without_duplicates(tmp_path, tiny_m
     reference_dir = tmp_path / "reference"
     build(reference_dir, [source], tiny_model)
 
-    from retrieval.encoders.clip import ClipEncoder
-    real = ClipEncoder.encode_image_tensors
     calls = []
 
-    def crash_on_third_batch(self, pixels):
+    def crash_on_third_batch(self, real, pixels):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(self, pixels)
 
-    monkeypatch.setattr(ClipEncoder, "encode_image_tensors", crash_on_third_batch)
     index_dir = tmp_path / "index"
-    with Index.open(index_dir, model=tiny_model, create=True, batch_size=8) as index:
-        with pytest.raises(KeyboardInterrupt):
-            index.add(source)
+    with monkeypatch.context() as patches:
+        wrap_encoding(patches, "encode_preprocessed", crash_on_third_batch)
+        with Index.open(index_dir, model=tiny_model, create=True, batch_size=8) as index:
+            with pytest.raises(KeyboardInterrupt):
+                index.add(source)
     with Index.open(index_dir) as index:
         assert index.count("image") == 16  # two batches committed
         assert len(index.search("anything", k=100)) == 16
-    monkeypatch.setattr(ClipEncoder, "encode_image_tensors", real)
     report = build(index_dir, [source], tiny_model)
     assert (report.new, report.unchanged) == (24, 16)
     assert sqlite_ids(index_dir, "image") == sqlite_ids(reference_dir, "image")
@@ -712,21 +727,19 @@ def test_an_interrupted_caption_file_resumes_where_it_stopped(tmp_path, tiny_mod
     write_image(source / "a.jpg", (200, 10, 10))
     captions = tmp_path / "captions.tsv"  # outside the source: recorded as the build begins
     captions.write_text("".join(f"a.jpg#{n}\tcaption number {n}\n" for n in range(40)))
-    from retrieval.encoders.clip import ClipEncoder
-    real = ClipEncoder.encode_texts
     encoded = []
 
-    def crash_after_16_texts(self, texts):
+    def crash_after_16_texts(self, real, texts):
         if len(encoded) + len(texts) > 16:
             raise KeyboardInterrupt
         encoded.extend(texts)
         return real(self, texts)
 
-    monkeypatch.setattr(ClipEncoder, "encode_texts", crash_after_16_texts)
-    with Index.open(tmp_path / "index", model=tiny_model, create=True, batch_size=8) as index:
-        with pytest.raises(KeyboardInterrupt):
-            index.add(source, captions=[captions])
-    monkeypatch.setattr(ClipEncoder, "encode_texts", real)
+    with monkeypatch.context() as patches:
+        wrap_encoding(patches, "encode_texts", crash_after_16_texts)
+        with Index.open(tmp_path / "index", model=tiny_model, create=True, batch_size=8) as index:
+            with pytest.raises(KeyboardInterrupt):
+                index.add(source, captions=[captions])
     with Index.open(tmp_path / "index", batch_size=8) as index:
         assert index.count("text") == 16
         report = index.add()

@@ -45,7 +45,7 @@ def test_read_only_index_answers_and_refuses_writes(namespaces_work, tmp_path, p
     with Index.open(index_dir, model=tiny_model, create=True) as index:
         index.add(photo_folder)
         expected = [h.id for h in index.search("a red picture", k=3)]
-    before = {p.name: p.read_bytes() for p in index_dir.iterdir()}
+    before = {p: p.read_bytes() for p in index_dir.rglob("*") if p.is_file()}
     (photo_folder / "new.txt").write_text("a new line of text\n")
     script = (f'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && '
               f'{cli("a red picture", "--index", str(index_dir), "--json", "-k", "3")} && '
@@ -56,7 +56,7 @@ def test_read_only_index_answers_and_refuses_writes(namespaces_work, tmp_path, p
     assert done.returncode == 1
     assert done.stderr.strip().startswith(f"error: cannot write to index {index_dir}")
     assert "the folder is read-only" in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    assert {p.name: p.read_bytes() for p in index_dir.iterdir()} == before
+    assert {p: p.read_bytes() for p in index_dir.rglob("*") if p.is_file()} == before
 
 
 DISK_FULL_DRIVER = '''

@@ -1,0 +1,281 @@
+"""Export a model's image and text towers to ONNX for the torch-free query path (`onnx_towers`).
+
+Every exported tower is checked against the torch model it came from before it is kept: the
+preprocessed pixels and the token ids must be equal, the vectors within `TOLERANCE`. A tower
+that cannot be exported or does not pass is left out with one logged line, and its queries
+load the model as before.
+
+Exporting takes seconds (a tiny model) to tens of seconds (ViT-B-32), so each model is
+exported once into a cache (`RETRIEVAL_CACHE`, else `$XDG_CACHE_HOME/retrieval`, else
+`~/.cache/retrieval`), keyed by the model's identity and a sample of its weights, and every
+index of that model gets hard links to (or copies of) the cached files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
+
+from .clip import ClipEncoder, can_trim_padding, encode_trimmed_tokens, load_encoder, text_features
+from .onnx_towers import (
+    FORMAT,
+    IMAGE_FILE,
+    MANIFEST,
+    TEXT_FILE,
+    TOWERS_DIR,
+    OnnxImageEncoder,
+    OnnxTextEncoder,
+    Preprocess,
+    cache_root,
+    install,
+    open_session,
+    read_manifest,
+    remember_source,
+    staging_folder,
+    swap_in,
+    warn_skipped,
+)
+from .spec import ModelSpec, weights_fingerprint
+from .tokenizer import ClipTokenizer
+
+TOLERANCE = 1e-4  # the largest difference from open_clip's normalised vectors a tower may show
+LEGACY_FILES = ("text_tower.safetensors",)  # the numpy text tower these towers replaced
+PROBE_TEXTS = ["a dog in the park", "x", "", "two cats asleep on a red sofa by the window",
+               "ünïcödé 猫 &amp; emoji 😀", "word " * 100]
+
+log = logging.getLogger(__name__)
+
+
+def export_towers(encoder: ClipEncoder, folder: Path, fingerprint: str | None = None) -> None:
+    """Give index folder `folder` the ONNX towers of the encoder's model.
+
+    Nothing happens when it has them already. A tower that cannot be exported is logged in
+    one line; a disk that will not take the files costs the fast query path, never the build.
+    `fingerprint` (`weights_fingerprint` of the weights loaded) lets later builds find the
+    cached towers without loading the model.
+    """
+    key = cache_key(encoder)
+    target = folder / TOWERS_DIR
+    present = read_manifest(target)
+    if present is not None and present.get("key") == key:
+        return
+    if present is not None and present.get("model") == encoder.spec.identity and _quantized(encoder):
+        return  # int8 weights export no image tower: keep the towers exported from fp32 ones
+    cached: Path | None = cache_root() / key
+    try:
+        if read_manifest(cached) is None:
+            _export_into(encoder, key, cached)
+        remember_source(fingerprint, key)
+    except OSError:  # no cache to write: the index folder gets an export of its own
+        cached = None
+    try:
+        if cached is None:
+            _export_into(encoder, key, target)
+        else:
+            install(cached, target)
+    except OSError as error:
+        log.warning(f"could not write ONNX towers into {folder} ({error.strerror or error}); "
+                    "queries will load the model")
+        return
+    for name in LEGACY_FILES:
+        (folder / name).unlink(missing_ok=True)
+    warn_skipped(target)
+
+
+def export_to_cache(spec: ModelSpec) -> None:
+    """Load `spec`'s model on the CPU and export its towers into the cache, found again by
+    its weights' fingerprint (what `export_in_child` runs in a process of its own)."""
+    fingerprint = weights_fingerprint(spec)
+    encoder = load_encoder(spec, "cpu")
+    key = cache_key(encoder)
+    if read_manifest(cache_root() / key) is None:
+        _export_into(encoder, key, cache_root() / key)
+    remember_source(fingerprint, key)
+
+
+def cache_key(encoder: ClipEncoder) -> str:
+    """The model's identity and a sample of every weight: a checkpoint changed in place (a
+    fine-tune saved over its folder, say) gets new towers, a reloaded one finds its old ones.
+    Sixteen values per tensor are read, a few pages of the mapped checkpoint."""
+    digest = hashlib.sha256(f"{FORMAT}\n{encoder.spec.identity}\n".encode())
+    for name, value in encoder.model.state_dict().items():
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
+            flat = value.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // 16)][:16].float().cpu().numpy()
+            digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode() + sample.tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _export_into(encoder: ClipEncoder, key: str, target: Path) -> None:
+    """Export and check both towers in a fresh folder, then rename it to `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_folder(target)
+    try:
+        manifest: dict = {"format": FORMAT, "model": encoder.spec.identity, "key": key,
+                          "image": None, "text": None, "skipped": {}}
+        for tower, export in (("image", _export_image), ("text", _export_text)):
+            try:
+                manifest[tower] = export(encoder, staging)
+            except NotExported as reason:
+                manifest["skipped"][tower] = str(reason)
+                for path in staging.glob(f"{tower}.onnx*"):
+                    path.unlink()
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for path in staging.iterdir():
+            os.chmod(path, 0o644)  # as readable as the index it serves
+        existing = read_manifest(target)
+        if existing is not None and existing.get("key") == key:
+            # another process exported the same meanwhile: keep its files, which an index
+            # may be linking right now
+            shutil.rmtree(staging)
+        else:
+            swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+class NotExported(Exception):
+    """Why a tower was left out; the message is the reason shown to the user."""
+
+
+class ImageTower(torch.nn.Module):
+    """What the image tower's ONNX graph computes: features of preprocessed pixels."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.visual = model.visual
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels)
+
+
+class TextTower(torch.nn.Module):
+    """What the text tower's ONNX graph computes: features of token ids, which may stop after
+    the batch's longest text when `trimmed` (any length then), else have the full context."""
+
+    def __init__(self, model: torch.nn.Module, trimmed: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.trimmed = trimmed
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.trimmed:
+            return encode_trimmed_tokens(self.model, tokens)
+        return text_features(self.model, tokens)
+
+
+def _export_image(encoder: ClipEncoder, folder: Path) -> dict:
+    if _quantized(encoder):
+        raise NotExported("its int8 weights are quantised for torch only")
+    try:
+        preprocess = Preprocess.from_config(getattr(encoder.model.visual, "preprocess_cfg", {}))
+    except (ValueError, TypeError) as error:
+        raise NotExported(f"its preprocessing is not reproduced without torch: {error}") from None
+    probes = _probe_images(preprocess.size)
+    ours = np.stack([preprocess(image) for image in probes])
+    theirs = torch.stack([encoder.preprocess(image) for image in probes])
+    if ours.shape != tuple(theirs.shape) or np.abs(ours - theirs.numpy()).max() > 1e-5:
+        raise NotExported("its preprocessing is not reproduced without torch")
+    path = folder / IMAGE_FILE
+    _onnx_export(ImageTower(encoder.model), theirs[:2].to(encoder.device), "pixels", path,
+                 {0: torch.export.Dim("batch")})
+    expected = encoder.encode_images(probes)
+    tower = OnnxImageEncoder(_session_or_fail(path), preprocess, expected.shape[1])
+    _check((expected, tower.encode_images(probes)), (expected[:1], tower.encode_images(probes[:1])))
+    return {"file": IMAGE_FILE, "dim": int(expected.shape[1]), "preprocess": asdict(preprocess)}
+
+
+def _export_text(encoder: ClipEncoder, folder: Path) -> dict:
+    tokenizer = encoder.tokenizer
+    if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.reduction_fn is not None \
+            or len(tokenizer.all_special_ids) != 2:
+        raise NotExported("its tokenizer is not open_clip's plain BPE tokenizer")
+    ours = ClipTokenizer(context_length=tokenizer.context_length)
+    tokens = ours(PROBE_TEXTS)
+    if not np.array_equal(tokens, tokenizer(PROBE_TEXTS).numpy()):
+        raise NotExported("its tokenizer is not reproduced without torch")
+    trimmed = can_trim_padding(encoder.model)
+    example = tokens[:2]  # the first two probes: one long, one short
+    dims = {0: torch.export.Dim("batch")}
+    if trimmed:
+        example = example[:, :int(np.flatnonzero(example.any(axis=0)).max()) + 1]
+        dims[1] = torch.export.Dim("length", max=ours.context_length)
+    path = folder / TEXT_FILE
+    _onnx_export(TextTower(encoder.model, trimmed), torch.from_numpy(example).to(encoder.device),
+                 "tokens", path, dims)
+    expected = encoder.encode_texts(PROBE_TEXTS)
+    tower = OnnxTextEncoder(_session_or_fail(path), ours.context_length, trimmed, expected.shape[1])
+    batched = tower.encode_texts(PROBE_TEXTS)
+    one_by_one = np.concatenate([tower.encode_texts([text]) for text in PROBE_TEXTS])
+    _check((expected, batched), (expected, one_by_one))
+    return {"file": TEXT_FILE, "dim": int(expected.shape[1]), "context_length": ours.context_length,
+            "trim": trimmed}
+
+
+def _probe_images(size: tuple[int, int]) -> list[Image.Image]:
+    """Images around the tower's input size: larger and smaller, landscape, portrait and
+    square, odd sides (rounding), so that every branch of the preprocessing runs."""
+    height, width = size
+    shapes = [(height, width), (2 * height + 1, int(1.5 * width) + 3), (height // 2 + 3, width + 5),
+              (int(1.3 * height) + 1, width // 3 + 2), (height // 3 + 1, width // 2 + 1)]
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)) for h, w in shapes]
+
+
+def _quantized(encoder: ClipEncoder) -> bool:
+    return any(isinstance(module, torch.ao.nn.quantized.dynamic.Linear)
+               for module in encoder.model.modules())
+
+
+def _session_or_fail(path: Path):
+    # A quick session: a pre-packed copy of the weights beside the model's own would add
+    # hundreds of MB to the build's peak (the tests check both kinds).
+    session = open_session(path, quick=True)
+    if session is None:
+        raise NotExported("ONNX Runtime cannot load the export (is onnxruntime installed?)")
+    return session
+
+
+def _check(*pairs: tuple[np.ndarray, np.ndarray]) -> None:
+    """The tower's vectors against open_clip's, as (expected, got) pairs."""
+    difference = max(float(np.abs(got - expected).max()) for expected, got in pairs)
+    if not difference <= TOLERANCE:  # also catches NaN
+        raise NotExported(f"its ONNX vectors differ from open_clip's by {difference:.1e}")
+
+
+def _onnx_export(module: torch.nn.Module, example: torch.Tensor, input_name: str, path: Path,
+                 dims: dict) -> None:
+    try:
+        import onnxscript  # noqa: F401  torch's ONNX exporter needs it
+    except ImportError:
+        raise NotExported("onnxscript is not installed") from None
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's advice is for its developers
+            program = torch.onnx.export(module.eval(), (example,), input_names=[input_name],
+                                        output_names=["features"], dynamic_shapes=(dims,),
+                                        dynamo=True, external_data=True, verbose=False)
+            program.save(str(path), external_data=True)
+    except OSError:
+        raise
+    except Exception as error:  # the exporter raises many kinds for one cause: unsupported code
+        text = str(error).strip()
+        cause = text.splitlines()[0][:160] if text else type(error).__name__
+        raise NotExported(f"the ONNX export failed: {cause}") from None
+
+
+if __name__ == "__main__":  # export_in_child: python -m retrieval.encoders.onnx_export NAME PRETRAINED
+    export_to_cache(ModelSpec(sys.argv[1], sys.argv[2] or None))
