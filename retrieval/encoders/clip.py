@@ -21,8 +21,16 @@ from .weights import create_model_and_transforms
 
 
 def resolve_device(device: str = "auto") -> str:
-    """`auto` picks cuda, then mps, then cpu; anything else is passed to torch as given."""
+    """`auto` picks cuda, then mps, then cpu; anything else must name a device torch can use
+    here, or the error says so (rather than failing later as a model that would not load)."""
     if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, ValueError):
+            raise UsageError(f"`device` {device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
+                             ) from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"`device` {device!r}: this torch sees no CUDA GPU; use cpu or auto")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -147,6 +155,8 @@ def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32,
     query side (the ONNX text tower) computes it in fp32 too.
     """
     cached = check_weights_available(spec, parameter_prefix)
+    if int8 and device not in ("auto", "cpu"):  # said before any doubt about the device itself
+        raise UsageError(f"int8 encoding runs on the CPU only, not on {device}; drop `int8`")
     device = resolve_device(device)
     if int8 and device != "cpu":
         raise UsageError(f"int8 encoding runs on the CPU only, not on {device}; drop `int8`")

@@ -130,4 +130,8 @@ def test_int8_encodes_with_8_bit_weights_on_the_cpu(tmp_path, folders, tiny_mode
 def test_device_reaches_the_encoder(tmp_path, folders, tiny_model):
     code, error = refused(folders, "--index", tmp_path / "index", "--model", tiny_model,
                           "--device", "bogus")
-    assert code == 1 and "bogus" in error
+    assert code == 2 and "--device 'bogus' is not a device" in error and "weights" not in error
+    assert len(error.strip().splitlines()) == 1
+    code, error = refused(folders, "--index", tmp_path / "index", "--model", tiny_model,
+                          "--device", "cuda:7")
+    assert code == 2 and "no CUDA GPU" in error
