@@ -1,0 +1,138 @@
+"""How the benchmark measures: wall time, percentiles, whole child processes (wall time and
+peak RSS), and HTTP servers started as users start them."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import numpy as np
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+K = 10  # results per search, and the k of recall@k
+SCRIPTS = Path(__file__).resolve().parent.parent
+REPO = SCRIPTS.parent
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout holds nothing but the report."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def timed(function: Callable[[], T]) -> tuple[T, float]:
+    """(result, wall seconds) of one call."""
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def time_each(function: Callable[[T], R], items: Sequence[T], warmup: int = 3
+              ) -> tuple[list[R], list[float]]:
+    """Call `function` on each item after `warmup` untimed calls; (results, milliseconds)."""
+    for item in items[:warmup]:
+        function(item)
+    results, millis = [], []
+    for item in items:
+        start = time.perf_counter()
+        results.append(function(item))
+        millis.append((time.perf_counter() - start) * 1000)
+    return results, millis
+
+
+def percentiles(millis: Sequence[float]) -> dict[str, float]:
+    return {"p50_ms": float(np.percentile(millis, 50)), "p95_ms": float(np.percentile(millis, 95)),
+            "mean_ms": float(np.mean(millis))}
+
+
+def recall_at_k(found: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> float:
+    return float(np.mean([len(np.intersect1d(f, t)) / K for f, t in zip(found, truth)]))
+
+
+# Runs the command given as its arguments and prints its wall time and peak RSS (KiB) last on
+# stderr. Measured from this small process: on Linux a child's ru_maxrss starts at the RSS of
+# the process it was forked from, which here would be the benchmark with its models loaded.
+MEASURE_CHILD = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.call(sys.argv[1:])
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+      file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_measured(command: Sequence[str], cwd: Path | None = None, env: Mapping[str, str] | None = None
+                 ) -> tuple[float, str, int]:
+    """Run a command to its end: (wall seconds, stdout, peak RSS in bytes of that process)."""
+    result = subprocess.run([sys.executable, "-c", MEASURE_CHILD, *command],
+                            capture_output=True, text=True, cwd=cwd, env=env)
+    *errors, measured = result.stderr.splitlines() or [""]
+    if result.returncode:
+        raise RuntimeError(f"{shlex.join(command)} exited {result.returncode}: "
+                           + "\n".join(errors)[-2000:])
+    wall, rss = measured.split()
+    return float(wall), result.stdout, int(rss) * 1024  # Linux reports KiB
+
+
+def run_figures(runs: Sequence[tuple[float, str, int]]) -> dict:
+    """Median and best wall time and the largest peak RSS of several `run_measured` runs."""
+    walls = [wall for wall, _, _ in runs]
+    return {"runs": walls, "median_s": statistics.median(walls), "min_s": min(walls),
+            "peak_rss_bytes": max(rss for _, _, rss in runs)}
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python that imports this checkout's `retrieval` and the
+    benchmark's own modules (`python -m benchmarks.<probe>`), whatever its working folder."""
+    path = os.pathsep.join(filter(None, [str(REPO), str(SCRIPTS), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(command: Sequence[str], health_url: str, what: str, timeout_s: float = 120,
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None
+                 ) -> tuple[subprocess.Popen, float]:
+    """Start a server process; returns it and the seconds until `health_url` answered 200.
+
+    Its output goes to a file, not a pipe: a server that logs every request would otherwise
+    stall once the pipe is full."""
+    output = tempfile.TemporaryFile()
+    started = time.perf_counter()
+    process = subprocess.Popen(list(command), stdout=output, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(health_url, timeout=1).status_code == 200:
+                return process, time.perf_counter() - started
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    process.wait()
+    output.seek(0)
+    raise RuntimeError(f"{what} did not start: {output.read().decode(errors='replace')[-2000:]}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
