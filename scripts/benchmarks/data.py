@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import subprocess
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -20,7 +21,18 @@ from PIL import Image
 from .engine import CAPTION_FILE_NAMES, read_items, walk_sources
 from .measure import REPO
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k-test"
+
+def shared_data(name: str) -> Path:
+    """A data set in the project's shared/ folder, which lies beside the checkout, or beside
+    the main clone when this checkout is one of its git worktrees."""
+    beside = REPO.parent / "shared" / "data" / name
+    common = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--path-format=absolute",
+                             "--git-common-dir"], capture_output=True, text=True).stdout.strip()
+    main_clone = Path(common).parent.parent / "shared" / "data" / name if common else beside
+    return beside if beside.is_dir() or not main_clone.is_dir() else main_clone
+
+
+DEFAULT_DATA = shared_data("flickr8k-test")
 QUERY = "a dog in the park"
 
 ANN_DIM = 512
