@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __doc__ as package_doc
-from . import rclip
+from . import clip_retrieval, rclip
 from .context import Context, prepare_model
 from .data import DEFAULT_DATA, prepare_corpus
 from .engine import load_encoder
@@ -53,6 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if hasattr(module, "add_arguments"):
             module.add_arguments(parser)
     rclip.add_arguments(parser)
+    clip_retrieval.add_arguments(parser)
     parser.add_argument("--only", default=",".join(s for s in SECTIONS if not opt_in(s)),
                         help=f"sections to run, comma-separated: {','.join(SECTIONS)}")
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated")

@@ -102,6 +102,11 @@ def prepare_corpus(args: argparse.Namespace, workdir: Path) -> Corpus:
     return Corpus(folder, images, texts, origin)
 
 
+def image_files(source: Path) -> list[Path]:
+    """The image files under `source`, in the engine's walk order."""
+    return [Path(f.path) for f in walk_sources([source]).files if f.kind == "image"]
+
+
 def limited_view(source: Path, limit: int, view: Path, captions: bool = True) -> Path:
     """A folder of symlinks to the first `limit` images of `source` (same relative paths) and,
     with `captions`, a captions.tsv holding those images' captions from `source`'s top-level

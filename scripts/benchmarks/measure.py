@@ -1,5 +1,5 @@
 """How the benchmark measures: wall time, percentiles, whole child processes (wall time and
-peak RSS), and HTTP servers started as users start them."""
+peak RSS), HTTP servers started as users start them, and interleaved rounds."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -86,6 +88,77 @@ def run_measured(command: Sequence[str], cwd: Path | None = None, env: Mapping[s
     return float(wall), result.stdout, int(rss) * 1024  # Linux reports KiB
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One whole process run to its end."""
+
+    wall_s: float
+    stdout: str
+    peak_rss_bytes: int  # the largest single process of its tree (ru_maxrss)
+    peak_tree_pss_bytes: int  # the largest sum, over its whole tree at one moment, of shared-fair memory
+
+
+def run_sampled(command: Sequence[str], cwd: Path | None = None, env: Mapping[str, str] | None = None,
+                interval_s: float = 0.2) -> Measured:
+    """`run_measured`, also sampling the memory of the command's whole process tree.
+
+    A tool that decodes in worker processes holds memory in all of them, which the largest
+    single process (ru_maxrss) leaves out; summing their RSS would count pages they share
+    (the model, libraries) once per process. PSS charges each shared page to its sharers in
+    equal parts, so the tree's summed PSS is the memory it really holds.
+    """
+    process = subprocess.Popen([sys.executable, "-c", MEASURE_CHILD, *command], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.wait(interval_s):
+            # the measuring shim itself is left out: it is not the command's memory
+            peak = max(peak, sum(pss_bytes(pid) for pid in descendants(process.pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    stop.set()
+    sampler.join()
+    *errors, measured = stderr.splitlines() or [""]
+    if process.returncode:
+        raise RuntimeError(f"{shlex.join(command)} exited {process.returncode}: "
+                           + "\n".join(errors)[-2000:])
+    wall, rss = measured.split()
+    return Measured(float(wall), stdout, int(rss) * 1024, peak)
+
+
+def descendants(root: int) -> list[int]:
+    """The processes below `root` (not `root` itself), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = [], [root]
+    while frontier:
+        below = children.get(frontier.pop(), [])
+        found += below
+        frontier += below
+    return found
+
+
+def pss_bytes(pid: int) -> int:
+    """A process's proportional set size; 0 once it has ended."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def run_figures(runs: Sequence[tuple[float, str, int]]) -> dict:
     """Median and best wall time and the largest peak RSS of several `run_measured` runs."""
     walls = [wall for wall, _, _ in runs]
@@ -136,3 +209,16 @@ def stop_server(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def interleaved(contenders: Mapping[str, Callable[[int], T]], rounds: int) -> dict[str, list[T]]:
+    """Each contender's measurement, `rounds` times, one contender after another within a round
+    and the order rotated between rounds, so a slow spell of a shared machine falls on all of
+    them alike rather than on whichever ran last. Each call gets its round's number."""
+    names = list(contenders)
+    results: dict[str, list[T]] = {name: [] for name in names}
+    for round_number in range(rounds):
+        shift = round_number % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            results[name].append(contenders[name](round_number))
+    return results

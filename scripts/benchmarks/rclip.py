@@ -26,6 +26,7 @@ from .weights import random_model
 GRAPH = "ViT-B-32-256"  # the open_clip graph rclip 3.x runs, as ONNX
 MODEL_DIR = "ViT-B-32-256-datacomp_s34b_b86k"  # where in its data folder rclip looks for it
 VOCAB = Path("tokenizer") / "bpe_simple_vocab_16e6.txt.gz"
+INSTALL = "python3 -m venv /path/to/venv && /path/to/venv/bin/pip install rclip==3.3.0"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +54,14 @@ def query_command(rclip: str, query: str, index: bool = True) -> list[str]:
     """rclip answering `query` (text, or an image path starting with ./ or /) with file paths
     only; it first brings its index of the working folder up to date unless `index` is False."""
     return [rclip, "-f", *([] if index else ["-n"]), query]
+
+
+def fresh_datadir(models: Path, datadir: Path) -> Path:
+    """A data folder without a database, sharing the models exported into `models`."""
+    datadir.mkdir(parents=True)
+    (datadir / MODEL_DIR).symlink_to(models / MODEL_DIR, target_is_directory=True)
+    (datadir / VOCAB.parent).symlink_to(models / VOCAB.parent, target_is_directory=True)
+    return datadir
 
 
 def prepare_models(rclip: str, datadir: Path, seed: int) -> str | None:
@@ -98,3 +107,5 @@ class Tower(torch.nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return getattr(self.model, self.encode)(inputs)
+
+

@@ -43,3 +43,11 @@ def write_random_model(name: str, folder: Path, seed: int, tag: str | None = Non
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
     return f"local-dir:{folder}"
+
+
+def write_random_checkpoint(name: str, path: Path, seed: int) -> Path:
+    """The same seeded random weights as a plain state-dict file, which any open_clip version
+    loads as `pretrained=PATH` (the peers' way in)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(random_model(name, seed).state_dict(), path)
+    return path
