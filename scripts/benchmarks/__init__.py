@@ -4,6 +4,7 @@
     python3 scripts/benchmark.py --quick            # tiny model, 100 images, N=10k (~1 min)
     python3 scripts/benchmark.py --only ann --sizes 10000 --json ann.json
     python3 scripts/benchmark.py --peers            # this project, clip-retrieval and rclip, interleaved
+    python3 scripts/benchmark.py --models           # the candidate default models on this CPU
 
 The default model is ViT-B-32 with seeded random weights written as a `local-dir:` model
 (speed does not depend on weight values, and nothing is downloaded).
