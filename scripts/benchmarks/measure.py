@@ -150,9 +150,19 @@ def descendants(root: int) -> list[int]:
 
 def pss_bytes(pid: int) -> int:
     """A process's proportional set size; 0 once it has ended."""
+    return proc_figure(pid, "smaps_rollup", "Pss")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The most resident memory a running process has held; 0 once it has ended."""
+    return proc_figure(pid, "status", "VmHWM")
+
+
+def proc_figure(pid: int, name: str, field: str) -> int:
+    """A size in bytes from a /proc/PID file's `field: N kB` line; 0 once the process has ended."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass

@@ -34,11 +34,13 @@ from .measure import (
     free_port,
     interleaved,
     log,
+    peak_rss_bytes,
     percentiles,
     pss_bytes,
     run_sampled,
     start_server,
     stop_server,
+    time_each,
 )
 from .report import mib, table
 from .serve import serve_index, timed_requests
@@ -138,13 +140,7 @@ class Ours:
         """`Index.search` in this process (readonly, as the CLI opens it), and `retrieve serve`
         answering over loopback HTTP."""
         with Index.open(self.index, readonly=True) as reader:
-            for query in queries[:5]:
-                reader.search(query, k=K)
-            in_process = []
-            for query in queries:
-                start = time.perf_counter()
-                reader.search(query, k=K)
-                in_process.append((time.perf_counter() - start) * 1000)
+            _, in_process = time_each(lambda query: reader.search(query, k=K), queries, warmup=5)
         server, base, _ = serve_index(self.index, "cpu")
         try:
             with httpx.Client(timeout=60) as client:
@@ -220,13 +216,7 @@ class ClipRetrieval:
         process, url, _ = self.serve()
         try:
             with httpx.Client(timeout=600) as client:
-                for query in queries[:5]:
-                    self.ask(client, url, text=query)
-                millis = []
-                for query in queries:
-                    start = time.perf_counter()
-                    self.ask(client, url, text=query)
-                    millis.append((time.perf_counter() - start) * 1000)
+                _, millis = time_each(lambda query: self.ask(client, url, text=query), queries, warmup=5)
         finally:
             stop_server(process)
         return {"HTTP (`clip-retrieval back`, POST /knn-service)": percentiles(millis)}
@@ -273,16 +263,6 @@ def version_of(python: Path, module: str) -> str | None:
     code = f"import importlib.metadata as m; print(m.version({module!r}))"
     found = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
     return found.stdout.strip() if found.returncode == 0 else None
-
-
-def peak_rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 def contenders(context: Context, photos: Photos) -> tuple[list, dict[str, str]]:
@@ -397,7 +377,7 @@ def render(data: dict) -> str:
     ceiling = [f"{name}'s whole first index reaches "
                f"**{tools[name]['first_index']['images_per_s'] / bare:.2f}** of it" for name in same_graph]
     lines = [
-        f"{data['photos']} ({count} photos, no captions), batch {data['batch']}; this project and "
+        f"Photos: {data['photos']} (no captions); batch {data['batch']}; this project and "
         f"clip-retrieval run the {data['graph']} graph with random weights, rclip its own ViT-B-32-256 "
         f"graph (the only one it runs); {data['rounds']} interleaved round(s), medians.", "",
         table(("figure", *[f"{name} ({data['versions'][name]})" for name in names],
