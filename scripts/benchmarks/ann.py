@@ -12,7 +12,7 @@ import numpy as np
 
 from .context import Context
 from .data import ANN_CENTRES, ANN_DIM, ANN_NOISE, ANN_TOPICS, ann_dataset
-from .engine import MEMORY_KINDS, SearchKnobs, VectorIndex
+from .engine import MEMORY_INDEX_TYPES, SearchKnobs, VectorIndex
 from .measure import K, log, percentiles, recall_at_k, time_each, timed
 from .report import table
 
@@ -70,7 +70,7 @@ def measure_kind(kind: str, vectors: np.ndarray, queries: np.ndarray,
             default_found = results
     reaching = [s for s in settings if s["recall_at_10"] >= RECALL_TARGET]
     cheapest = min(reaching, key=lambda s: s["p50_ms"]) if reaching else None
-    return {"kind": index.kind, "n": len(vectors), "build_s": build_s,
+    return {"kind": index.index_type, "n": len(vectors), "build_s": build_s,
             "bytes_per_vector": size / len(vectors), "settings": settings,
             "default": next(s for s in settings if s["default"]),
             "cheapest_reaching_target": cheapest}, default_found
@@ -82,7 +82,7 @@ def measure_size(count: int, args: argparse.Namespace) -> list[dict]:
     log(f"ann: N={count}: flat")
     flat, truth = measure_kind("flat", vectors, queries, None)
     results = [flat]
-    for kind in MEMORY_KINDS[1:]:  # on-disk kinds: see --scale
+    for kind in MEMORY_INDEX_TYPES[1:]:  # on-disk kinds: see --scale
         log(f"ann: N={count}: {kind}")
         results.append(measure_kind(kind, vectors, queries, truth)[0])
     return results

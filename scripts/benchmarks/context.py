@@ -39,7 +39,7 @@ def prepare_model(args: argparse.Namespace, workdir: Path) -> tuple[ModelSpec, s
         return ModelSpec.parse(args.model, args.pretrained), args.model
     if args.tiny:
         sys.path.insert(0, str(REPO / "tests"))
-        from tiny_model import write_local_dir_model
+        from support.tiny_model import write_local_dir_model
 
         spec = write_local_dir_model(workdir / "tiny-model", seed=args.seed)
         return ModelSpec.parse(spec), f"tiny open_clip test model, random weights (seed {args.seed})"

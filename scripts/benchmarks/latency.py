@@ -32,7 +32,7 @@ def measure_warm_search(reader: Index, runs: int) -> dict:
     _, vector_only = time_each(lambda _: reader.vectors("image").search(
         vector, K, None, reader.search_knobs(), reader.store.vectors_for_ids), range(runs))
     return {"runs": runs, "text_encoder": type(reader.text_encoder).__name__,
-            "index_kind": reader.vectors("image").kind, "api_search": percentiles(api),
+            "index_kind": reader.vectors("image").index_type, "api_search": percentiles(api),
             "vector_search": percentiles(vector_only)}
 
 

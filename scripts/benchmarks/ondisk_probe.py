@@ -50,7 +50,7 @@ def main() -> None:
         ivf.quantizer.search(row, nprobe)
         steps["coarse"].append((time.perf_counter() - start) * 1000)
         start = time.perf_counter()
-        _, ids = index.index.search(row, k * knobs.rerank_for(index.kind), params=params)
+        _, ids = index.index.search(row, k * knobs.rerank_for(index.index_type), params=params)
         steps["scan"].append((time.perf_counter() - start) * 1000)
         start = time.perf_counter()
         index.exact_vectors(ids[0][ids[0] >= 0]) @ query
