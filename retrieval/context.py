@@ -169,7 +169,7 @@ class IndexContext:
             yield
 
     def count(self, modality: str) -> int:
-        return self.store.count(modality)
+        return self.vectors.count(modality)
 
     def forget(self, kind: str, **settings: str | int | None) -> None:
         """Drop every file and vector of a kind made with an encoder about to change, and record
