@@ -30,7 +30,8 @@ _EXPORTS = {
     "walk_sources": "media.corpus", "read_items": "media.corpus",
     "NumpyTextEncoder": "encoders.text_tower", "export_text_tower": "encoders.text_tower",
     "load_text_tower": "encoders.text_tower",
-    "Store": "storage.store", "VectorIndex": "storage.vectors", "SearchKnobs": "storage.vectors",
+    "Store": "storage.store", "NewItem": "storage.store",
+    "VectorIndex": "storage.vectors", "SearchKnobs": "storage.vectors",
     "OnDiskIndex": "storage.ondisk", "build_on_disk": "storage.ondisk",
     "connect_ray": "build.ray",
 }

@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     rclip.add_arguments(parser)
     clip_retrieval.add_arguments(parser)
     parser.add_argument("--only", default=",".join(s for s in SECTIONS if not opt_in(s)),
-                        help=f"sections to run, comma-separated: {','.join(SECTIONS)}")
+                        help=f"sections to run, comma-separated: {','.join(SECTIONS)}; or all")
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, 100 images, N=10k only: about a minute")
@@ -66,6 +66,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--images {args.images}: no such folder")
     if args.quick:
         args.tiny, args.limit, args.sizes = True, args.limit or 100, "10000"
+    if args.only == "all":  # every section, the opt-in ones too: the README's performance section
+        args.only = ",".join(SECTIONS)
     flagged = [name for name in SECTIONS if opt_in(name) and getattr(args, name, None) is True]
     if flagged:  # --scale, --peers, --models: that section alone (or those)
         args.only = ",".join(flagged)

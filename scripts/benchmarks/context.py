@@ -38,10 +38,15 @@ def prepare_model(args: argparse.Namespace, workdir: Path) -> tuple[ModelSpec, s
     if args.model:
         return ModelSpec.parse(args.model, args.pretrained), args.model
     if args.tiny:
-        sys.path.insert(0, str(REPO / "tests"))
-        from support.tiny_model import write_local_dir_model
-
-        spec = write_local_dir_model(workdir / "tiny-model", seed=args.seed)
-        return ModelSpec.parse(spec), f"tiny open_clip test model, random weights (seed {args.seed})"
+        return tiny_model(workdir / "tiny-model", args.seed), \
+            f"tiny open_clip test model, random weights (seed {args.seed})"
     spec = write_random_model("ViT-B-32", workdir / "vit-b-32", args.seed)
     return ModelSpec.parse(spec), f"ViT-B-32, random weights (seed {args.seed})"
+
+
+def tiny_model(folder: Path, seed: int) -> ModelSpec:
+    """The test suite's tiny open_clip model, written to `folder` with seeded random weights."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from support.tiny_model import write_local_dir_model
+
+    return ModelSpec.parse(write_local_dir_model(folder, seed=seed))

@@ -12,8 +12,9 @@ import importlib
 from typing import Any
 
 # Only the package's public API: every name here is exported by `retrieval` itself.
-_NAMES = ("AudioTrainingOptions", "CAPTION_FILE_NAMES", "ClipEncoder", "Index", "MEMORY_INDEX_TYPES",
-          "ModelSpec", "NumpyTextEncoder", "OnDiskIndex", "SearchKnobs", "Store", "VectorIndex",
+_NAMES = ("AudioTrainingOptions", "CAPTION_FILE_NAMES", "ClipEncoder", "INDEX_TYPES", "Index",
+          "MEMORY_INDEX_TYPES", "ModelSpec", "NewItem", "NumpyTextEncoder", "OnDiskIndex", "SearchKnobs",
+          "Store", "VectorIndex",
           "build_on_disk", "connect_ray", "default_workers", "export_text_tower", "load_encoder",
           "load_image", "load_text_tower", "prefetch_map", "read_items", "walk_sources")
 

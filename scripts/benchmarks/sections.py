@@ -14,6 +14,7 @@ from . import (
     models,
     noop,
     peers,
+    product_search,
     ray_build,
     scale,
     serve,
@@ -22,7 +23,8 @@ from . import (
 )
 
 SECTIONS: dict[str, ModuleType] = {module.NAME: module for module in (
-    images, text, ann, latency, int8, audio, serve, video, noop, scale, ray_build, breakeven, peers, models)}
+    images, text, ann, latency, int8, audio, serve, video, noop, scale, ray_build, breakeven, product_search,
+    peers, models)}
 
 
 def opt_in(name: str) -> bool:

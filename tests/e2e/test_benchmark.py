@@ -19,16 +19,19 @@ PACKAGE = ROOT / "scripts" / "benchmarks"
 sys.path.insert(0, str(PACKAGE.parent))
 
 from benchmarks import cli, engine, measure, models  # noqa: E402
+from benchmarks.sections import SECTIONS  # noqa: E402
 
 CANDIDATES = {"ViT-B-32", "ViT-B-32-256", "MobileCLIP-S1", "MobileCLIP-S2", "MobileCLIP2-S0",
               "MobileCLIP2-S2", "MobileCLIP2-S4", "MobileCLIP2-B", "ViT-B-16-SigLIP2", "ViT-B-32-SigLIP2-256"}
 
 
 def test_opt_in_sections_run_only_when_named():
-    assert not {"scale", "ray", "breakeven", "peers", "models"} & set(cli.parse_args([]).sections)
+    assert not {"scale", "ray", "breakeven", "search", "peers", "models"} & set(cli.parse_args([]).sections)
     assert cli.parse_args(["--peers"]).sections == ["peers"]
     assert cli.parse_args(["--models", "--peers"]).sections == ["peers", "models"]
     assert cli.parse_args(["--only", "cli,ann", "--skip", "cli"]).sections == ["ann"]
+    assert cli.parse_args(["--search"]).sections == ["search"]
+    assert cli.parse_args(["--only", "all", "--skip", "ray"]).sections == [s for s in SECTIONS if s != "ray"]
 
 
 def test_an_unknown_section_is_a_usage_error(capsys):
