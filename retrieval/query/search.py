@@ -4,6 +4,7 @@ by folder, audio and video found per file at their best window, and hits hydrate
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -11,6 +12,7 @@ from ..context import IndexContext
 from ..core.errors import UsageError
 from ..core.paths import stored_path
 from ..core.types import AUTO_TARGETS, MODALITIES, TARGETS, TIMED, Hit
+from .duplicates import DEDUP_POOL, collapse_hits
 from .encode import AudioQuery, ImageQuery, query_modality, query_terms, query_vector
 from .parse import QueryTerm
 
@@ -27,7 +29,7 @@ class Searcher:
                like: int | None = None, vector: Sequence[float] | np.ndarray | None = None,
                vector_of: str = "image", k: int = 10,
                target: str = "auto", where: str | None = None, under: str | None = None,
-               min_score: float | None = None) -> list[Hit]:
+               min_score: float | None = None, dedup: bool = False) -> list[Hit]:
         """Nearest items to a query, best first (see `Index.search`)."""
         if k < 1:
             raise UsageError(f"k must be at least 1, not {k}")
@@ -42,12 +44,18 @@ class Searcher:
             return []
         vector = query_vector(self.context.encoders, terms, target)
         _check_text("where", where)
-        allowed = self.store.item_ids(target, where, _stored(under)) if where or under else None
+        allowed = self.store.item_ids(target, where, stored_under(under)) if where or under else None
+        # Deduplicated, more candidates are fetched than wanted, to be left with k once
+        # near-duplicates are folded into the hit they resemble.
+        wanted = min(size, max(DEDUP_POOL * k, 50)) if dedup else k
         if target in TIMED:
-            hits = self.best_window_per_file(target, vector, k, size, allowed)
+            hits = self.best_window_per_file(target, vector, wanted, size, allowed)
         else:
-            hits = self.hydrate(*self.nearest(target, vector, min(k, size), allowed))
-        return [hit for hit in hits if min_score is None or hit.score >= min_score]
+            hits = self.hydrate(*self.nearest(target, vector, min(wanted, size), allowed))
+        hits = [hit for hit in hits if min_score is None or hit.score >= min_score]
+        if dedup:
+            hits = collapse_hits(hits, self.store.vectors_for_ids(np.array([h.id for h in hits])))
+        return hits[:k]
 
     def resolve_target(self, target: str, query_modality: str) -> str:
         if target != "auto":
@@ -120,14 +128,14 @@ class Searcher:
         return QueryTerm(1.0, item=(modality, values))
 
 
-def _stored(path: str | None) -> str | None:
+def stored_under(path: str | Path | None) -> str | None:
     """A folder prefix as stored: absolute, in display form (odd bytes as \\xNN)."""
     if not path:
         return None
     try:
         return stored_path(path)
     except FileNotFoundError as error:
-        raise UsageError(f"--under: {error}") from None
+        raise UsageError(f"`under`: {error}") from None
 
 
 def _check_text(option: str, value: str | None) -> None:

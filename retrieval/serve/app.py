@@ -135,9 +135,11 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
                    target: Annotated[str, Query(pattern="|".join(TARGETS))] = "auto",
                    where: str | None = None, under: str | None = None,
                    min_score: float | None = None, vector: str | None = None,
-                   vector_of: Annotated[str, Query(pattern=MODALITY_PATTERN)] = "image") -> list[dict]:
+                   vector_of: Annotated[str, Query(pattern=MODALITY_PATTERN)] = "image",
+                   dedup: bool = False) -> list[dict]:
         return service.search(query=q or None, like=like, k=k, target=target, where=where,
-                              under=under, min_score=min_score, **_vector_query(vector, vector_of))
+                              under=under, min_score=min_score, dedup=dedup,
+                              **_vector_query(vector, vector_of))
 
     @app.post("/api/search", summary="Search with uploaded images, sounds and videos, text and items")
     def search_post(q: Annotated[str | None, Form()] = None,
@@ -151,13 +153,14 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
                     under: Annotated[str | None, Form()] = None,
                     min_score: Annotated[float | None, Form()] = None,
                     vector: Annotated[str | None, Form()] = None,
-                    vector_of: Annotated[str, Form(pattern=MODALITY_PATTERN)] = "image") -> list[dict]:
+                    vector_of: Annotated[str, Form(pattern=MODALITY_PATTERN)] = "image",
+                    dedup: Annotated[bool, Form()] = False) -> list[dict]:
         images = [_uploaded(upload, limit, "image") for upload in image]
         sounds = [_uploaded(upload, limit, "audio") for upload in audio]
         videos = [_uploaded(upload, limit, "video") for upload in video]
         return service.search(query=q or None, like=like, image=images or None,
                               audio=sounds or None, video=videos or None, k=k, target=target,
-                              where=where, under=under, min_score=min_score,
+                              where=where, under=under, min_score=min_score, dedup=dedup,
                               **_vector_query(vector, vector_of))
 
     @app.get("/api/items/{item_id}", summary="An item's metadata")

@@ -161,7 +161,8 @@ class ShardedIndex:
                    (("image", image), ("audio", audio), ("video", video)) if files}
         futures = [self.pool.submit(self._search_one, shard, query, k, uploads, options)
                    for shard in self.shards]
-        hits = [replace(hit, id=hit.id * MAX_SHARDS + number)
+        hits = [replace(hit, id=hit.id * MAX_SHARDS + number,
+                        duplicates=[{**d, "id": d["id"] * MAX_SHARDS + number} for d in hit.duplicates])
                 for number, future in enumerate(futures) for hit in future.result()]
         return sorted(hits, key=lambda hit: -hit.score)[:k]
 

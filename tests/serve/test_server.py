@@ -211,7 +211,7 @@ def test_bad_requests_get_4xx_with_a_clear_message(url, tmp_path, index_dir):
          "query image x.png: "),
         (post(url, {}, [("image", ("empty.png", b"", "image/png"))]), 400, "is empty"),
         (post(url, {}, [("audio", ("x.wav", b"RIFF....WAVE", "audio/wav"))]), 400, "query sound x.wav: "),
-        (post(url, {"q": "x", "where": "no_such_column = 1"}), 400, "--where"),
+        (post(url, {"q": "x", "where": "no_such_column = 1"}), 400, "`where`"),
         (get(url, "/api/search", q="x", target="smell"), 422, "target"),
         (get(url, "/api/search", q="x", k=0), 422, "k"),
     ]
