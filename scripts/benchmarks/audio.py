@@ -48,7 +48,7 @@ def run(context: Context) -> tuple[dict, str]:
     last = report.epochs[-1]
     data = {"pairs": report.pairs, "held_out": report.held_out, "epochs": len(report.epochs),
             "train_s": train_s, "train_loop_s": report.seconds,
-            "recall_at_1": last.recall_at_1, "recall_at_5": last.recall_at_5,
+            "recall_at_1": last.recall_at_1, "recall_at_5": last.held_out["R@5"],
             "clips": args.audio_clips, "clips_s": clips_s, "clips_per_s": args.audio_clips / clips_s,
             "long_seconds": args.audio_long_seconds, "long_windows": recording.audio_encoded,
             "long_s": long_s, "audio_seconds_per_s": args.audio_long_seconds / long_s,
@@ -56,7 +56,7 @@ def run(context: Context) -> tuple[dict, str]:
     rows = [
         (f"`train_audio`: {report.pairs} pairs of 2 s ({report.held_out} held out), "
          f"{len(report.epochs)} epochs", f"{train_s:.1f} s ({report.seconds / len(report.epochs):.2f} s "
-         f"per epoch); held-out recall@1 {last.recall_at_1:.3f}, @5 {last.recall_at_5:.3f}"),
+         f"per epoch); held-out recall@1 {last.recall_at_1:.3f}, @5 {last.held_out['R@5']:.3f}"),
         (f"`add`: {args.audio_clips} flac clips of 5 s (decode, encode, commit)",
          f"{clips_s:.2f} s: {data['clips_per_s']:.1f} clips/s"),
         (f"`add`: one {args.audio_long_seconds:.0f} s flac recording ({recording.audio_encoded} windows)",
