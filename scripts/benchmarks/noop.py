@@ -75,7 +75,7 @@ def measure_rclip(corpus: Corpus, args: argparse.Namespace, workdir: Path, prefi
     command = rclip.query_command(executable, QUERY)
     if prefill:
         log("noop: rclip's index filled through rclip.db.DB")
-        first_s, _ = timed(lambda: subprocess.run(
+        _, first_s = timed(lambda: subprocess.run(
             [str(Path(executable).parent / "python"), "-c", FILL_RCLIP, str(datadir / "db.sqlite3"),
              str(corpus.folder.absolute())], check=True))
     else:
