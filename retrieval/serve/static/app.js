@@ -85,6 +85,15 @@ function card(hit) {
     const text = document.createElement("div");
     text.className = "text";
     text.textContent = hit.text;
+    if (hit.generated) {
+      // written by a caption model, not a person: say so, and which model
+      text.classList.add("generated");
+      const badge = document.createElement("span");
+      badge.className = "generated-label";
+      badge.textContent = "generated";
+      badge.title = `caption written by ${hit.metadata.caption_model || "a caption model"}`;
+      text.prepend(badge, " ");
+    }
     body.append(text);
   }
   const meta = document.createElement("div");
