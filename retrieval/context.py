@@ -244,7 +244,7 @@ class IndexContext:
             yield
 
     def count(self, modality: str) -> int:
-        return self.store.count(modality)
+        return self.vectors.count(modality)
 
     def forget(self, modality: str, **settings: str | int | None) -> None:
         """Drop every file of a modality (`audio`, `video`) and its vectors, made with an encoder

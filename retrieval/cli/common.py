@@ -16,6 +16,7 @@ from click_default_group import DefaultGroup
 
 from ..core.errors import IndexLockedError, QueryWarning, RetrievalError
 from ..core.types import CAPTION_METHODS
+from ..encoders.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED, MODEL_PRESETS
 
 DEFAULT_INDEX = "indexes/default"
 # Parameters whose flag is not the parameter's name with dashes (see `with_flags`).
@@ -62,12 +63,14 @@ def schedule_options(epochs: int, batch_size: int, learning_rate: float):
 
 def model_options(command):
     """--model and --pretrained, shared by every command that names a model."""
+    presets = "; ".join(f"{name} = {preset.model} {preset.pretrained}"
+                        for name, preset in MODEL_PRESETS.items())
     command = click.option(
-        "--pretrained", help="Pretrained tag (default laion2b_s34b_b79k for ViT-B-32) "
+        "--pretrained", help=f"Pretrained tag (default {DEFAULT_PRETRAINED} for {DEFAULT_MODEL}) "
         "or a checkpoint file.")(command)
     return click.option(
-        "--model", help="open_clip model name, local-dir:PATH or hf-hub:ORG/REPO "
-        "[default for a new index: ViT-B-32].")(command)
+        "--model", help=f"A preset ({presets}), an open_clip model name, local-dir:PATH or "
+        f"hf-hub:ORG/REPO [default for a new index: {DEFAULT_MODEL}].")(command)
 
 
 def caption_writer_options(command):

@@ -135,17 +135,19 @@ def _normalised(features: torch.Tensor) -> np.ndarray:
 
 
 def _embedding_dim(model: torch.nn.Module) -> int:
-    projection = getattr(model, "text_projection", None)
-    if isinstance(projection, torch.Tensor):
-        return int(projection.shape[-1])
-    if isinstance(projection, torch.nn.Linear):
-        return int(projection.out_features)
-    visual = getattr(model, "visual", None)
-    return int(visual.output_dim)
+    # CLIP holds the text projection itself; CustomTextCLIP (MobileCLIP, SigLIP) in its `text`.
+    for owner in (model, getattr(model, "text", None)):
+        projection = getattr(owner, "text_projection", None)
+        if isinstance(projection, torch.Tensor):
+            return int(projection.shape[-1])
+        if isinstance(projection, torch.nn.Linear):
+            return int(projection.out_features)
+    return int(model.visual.output_dim)
 
 
 def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32,
-                 int8: bool = False, *, parameter_prefix: str = "") -> ClipEncoder:
+                 int8: bool = False, *, parameter_prefix: str = "", trainable: bool = False
+                 ) -> ClipEncoder:
     """Build the model named by `spec`; any failure to get its weights becomes a ModelLoadError.
 
     `parameter_prefix` names the parameters that supply this model in those errors: "caption_"
@@ -153,6 +155,7 @@ def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32,
     `int8` quantises the image tower's linear layers to 8 bits (CPU only): faster image
     encoding, vectors within ~1e-3 cosine of fp32. Text stays in fp32: it is cheap, and the
     query side (the ONNX text tower) computes it in fp32 too.
+    `trainable` keeps the model as trained (see `reparameterized`), for fine-tuning it.
     """
     cached = check_weights_available(spec, parameter_prefix)
     if int8 and device not in ("auto", "cpu"):  # said before any doubt about the device itself
@@ -166,9 +169,26 @@ def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32,
             tokenizer = open_clip.get_tokenizer(spec.name)
     except Exception as error:  # open_clip and huggingface_hub raise many kinds for one cause
         raise ModelLoadError(cannot_load_message(spec, one_line(error), parameter_prefix)) from error
+    if not trainable:
+        model = reparameterized(model)
     if int8:
         model.visual = _quantized(model.visual)
     return ClipEncoder(spec, model, preprocess, tokenizer, device, batch_size)
+
+
+def reparameterized(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with its re-parameterisable blocks folded, in place, for inference.
+
+    MobileCLIP's towers (MobileOne / FastViT blocks) train with parallel branches that add up
+    to one convolution; folding them gives the same outputs at about 1.6x the CPU speed. A model
+    without such blocks is returned as it is. Fine-tuning keeps the branches (`trainable`), and
+    what it saves is folded again when loaded to encode.
+    """
+    if not any(hasattr(module, "reparameterize") for module in model.modules()):
+        return model
+    from timm.utils.model import reparameterize_model
+
+    return reparameterize_model(model.eval(), inplace=True)
 
 
 def _quantized(model: torch.nn.Module) -> torch.nn.Module:

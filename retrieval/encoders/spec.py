@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import socket
 import sys
@@ -20,19 +21,41 @@ from types import ModuleType
 from ..core.errors import ModelLoadError
 from ..core.imports import without_module
 
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 CLAP_PREFIX = "clap:"  # an audio model from LAION-CLAP, as `clap:NAME` or `clap:/folder`
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model name users can remember, standing for one open_clip model and pretrained tag."""
+
+    model: str
+    pretrained: str
+    why: str
+
+
+# Chosen from `scripts/benchmark.py --models` (README: Choosing a model): images/s on a CPU
+# against published retrieval R@1. An index records the model and tag, never the preset, so a
+# preset pointing elsewhere later leaves existing indexes as they are.
+MODEL_PRESETS: dict[str, Preset] = {
+    "fast": Preset("ViT-B-32", "laion2b_s34b_b79k", "the fastest on a CPU; the default"),
+    "balanced": Preset("MobileCLIP2-S0", "dfndr2b",
+                       "higher retrieval quality than ViT-B-32 at about half its CPU speed"),
+    "best": Preset("MobileCLIP2-S4", "dfndr2b",
+                   "the highest published retrieval quality of the candidates; slow on a CPU, for a GPU"),
+}
+DEFAULT_MODEL = MODEL_PRESETS["fast"].model
+DEFAULT_PRETRAINED = MODEL_PRESETS["fast"].pretrained
 HF_WEIGHTS_NAME = "open_clip_pytorch_model.bin"  # what open_clip asks a hub repo for ...
 HF_SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"  # ... after this twin
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model to load: an open_clip name (or `local-dir:`/`hf-hub:` reference) and weights.
+    """Which model to load: an open_clip name (or `local-dir:`/`hf-hub:` reference, or a preset
+    of MODEL_PRESETS) and weights.
 
     `pretrained` is a tag such as `laion2b_s34b_b79k` or a checkpoint file; it is ignored
     for `local-dir:` and `hf-hub:` models, which carry their own weights.
@@ -45,6 +68,9 @@ class ModelSpec:
     def parse(cls, name: str | None = None, pretrained: str | None = None) -> ModelSpec:
         """Normalise user input: local paths become absolute so the identity survives a `cd`."""
         name = name or DEFAULT_MODEL
+        if name in MODEL_PRESETS:  # `--pretrained` still picks other weights for its architecture
+            preset = MODEL_PRESETS[name]
+            name, pretrained = preset.model, pretrained or preset.pretrained
         if name.startswith(LOCAL_DIR):
             path = Path(name[len(LOCAL_DIR):]).expanduser().resolve()
             return cls(f"{LOCAL_DIR}{path}", None)
@@ -81,14 +107,65 @@ _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads its variab
 
 
 def check_weights_available(spec: ModelSpec, parameter_prefix: str = "") -> bool:
-    """Raise a one-line ModelLoadError when the weights `spec` needs can be had neither from
-    disk nor from the Hugging Face Hub; catch what open_clip would only warn about (a local
-    folder without weights gives a random model).
+    """Raise a one-line ModelLoadError when the weights `spec` needs, or its Hugging Face
+    tokenizer (SigLIP 2 models have one), can be had neither from disk nor from the Hugging Face
+    Hub; catch what open_clip would only warn about (a local folder without weights gives a
+    random model).
 
     Returns True when everything the model needs from the hub is in its cache: the load then
     need not, and should not, ask the hub anything. `parameter_prefix` names the options that
     supply this model in the errors: "caption_" makes them name `caption_model`.
     """
+    weights_cached = _check_weights(spec, parameter_prefix)
+    return _check_tokenizer(spec, parameter_prefix) and weights_cached
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")  # what transformers reads first
+
+
+def _check_tokenizer(spec: ModelSpec, parameter_prefix: str = "") -> bool:
+    """For a model whose texts are tokenised by a Hugging Face tokenizer: raise a one-line
+    ModelLoadError when it is neither at hand nor to be downloaded. True when none is needed or
+    it is in the cache."""
+    if spec.name.startswith(HF_HUB):
+        return True  # a hub repo carries its tokenizer beside its weights
+    if spec.name.startswith(LOCAL_DIR):
+        folder = Path(spec.name[len(LOCAL_DIR):])
+        if _hf_tokenizer_name(json.loads((folder / "open_clip_config.json").read_text())) \
+                and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"model {spec.name} needs its Hugging Face tokenizer, and {folder} holds none "
+                f"({' or '.join(TOKENIZER_FILES)}); copy the tokenizer's files into that folder")
+        return True
+    repo = _hf_tokenizer_name({"model_cfg": _open_clip_config(spec.name)})
+    if not repo:
+        return True
+    return from_hub_cache(repo, [TOKENIZER_FILES], lambda cause: (
+        f"model {spec.identity} needs the Hugging Face tokenizer {repo} ({cause}). Without internet, "
+        f"supply it yourself: on a connected machine run `hf download {repo}` and copy "
+        f"~/.cache/huggingface over, or pass `{parameter_prefix}model` local-dir:/folder holding "
+        "open_clip_config.json, the weights and the tokenizer's files"))
+
+
+def _hf_tokenizer_name(config: dict) -> str | None:
+    return config.get("model_cfg", {}).get("text_cfg", {}).get("hf_tokenizer_name") or None
+
+
+def _open_clip_config(name: str) -> dict:
+    """An open_clip architecture's config, without importing open_clip when it is not yet."""
+    if "open_clip" not in sys.modules:
+        try:
+            folder, _ = open_clip_pretrained_alone()
+            return json.loads((folder / "model_configs" / f"{name}.json").read_text())
+        except Exception:  # another open_clip layout: pay for the import instead
+            pass
+    import open_clip
+
+    return open_clip.get_model_config(name) or {}
+
+
+def _check_weights(spec: ModelSpec, parameter_prefix: str) -> bool:
+    """The weights' part of `check_weights_available`."""
     def explain(cause: str) -> str:
         return cannot_load_message(spec, cause, parameter_prefix)
 

@@ -39,7 +39,7 @@ class Searcher:
         items += [] if vector is None else [self._vector_term(vector, vector_of)]
         terms = query_terms(query, text, image, audio, items, video)
         target = self.resolve_target(target, query_modality(terms))
-        size = self.store.count(target)
+        size = self.context.count(target)
         if not size:  # nothing of that kind was ever encoded: no model needed to find nothing
             return []
         vector = query_vector(self.context.encoders, terms, target)
@@ -60,7 +60,7 @@ class Searcher:
     def resolve_target(self, target: str, query_modality: str) -> str:
         if target != "auto":
             return target
-        return next((m for m in AUTO_TARGETS[query_modality] if self.store.count(m)), query_modality)
+        return next((m for m in AUTO_TARGETS[query_modality] if self.context.count(m)), query_modality)
 
     def nearest(self, modality: str, vector: np.ndarray, k: int, allowed: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:

@@ -131,7 +131,7 @@ class FineTuner:
         # what it trained from the saved state.
         restart_from_checkpoint = state is not None and options.train != "adapters"
         source = ModelSpec.parse(LOCAL_DIR + str(self.output)) if restart_from_checkpoint else spec
-        self.encoder: ClipEncoder = load_encoder(source, options.device, options.batch_size)
+        self.encoder: ClipEncoder = load_encoder(source, options.device, options.batch_size, trainable=True)
         self.config = _checkpoint_config(spec, self.encoder.model)
         self.keys = list(self.encoder.model.state_dict())  # open_clip's names, before any adapter
         self.trainable = _make_trainable(self.encoder.model, options, spec)

@@ -46,6 +46,9 @@ NOT_RUN = {
         "a Ray cluster (tests/builds/test_distributed.py, marked slow, runs Ray locally)",
     'python3 -m pytest -q -m "" tests/builds/test_crash.py -s': "the test suite itself",
     "python3 scripts/benchmark.py --json bench.json": "a benchmark of minutes on real-size models",
+    "python3 scripts/benchmark.py --only all --skip ray,scale --sizes 10000,100000,1000000 \\":
+        "the whole benchmark, an hour on real-size models and peers (tests/e2e/test_benchmark.py "
+        "checks its plumbing)",
     "python3 scripts/bench_duplicates.py --out duplicates.json": "a benchmark of minutes on real-size models "
     "(tests/query/test_duplicates.py measures the tiny model)",
     "python3 scripts/benchmark.py --scale --scale-dir /big/disk": "13 minutes and 25 GB of disk",

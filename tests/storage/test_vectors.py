@@ -98,3 +98,21 @@ def test_hnsw_returns_k_results_beyond_ef_search(corpus):
     ids, vectors = corpus
     index = VectorIndex.build("hnsw", DIM, ids, vectors)
     assert len(index.search(vectors[0], 500)[1]) == 500
+
+
+def test_a_warm_search_counts_no_rows_and_sees_new_ones(tmp_path):
+    """COUNT(*) over a modality's rows costs milliseconds a search at 1M items: while its vectors
+    are current, a search takes their number from them."""
+    first, second = clustered(500, seed=4), clustered(300, seed=5)
+    with Index.open(tmp_path / "index", model="local-dir:/nowhere", create=True) as index:
+        fill(index, first)
+        index.search(vector=first[0], vector_of="text", target="text", k=3)
+        statements: list[str] = []
+        index.store.conn.set_trace_callback(statements.append)
+        hits = index.search(vector=first[7], vector_of="text", target="text", k=3)
+        index.store.conn.set_trace_callback(None)
+        assert hits[0].uri == "/synthetic.txt#L7"
+        assert not [statement for statement in statements if "count(" in statement.lower()]
+        fill(index, second, name="more")
+        assert index.search(vector=second[5], vector_of="text", target="text", k=900)[0].uri == "/more.txt#L5"
+        assert len(index.search(vector=second[5], vector_of="text", target="text", k=900)) == 800
