@@ -1,16 +1,22 @@
-"""The search page in headless Chromium: text search, a dropped image, "more like this" on a
-click, and a screenshot, all served by the real HTTP stack over a tiny trained CLIP index.
+"""The search page in headless Chromium, at a desktop (1280x800) and a phone (390x844) size, served
+by the real HTTP stack over a tiny trained CLIP index: searching, uploading (picker, drop, paste)
+with a preview, the full-size view with every caption and "more like this", load-more, the
+search in the URL (reload, back, shared links), filters, keyboard use, no sideways scrolling on a
+phone, and axe-core's accessibility rules (served from a Python package, not a CDN).
 
-Every page must load nothing but this server's own files and log no console errors."""
+Every page must load nothing but this server's own files and log no console errors. Screenshots
+land in tests/artifacts/ (or $RETRIEVAL_ARTIFACTS)."""
 
 from __future__ import annotations
 
 import base64
+import datetime
 import io
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -29,26 +35,34 @@ CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM}", allow_module_level=True)
 
+from axe_playwright_python.sync_playwright import Axe  # noqa: E402
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright  # noqa: E402
 
 # Root runs need --no-sandbox; the rest keep Chromium off Google's servers (there is no network).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-first-run"]
-VIEWPORT = {"width": 1280, "height": 800}
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
 RESULTS_DONE = re.compile(r"^(\d+) results? in \d+ ms$")
 CARDS = "#results article.result"
+EXTRA_CAPTION = "a shiny red ball on a plain background"  # red_circle_0.png's second caption
+# Thumbnails load lazily: those on screen must have loaded.
 THUMBNAILS_LOADED = f"""(some) => {{
-    const images = [...document.querySelectorAll("{CARDS} img")];
+    const images = [...document.querySelectorAll("{CARDS} img")]
+        .filter((image) => image.getBoundingClientRect().top < window.innerHeight);
     return images.length >= some && images.every((image) => image.complete && image.naturalWidth > 0);
 }}"""
-# Builds, inside the page, the DataTransfer a real file drag carries.
+# Builds, inside the page, the DataTransfer a real file drag (or paste) carries.
 DATA_TRANSFER = """([data, name, type]) => {
     const bytes = Uint8Array.from(atob(data), (char) => char.charCodeAt(0));
     const transfer = new DataTransfer();
     transfer.items.add(new File([bytes], name, { type: type || "image/png" }));
     return transfer;
 }"""
+PASTE = """(transfer) => document.dispatchEvent(
+    new ClipboardEvent("paste", { clipboardData: transfer, bubbles: true, cancelable: true }))"""
+NO_SIDEWAYS_SCROLL = "() => document.documentElement.scrollWidth <= document.documentElement.clientWidth"
 
 
 def class_of(name: str) -> tuple[str, str]:
@@ -59,10 +73,14 @@ def class_of(name: str) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory, trained_model) -> Iterator[str]:
-    """A server over an index of 27 renders and their captions."""
+    """A server over an index of 27 renders (one with two captions), their captions, 9 sounds and
+    3 video segments."""
     root = tmp_path_factory.mktemp("browser")
+    shapes = write_shape_folder(root / "shapes", seed=2024)
+    with open(shapes / "captions.tsv", "a") as captions:
+        captions.write(f"red_circle_0.png#1\t{EXTRA_CAPTION}\n")
     with Index.open(root / "index", model=trained_model, create=True) as index:
-        index.add(write_shape_folder(root / "shapes", seed=2024))
+        index.add(shapes)
         index.train_audio(write_captioned_sounds(root / "pairs", seed=7, per_class=6), AudioTrainingOptions(
             epochs=15, width=8, n_mels=32, learning_rate=3e-3, held_out=0), reindex=False)
         index.add(write_sounds(root / "sounds"))
@@ -90,10 +108,10 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-@pytest.fixture
-def page(browser, server_url) -> Iterator[Page]:
+def open_page(browser: Browser, server_url: str, viewport: dict) -> Iterator[Page]:
     """The search page, loaded fresh; on teardown, no console errors and no foreign requests."""
-    context = browser.new_context(viewport=VIEWPORT)
+    context = browser.new_context(viewport=viewport)
+    context.set_default_timeout(10_000)  # a failure shows in seconds, not half a minute
     page = context.new_page()
     errors: list[str] = []
     requests: list[str] = []
@@ -109,8 +127,18 @@ def page(browser, server_url) -> Iterator[Page]:
     yield page
     context.close()
     assert errors == []
-    # Only this server's own files: proves the page needs no CDN or other network.
-    assert [url for url in requests if not url.startswith(server_url + "/")] == []
+    # Only this server's own files (and the page's own uploads): proves the page needs no CDN.
+    assert [url for url in requests if not url.startswith((server_url + "/", "blob:"))] == []
+
+
+@pytest.fixture
+def page(browser, server_url) -> Iterator[Page]:
+    yield from open_page(browser, server_url, DESKTOP)
+
+
+@pytest.fixture
+def phone(browser, server_url) -> Iterator[Page]:
+    yield from open_page(browser, server_url, PHONE)
 
 
 def wait_for_results(page: Page, thumbnails: bool = True) -> int:
@@ -125,12 +153,21 @@ def wait_for_results(page: Page, thumbnails: bool = True) -> int:
 
 def search_text(page: Page, text: str, thumbnails: bool = True) -> int:
     page.fill("#query", text)
-    page.click("#search button[type=submit]")
+    with page.expect_response(lambda response: response.url.endswith("/api/search")):
+        page.click("#search button[type=submit]")
     return wait_for_results(page, thumbnails)
 
 
 def top_name(page: Page) -> str:
     return page.locator(CARDS).first.locator(".name").text_content()
+
+
+def card_ids(page: Page) -> list[str]:
+    return page.locator(CARDS).evaluate_all("cards => cards.map((card) => card.dataset.id)")
+
+
+def url_query(page: Page) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(page.url).query)
 
 
 def png_base64(image: Image.Image) -> str:
@@ -139,39 +176,247 @@ def png_base64(image: Image.Image) -> str:
     return base64.b64encode(out.getvalue()).decode()
 
 
+def open_filters(page: Page) -> None:
+    if page.get_attribute("#filters", "open") is None:
+        page.click("#filters summary")
+
+
+def screenshot(page: Page, name: str, full_page: bool = True) -> Path:
+    folder = Path(os.environ.get("RETRIEVAL_ARTIFACTS") or Path(__file__).parents[1] / "artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    shot = folder / name
+    page.screenshot(path=shot, full_page=full_page)
+    with Image.open(shot) as image:
+        assert image.format == "PNG"
+        assert image.width == page.viewport_size["width"]
+    return shot
+
+
+def serious_violations(page: Page) -> list[str]:
+    """axe-core's serious and critical findings on the page as it is now, one line each."""
+    found = Axe().run(page).response["violations"]
+    return [f"{violation['id']} ({violation['impact']}): "
+            + ", ".join(" ".join(node["target"]) for node in violation["nodes"])
+            for violation in found if violation["impact"] in ("serious", "critical")]
+
+
+# -- searching ---------------------------------------------------------------------------------------
+
 def test_a_typed_caption_finds_its_renders(page):
     assert search_text(page, "a red circle") > 0
     assert class_of(top_name(page)) == ("red", "circle")
     assert page.locator(CARDS).first.locator(".text").text_content() == "a red circle"
 
 
-def test_a_dropped_image_finds_renders_of_its_class(page):
+def test_thumbnails_keep_their_shape(page):
+    """A card's picture box has the thumbnail's own shape, so nothing is cropped or barred."""
+    search_text(page, "a blue square")
+    boxes = page.locator(f"{CARDS} img").evaluate_all(
+        "images => images.map((i) => [i.naturalWidth / i.naturalHeight, i.clientWidth / i.clientHeight])")
+    assert boxes
+    for natural, shown in boxes:
+        assert shown == pytest.approx(natural, rel=0.03)
+
+
+def test_a_dropped_image_shows_a_preview_and_finds_renders_of_its_class(page):
     page.check("input[name=target][value=image]")
     dropped_class = ("green", "triangle")
     dropped = render_shape(*dropped_class, np.random.default_rng(99))  # a new render, not in the index
     transfer = page.evaluate_handle(DATA_TRANSFER, [png_base64(dropped), "dropped.png"])
     page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
     assert page.text_content("#upload") == "dropped.png"
+    expect(page.locator("#preview-image")).to_be_visible()
+    assert page.eval_on_selector("#preview-image", "image => image.complete && image.naturalWidth") \
+        == dropped.width
     assert wait_for_results(page) > 0
     assert class_of(top_name(page)) == dropped_class
 
+    page.click("#clear-upload")
+    expect(page.locator("#preview")).to_be_hidden()
+    expect(page.locator("#query")).to_be_focused()
 
-def test_clicking_a_result_searches_for_more_like_it(page):
+
+def test_a_picked_file_and_a_pasted_one_are_searched_with_a_preview(page, tmp_path):
+    page.check("input[name=target][value=image]")
+    picked = tmp_path / "picked.png"
+    render_shape("green", "triangle", np.random.default_rng(99)).save(picked)
+    page.set_input_files("#file", picked)
+    expect(page.locator("#preview-image")).to_be_visible()
+    assert wait_for_results(page) > 0
+    assert class_of(top_name(page)) == ("green", "triangle")
+
+    pasted = render_shape("red", "triangle", np.random.default_rng(6))
+    transfer = page.evaluate_handle(DATA_TRANSFER, [png_base64(pasted), "pasted.png"])
+    with page.expect_response(lambda response: response.url.endswith("/api/search")):
+        page.evaluate(PASTE, transfer)
+    assert page.text_content("#upload") == "pasted.png"
+    wait_for_results(page)
+    assert class_of(top_name(page)) == ("red", "triangle")
+
+
+# -- the full-size view --------------------------------------------------------------------------------
+
+def test_a_click_opens_the_full_size_view_with_every_caption(page):
+    page.check("input[name=target][value=image]")
+    search_text(page, "a red circle")
+    cards = page.locator(CARDS)
+    names = cards.locator(".name").all_text_contents()
+    position = names.index("red_circle_0.png")
+    searches: list[str] = []
+    page.on("request", lambda request: searches.append(request.url) if "/api/search" in request.url else None)
+    cards.nth(position).click()
+
+    viewer = page.locator("#viewer")
+    expect(viewer).to_be_visible()
+    expect(page.locator("#viewer-title")).to_have_text("red_circle_0.png")
+    expect(page.locator("#viewer-captions li")).to_have_text(["a red circle", EXTRA_CAPTION])
+    assert page.text_content("#viewer-path").endswith("/shapes/red_circle_0.png")
+    assert page.text_content("#viewer-score") == cards.nth(position).locator(".score").text_content()
+    # the original file, full size (the renders are larger than their 256 px thumbnails' boxes)
+    page.wait_for_function("() => { const i = document.querySelector('#viewer-media img');"
+                           " return i && i.complete && i.naturalWidth > 0; }")
+    shown = page.get_attribute("#viewer-media img", "src")
+    assert shown.endswith(f"/api/items/{card_ids(page)[position]}/file")
+    assert searches == []  # a click shows the item; it no longer searches
+
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#viewer-title")).to_have_text(names[position + 1])
+    page.keyboard.press("Escape")
+    expect(viewer).to_be_hidden()
+
+
+def test_more_like_this_is_a_button_in_the_view(page):
     page.check("input[name=target][value=image]")
     search_text(page, "a blue square")
     clicked = page.locator(CARDS).nth(1)  # not the top card, so the new ranking must differ
     clicked_id, clicked_name = clicked.get_attribute("data-id"), clicked.locator(".name").text_content()
+    clicked.click()
     with page.expect_response(lambda response: response.url.endswith("/api/search")) as answer:
-        clicked.click()
+        page.click("#viewer-like")
     form = answer.value.request.post_data
     assert re.search(rf'name="like"\r\n\r\n{clicked_id}\r\n', form)
     assert re.search(r'name="target"\r\n\r\nimage\r\n', form)
     assert page.input_value("#query") == ""
+    expect(page.locator("#viewer")).to_be_hidden()
     wait_for_results(page)
     top = page.locator(CARDS).first
     assert (top.get_attribute("data-id"), top.locator(".name").text_content()) == (clicked_id, clicked_name)
     assert top.locator(".score").text_content() == "1.000"
+    assert url_query(page)["like"] == [clicked_id]
 
+
+# -- pagination, the URL and filters -------------------------------------------------------------------
+
+def test_load_more_adds_the_next_results(page):
+    page.check("input[name=target][value=image]")
+    open_filters(page)
+    page.fill("#k", "5")
+    assert search_text(page, "a green square") == 5
+    first = card_ids(page)
+    page.click("#load-more")
+    expect(page.locator("#status")).to_have_text(re.compile(r"^10 results"))
+    wait_for_results(page)
+    after = card_ids(page)
+    assert after[:5] == first and len(set(after)) == 10
+    page.click("#load-more")
+    expect(page.locator("#status")).to_have_text(re.compile(r"^15 results"))
+
+
+def test_the_search_lives_in_the_url(page, server_url):
+    page.check("input[name=target][value=image]")
+    open_filters(page)
+    page.fill("#k", "7")
+    page.fill("#f-text", "red")
+    assert search_text(page, "a red circle") == 7
+    assert url_query(page) == {"q": ["a red circle"], "target": ["image"], "k": ["7"], "text": ["red"]}
+    first = card_ids(page)
+
+    search_text(page, "a blue square")
+    page.go_back()
+    expect(page.locator("#query")).to_have_value("a red circle")
+    wait_for_results(page)
+    assert card_ids(page) == first
+    page.go_forward()
+    expect(page.locator("#query")).to_have_value("a blue square")
+
+    shared = f"{server_url}/?q=a+red+circle&target=image&k=7&text=red"
+    page.goto(shared)  # a shared link restores the form and the results
+    wait_for_results(page)
+    assert card_ids(page) == first
+    assert page.is_checked("input[name=target][value=image]")
+    assert page.input_value("#k") == "7" and page.input_value("#f-text") == "red"
+    page.reload()
+    wait_for_results(page)
+    assert card_ids(page) == first
+
+
+def test_filters_change_the_results(page):
+    page.check("input[name=target][value=image]")
+    unfiltered = search_text(page, "a shape")
+    open_filters(page)
+    page.fill("#f-text", "blue")
+    expect(page.locator("#filter-text")).to_have_text("modality:image text:blue")
+    filtered = search_text(page, "a shape")
+    assert 0 < filtered < unfiltered
+    assert all("blue" in text for text in page.locator(f"{CARDS} .text").all_text_contents())
+
+    page.fill("#f-text", "")
+    yesterday = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)).date()
+    with page.expect_response(lambda response: response.url.endswith("/api/search")) as answer:
+        page.fill("#f-to", yesterday.isoformat())  # every file was written today
+    assert re.search(rf'name="filter"\r\n\r\nmodality:image mtime<{datetime.date.today().isoformat()}',
+                     answer.value.request.post_data)
+    expect(page.locator("#status")).to_have_text(re.compile(r"^0 results"))
+
+
+# -- keyboard, phones and accessibility ----------------------------------------------------------------
+
+def test_every_control_is_reached_by_keyboard(page):
+    page.focus("#query")
+    page.keyboard.press("Tab")
+    expect(page.locator("#file")).to_be_focused()  # the upload control
+    page.keyboard.press("Shift+Tab")
+    expect(page.locator("#query")).to_be_focused()
+    page.keyboard.type("a green circle")
+    page.keyboard.press("Enter")
+    wait_for_results(page)
+    page.locator(f"{CARDS} .open").first.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#viewer")).to_be_visible()
+    expect(page.locator("#viewer-like")).to_be_focused()  # the dialog's first control
+    page.keyboard.press("Escape")
+    expect(page.locator("#viewer")).to_be_hidden()
+    expect(page.locator(f"{CARDS} .open").first).to_be_focused()  # back where it was
+
+
+def test_no_serious_accessibility_violations(page):
+    assert serious_violations(page) == []
+    search_text(page, "a red circle")
+    open_filters(page)
+    assert serious_violations(page) == []
+    page.locator(CARDS).first.click()
+    expect(page.locator("#viewer-captions li")).not_to_have_count(0)
+    assert serious_violations(page) == []
+
+
+def test_a_phone_sized_screen_needs_no_sideways_scrolling(phone):
+    assert phone.evaluate(NO_SIDEWAYS_SCROLL)
+    open_filters(phone)
+    assert search_text(phone, "a blue triangle") > 0
+    assert phone.evaluate(NO_SIDEWAYS_SCROLL)
+    assert serious_violations(phone) == []
+    screenshot(phone, "search-page-phone.png", full_page=False)  # thumbnails below load lazily
+    phone.locator(CARDS).first.click()
+    expect(phone.locator("#viewer-captions li")).not_to_have_count(0)
+    phone.wait_for_function("() => { const i = document.querySelector('#viewer-media img');"
+                            " return i && i.complete && i.naturalWidth > 0; }")
+    right = phone.eval_on_selector("#viewer", "dialog => dialog.getBoundingClientRect().right")
+    assert right <= PHONE["width"]
+    assert serious_violations(phone) == []
+    screenshot(phone, "viewer-phone.png", full_page=False)
+
+
+# -- sounds and videos -----------------------------------------------------------------------------------
 
 def test_sounds_play_in_the_page_and_a_dropped_sound_finds_sounds(page):
     page.check("input[name=target][value=audio]")
@@ -191,6 +436,7 @@ def test_sounds_play_in_the_page_and_a_dropped_sound_finds_sounds(page):
                                                     "audio/wav"])
     with page.expect_response(lambda response: response.url.endswith("/api/search")):
         page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    expect(page.locator("#preview")).to_contain_text("q.wav")  # a sound has a name, not a picture
     wait_for_results(page, thumbnails=False)
     assert page.locator(f"{CARDS} audio").count() == 9
     assert class_of(top_name(page).split()[0]) == ("blue", "square")  # auto: sounds for a sound
@@ -208,14 +454,13 @@ def test_a_video_result_plays_from_its_moment(page):
                            arg=player.element_handle())
 
 
-def test_screenshot_of_a_search(page):
+def test_screenshots_of_a_search_and_of_the_view(page):
     search_text(page, "a blue triangle")
-    expect(page.locator("#stats")).to_have_text("27 image · 27 text · 9 audio · 3 video")
-    folder = Path(os.environ.get("RETRIEVAL_ARTIFACTS") or Path(__file__).parents[1] / "artifacts")
-    folder.mkdir(parents=True, exist_ok=True)
-    shot = folder / "search-page.png"
-    page.screenshot(path=shot, full_page=True)
-    with Image.open(shot) as image:
-        assert image.format == "PNG"
-        assert image.width == VIEWPORT["width"] and image.height >= VIEWPORT["height"]
+    expect(page.locator("#stats")).to_have_text("27 image · 28 text · 9 audio · 3 video")
+    shot = screenshot(page, "search-page.png")
     assert shot.stat().st_size > 50_000  # a page of thumbnails, not a blank one
+    page.locator(CARDS).first.click()
+    expect(page.locator("#viewer-captions li")).not_to_have_count(0)
+    page.wait_for_function("() => { const i = document.querySelector('#viewer-media img');"
+                           " return i && i.complete && i.naturalWidth > 0; }")
+    screenshot(page, "viewer.png", full_page=False)
