@@ -15,6 +15,7 @@ import io
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -72,9 +73,8 @@ def class_of(name: str) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory, trained_model) -> Iterator[str]:
-    """A server over an index of 27 renders (one with two captions), their captions, 9 sounds and
-    3 video segments."""
+def index_dir(tmp_path_factory, trained_model) -> Path:
+    """An index of 27 renders (one with two captions), their captions, 9 sounds and 3 video segments."""
     root = tmp_path_factory.mktemp("browser")
     shapes = write_shape_folder(root / "shapes", seed=2024)
     with open(shapes / "captions.tsv", "a") as captions:
@@ -88,7 +88,12 @@ def server_url(tmp_path_factory, trained_model) -> Iterator[str]:
         write_clip(root / "videos" / "clip.webm", "libvpx-vp9", "libopus",
                    [("green", "circle"), ("red", "square"), ("blue", "triangle")], seed=4)
         assert index.add(root / "videos").video_encoded == 3
-    with running_server(root / "index") as url:
+    return root / "index"
+
+
+@pytest.fixture(scope="module")
+def server_url(index_dir) -> Iterator[str]:
+    with running_server(index_dir) as url:
         yield url
 
 
@@ -108,8 +113,11 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-def open_page(browser: Browser, server_url: str, viewport: dict) -> Iterator[Page]:
-    """The search page, loaded fresh; on teardown, no console errors and no foreign requests."""
+@contextmanager
+def open_page(browser: Browser, server_url: str, viewport: dict, path: str = "/",
+              expected_errors: str = "^$") -> Iterator[Page]:
+    """The search page (at `path`), loaded fresh; on teardown, no console errors (but those
+    matching `expected_errors`) and no foreign requests."""
     context = browser.new_context(viewport=viewport)
     context.set_default_timeout(10_000)  # a failure shows in seconds, not half a minute
     page = context.new_page()
@@ -117,15 +125,17 @@ def open_page(browser: Browser, server_url: str, viewport: dict) -> Iterator[Pag
     requests: list[str] = []
 
     def console(message: ConsoleMessage) -> None:
-        if message.type == "error":
+        if message.type == "error" and not re.search(expected_errors, message.text):
             errors.append(f"{message.text} ({message.location['url']})")
 
     page.on("console", console)
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.on("request", lambda request: requests.append(request.url))
-    page.goto(server_url)
-    yield page
-    context.close()
+    try:
+        page.goto(server_url + path)
+        yield page
+    finally:
+        context.close()
     assert errors == []
     # Only this server's own files (and the page's own uploads): proves the page needs no CDN.
     assert [url for url in requests if not url.startswith((server_url + "/", "blob:"))] == []
@@ -133,12 +143,14 @@ def open_page(browser: Browser, server_url: str, viewport: dict) -> Iterator[Pag
 
 @pytest.fixture
 def page(browser, server_url) -> Iterator[Page]:
-    yield from open_page(browser, server_url, DESKTOP)
+    with open_page(browser, server_url, DESKTOP) as page:
+        yield page
 
 
 @pytest.fixture
 def phone(browser, server_url) -> Iterator[Page]:
-    yield from open_page(browser, server_url, PHONE)
+    with open_page(browser, server_url, PHONE) as page:
+        yield page
 
 
 def wait_for_results(page: Page, thumbnails: bool = True) -> int:
@@ -464,3 +476,4 @@ def test_screenshots_of_a_search_and_of_the_view(page):
     page.wait_for_function("() => { const i = document.querySelector('#viewer-media img');"
                            " return i && i.complete && i.naturalWidth > 0; }")
     screenshot(page, "viewer.png", full_page=False)
+
