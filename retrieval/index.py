@@ -26,6 +26,7 @@ from .encoders.spec import ModelSpec
 from .storage.folder import MadeFolder, holds_index, open_store, storage_errors, writer_lock
 from .storage.manifest import FORMAT_VERSION
 from .storage.settings import KNOBS
+from .storage.store import WHERE_TIMEOUT_S
 
 if TYPE_CHECKING:
     from .build.report import BuildReport
@@ -408,7 +409,8 @@ class Index:
                like: int | None = None, vector: Sequence[float] | np.ndarray | None = None,
                vector_of: str = "image", k: int = 10,
                target: str = "auto", where: str | None = None, under: str | None = None,
-               min_score: float | None = None) -> list[Hit]:
+               min_score: float | None = None, filter: str | None = None,
+               where_timeout: float = WHERE_TIMEOUT_S) -> list[Hit]:
         """Nearest items to a query, best first.
 
         `query` is a combined query ("cat + 2:dog - grass", terms may be image or audio paths);
@@ -421,11 +423,15 @@ class Index:
         (captions) for image queries, sounds for sound queries and videos for video queries, or
         the next modality the index holds. Audio and video hits are files, each at its best
         window or segment (`metadata` start and end, `uri` ending in `#t=START,END`).
-        `where` is SQL over item_view's columns, `under` a path prefix, `min_score` a cosine floor.
+        `filter` is the filter language (`modality:image under:2020 size>1MB text:dog
+        meta.camera=Canon`; see `retrieval.query.filters`); a bad one raises FilterError.
+        `where` is raw SQL over item_view's columns, run read-only on item_view alone and
+        stopped after `where_timeout` seconds; `under` a path prefix, `min_score` a cosine floor.
         """
         return self.searcher.search(query, text=text, image=image, audio=audio, video=video,
                                     like=like, vector=vector, vector_of=vector_of, k=k, target=target,
-                                    where=where, under=under, min_score=min_score)
+                                    where=where, under=under, min_score=min_score, filter=filter,
+                                    where_timeout=where_timeout)
 
     def search_entries(self, query: str | None = None, **options) -> list[EntryHit]:
         """Entries (files sharing a stem, or a folder) that best match a query, each modality
