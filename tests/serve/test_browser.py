@@ -376,7 +376,7 @@ def test_filters_change_the_results(page):
     yesterday = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)).date()
     with page.expect_response(lambda response: response.url.endswith("/api/search")) as answer:
         page.fill("#f-to", yesterday.isoformat())  # every file was written today
-    assert re.search(rf'name="filter"\r\n\r\nmodality:image mtime<{datetime.date.today().isoformat()}',
+    assert re.search(rf'name="filter"\r\n\r\nmodality:image mtime<={yesterday.isoformat()}\r\n',
                      answer.value.request.post_data)
     expect(page.locator("#status")).to_have_text(re.compile(r"^0 results"))
 
@@ -477,3 +477,27 @@ def test_screenshots_of_a_search_and_of_the_view(page):
                            " return i && i.complete && i.naturalWidth > 0; }")
     screenshot(page, "viewer.png", full_page=False)
 
+
+# -- access tokens ---------------------------------------------------------------------------------------
+
+TOKEN = "page-test-token"
+
+
+def test_a_token_from_the_link_or_asked_for_is_sent_and_kept_out_of_the_url(browser, index_dir):
+    with running_server(index_dir, token=TOKEN) as url:
+        with open_page(browser, url, DESKTOP, path=f"/#token={TOKEN}") as page:
+            sent: list[str | None] = []
+            page.on("request", lambda request: sent.append(request.headers.get("authorization"))
+                    if "/api/" in request.url else None)
+            assert page.evaluate("location.hash") == ""  # a copied link does not carry it
+            search_text(page, "a red circle")  # thumbnails too: fetched with the token, shown as blobs
+            assert sent and set(sent) == {f"Bearer {TOKEN}"}
+
+        # 401s are expected until the token is given
+        with open_page(browser, url, DESKTOP, expected_errors="status of 401") as page:
+            expect(page.locator("#token-dialog")).to_be_visible()
+            page.fill("#token-input", TOKEN)
+            page.keyboard.press("Enter")
+            expect(page.locator("#token-dialog")).to_be_hidden()
+            assert search_text(page, "a red circle") > 0
+            assert page.evaluate("sessionStorage.getItem('retrieval-token')") == TOKEN

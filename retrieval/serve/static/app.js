@@ -122,19 +122,13 @@ function term(field, value) {
   return /[\s"]/.test(value) ? `${field}:"${value.replace(/"/g, "")}"` : `${field}:${value}`;
 }
 
-function nextDay(date) {
-  const day = new Date(`${date}T00:00:00Z`);
-  day.setUTCDate(day.getUTCDate() + 1);
-  return day.toISOString().slice(0, 10);
-}
-
 // The page's filters in the filter language (README: Filters); "more terms" are passed as typed.
 function composeFilter(params) {
   const terms = [];
   if (params.target && params.target !== "auto") terms.push(`modality:${params.target}`);
   if (params.under) terms.push(term("under", params.under));
   if (params.from) terms.push(`mtime>=${params.from}`);
-  if (params.to) terms.push(`mtime<${nextDay(params.to)}`);  // the whole last day
+  if (params.to) terms.push(`mtime<=${params.to}`);  // a bare date is the whole day
   if (params.text) terms.push(term("text", params.text));
   if (params.filter) terms.push(params.filter);
   return terms.join(" ");
