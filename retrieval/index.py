@@ -293,7 +293,7 @@ class Index:
 
     def add(self, *sources: str | Path, captions: Sequence[str | Path] = (),
             exclude: Sequence[str] | None = None, include_hidden: bool | None = None,
-            max_megapixels: float | None = None, max_audio_seconds: float | None = None,
+            follow_external_links: bool | None = None, max_megapixels: float | None = None, max_audio_seconds: float | None = None,
             max_video_seconds: float | None = None, progress: bool = False,
             engine: str = "local", address: str | None = None) -> BuildReport:
         """Index new and changed files under `sources`, forget files gone from them.
@@ -302,6 +302,8 @@ class Index:
         their vectors; files skipped before are not read again until they change. With no
         sources, every source and captions file indexed before is scanned again, each source
         walked with the `exclude` and `include_hidden` it was last given (unless given here).
+        Symlinks leading outside the sources are skipped unless `follow_external_links`
+        (recorded per source, like `exclude`).
         `engine="ray"` decodes and encodes images as a Ray Data job on the cluster at `address`
         (`auto`, `ray://host:port`; None starts Ray locally); see `retrieval.build.ray`.
         """
@@ -312,6 +314,7 @@ class Index:
                 raise UsageError("nothing to index: name at least one source folder or file")
         else:  # named sources are walked as the call says
             exclude, include_hidden = exclude or (), bool(include_hidden)
+            follow_external_links = bool(follow_external_links)
         if engine not in ENGINES:
             raise UsageError(f"engine must be local or ray, not {engine!r}")
         with self.context.write_lock():
@@ -319,6 +322,7 @@ class Index:
 
             options = BuildOptions(exclude=None if exclude is None else tuple(exclude),
                                    include_hidden=include_hidden,
+                                   follow_external_links=follow_external_links,
                                    progress=progress, engine=engine, address=address)
             if max_megapixels is not None:
                 options.max_megapixels = max_megapixels
