@@ -283,6 +283,9 @@ def test_a_click_opens_the_full_size_view_with_every_caption(page):
     expect(page.locator("#viewer-captions li")).to_have_text(["a red circle", EXTRA_CAPTION])
     assert page.text_content("#viewer-path").endswith("/shapes/red_circle_0.png")
     assert page.text_content("#viewer-score") == cards.nth(position).locator(".score").text_content()
+    size = (Path(page.text_content("#viewer-path"))).stat().st_size
+    shown_size = f"{size / 1000:.1f} KB" if size >= 1000 else f"{size} B"
+    expect(page.locator("#viewer-size")).to_have_text(shown_size)
     # the original file, full size (the renders are larger than their 256 px thumbnails' boxes)
     page.wait_for_function("() => { const i = document.querySelector('#viewer-media img');"
                            " return i && i.complete && i.naturalWidth > 0; }")

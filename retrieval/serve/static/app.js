@@ -330,17 +330,31 @@ async function openViewer(position) {
       }
     });
   }
+  showFileFacts(null);
   showCaptions([hit.text ? { text: hit.text, generated: isGenerated(hit) } : null].filter(Boolean),
                hit.modality === "text" && !hit.metadata.image ? "Text" : "Captions");
   try {
     const response = await api(`/api/items/${hit.id}`);
     const item = response.ok ? await response.json() : null;
-    if (viewing !== position || !item || !Array.isArray(item.captions)) return;
+    if (viewing !== position || !item) return;
+    showFileFacts(item);
+    if (!Array.isArray(item.captions)) return;
     const captions = item.captions.map((caption) => (typeof caption === "string" ? { text: caption } : caption));
     showCaptions(captions.length ? captions : null, "Captions");
   } catch {
     // the view keeps the hit's own text
   }
+}
+
+// The file's size and time of change, where the item's details give them.
+function showFileFacts(item) {
+  const known = Boolean(item && item.size != null && item.mtime != null);
+  for (const element of viewer.querySelectorAll(".file-fact")) element.hidden = !known;
+  if (!known) return;
+  const units = [["GB", 1e9], ["MB", 1e6], ["KB", 1e3]];
+  const [unit, size] = units.find(([, size]) => item.size >= size) || ["B", 1];
+  $("viewer-size").textContent = `${(item.size / size).toFixed(unit === "B" ? 0 : 1)} ${unit}`;
+  $("viewer-mtime").textContent = new Date(item.mtime * 1000).toLocaleString();
 }
 
 function showCaptions(captions, heading) {
