@@ -79,7 +79,7 @@ async function setSource(element, url, fragment = "") {
 
 function readForm() {
   const params = { q: query.value.trim(), target: form.querySelector("input[name=target]:checked").value,
-                   k: clampK($("k").value) };
+                   k: clampK($("k").value), dedup: $("dedup").checked ? "1" : "" };
   for (const [name, id] of Object.entries(FILTER_FIELDS)) params[name] = $(id).value.trim();
   return params;
 }
@@ -89,8 +89,9 @@ function fillForm(params) {
   const radio = form.querySelector(`input[name=target][value="${CSS.escape(params.target || "auto")}"]`);
   (radio || form.querySelector("input[name=target][value=auto]")).checked = true;
   $("k").value = params.k || DEFAULT_K;
+  $("dedup").checked = Boolean(params.dedup);
   for (const [name, id] of Object.entries(FILTER_FIELDS)) $(id).value = params[name] || "";
-  if (Object.keys(FILTER_FIELDS).some((name) => params[name])) $("filters").open = true;
+  if (params.dedup || Object.keys(FILTER_FIELDS).some((name) => params[name])) $("filters").open = true;
   showFilter();
 }
 
@@ -102,7 +103,7 @@ function clampK(value) {
 function fromUrl() {
   const url = new URLSearchParams(location.search);
   const params = { target: url.get("target") || "auto", k: clampK(url.get("k") || DEFAULT_K) };
-  for (const name of ["q", "like", ...Object.keys(FILTER_FIELDS)]) params[name] = url.get(name) || "";
+  for (const name of ["q", "like", "dedup", ...Object.keys(FILTER_FIELDS)]) params[name] = url.get(name) || "";
   return params;
 }
 
@@ -168,6 +169,7 @@ async function run(params, pages = 1) {
   body.append("k", wanted);
   const filter = composeFilter(params);
   if (filter) body.append("filter", filter);
+  if (params.dedup) body.append("dedup", "true");
 
   const mine = ++latest;
   statusLine.textContent = "searching…";
@@ -281,7 +283,24 @@ function card(hit, position) {
   open.append(body);
   open.addEventListener("click", () => openViewer(position));
   element.append(open);
+  if (hit.duplicates && hit.duplicates.length) {
+    // a deduplicated search: this hit stands for near-duplicates, listed on demand
+    const others = document.createElement("details");
+    others.className = "duplicates";
+    const summary = document.createElement("summary");
+    summary.textContent = `+${hit.duplicates.length} near-duplicate${hit.duplicates.length === 1 ? "" : "s"}`;
+    others.append(summary, ...duplicateLines(hit, "div"));
+    element.append(others);
+  }
   return element;
+}
+
+function duplicateLines(hit, tag) {
+  return (hit.duplicates || []).map((duplicate) => {
+    const line = document.createElement(tag);
+    line.textContent = `${(duplicate.path || duplicate.uri).split("/").pop()} ${duplicate.score.toFixed(3)}`;
+    return line;
+  });
 }
 
 // -- the full-size view --------------------------------------------------------------------------------
@@ -331,6 +350,9 @@ async function openViewer(position) {
     });
   }
   showFileFacts(null);
+  const duplicates = duplicateLines(hit, "li");
+  $("viewer-duplicates").hidden = !duplicates.length;
+  $("viewer-duplicates").querySelector("ul").replaceChildren(...duplicates);
   showCaptions([hit.text ? { text: hit.text, generated: isGenerated(hit) } : null].filter(Boolean),
                hit.modality === "text" && !hit.metadata.image ? "Text" : "Captions");
   try {
@@ -466,7 +488,7 @@ form.addEventListener("input", showFilter);
 for (const radio of form.querySelectorAll("input[name=target]")) {
   radio.addEventListener("change", () => newSearch({ ...readForm(), like: current ? current.params.like : "" }));
 }
-for (const id of ["f-from", "f-to"]) $(id).addEventListener("change", () => newSearch({ ...readForm(), like: "" }));
+for (const id of ["f-from", "f-to", "dedup"]) $(id).addEventListener("change", () => newSearch({ ...readForm(), like: "" }));
 loadMore.addEventListener("click", () => {
   if (current) run(current.params, current.pages + 1);
 });
