@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 import soundfile
-from PIL import Image
+from PIL import Image, ImageOps
 from support import write_shape_folder
 from support.clips import write_clip
 from support.serving import running_server
@@ -47,6 +47,7 @@ PHONE = {"width": 390, "height": 844}
 RESULTS_DONE = re.compile(r"^(\d+) results? in \d+ ms$")
 CARDS = "#results article.result"
 EXTRA_CAPTION = "a shiny red ball on a plain background"  # red_circle_0.png's second caption
+MIRRORED = "red_circle_9.png"  # red_circle_0.png mirrored: a near-duplicate
 # Thumbnails load lazily: those on screen must have loaded.
 THUMBNAILS_LOADED = f"""(some) => {{
     const images = [...document.querySelectorAll("{CARDS} img")]
@@ -73,11 +74,14 @@ def class_of(name: str) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory, trained_model) -> Path:
-    """An index of 27 renders (one with two captions), their captions, 9 sounds and 3 video segments."""
+    """An index of 27 renders (one with two captions and a mirrored copy), their captions, 9 sounds
+    and 3 video segments."""
     root = tmp_path_factory.mktemp("browser")
     shapes = write_shape_folder(root / "shapes", seed=2024)
     with open(shapes / "captions.tsv", "a") as captions:
-        captions.write(f"red_circle_0.png#1\t{EXTRA_CAPTION}\n")
+        captions.write(f"red_circle_0.png#1\t{EXTRA_CAPTION}\n{MIRRORED}#0\ta red circle\n")
+    with Image.open(shapes / "red_circle_0.png") as image:
+        ImageOps.mirror(image).save(shapes / MIRRORED)
     with Index.open(root / "index", model=trained_model, create=True) as index:
         index.add(shapes)
         index.train_audio(write_captioned_sounds(root / "pairs", seed=7, per_class=6), AudioTrainingOptions(
@@ -382,6 +386,25 @@ def test_filters_change_the_results(page):
     expect(page.locator("#status")).to_have_text(re.compile(r"^0 results"))
 
 
+def test_near_duplicates_fold_into_one_card(page):
+    page.check("input[name=target][value=image]")
+    search_text(page, "a red circle")
+    names = page.locator(f"{CARDS} .name").all_text_contents()
+    assert {"red_circle_0.png", MIRRORED} <= set(names)
+    open_filters(page)
+    with page.expect_response(lambda response: response.url.endswith("/api/search")):
+        page.check("#dedup")
+    wait_for_results(page)
+    assert url_query(page)["dedup"] == ["1"]
+    pair = {"red_circle_0.png", MIRRORED}
+    names = page.locator(f"{CARDS} .name").all_text_contents()
+    kept = pair & set(names)
+    assert len(kept) == 1  # the other one is folded into it
+    card = page.locator(CARDS).nth(names.index(*kept))
+    folded = [line.split()[0] for line in card.locator(".duplicates div").all_text_contents()]
+    assert pair - kept <= set(folded)
+
+
 # -- keyboard, phones and accessibility ----------------------------------------------------------------
 
 def test_every_control_is_reached_by_keyboard(page):
@@ -469,7 +492,7 @@ def test_a_video_result_plays_from_its_moment(page):
 
 def test_screenshots_of_a_search_and_of_the_view(page):
     search_text(page, "a blue triangle")
-    expect(page.locator("#stats")).to_have_text("27 image · 28 text · 9 audio · 3 video")
+    expect(page.locator("#stats")).to_have_text("28 image · 29 text · 9 audio · 3 video")
     shot = screenshot(page, "search-page.png")
     assert shot.stat().st_size > 50_000  # a page of thumbnails, not a blank one
     page.locator(CARDS).first.click()
