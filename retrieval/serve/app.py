@@ -219,10 +219,6 @@ class SearchService:
         return opened
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class LimitBody:
     """ASGI middleware counting a request's body as it streams in: a body over `limit` bytes
     (chunked or not) is answered 413 as soon as the limit is passed, not after reading it all."""
@@ -239,27 +235,33 @@ class LimitBody:
         if length.isdigit() and int(length) > self.limit:
             return await self._refuse(send)
         seen = 0
-        started = False
+        started = refused = False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not refused:
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise BodyTooLarge
+                    # Answer now, and tell the app the client has gone, so it stops reading.
+                    refused = True
+                    if not started:
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def sending(message):
             nonlocal started
+            if refused:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, counted, sending)
-        except BodyTooLarge:
-            if not started:
-                await self._refuse(send)
+        except Exception:
+            if not refused:
+                raise
 
     async def _refuse(self, send):
         body = json.dumps({"detail": self.message}).encode()
