@@ -164,10 +164,12 @@ class SearchService:
 
     def close(self) -> None:
         """Stop waiting on shards (a hung one must not hold the exit) and close the index."""
+        indexes = [self.index] if isinstance(self.index, Index) else [
+            s.index for s in self.index.shards if isinstance(s, LocalShard)]
+        for index in indexes:
+            index.store.interrupt()
         if isinstance(self.index, ShardedIndex):
             self.index.pool.shutdown(wait=False, cancel_futures=True)
-        else:
-            self.index.close()
 
     def health(self) -> dict:
         """Liveness; with shards, each shard's answer to its own health check."""

@@ -90,6 +90,7 @@ class Store:
         self._readers = threading.local()
         self._opened: list[sqlite3.Connection] = []
         self._opened_lock = threading.Lock()
+        self._filtering: set[sqlite3.Connection] = set()  # raw `where` queries running now
         if readonly:
             conn = self._reader()
         else:
@@ -114,6 +115,12 @@ class Store:
             with self._opened_lock:
                 self._opened.append(conn)
         return conn
+
+    def interrupt(self) -> None:
+        """Stop every raw `where` query running now (a server shutting down)."""
+        with self._opened_lock:
+            for conn in self._filtering:
+                conn.interrupt()
 
     def close(self) -> None:
         with self._opened_lock:
@@ -425,6 +432,8 @@ class Store:
             return np.zeros(0, np.int64)
         conn = _connect_read_only(self.path)
         deadline = time.monotonic() + timeout
+        with self._opened_lock:
+            self._filtering.add(conn)
         try:
             conn.execute("PRAGMA query_only = 1")
             conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, WHERE_MAX_VALUE)
@@ -441,6 +450,8 @@ class Store:
                 reason = str(error)
             raise UsageError(f"where {where!r}: {reason}; columns are {ITEM_VIEW_COLUMNS}") from None
         finally:
+            with self._opened_lock:
+                self._filtering.discard(conn)
             conn.close()
         return np.unique(np.fromiter((row[0] for row in rows if isinstance(row[0], int)), dtype=np.int64))
 
