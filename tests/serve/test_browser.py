@@ -23,6 +23,7 @@ import pytest
 import soundfile
 from PIL import Image, ImageOps
 from support import write_shape_folder
+from support.browser import chromium, skip_without_chromium
 from support.clips import write_clip
 from support.serving import running_server
 from support.sounds import SOUND_RATE, render_sound, write_captioned_sounds, write_sound
@@ -31,17 +32,11 @@ from support.tiny_model import CLASSES, render_shape
 from retrieval import Index
 from retrieval.train.audio import AudioTrainingOptions
 
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM}", allow_module_level=True)
+skip_without_chromium()
 
 from axe_playwright_python.sync_playwright import Axe  # noqa: E402
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect  # noqa: E402
 
-# Root runs need --no-sandbox; the rest keep Chromium off Google's servers (there is no network).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run"]
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 RESULTS_DONE = re.compile(r"^(\d+) results? in \d+ ms$")
@@ -110,10 +105,8 @@ def write_sounds(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @contextmanager

@@ -3,22 +3,15 @@ every route; the description documents each status a route answers."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import pytest
 from support import write_image
+from support.browser import chromium, skip_without_chromium
 from support.serving import running_server
 
 from retrieval import Index
 
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM}", allow_module_level=True)
-
-from playwright.sync_api import sync_playwright  # noqa: E402
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+skip_without_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +25,7 @@ def served(tmp_path_factory, tiny_model):
 
 
 def test_docs_render_every_route_offline(served):
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as browser:
         page = browser.new_page()
         foreign: list[str] = []
         page.on("request", lambda request: foreign.append(request.url)
@@ -43,7 +35,6 @@ def test_docs_render_every_route_offline(served):
         text = page.inner_text("body")
         paths = {page.locator(".opblock-summary-path").nth(n).inner_text()
                  for n in range(page.locator(".opblock-summary-path").count())}
-        browser.close()
     assert "does not specify a valid version field" not in text
     assert {"/api/search", "/api/items/{item_id}", "/api/items/{item_id}/file", "/api/health"} <= {
         p.replace("\u200b", "") for p in paths}
