@@ -21,6 +21,7 @@ from .common import (
     reports_errors,
     wait_option,
     wait_or_refuse,
+    warn,
 )
 
 
@@ -103,7 +104,7 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
         from ..build.report import skipped_lines
 
         for line in skipped_lines(report.skipped):
-            click.echo(f"warning: {line}", err=True)
+            warn(line)
     if as_json:
         click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
     else:

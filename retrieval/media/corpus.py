@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.paths import absolute_path, display_path, is_under
-from .captions import CAPTION_FILE_NAMES, parse_json, read_caption_pairs, split_lines
+from .captions import CAPTION_FILE_NAMES, read_caption_pairs
+from .tables import FormatError, parse_rows, split_lines
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3"})
@@ -320,15 +321,13 @@ def _jsonl_texts(path: str, content: str) -> list[ItemSpec]:
     """Records with a `text` field; an `id` field names the item, other fields become metadata."""
     items = []
     uris: set[str] = set()
-    for number, line in enumerate(split_lines(content), 1):
-        if not line.strip():
-            continue
-        record = parse_json(line, f"line {number}")
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"line {number} has no string field 'text'")
-        uri = f"{path}#id={record.pop('id')}" if "id" in record else f"{path}#L{number}"
+    for row in parse_rows(content, "jsonl"):
+        record = dict(row.fields)
+        if not isinstance(record.get("text"), str):
+            raise FormatError(f"line {row.line} has no string field 'text'")
+        uri = f"{path}#id={record.pop('id')}" if "id" in record else f"{path}#L{row.line}"
         if uri in uris:
-            raise ValueError(f"line {number} repeats the id of an earlier record")
+            raise FormatError(f"line {row.line} repeats the id of an earlier record")
         uris.add(uri)
         text = record.pop("text").strip()
         if text:

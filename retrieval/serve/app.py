@@ -376,9 +376,9 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
                    target: Target = "auto", filter: str | None = None,
                    where: str | None = None, under: str | None = None,
                    min_score: float | None = None, vector: str | None = None,
-                   vector_of: Modality = "image"):
+                   vector_of: Modality = "image", dedup: bool = False):
         return run_search(False, where, query=q or None, like=_like(like), k=k, target=target,
-                          filter=filter, under=under or None, min_score=min_score,
+                          filter=filter, under=under or None, min_score=min_score, dedup=dedup,
                           **_vector_query(vector, vector_of))
 
     @app.post("/api/search", summary="Search with uploaded images, sounds and videos, text and items",
@@ -395,13 +395,14 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
                     under: Annotated[str | None, Form()] = None,
                     min_score: Annotated[float | None, Form()] = None,
                     vector: Annotated[str | None, Form()] = None,
-                    vector_of: Annotated[Modality, Form()] = "image"):
+                    vector_of: Annotated[Modality, Form()] = "image",
+                    dedup: Annotated[bool, Form()] = False):
         images = [_uploaded(upload, limit, "image") for upload in image]
         sounds = [_uploaded(upload, limit, "audio") for upload in audio]
         videos = [_uploaded(upload, limit, "video") for upload in video]
         return run_search(bool(images or sounds or videos), where, query=q or None, like=_like(like),
                           image=images or None, audio=sounds or None, video=videos or None, k=k,
-                          target=target, filter=filter, under=under or None, min_score=min_score,
+                          target=target, filter=filter, under=under or None, min_score=min_score, dedup=dedup,
                           **_vector_query(vector, vector_of))
 
     @app.get("/api/items/{item_id}", summary="An item: its file's size and mtime, metadata and "

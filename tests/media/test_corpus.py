@@ -542,7 +542,7 @@ def test_read_items_jsonl_one_item_per_record(tmp_path):
 
 @pytest.mark.parametrize("bad_line, message", [
     ("{not json", "line 2 is not JSON"),
-    ('["a list"]', "line 2 has no string field 'text'"),
+    ('["a list"]', "line 2 is not a JSON object"),
     ('{"id": 1, "body": "no text field"}', "line 2 has no string field 'text'"),
     ('{"text": 42}', "line 2 has no string field 'text'"),
 ])

@@ -30,6 +30,7 @@ async function search(extra = {}, targetOverride = null) {
   if (![...body.keys()].length) return;
   body.append("target", targetOverride || target());
   body.append("k", document.getElementById("k").value || "24");
+  if (document.getElementById("dedup")?.checked) body.append("dedup", "true");
   statusLine.textContent = "searching…";
   const started = performance.now();
   const mine = ++latest;
@@ -96,6 +97,20 @@ function card(hit) {
   score.className = "score";
   score.textContent = hit.score.toFixed(3);
   meta.append(label, score);
+  if (hit.duplicates && hit.duplicates.length) {
+    // a deduplicated search: this hit stands for near-duplicates, listed on demand
+    const others = document.createElement("details");
+    others.className = "duplicates";
+    others.addEventListener("click", (event) => event.stopPropagation());
+    const summary = document.createElement("summary");
+    summary.textContent = `+${hit.duplicates.length} near-duplicate${hit.duplicates.length === 1 ? "" : "s"}`;
+    others.append(summary, ...hit.duplicates.map((d) => {
+      const line = document.createElement("div");
+      line.textContent = `${(d.path || d.uri).split("/").pop()} ${d.score.toFixed(3)}`;
+      return line;
+    }));
+    meta.append(others);
+  }
   body.append(meta);
   element.append(body);
   element.addEventListener("click", () => {
