@@ -106,7 +106,7 @@ def walk_sources(sources: Iterable[str | Path], exclude_dirs: Iterable[str] = ()
     """
     sources = list(sources)
     default = WalkOptions.of(exclude_dirs, include_hidden)
-    real_sources = [os.path.realpath(absolute_path(source)) for source in sources]
+    real_sources = [real for real in map(_real_path, sources) if real]
     found: dict[str, SourceFile] = {}
     skipped: list[Skipped] = []
     for source in sources:
@@ -176,6 +176,15 @@ def _walk_folder(root: Path, options: WalkOptions, skipped: list[Skipped],
             link = links.popleft()
             if _first_visit(link, walked):
                 tops.append(link)
+
+
+def _real_path(source: str | Path) -> str | None:
+    """A source with every link resolved; None for names no file system holds (the walk
+    reports those itself)."""
+    try:
+        return os.path.realpath(absolute_path(source))
+    except (OSError, ValueError):  # a NUL, a lone surrogate, an empty name
+        return None
 
 
 def _follow_link(link: str, options: WalkOptions, real_sources: list[str],
