@@ -294,7 +294,8 @@ class Index:
 
     def add(self, *sources: str | Path, captions: Sequence[str | Path] = (),
             exclude: Sequence[str] | None = None, include_hidden: bool | None = None,
-            follow_external_links: bool | None = None, max_megapixels: float | None = None, max_audio_seconds: float | None = None,
+            follow_external_links: bool | None = None, max_megapixels: float | None = None,
+            max_audio_seconds: float | None = None,
             max_video_seconds: float | None = None, progress: bool = False,
             engine: str = "local", address: str | None = None) -> BuildReport:
         """Index new and changed files under `sources`, forget files gone from them.

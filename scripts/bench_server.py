@@ -157,7 +157,8 @@ def render(results: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny test model, 40 synthetic images, "
                         "few requests, a 4 MP upload: proves the code runs, measures nothing")
     parser.add_argument("--images", type=Path, help="a folder of images to index")

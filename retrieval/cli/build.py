@@ -79,7 +79,8 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                   pretrained: str | None,
                   audio_model: str | None, index_type: str | None,
                   rebuild: bool, device: str, batch_size: int, int8: bool, engine: str,
-                  address: str | None, follow_external_links: bool, quiet: bool, as_json: bool, wait: bool) -> None:
+                  address: str | None, follow_external_links: bool, quiet: bool, as_json: bool,
+                  wait: bool) -> None:
     """Build or update an index over folders and files, incrementally.
 
     Only new and changed files are encoded; moved files keep their vectors; files gone from

@@ -27,8 +27,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -187,7 +187,8 @@ class SearchService:
             stats["path"] = os.path.basename(stats["path"]) if stats.get("path") else None
             for shard in stats.get("shards", []):
                 shard["path"] = os.path.basename(shard["path"] or "") or None
-                shard["name"] = os.path.basename(shard["name"]) if "://" not in shard["name"] else shard["name"]
+                if "://" not in shard["name"]:
+                    shard["name"] = os.path.basename(shard["name"])
         return stats
 
     def owner(self, item_id: int) -> tuple[Index | RemoteShard, int]:
