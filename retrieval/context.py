@@ -99,7 +99,7 @@ class Encoders:
         if encoder is None:
             raise ModelLoadError(
                 f"index {self.folder} has no audio encoder yet; train one with: retrieve "
-                f"train-audio PAIRS --index {self.folder} (or build with --audio-model clap:NAME)")
+                f"train-audio PAIRS --index {self.folder} (or build with `audio_model` clap:NAME)")
         return encoder
 
     # -- video -------------------------------------------------------------------------------
@@ -171,14 +171,15 @@ class IndexContext:
     def count(self, modality: str) -> int:
         return self.store.count(modality)
 
-    def forget(self, kind: str, **settings: str | int | None) -> None:
-        """Drop every file and vector of a kind made with an encoder about to change, and record
-        the new `settings` (None removes one), in one transaction. Hold the write lock."""
+    def forget(self, modality: str, **settings: str | int | None) -> None:
+        """Drop every file of a modality (`audio`, `video`) and its vectors, made with an encoder
+        about to change, and record the new `settings` (None removes one), in one transaction.
+        Hold the write lock."""
         with self.store.conn:
-            self.store.delete_files(self.store.file_ids_of_kind(kind))
-            self.store.bump_generation(kind)
+            self.store.delete_files(self.store.file_ids_of_kind(modality))  # such files hold only it
+            self.store.bump_generation(modality)
             self.settings.update(**settings)
-        self.vectors.rebuild(kind)
+        self.vectors.rebuild(modality)
         self.vectors.write_manifest()
 
 
@@ -204,7 +205,7 @@ def resolve_model(store: Store, folder: Path, requested: ModelSpec | None, rebui
     if not rebuild and not store.is_empty():
         raise ModelMismatchError(
             f"index {folder} was built with model {recorded_spec}, not {requested}; query without "
-            "--model, or re-encode everything with --rebuild")
+            "`model`, or re-encode everything (`rebuild`)")
     _start_over(store, folder, requested)
     return requested
 

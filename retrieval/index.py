@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .encoders.audio import AudioEncoder
     from .encoders.clip import ClipEncoder
     from .encoders.text_tower import NumpyTextEncoder
+    from .query.duplicates import Duplicates
     from .query.encode import AudioQuery, ImageQuery
     from .query.entries import EntryHit
     from .query.search import Searcher
@@ -124,7 +125,7 @@ class Index:
     def _choose_audio_model(self, audio_model: str, rebuild: bool) -> None:
         """Record a CLAP model for the audio; another one's vectors are dropped only on rebuild."""
         if not is_clap(audio_model):
-            raise UsageError(f"--audio-model {audio_model!r}: name a CLAP model as clap:NAME or "
+            raise UsageError(f"`audio_model` {audio_model!r}: name a CLAP model as clap:NAME or "
                              "clap:/folder; our own tower is made with retrieve train-audio")
         from .encoders.clap import clap_identity
 
@@ -133,11 +134,11 @@ class Index:
             return
         if self.readonly:
             raise ModelMismatchError(f"index {self.path} embeds audio with {self.audio_model}, "
-                                     f"not {identity}; search without --audio-model")
+                                     f"not {identity}; search without `audio_model`")
         if self.count("audio") and not rebuild:
             raise ModelMismatchError(
                 f"index {self.path} embeds audio with {self.audio_model}, not {identity}; keep "
-                "it, or re-encode the audio with --rebuild")
+                "it, or re-encode the audio (`rebuild`)")
         with self.context.write_lock():
             self.context.forget("audio", audio_model=identity, audio_dim=None)
 
@@ -293,7 +294,8 @@ class Index:
 
     def add(self, *sources: str | Path, captions: Sequence[str | Path] = (),
             exclude: Sequence[str] | None = None, include_hidden: bool | None = None,
-            follow_external_links: bool | None = None, max_megapixels: float | None = None, max_audio_seconds: float | None = None,
+            follow_external_links: bool | None = None, max_megapixels: float | None = None,
+            max_audio_seconds: float | None = None,
             max_video_seconds: float | None = None, progress: bool = False,
             engine: str = "local", address: str | None = None) -> BuildReport:
         """Index new and changed files under `sources`, forget files gone from them.
@@ -373,9 +375,10 @@ class Index:
 
     def train_temporal(self, pairs: str | Path, kind: str = "bilstm",
                        options: FusionTrainingOptions | None = None, reindex: bool = True) -> dict:
-        """Train a Bi-LSTM or small transformer (`kind`) over frame vectors on captioned videos,
-        use it to pool every video segment's frames from now on, and re-encode the index's
-        videos with it."""
+        """Train a Bi-LSTM or small transformer over frame vectors on captioned videos, use it to
+        pool every video segment's frames from now on, and re-encode the index's videos with it.
+        `kind` is the encoder's architecture (TEMPORAL_ARCHITECTURES; the name the CLI's
+        `--kind` shares), passed on as `architecture`."""
         with self.context.write_lock():
             from .train.temporal import train_temporal_encoder  # torch: once this may write
 
@@ -413,7 +416,7 @@ class Index:
                like: int | None = None, vector: Sequence[float] | np.ndarray | None = None,
                vector_of: str = "image", k: int = 10,
                target: str = "auto", where: str | None = None, under: str | None = None,
-               min_score: float | None = None, filter: str | None = None,
+               min_score: float | None = None, dedup: bool = False, filter: str | None = None,
                where_timeout: float = WHERE_TIMEOUT_S) -> list[Hit]:
         """Nearest items to a query, best first.
 
@@ -431,11 +434,29 @@ class Index:
         meta.camera=Canon`; see `retrieval.query.filters`); a bad one raises FilterError.
         `where` is raw SQL over item_view's columns, run read-only on item_view alone and
         stopped after `where_timeout` seconds; `under` a path prefix, `min_score` a cosine floor.
+        `dedup` folds near-duplicates (cosine >= the duplicates' default threshold) into the best
+        of them: one hit per group, its `duplicates` listing the others found among the top
+        candidates.
         """
         return self.searcher.search(query, text=text, image=image, audio=audio, video=video,
                                     like=like, vector=vector, vector_of=vector_of, k=k, target=target,
-                                    where=where, under=under, min_score=min_score, filter=filter,
-                                    where_timeout=where_timeout)
+                                    where=where, under=under, min_score=min_score, dedup=dedup,
+                                    filter=filter, where_timeout=where_timeout)
+
+    def duplicates(self, *, threshold: float | None = None, by: str = "vector",
+                   under: str | Path | None = None, min_size: int = 2,
+                   max_distance: int | None = None) -> Duplicates:
+        """Groups of duplicate images, largest first: exact copies (one content hash) and
+        near-duplicates, by vector cosine >= `threshold`, by perceptual-hash distance <=
+        `max_distance` bits, or `both` (either signal); see `retrieval.query.duplicates`.
+        `under` keeps the images at or below a path; groups smaller than `min_size` are left out.
+        Each group's first file is the one to keep (largest resolution, then oldest). Nothing
+        is moved or deleted."""
+        from .query.duplicates import find_duplicates
+        from .query.search import stored_under
+
+        return find_duplicates(self.store, threshold=threshold, by=by, under=stored_under(under),
+                               min_size=min_size, max_distance=max_distance)
 
     def search_entries(self, query: str | None = None, **options) -> list[EntryHit]:
         """Entries (files sharing a stem, or a folder) that best match a query, each modality

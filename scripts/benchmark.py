@@ -62,15 +62,16 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from retrieval import ClipEncoder, Index, ModelSpec, load_encoder
-from retrieval.audio_training import AudioTrainingOptions
-from retrieval.captions import CAPTION_FILE_NAMES
-from retrieval.corpus import read_items, walk_sources
-from retrieval.images import load_image
-from retrieval.ondisk import build_on_disk
-from retrieval.pipeline import default_workers, prefetch_map
-from retrieval.store import Store
-from retrieval.text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
-from retrieval.vectors import MEMORY_KINDS, SearchKnobs, VectorIndex
+from retrieval.core.concurrency import default_workers, prefetch_map
+from retrieval.core.types import MEMORY_INDEX_TYPES
+from retrieval.encoders.text_tower import NumpyTextEncoder, export_text_tower, load_text_tower
+from retrieval.media.captions import CAPTION_FILE_NAMES
+from retrieval.media.corpus import read_items, walk_sources
+from retrieval.media.images import load_image
+from retrieval.storage.ondisk import build_on_disk
+from retrieval.storage.store import Store
+from retrieval.storage.vectors import SearchKnobs, VectorIndex
+from retrieval.train.audio import AudioTrainingOptions
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "flickr8k-test"
@@ -551,7 +552,7 @@ def measure_ann_size(count: int, args: argparse.Namespace) -> list[dict]:
     log(f"ann: N={count}: flat")
     flat, truth = measure_kind("flat", vectors, queries, None)
     results = [flat]
-    for kind in MEMORY_KINDS[1:]:  # on-disk kinds: see --scale
+    for kind in MEMORY_INDEX_TYPES[1:]:  # on-disk kinds: see --scale
         log(f"ann: N={count}: {kind}")
         results.append(measure_kind(kind, vectors, queries, truth)[0])
     return results
@@ -701,7 +702,7 @@ def section_audio(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> t
     last = report.epochs[-1]
     data = {"pairs": report.pairs, "held_out": report.held_out, "epochs": len(report.epochs),
             "train_s": train_s, "train_loop_s": report.seconds,
-            "recall_at_1": last.recall_at_1, "recall_at_5": last.recall_at_5,
+            "recall_at_1": last.recall_at_1, "recall_at_5": last.held_out["R@5"],
             "clips": args.audio_clips, "clips_s": clips_s, "clips_per_s": args.audio_clips / clips_s,
             "long_seconds": args.audio_long_seconds, "long_windows": recording.audio_encoded,
             "long_s": long_s, "audio_seconds_per_s": args.audio_long_seconds / long_s,
@@ -709,7 +710,7 @@ def section_audio(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> t
     rows = [
         (f"`train_audio`: {report.pairs} pairs of 2 s ({report.held_out} held out), "
          f"{len(report.epochs)} epochs", f"{train_s:.1f} s ({report.seconds / len(report.epochs):.2f} s "
-         f"per epoch); held-out recall@1 {last.recall_at_1:.3f}, @5 {last.recall_at_5:.3f}"),
+         f"per epoch); held-out recall@1 {last.recall_at_1:.3f}, @5 {last.held_out['R@5']:.3f}"),
         (f"`add`: {args.audio_clips} flac clips of 5 s (decode, encode, commit)",
          f"{clips_s:.2f} s: {data['clips_per_s']:.1f} clips/s"),
         (f"`add`: one {args.audio_long_seconds:.0f} s flac recording ({recording.audio_encoded} windows)",
@@ -1350,7 +1351,8 @@ def section_breakeven(corpus: Corpus, spec: ModelSpec, args: argparse.Namespace,
                  "--quiet", "--json"])
             report = json.loads(output)
             runs.append({"images": size, "engine": engine, "wall_s": wall, "peak_rss_bytes": rss,
-                         "images_encoded": report["images_encoded"], "texts_encoded": report["texts_encoded"]})
+                         "images_encoded": report["images_encoded"],
+                         "texts_encoded": report["texts_encoded"]})
     walls = {(run["images"], run["engine"]): run["wall_s"] for run in runs}
     even = next((size for size in sizes if walls[size, "ray"] <= walls[size, "local"]), None)
     data = {"runs": runs, "break_even_images": even}

@@ -48,11 +48,18 @@ from ..media.corpus import (
     text_digest,
     walk_sources,
 )
-from ..media.images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError
+from ..media.images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, ImageFacts, hashing_available
 from ..media.video import DEFAULT_MAX_VIDEO_SECONDS, VideoDecodeError, VideoSegment
 from ..storage.folder import SHARDS_FOLDER
 from ..storage.store import FileRow, NewItem, SkippedRow
-from .reading import EmptyFile, UnreadableFile, preprocess_bytes, read_source, unexpected
+from .reading import (
+    EmptyFile,
+    UnreadableFile,
+    measure_bytes,
+    preprocess_and_measure,
+    read_source,
+    unexpected,
+)
 from .report import NO_AUDIO_ENCODER, BuildReport
 
 if TYPE_CHECKING:
@@ -88,6 +95,7 @@ class _Prepared:
     row: FileRow | None
     digest: str = ""
     pixels: torch.Tensor | None = None
+    facts: ImageFacts | None = None  # an image's size and perceptual hashes, from its decode
     windows: list[AudioWindow] | None = None
     segments: list[VideoSegment] | None = None
     vector: np.ndarray | None = None  # made by a distributed job
@@ -183,6 +191,7 @@ class Builder:
         if self.options.engine == "ray":
             self._embed_on_ray([source for source, _ in pending])
         self._index_images([p for p in pending if p[0].kind == "image"])
+        self._measure_unmeasured_images()
         self._index_audio([p for p in pending if p[0].kind == "audio"])
         self._index_video([p for p in pending if p[0].kind == "video"])
         self._index_texts([p for p in pending if p[0].kind in ("text", "captions")])
@@ -381,10 +390,39 @@ class Builder:
     def _decode_image(self, item: _Prepared, data: bytes) -> None:
         try:
             encoder = self.encoders.clip
-            item.pixels = preprocess_bytes(data, encoder.preprocess, encoder.input_side,
-                                           self.options.max_megapixels)
+            item.pixels, item.facts = preprocess_and_measure(
+                data, encoder.preprocess, encoder.input_side, self.options.max_megapixels)
         except ImageDecodeError as error:
             item.error, item.lasting = str(error), True
+
+    def _measure_unmeasured_images(self) -> None:
+        """Measure the images indexed before their facts (size, perceptual hashes) were
+        recorded, or before `imagehash` was installed: decoded again, never encoded again."""
+        missing = self.store.images_without_facts(want_hashes=hashing_available())
+        if not missing:
+            return
+
+        def measure(entry: tuple[str, str]) -> tuple[str, ImageFacts | None]:
+            digest, path = entry
+            try:
+                data = read_source(path)
+                if file_digest(data) != digest:  # changed since: its next build measures it
+                    return digest, None
+                return digest, measure_bytes(data, self.options.max_megapixels)
+            except (UnreadableFile, ImageDecodeError):
+                return digest, ImageFacts(0, 0)  # unreadable now: not tried again
+            except Exception as error:  # no single file may stop a build
+                self.report.skipped.append(Skipped(path, unexpected(error)))
+                return digest, None
+
+        measured = prefetch_map(measure, missing, self.options.workers, ahead=4 * self.options.workers)
+        for start in range(0, len(missing), 256):  # committed in batches: a kill loses little
+            with self.store.conn:
+                for _ in range(min(256, len(missing) - start)):
+                    digest, facts = next(measured)
+                    if facts is not None:
+                        self.store.record_image_facts(digest, facts)
+                        self.report.images_measured += 1
 
     def _settled_without_encoding(self, item: _Prepared) -> bool:
         """Handle a file whose content is indexed already: touched, moved or copied. False
@@ -458,6 +496,8 @@ class Builder:
                         new = NewItem(source.key, "image", vector, item.digest)
                         item_id = self.store.insert_items(file_id, [new])[0]
                         self.report.new += 1
+                    if item.facts is not None:
+                        self.store.record_image_facts(item.digest, item.facts)
                     changes[item_id] = vector
             self.store.bump_generation("image")
 
@@ -470,7 +510,7 @@ class Builder:
         encoder = self.encoders.audio_or_none()
         if encoder is None:
             reason = (f"{NO_AUDIO_ENCODER}: train one with `retrieve train-audio PAIRS --index "
-                      f"{self.context.folder}`, or build with --audio-model clap:NAME")
+                      f"{self.context.folder}`, or build with `audio_model` clap:NAME")
             for source, _ in pending:
                 self._skip(source, reason)
             return
@@ -681,6 +721,7 @@ class Builder:
             return
         with self.store.conn:
             removed = self.store.delete_files([row.id for row in rows])
+            self.store.forget_unused_facts()
             for modality, ids in removed.items():
                 self.changes[modality].update(dict.fromkeys(ids))
                 self.store.bump_generation(modality)

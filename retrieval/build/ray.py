@@ -119,7 +119,7 @@ def connect(address: str | None) -> None:
     try:
         import ray.data
     except ImportError:
-        raise UsageError("--engine ray needs Ray: pip install 'retrieval[ray]'") from None
+        raise UsageError("`engine` ray needs Ray: pip install 'retrieval[ray]'") from None
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours is shown instead
     logging.getLogger("ray.data").setLevel(logging.INFO if _ray_logs_wanted() else logging.ERROR)
     if ray.is_initialized():
@@ -130,8 +130,8 @@ def connect(address: str | None) -> None:
             ray.init(address=address, include_dashboard=False, log_to_driver=_ray_logs_wanted(),
                      logging_level=logging.INFO if _ray_logs_wanted() else logging.ERROR)
     except ConnectionError as error:
-        raise UsageError(f"--address {address}: no Ray cluster there ({error}); start one with "
-                         "`ray start --head`, or leave out --address for a local Ray") from None
+        raise UsageError(f"`address` {address}: no Ray cluster there ({error}); start one with "
+                         "`ray start --head`, or leave out `address` for a local Ray") from None
 
 
 def _ray_logs_wanted() -> bool:

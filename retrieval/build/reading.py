@@ -7,7 +7,7 @@ import io
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..media.images import load_image
+from ..media.images import ImageFacts, load_image, load_image_with_size, measure_image
 
 if TYPE_CHECKING:
     import torch
@@ -45,3 +45,21 @@ def preprocess_bytes(data: bytes, preprocess: Callable, input_side: int, max_meg
     # differences (vectors agree to ~1e-3), at a fraction of the decoding cost.
     image = load_image(io.BytesIO(data), max_megapixels, min_side=2 * input_side)
     return preprocess(image)
+
+
+def preprocess_and_measure(data: bytes, preprocess: Callable, input_side: int, max_megapixels: float
+                           ) -> tuple[torch.Tensor, ImageFacts]:
+    """`preprocess_bytes`, and the image's facts (size, perceptual hashes) from the same decode."""
+    image, size = load_image_with_size(io.BytesIO(data), max_megapixels, min_side=2 * input_side)
+    return preprocess(image), measure_image(image, size)
+
+
+# The shorter side an image is decoded at (at least) to be measured alone: pHash reads 128x128.
+MEASURE_SIDE = 256
+
+
+def measure_bytes(data: bytes, max_megapixels: float) -> ImageFacts:
+    """An image file's facts alone, for an image indexed before they were recorded: no model
+    is needed for them."""
+    image, size = load_image_with_size(io.BytesIO(data), max_megapixels, min_side=MEASURE_SIDE)
+    return measure_image(image, size)

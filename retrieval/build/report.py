@@ -28,6 +28,7 @@ class BuildReport:
     audio_encoded: int = 0  # audio windows; a file has one per few seconds
     video_encoded: int = 0  # video segments; a file has one per few seconds
     vectors_reused: int = 0
+    images_measured: int = 0  # indexed before their size and hashes were recorded: measured now
     seconds: float = 0.0
 
     @property
@@ -44,8 +45,10 @@ class BuildReport:
                 f"encoded {counted(self.images_encoded, 'image')}, {counted(self.texts_encoded, 'text')}, "
                 f"{counted(self.audio_encoded, 'audio window')} and "
                 f"{counted(self.video_encoded, 'video segment')}, "
-                f"reused {counted(self.vectors_reused, 'vector')} in {self.seconds:.1f} s "
-                f"({self.items_per_second:.1f} items/s)")
+                f"reused {counted(self.vectors_reused, 'vector')}"
+                + (f", measured {counted(self.images_measured, 'image')} for duplicate finding"
+                   if self.images_measured else "")
+                + f" in {self.seconds:.1f} s ({self.items_per_second:.1f} items/s)")
 
     def to_dict(self) -> dict:
         data = asdict(self)

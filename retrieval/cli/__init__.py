@@ -10,6 +10,7 @@ import click
 
 from .build import convert_command, index_command, info_command, remove_command
 from .common import SearchFirstGroup
+from .duplicates import duplicates_command
 from .evaluate import evaluate_command, evaluate_entries_command
 from .search import search_command
 from .serve import serve_command
@@ -29,12 +30,13 @@ def cli() -> None:
       retrieve train-audio sounds/                        teach the index to hear
       retrieve "a dog barking" --target audio             text -> sounds
       retrieve --audio bark.wav --target image            sound -> images
+      retrieve duplicates --script rm.sh                  find copies, plan what to keep
     """
 
 
 for command in (search_command, index_command, remove_command, convert_command, info_command,
                 train_command, train_audio_command, train_fusion_command, train_temporal_command,
-                evaluate_command, evaluate_entries_command, serve_command):
+                evaluate_command, evaluate_entries_command, serve_command, duplicates_command):
     cli.add_command(command)
 
 

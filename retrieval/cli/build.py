@@ -21,6 +21,7 @@ from .common import (
     reports_errors,
     wait_option,
     wait_or_refuse,
+    warn,
 )
 
 
@@ -78,7 +79,8 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                   pretrained: str | None,
                   audio_model: str | None, index_type: str | None,
                   rebuild: bool, device: str, batch_size: int, int8: bool, engine: str,
-                  address: str | None, follow_external_links: bool, quiet: bool, as_json: bool, wait: bool) -> None:
+                  address: str | None, follow_external_links: bool, quiet: bool, as_json: bool,
+                  wait: bool) -> None:
     """Build or update an index over folders and files, incrementally.
 
     Only new and changed files are encoded; moved files keep their vectors; files gone from
@@ -103,7 +105,7 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
         from ..build.report import skipped_lines
 
         for line in skipped_lines(report.skipped):
-            click.echo(f"warning: {line}", err=True)
+            warn(line)
     if as_json:
         click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
     else:

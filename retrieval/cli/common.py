@@ -3,6 +3,7 @@ the query-first argument parsing and the write-lock check."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 import warnings
@@ -16,6 +17,20 @@ from click_default_group import DefaultGroup
 from ..core.errors import IndexLockedError, QueryWarning, RetrievalError
 
 DEFAULT_INDEX = "indexes/default"
+# Parameters whose flag is not the parameter's name with dashes (see `with_flags`).
+FLAGS = {"architecture": "--kind"}
+_PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def with_flags(message: str) -> str:
+    """A library message as the CLI says it: each parameter it names in backticks (`where`,
+    `max_audio_seconds`) becomes the flag that sets it (--where, --max-audio-seconds)."""
+    return _PARAMETER.sub(lambda name: FLAGS.get(name[1], "--" + name[1].replace("_", "-")), message)
+
+
+def warn(line: str) -> None:
+    """One warning line on stderr, in the CLI's words."""
+    click.echo(f"warning: {with_flags(line)}", err=True)
 
 index_option = click.option(
     "--index", "index_dir", envvar="RETRIEVAL_INDEX", default=DEFAULT_INDEX, show_default=True,
@@ -65,7 +80,7 @@ def reports_errors(command):
                        "when it is done, or add --wait to wait for it", err=True)
             sys.exit(error.exit_code)
         except RetrievalError as error:
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {with_flags(str(error))}", err=True)
             sys.exit(error.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted; what was committed is kept, run again to resume", err=True)
@@ -147,7 +162,7 @@ def printing_query_warnings() -> Iterator[None]:
         finally:
             for warning in caught:
                 if issubclass(warning.category, QueryWarning):
-                    click.echo(f"warning: {warning.message}", err=True)
+                    warn(str(warning.message))
                 else:
                     warnings.showwarning(warning.message, warning.category, warning.filename,
                                          warning.lineno)

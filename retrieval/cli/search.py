@@ -44,6 +44,8 @@ from .common import (
               help="Seconds a --where filter may run.")
 @click.option("--under", type=click.Path(), help="Only items whose file is under this folder.")
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
+@click.option("--dedup", is_flag=True, help="One hit per group of near-duplicates, with how many "
+              "others it stands for (see retrieve duplicates).")
 @click.option("--entries", metavar="stem|folder|MANIFEST",
               help="Return entries instead of single items: files sharing a stem, a folder, or "
               "as a manifest (CSV/JSONL with entry and path fields) groups them.")
@@ -64,7 +66,7 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
                    videos: tuple[str, ...], index_dir: str, k: int,
                    target: str, filter_text: str | None, where: str | None, where_timeout: float,
                    under: str | None, min_score: float | None,
-                   entries: str | None, fusion: str | None, weights: dict[str, float] | None,
+                   dedup: bool, entries: str | None, fusion: str | None, weights: dict[str, float] | None,
                    server: str | None, as_json: bool,
                    model: str | None, pretrained: str | None, device: str) -> None:
     """Search the index with text, images, sounds or a combined query like "cat + 2:dog - grass".
@@ -76,12 +78,16 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
     if weights and not entries:
         raise click.BadParameter("weights fuse the modalities of entries: add --entries",
                                  param_hint="'--weights'")
+    if dedup and entries:
+        raise click.BadParameter("--dedup folds single hits; entries are not deduplicated",
+                                 param_hint="'--dedup'")
     if entries:
         with printing_query_warnings():
             found = _entries_here(index_dir, text, images, sounds, videos, k, entries, fusion, weights)
         _print_entries(found, as_json)
         return
-    search = dict(k=k, target=target, where=where, under=under, min_score=min_score, filter=filter_text)
+    search = dict(k=k, target=target, where=where, under=under, min_score=min_score,
+                  dedup=dedup or None, filter=filter_text)
     if server:
         from ..serve.client import search_server
 
@@ -154,7 +160,9 @@ def _print_entries(hits, as_json: bool) -> None:
 
 def _print_hits(hits) -> None:
     width = shutil.get_terminal_size((120, 20)).columns
-    rows = [(f"{rank:>3}", f"{hit.score:.3f}", hit.metadata.get("image", hit.uri), hit.text or "")
+    rows = [(f"{rank:>3}", f"{hit.score:.3f}", hit.metadata.get("image", hit.uri),
+             (f"(+{len(hit.duplicates)} near-duplicate{'s' if len(hit.duplicates) > 1 else ''}) "
+              if hit.duplicates else "") + (hit.text or ""))
             for rank, hit in enumerate(hits, 1)]
     place_width = min(max(len(row[2]) for row in rows), max(20, width // 2))
     for rank, score, place, text in rows:

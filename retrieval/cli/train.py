@@ -20,6 +20,7 @@ from .common import (
     schedule_options,
     wait_option,
     wait_or_refuse,
+    warn,
 )
 
 
@@ -64,7 +65,7 @@ def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int
         from ..build.report import skipped_lines
 
         for line in skipped_lines(report.skipped):
-            click.echo(f"warning: {line}", err=True)
+            warn(line)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
 

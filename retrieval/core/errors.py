@@ -1,5 +1,10 @@
 """Errors the engine raises on purpose: each carries one line a person can act on. And
-`counted`, which every message that counts things shares."""
+`counted`, which every message that counts things shares.
+
+A message names a parameter of the call that failed as the library spells it, in backticks
+(`where`, `max_audio_seconds`, `audio_model` clap:NAME); the CLI shows each as the flag that sets
+it (--where, --max-audio-seconds, --audio-model=clap:NAME). Backticks hold nothing else that is
+one lower-case word."""
 
 from __future__ import annotations
 

@@ -37,6 +37,12 @@ FUSIONS = (*LATE_FUSIONS, *EARLY_FUSIONS, "attention")
 FRAME_POOLINGS = ("mean", "max")  # how a segment's frames become one vector, blind to their order
 TEMPORAL_ARCHITECTURES = ("bilstm", "transformer")  # learnt encoders that read frame order
 
+# -- duplicates -------------------------------------------------------------------------------
+
+# What makes two images near-duplicates: their vectors' cosine, their perceptual hashes'
+# Hamming distance, or either of the two (see `retrieval.query.duplicates`).
+DUPLICATE_SIGNALS = ("vector", "phash", "both")
+
 # -- building and training ---------------------------------------------------------------------
 
 ENGINES = ("local", "ray")
@@ -49,7 +55,8 @@ class Hit:
     """One search result. `text` is a text item's text, or an image's first caption.
 
     An audio hit is a file, represented by its best window: `uri` ends in `#t=START,END`
-    and `metadata` holds `start` and `end` in seconds.
+    and `metadata` holds `start` and `end` in seconds. A search with `dedup` lists the
+    near-duplicates each hit stands for in `duplicates`.
     """
 
     id: int
@@ -59,6 +66,8 @@ class Hit:
     path: str | None
     text: str | None = None
     metadata: dict = field(default_factory=dict)
+    # With `dedup`: the near-duplicates this hit stands for (id, uri, path, score each).
+    duplicates: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -139,7 +139,7 @@ def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32,
     cached = check_weights_available(spec)
     device = resolve_device(device)
     if int8 and device != "cpu":
-        raise UsageError(f"int8 encoding runs on the CPU only, not on {device}; drop --int8")
+        raise UsageError(f"int8 encoding runs on the CPU only, not on {device}; drop `int8`")
     try:
         with hub_cache_only(cached):  # no update checks, which retry for long without a network
             model, _, preprocess = open_clip.create_model_and_transforms(

@@ -105,13 +105,13 @@ def check_weights_available(spec: ModelSpec) -> bool:
         if not Path(spec.pretrained).is_file():
             raise ModelLoadError(
                 f"model {spec.identity}: checkpoint file {spec.pretrained} not found; "
-                "pass --pretrained with an existing checkpoint file or a known tag")
+                "pass `pretrained` an existing checkpoint file or a known tag")
         return False
     tags = pretrained.list_pretrained_tags_by_model(spec.name)
     if spec.pretrained not in tags:
         raise ModelLoadError(
             f"model {spec.name}: unknown pretrained tag {spec.pretrained!r} (known tags: "
-            f"{', '.join(tags) or 'none'}); or pass a checkpoint file with --pretrained")
+            f"{', '.join(tags) or 'none'}); or pass a checkpoint file as `pretrained`")
     return _tag_available(spec, pretrained.get_pretrained_cfg(spec.name, spec.pretrained))
 
 
@@ -159,8 +159,8 @@ def cannot_load_message(spec: ModelSpec, cause: str) -> str:
     """Why `spec`'s weights could not be loaded, and how to supply them, in one line."""
     return (f"could not load weights for model {spec.identity} ({cause}). Without internet, "
             "supply weights yourself: download them on a connected machine into the Hugging Face "
-            "cache (~/.cache/huggingface), or pass --pretrained /path/to/checkpoint, or "
-            "--model local-dir:/folder with open_clip_config.json and weights")
+            "cache (~/.cache/huggingface), or pass `pretrained` /path/to/checkpoint, or "
+            "`model` local-dir:/folder with open_clip_config.json and weights")
 
 
 def one_line(error: BaseException) -> str:

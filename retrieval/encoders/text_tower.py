@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import save_file
 
-from ..core.files import replacing
+from ..core.files import map_tensors, write_tensors
 from .tokenizer import ClipTokenizer
 
 if TYPE_CHECKING:
@@ -121,33 +118,11 @@ def load_text_tower(folder: Path, model_identity: str) -> NumpyTextEncoder | Non
     if not path.is_file():
         return None
     try:
-        metadata, weights = _map_safetensors(path)
+        metadata, weights = map_tensors(path)  # a query reads only the token rows it uses
         config = TowerConfig(**json.loads(metadata["config"]))
     except (OSError, ValueError, TypeError, KeyError):
         return None  # damaged or from another version: the torch model still answers
     return NumpyTextEncoder(config, weights) if config.model == model_identity else None
-
-
-def _map_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
-    """Memory-map a float32 safetensors file: arrays are views, read from disk as touched.
-
-    safetensors' own numpy loader copies every tensor; mapped, a query reads only the rows of
-    the token table it uses, and the rest of the file is paged in once and kept by the OS.
-    """
-    with open(path, "rb") as handle:
-        header_size = int.from_bytes(handle.read(8), "little")
-        if not 0 < header_size <= os.path.getsize(path) - 8:
-            raise ValueError(f"{path} is not a safetensors file")
-        header = json.loads(handle.read(header_size))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
-    metadata = header.pop("__metadata__", {})
-    weights = {}
-    for name, entry in header.items():
-        if entry["dtype"] != "F32":
-            raise ValueError(f"{name} is {entry['dtype']}, not F32")
-        start, end = entry["data_offsets"]
-        weights[name] = data[start:end].view(np.float32).reshape(entry["shape"])
-    return metadata, weights
 
 
 def export_text_tower(encoder: ClipEncoder, folder: Path) -> bool:
@@ -157,11 +132,9 @@ def export_text_tower(encoder: ClipEncoder, folder: Path) -> bool:
     if config is None:
         return False
     try:
-        with replacing(folder / TOWER_FILE) as temporary:
-            save_file(_tower_weights(encoder.model, config.layers), str(temporary),
-                      metadata={"config": json.dumps(asdict(config))})
-            os.chmod(temporary, 0o644)  # safetensors makes it private; as public as the index
-    except (OSError, SafetensorError):  # a full disk costs the fast query path, not the build
+        write_tensors(folder / TOWER_FILE, _tower_weights(encoder.model, config.layers),
+                      {"config": json.dumps(asdict(config))})
+    except OSError:  # a full disk costs the fast query path, not the build
         return False
     return True
 

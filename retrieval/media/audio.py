@@ -179,7 +179,7 @@ def _check_duration(seconds: float, max_seconds: float) -> None:
     if seconds > max_seconds:
         length, limit = format_durations(seconds, max_seconds)
         raise AudioDecodeError(f"too long ({length}; the limit is {limit}, raise it with "
-                               "--max-audio-seconds)")
+                               "`max_audio_seconds`)")
 
 
 def _check_samples(mono: np.ndarray, rate: int) -> None:

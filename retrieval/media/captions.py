@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import re
+
+from .tables import FormatError, csv_header, parse_json, parse_rows, split_lines
 
 CAPTION_FILE_NAMES = ("captions.tsv", "captions.csv", "captions.jsonl", "captions.json")
 IMAGE_FIELDS = ("image", "file", "filename", "file_name", "path", "image_path")
@@ -23,24 +22,9 @@ CAPTION_FIELDS = ("caption", "text")
 _CAPTION_NUMBER = re.compile(r"#\d+$")
 
 
-class CaptionFormatError(ValueError):
-    """A captions file that does not parse; the message names the line and the problem."""
-
-
-def split_lines(content: str) -> list[str]:
-    """Lines split on newlines only: str.splitlines also breaks at form feeds and U+2028,
-    which are ordinary characters inside a caption or a JSON string."""
-    return [line.removesuffix("\r") for line in content.split("\n")]
-
-
-def parse_json(text: str, where: str):
-    """json.loads whose every failure is a CaptionFormatError naming `where`."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CaptionFormatError(f"{where} is not JSON ({error.msg})") from None
-    except RecursionError:
-        raise CaptionFormatError(f"{where} is JSON nested too deeply") from None
+# A captions file that does not parse; the message names the line and the problem. Captions are
+# rows like any other table's, so their errors are the table reader's.
+CaptionFormatError = FormatError
 
 
 def read_caption_pairs(path: str, content: str, sidecar_image: str | None = None
@@ -104,26 +88,19 @@ def _token_pairs(content: str) -> list[tuple[str, str]]:
 
 
 def _csv_pairs(content: str) -> list[tuple[str, str]]:
-    reader = csv.DictReader(io.StringIO(content, newline=""))
-    try:
-        if reader.fieldnames is None:
-            return []
-        image_field, caption_field = _fields(reader.fieldnames, "header")
-        return [(row[image_field] or "", (row[caption_field] or "").strip()) for row in reader]
-    except csv.Error as error:
-        raise CaptionFormatError(f"line {reader.line_num}: {error}") from None
+    header = csv_header(content)
+    if header is None:
+        return []
+    image_field, caption_field = _fields(header, "header")
+    rows = parse_rows(content, "csv")
+    return [(row.fields[image_field] or "", (row.fields[caption_field] or "").strip()) for row in rows]
 
 
 def _jsonl_pairs(content: str) -> list[tuple[str, str]]:
     pairs = []
-    for number, line in enumerate(split_lines(content), 1):
-        if not line.strip():
-            continue
-        record = parse_json(line, f"line {number}")
-        if not isinstance(record, dict):
-            raise CaptionFormatError(f"line {number} is not a JSON object")
-        image_field, caption_field = _fields(record.keys(), f"line {number}")
-        pairs.append(_strings(record[image_field], record[caption_field], f"line {number}"))
+    for row in parse_rows(content, "jsonl"):
+        image_field, caption_field = _fields(row.fields, f"line {row.line}")
+        pairs.append(_strings(row.fields[image_field], row.fields[caption_field], f"line {row.line}"))
     return pairs
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.paths import absolute_path, display_path, is_under
-from .captions import CAPTION_FILE_NAMES, parse_json, read_caption_pairs, split_lines
+from .captions import CAPTION_FILE_NAMES, read_caption_pairs
+from .tables import FormatError, parse_rows, split_lines
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3"})
@@ -105,7 +106,7 @@ def walk_sources(sources: Iterable[str | Path], exclude_dirs: Iterable[str] = ()
     """
     sources = list(sources)
     default = WalkOptions.of(exclude_dirs, include_hidden)
-    real_sources = [os.path.realpath(absolute_path(source)) for source in sources]
+    real_sources = [real for real in map(_real_path, sources) if real]
     found: dict[str, SourceFile] = {}
     skipped: list[Skipped] = []
     for source in sources:
@@ -175,6 +176,15 @@ def _walk_folder(root: Path, options: WalkOptions, skipped: list[Skipped],
             link = links.popleft()
             if _first_visit(link, walked):
                 tops.append(link)
+
+
+def _real_path(source: str | Path) -> str | None:
+    """A source with every link resolved; None for names no file system holds (the walk
+    reports those itself)."""
+    try:
+        return os.path.realpath(absolute_path(source))
+    except (OSError, ValueError):  # a NUL, a lone surrogate, an empty name
+        return None
 
 
 def _follow_link(link: str, options: WalkOptions, real_sources: list[str],
@@ -320,15 +330,13 @@ def _jsonl_texts(path: str, content: str) -> list[ItemSpec]:
     """Records with a `text` field; an `id` field names the item, other fields become metadata."""
     items = []
     uris: set[str] = set()
-    for number, line in enumerate(split_lines(content), 1):
-        if not line.strip():
-            continue
-        record = parse_json(line, f"line {number}")
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"line {number} has no string field 'text'")
-        uri = f"{path}#id={record.pop('id')}" if "id" in record else f"{path}#L{number}"
+    for row in parse_rows(content, "jsonl"):
+        record = dict(row.fields)
+        if not isinstance(record.get("text"), str):
+            raise FormatError(f"line {row.line} has no string field 'text'")
+        uri = f"{path}#id={record.pop('id')}" if "id" in record else f"{path}#L{row.line}"
         if uri in uris:
-            raise ValueError(f"line {number} repeats the id of an earlier record")
+            raise FormatError(f"line {row.line} repeats the id of an earlier record")
         uris.add(uri)
         text = record.pop("text").strip()
         if text:

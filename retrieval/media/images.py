@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,8 +17,24 @@ DEFAULT_MAX_MEGAPIXELS = 100.0
 Image.MAX_IMAGE_PIXELS = None
 
 
+# EXIF orientations that turn the picture a quarter: its width and height trade places.
+QUARTER_TURNS = {5, 6, 7, 8}
+
+
 class ImageDecodeError(Exception):
     """A file that cannot become an image; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What duplicate finding needs to know of an image's content, measured once when it is
+    decoded: its full size as shown (after EXIF orientation), and its perceptual hashes (64-bit,
+    hex; None where `imagehash` is not installed or the image could not be read)."""
+
+    width: int
+    height: int
+    phash: str | None = None
+    dhash: str | None = None
 
 
 def load_image(path: str | Path | BinaryIO, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
@@ -29,17 +46,27 @@ def load_image(path: str | Path | BinaryIO, max_megapixels: float = DEFAULT_MAX_
     times faster than decoding every pixel only to throw most away.
     Raises ImageDecodeError with a short reason for anything that is not a usable image.
     """
+    return load_image_with_size(path, max_megapixels, min_side)[0]
+
+
+def load_image_with_size(path: str | Path | BinaryIO, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+                         min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """`load_image`, and the image's full (width, height) as shown, which a draft decode at a
+    smaller scale no longer tells."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the image is still fine
             with Image.open(path) as image:
                 _check_size(image, max_megapixels)
+                width, height = image.size
+                if _orientation(image) in QUARTER_TURNS:
+                    width, height = height, width
                 if min_side and image.format == "JPEG":
                     image.draft("RGB", _draft_request(image.size, min_side))
                 image.seek(0)  # first frame of animations
                 image.load()
                 oriented = _apply_orientation(image)
-                return to_rgb(oriented)
+                return to_rgb(oriented), (width, height)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -63,7 +90,35 @@ def _check_size(image: Image.Image, max_megapixels: float) -> None:
     if megapixels > max_megapixels:
         raise ImageDecodeError(
             f"{width}x{height} is {megapixels:.1f} megapixels, over the {max_megapixels:g} MP cap "
-            "(raise --max-megapixels to index it)")
+            "(raise `max_megapixels` to index it)")
+
+
+def perceptual_hashes(image: Image.Image) -> tuple[str | None, str | None]:
+    """The image's pHash and dHash (64 bits each, as hex), or (None, None) without `imagehash`."""
+    try:
+        import imagehash  # imports scipy: only where hashes are made
+    except ImportError:
+        return None, None
+    return str(imagehash.phash(image)), str(imagehash.dhash(image))
+
+
+def hashing_available() -> bool:
+    """Whether perceptual hashes can be made here (`imagehash` is installed)."""
+    from importlib.util import find_spec
+
+    return find_spec("imagehash") is not None
+
+
+def measure_image(image: Image.Image, size: tuple[int, int]) -> ImageFacts:
+    """The facts of a decoded image whose full size as shown is `size`."""
+    return ImageFacts(size[0], size[1], *perceptual_hashes(image))
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # garbage EXIF: taken as upright, as _apply_orientation leaves it
+        return 1
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:

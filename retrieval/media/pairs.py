@@ -7,8 +7,6 @@ relative to the folder or to the captions file, or else by its file name when th
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ import numpy as np
 from ..core.errors import UsageError
 from .captions import CaptionFormatError, read_caption_pairs, read_split_pairs
 from .corpus import VIDEO_SUFFIXES, walk_sources
+from .tables import read_table, row_error
 
 
 @dataclass
@@ -113,13 +112,12 @@ def read_video_pairs(source: str | Path) -> list[tuple[Path, str]]:
                  for caption in video.with_suffix(".txt").read_text(encoding="utf-8").splitlines()[:1]
                  if caption.strip()]
     elif path.suffix.lower() in (".csv", ".jsonl") and path.is_file():
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-        try:
-            rows = ([json.loads(line) for line in lines if line.strip()] if path.suffix.lower() == ".jsonl"
-                    else list(csv.DictReader(lines)))
-            pairs = [(path.parent / str(row["video"]), str(row["caption"]).strip()) for row in rows]
-        except (ValueError, KeyError, TypeError) as error:
-            raise UsageError(f"video pairs {path}: needs video and caption fields ({error})") from None
+        pairs = []
+        for row in read_table(path, "video pairs"):
+            video, caption = row.text("video"), row.text("caption")
+            if not video or not caption:
+                raise row_error("video pairs", path, row, "needs video and caption fields")
+            pairs.append((path.parent / video, caption))
     else:
         raise UsageError(f"video pairs {source}: give a folder, a .csv or a .jsonl file")
     if not pairs:

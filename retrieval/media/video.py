@@ -120,7 +120,7 @@ def _decode(container: av.container.InputContainer, frame_rate: float, scene_thr
     if declared is not None and declared > max_seconds:
         length, limit = format_durations(declared, max_seconds)
         raise VideoDecodeError(f"too long ({length}; the limit is {limit}, raise it with "
-                               "--max-video-seconds)")
+                               "`max_video_seconds`)")
     video.codec_context.thread_type = "AUTO"
     audio = container.streams.audio[0] if container.streams.audio else None
     # Times count from the container's start: MPEG-TS clocks, for one, do not begin at zero.
@@ -136,7 +136,7 @@ def _decode(container: av.container.InputContainer, frame_rate: float, scene_thr
             # Headers may lack a duration, or lie: decoded time bounds the work and the memory.
             if max(picker.end, soundtrack.end) > max_seconds:
                 raise VideoDecodeError(f"too long (runs past the {format_duration(max_seconds)} limit, "
-                                       "raise it with --max-video-seconds)")
+                                       "raise it with `max_video_seconds`)")
     if not picker.frames:
         raise VideoDecodeError("no decodable video frames")
     duration = max(picker.end, soundtrack.end)

@@ -99,7 +99,7 @@ def _encode(encoders: Encoders, terms: list[QueryTerm], modality: str, in_clap: 
         return encoders.clip.encode_images(opened)
     if encoders.audio_is_clap and not in_clap:
         raise UsageError("this index's audio is embedded by CLAP, whose sounds cannot be compared "
-                         "with images or texts of the CLIP model; use --target audio, or train "
+                         "with images or texts of the CLIP model; use `target` audio, or train "
                          "our own audio tower with retrieve train-audio")
     encoder = encoders.audio
     return np.stack([_sound_vector(encoder, t.audio) for t in terms])

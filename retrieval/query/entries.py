@@ -18,8 +18,6 @@ Every hit tells which part of each modality matched and how much each modality c
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -32,6 +30,7 @@ from ..core.errors import QueryWarning, UsageError, counted
 from ..core.paths import absolute_path, stored_path
 from ..core.types import FUSIONS, GROUPINGS, LATE_FUSIONS, MODALITIES, Hit
 from ..core.vectors import unit_mean
+from ..media.tables import read_table, row_error
 from .encode import AudioQuery, ImageQuery, query_terms, query_vector
 from .fusion import early_fuse, early_fuse_query, late_fuse
 from .search import Searcher
@@ -80,9 +79,10 @@ def resolve_grouping(grouping: str) -> Grouping:
         raise UsageError(f"entries are grouped by stem, folder or a manifest file, and {grouping} "
                          "is none of these")
     entries = {}
-    for number, (entry, member) in enumerate(_manifest_rows(path), 1):
+    for row in read_table(path, "entries manifest", other="csv"):
+        entry, member = row.text("entry"), row.text("path")
         if not entry or not member:
-            raise UsageError(f"entries manifest {path}, row {number}: needs an entry and a path")
+            raise row_error("entries manifest", path, row, "needs an entry and a path")
         entries[_beside(path, member)] = entry
     return entries
 
@@ -91,15 +91,6 @@ def _beside(file: Path, name: str) -> str:
     """A path named in `file`, taken relative to the file's folder, as the index stores paths
     (absolute, display form), whatever the working directory."""
     return stored_path(absolute_path(file).parent / name)
-
-
-def _manifest_rows(path: Path) -> list[tuple[str, str]]:
-    text = _read(path, "entries manifest")
-    if path.suffix.lower() == ".jsonl":
-        records = _json_lines(path, text, "entries manifest")
-        return [(str(r.get("entry", "")).strip(), str(r.get("path", "")).strip()) for r in records]
-    rows = list(csv.DictReader(text.splitlines()))
-    return [((r.get("entry") or "").strip(), (r.get("path") or "").strip()) for r in rows]
 
 
 def search_entries(searcher: Searcher, query: str | None = None, *, text: str | None = None,
@@ -268,41 +259,13 @@ def read_entry_queries(path: str | Path, grouping: Grouping = "stem") -> list[tu
     Entries are named as `grouping` names them: by stem or folder, paths relative to the file's
     folder; by a manifest (file name or read), the manifest's entry names."""
     path = Path(path).expanduser()
-    rows = _query_rows(path, _read(path, "queries file"))
     by_path = grouping in GROUPINGS
     answers: dict[str, set[str]] = {}
-    for number, (query, entry) in enumerate(rows, 1):
+    for row in read_table(path, "queries file", columns=("query", "entry")):
+        query, entry = row.text("query"), row.text("entry")
         if not query or not entry:
-            raise UsageError(f"queries file {path}, row {number}: needs a query and an entry")
+            raise row_error("queries file", path, row, "needs a query and an entry")
         answers.setdefault(query, set()).add(_beside(path, entry) if by_path else entry)
     if not answers:
         raise UsageError(f"queries file {path} holds no queries")
     return list(answers.items())
-
-
-def _query_rows(path: Path, text: str) -> list[tuple[str, str]]:
-    lines = [line for line in text.splitlines() if line.strip()]
-    if path.suffix.lower() == ".jsonl":
-        records = _json_lines(path, text, "queries file")
-        return [(str(r.get("query", "")).strip(), str(r.get("entry", "")).strip()) for r in records]
-    if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(lines))
-        return [((r.get("query") or "").strip(), (r.get("entry") or "").strip()) for r in rows]
-    return [tuple(part.strip() for part in (line.split("\t", 1) + [""])[:2]) for line in lines]
-
-
-def _read(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except OSError as error:
-        raise UsageError(f"{what} {path}: {error.strerror}") from None
-
-
-def _json_lines(path: Path, text: str, what: str) -> list[dict]:
-    try:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except ValueError as error:
-        raise UsageError(f"{what} {path}: not JSON lines ({error})") from None
-    if not all(isinstance(record, dict) for record in records):
-        raise UsageError(f"{what} {path}: every line must be a JSON object")
-    return records

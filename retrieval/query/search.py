@@ -4,6 +4,7 @@ by folder, audio and video found per file at their best window, and hits hydrate
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from ..core.errors import UsageError
 from ..core.paths import stored_path
 from ..core.types import AUTO_TARGETS, MODALITIES, TARGETS, TIMED, Hit
 from ..storage.store import WHERE_TIMEOUT_S
+from .duplicates import DEDUP_POOL, collapse_hits
 from .encode import AudioQuery, ImageQuery, query_modality, query_terms, query_vector
 from .filters import Filter, parse_filter
 from .parse import QueryTerm
@@ -29,8 +31,8 @@ class Searcher:
                like: int | None = None, vector: Sequence[float] | np.ndarray | None = None,
                vector_of: str = "image", k: int = 10,
                target: str = "auto", where: str | None = None, under: str | None = None,
-               min_score: float | None = None, filter: str | Filter | None = None,
-               where_timeout: float = WHERE_TIMEOUT_S) -> list[Hit]:
+               min_score: float | None = None, dedup: bool = False,
+               filter: str | Filter | None = None, where_timeout: float = WHERE_TIMEOUT_S) -> list[Hit]:
         """Nearest items to a query, best first (see `Index.search`)."""
         if k < 1:
             raise UsageError(f"k must be at least 1, not {k}")
@@ -47,11 +49,17 @@ class Searcher:
         vector = query_vector(self.context.encoders, terms, target)
         _check_text("where", where)
         allowed = self.allowed_ids(target, where, under, chosen, where_timeout)
+        # Deduplicated, more candidates are fetched than wanted, to be left with k once
+        # near-duplicates are folded into the hit they resemble.
+        wanted = min(size, max(DEDUP_POOL * k, 50)) if dedup else k
         if target in TIMED:
-            hits = self.best_window_per_file(target, vector, k, size, allowed)
+            hits = self.best_window_per_file(target, vector, wanted, size, allowed)
         else:
-            hits = self.hydrate(*self.nearest(target, vector, min(k, size), allowed))
-        return [hit for hit in hits if min_score is None or hit.score >= min_score]
+            hits = self.hydrate(*self.nearest(target, vector, min(wanted, size), allowed))
+        hits = [hit for hit in hits if min_score is None or hit.score >= min_score]
+        if dedup:
+            hits = collapse_hits(hits, self.store.vectors_for_ids(np.array([h.id for h in hits])))
+        return hits[:k]
 
     def allowed_ids(self, modality: str, where: str | None = None, under: str | None = None,
                     chosen: Filter | None = None, where_timeout: float = WHERE_TIMEOUT_S
@@ -60,7 +68,7 @@ class Searcher:
         if not (where or under or chosen):
             return None
         condition = chosen.sql(self.store.sources()) if chosen else None
-        return self.store.item_ids(modality, where, _stored(under), condition, where_timeout)
+        return self.store.item_ids(modality, where, stored_under(under), condition, where_timeout)
 
     def resolve_target(self, target: str, query_modality: str) -> str:
         if target != "auto":
@@ -133,14 +141,14 @@ class Searcher:
         return QueryTerm(1.0, item=(modality, values))
 
 
-def _stored(path: str | None) -> str | None:
+def stored_under(path: str | Path | None) -> str | None:
     """A folder prefix as stored: absolute, in display form (odd bytes as \\xNN)."""
     if not path:
         return None
     try:
         return stored_path(path)
     except FileNotFoundError as error:
-        raise UsageError(f"--under: {error}") from None
+        raise UsageError(f"`under`: {error}") from None
 
 
 def _check_text(option: str, value: str | None) -> None:

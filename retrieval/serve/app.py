@@ -27,8 +27,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -187,7 +187,8 @@ class SearchService:
             stats["path"] = os.path.basename(stats["path"]) if stats.get("path") else None
             for shard in stats.get("shards", []):
                 shard["path"] = os.path.basename(shard["path"] or "") or None
-                shard["name"] = os.path.basename(shard["name"]) if "://" not in shard["name"] else shard["name"]
+                if "://" not in shard["name"]:
+                    shard["name"] = os.path.basename(shard["name"])
         return stats
 
     def owner(self, item_id: int) -> tuple[Index | RemoteShard, int]:
@@ -376,9 +377,9 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
                    target: Target = "auto", filter: str | None = None,
                    where: str | None = None, under: str | None = None,
                    min_score: float | None = None, vector: str | None = None,
-                   vector_of: Modality = "image"):
+                   vector_of: Modality = "image", dedup: bool = False):
         return run_search(False, where, query=q or None, like=_like(like), k=k, target=target,
-                          filter=filter, under=under or None, min_score=min_score,
+                          filter=filter, under=under or None, min_score=min_score, dedup=dedup,
                           **_vector_query(vector, vector_of))
 
     @app.post("/api/search", summary="Search with uploaded images, sounds and videos, text and items",
@@ -395,13 +396,14 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
                     under: Annotated[str | None, Form()] = None,
                     min_score: Annotated[float | None, Form()] = None,
                     vector: Annotated[str | None, Form()] = None,
-                    vector_of: Annotated[Modality, Form()] = "image"):
+                    vector_of: Annotated[Modality, Form()] = "image",
+                    dedup: Annotated[bool, Form()] = False):
         images = [_uploaded(upload, limit, "image") for upload in image]
         sounds = [_uploaded(upload, limit, "audio") for upload in audio]
         videos = [_uploaded(upload, limit, "video") for upload in video]
         return run_search(bool(images or sounds or videos), where, query=q or None, like=_like(like),
                           image=images or None, audio=sounds or None, video=videos or None, k=k,
-                          target=target, filter=filter, under=under or None, min_score=min_score,
+                          target=target, filter=filter, under=under or None, min_score=min_score, dedup=dedup,
                           **_vector_query(vector, vector_of))
 
     @app.get("/api/items/{item_id}", summary="An item: its file's size and mtime, metadata and "

@@ -28,7 +28,7 @@ def search_server(url: str, text: str | None, images: list[str], sounds: list[st
                                   timeout=TIMEOUT_S)
         except httpx.HTTPError as error:
             raise RetrievalError(f"cannot reach the server at {url} ({error}); start it with "
-                                 "retrieve serve, or search without --server") from None
+                                 "retrieve serve, or search the index itself") from None
     if response.status_code >= 400:
         raise server_error(response, f"server {url}")
     return [Hit.from_dict(hit) for hit in response.json()]

@@ -197,7 +197,8 @@ class ShardedIndex:
                 if strict:
                     raise
                 failed.append(self.shards[number].name)
-        hits = [replace(hit, id=hit.id * MAX_SHARDS + number)
+        hits = [replace(hit, id=hit.id * MAX_SHARDS + number,
+                        duplicates=[{**d, "id": d["id"] * MAX_SHARDS + number} for d in hit.duplicates])
                 for number, found in sorted(answers.items()) for hit in found]
         return sorted(hits, key=lambda hit: -hit.score)[:k], failed
 

@@ -69,7 +69,7 @@ class Settings:
         if self.dim and self.dim != dim:
             raise IndexFormatError(
                 f"index {self.folder} holds {self.dim}-d vectors but model {made_by} makes {dim}-d; "
-                "rebuild the index with --rebuild")
+                "rebuild the index (`rebuild`)")
         if not self.dim and not self.store.readonly:
             with self.store.conn:
                 self.store.set_info("dim", str(dim))

@@ -15,12 +15,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sqlite_utils
 
 from ..core.errors import UsageError
 from ..core.types import MODALITIES
+
+if TYPE_CHECKING:  # PIL stays unloaded for readers that never see an image
+    from ..media.images import ImageFacts
 
 # What `where` filters see: one row per item with its file's columns.
 ITEM_VIEW = """
@@ -64,6 +68,22 @@ class ItemRow:
     parent_id: int | None
     meta: dict
     path: str | None
+
+
+@dataclass(frozen=True)
+class ImageFileRow:
+    """An indexed image file as duplicate finding sees it; width, height and hashes are None
+    where its facts were never measured (an index built before they were recorded)."""
+
+    item_id: int
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    width: int | None
+    height: int | None
+    phash: str | None
+    dhash: str | None
 
 
 @dataclass(frozen=True)
@@ -145,6 +165,10 @@ class Store:
             # again; `conditions` are the limits it was judged under.
             db["skipped"].create({"path": str, "size": int, "mtime_ns": int, "conditions": str,
                                   "reason": str}, pk="path", if_not_exists=True)
+            # An image content's size and perceptual hashes, by content hash: copies share them,
+            # moves keep them. Created here for indexes older than it too (it starts empty).
+            db["image_facts"].create({"sha256": str, "width": int, "height": int, "phash": str,
+                                      "dhash": str}, pk="sha256", if_not_exists=True)
             db["files"].create_index(["path"], unique=True, if_not_exists=True)
             db["files"].create_index(["sha256"], if_not_exists=True)
             db["items"].create_index(["uri"], unique=True, if_not_exists=True)
@@ -199,7 +223,7 @@ class Store:
 
     def clear(self) -> None:
         """Forget every file, item and vector (for a rebuild with another model)."""
-        for table in ("vectors", "items", "files", "skipped"):
+        for table in ("vectors", "items", "files", "skipped", "image_facts"):
             self.conn.execute(f"DELETE FROM {table}")
         for modality in MODALITIES:
             self.bump_generation(modality)
@@ -276,6 +300,48 @@ class Store:
 
     def forget_skipped(self, paths: Iterable[str]) -> None:
         self.conn.executemany("DELETE FROM skipped WHERE path = ?", [[p] for p in paths])
+
+    # -- image facts ------------------------------------------------------------------------
+
+    def record_image_facts(self, sha256: str, facts: ImageFacts) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO image_facts (sha256, width, height, phash, dhash) "
+            "VALUES (?, ?, ?, ?, ?)", [sha256, facts.width, facts.height, facts.phash, facts.dhash])
+
+    def images_without_facts(self, want_hashes: bool) -> list[tuple[str, str]]:
+        """(content hash, one path) of each indexed image content whose facts were never
+        measured, or, with `want_hashes`, lack perceptual hashes although it could be read
+        (width 0 marks one that could not)."""
+        missing = "image_facts.sha256 IS NULL"
+        if want_hashes:
+            missing += " OR (image_facts.phash IS NULL AND image_facts.width > 0)"
+        rows = self.conn.execute(
+            "SELECT files.sha256, min(files.path) FROM files LEFT JOIN image_facts "
+            "ON image_facts.sha256 = files.sha256 "
+            f"WHERE files.kind = 'image' AND files.sha256 != '' AND ({missing}) GROUP BY files.sha256")
+        return [(digest, path) for digest, path in rows]
+
+    def forget_unused_facts(self) -> None:
+        """Drop the facts of contents no indexed file holds any more."""
+        self.conn.execute("DELETE FROM image_facts WHERE sha256 NOT IN "
+                          "(SELECT sha256 FROM files WHERE kind = 'image')")
+
+    def image_files(self, under: str | None = None) -> list[ImageFileRow]:
+        """Every indexed image file (`under`: at or below that stored path), with its facts."""
+        if self.db["image_facts"].exists():
+            facts = ("image_facts.width, image_facts.height, image_facts.phash, image_facts.dhash "
+                     "FROM items JOIN files ON files.id = items.file_id "
+                     "LEFT JOIN image_facts ON image_facts.sha256 = files.sha256 ")
+        else:  # an index older than facts, opened read-only: none measured
+            facts = "NULL, NULL, NULL, NULL FROM items JOIN files ON files.id = items.file_id "
+        sql = ("SELECT items.id, files.path, files.size, files.mtime_ns, files.sha256, "
+               + facts + "WHERE items.modality = 'image'")
+        params: list = []
+        if under:
+            sql += " AND " + _under_clause("files.path")
+            params += _under_params(under)
+        rows = self.conn.execute(sql + " ORDER BY items.id", params)
+        return [ImageFileRow(*row) for row in rows]
 
     # -- items ------------------------------------------------------------------------------
 
@@ -409,11 +475,8 @@ class Store:
             sql += f" AND ({condition[0]})"
             params += condition[1]
         if under:
-            # Whole path components, as corpus.is_under compares: photos/ima is not photos/images.
-            # substr, not LIKE, which would also take photos/Images for photos/images.
-            folder = under.rstrip(os.sep) + os.sep
-            sql += " AND (path = ? OR substr(path, 1, ?) = ?)"
-            params += [under, len(folder), folder]
+            sql += " AND " + _under_clause("path")
+            params += _under_params(under)
         rows = self.conn.execute(sql, params).fetchall()
         ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
         if where:
@@ -545,6 +608,18 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
         if os.access(path.parent, os.W_OK):
             raise
         return sqlite3.connect(f"file:{path}?immutable=1", uri=True, check_same_thread=False)
+
+
+def _under_clause(column: str) -> str:
+    """SQL for `column` being a stored path at or below another (see `_under_params`)."""
+    # Whole path components, as corpus.is_under compares: photos/ima is not photos/images.
+    # substr, not LIKE, which would also take photos/Images for photos/images.
+    return f"({column} = ? OR substr({column}, 1, ?) = ?)"
+
+
+def _under_params(under: str) -> list:
+    folder = under.rstrip(os.sep) + os.sep
+    return [under, len(folder), folder]
 
 
 def _blob(vector: np.ndarray) -> bytes:

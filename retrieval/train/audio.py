@@ -12,12 +12,7 @@ column, paths relative to the pairs file.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,12 +25,13 @@ from tqdm import tqdm
 
 from ..core.errors import UsageError, counted
 from ..core.paths import existing_file
+from ..core.vectors import unit_mean
 from ..encoders.audio_tower import AudioTower, AudioTowerConfig, padded_batch
 from ..media.audio import AudioDecodeError, load_audio
-from ..media.captions import split_lines
 from ..media.corpus import AUDIO_SUFFIXES, IMAGE_SUFFIXES, Skipped
 from ..media.images import ImageDecodeError, load_image
-from .loop import optimise, symmetric_info_nce
+from ..media.tables import Row, read_table, row_error, split_lines
+from .loop import EpochReport, fit, split_examples, symmetric_info_nce
 
 CAPTION_COLUMNS = ("caption", "text")
 
@@ -63,25 +59,17 @@ class AudioTrainingOptions:
 
 
 @dataclass
-class EpochReport:
-    epoch: int
-    loss: float
-    recall_at_1: float  # held-out sounds whose nearest held-out partner is their own
-    recall_at_5: float
-
-
-@dataclass
 class AudioTrainingReport:
     pairs: int = 0
     held_out: int = 0
-    epochs: list[EpochReport] = field(default_factory=list)
+    epochs: list[EpochReport] = field(default_factory=list)  # held-out R@1, R@5: sound -> its partner
     skipped: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
     identity: str = ""
 
     def summary(self) -> str:
         last = self.epochs[-1] if self.epochs else None
-        recall = (f"held-out recall@1 {last.recall_at_1:.3f}, @5 {last.recall_at_5:.3f}"
+        recall = (f"held-out recall@1 {last.held_out['R@1']:.3f}, @5 {last.held_out['R@5']:.3f}"
                   if last and self.held_out else "no held-out pairs")
         return (f"trained on {counted(self.pairs - self.held_out, 'pair')} for "
                 f"{counted(len(self.epochs), 'epoch')} in {self.seconds:.1f} s; {recall}; "
@@ -102,9 +90,7 @@ def read_audio_pairs(source: str | Path) -> list[AudioPair]:
         raise UsageError(f"training pairs {source}: no such file or folder")
     if path.suffix.lower() not in (".csv", ".jsonl"):
         raise UsageError(f"training pairs {source}: give a folder, a .csv or a .jsonl file")
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
-    rows = _csv_rows(text) if path.suffix.lower() == ".csv" else _jsonl_rows(text, source)
-    pairs = [_pair_of(row, number, path) for number, row in enumerate(rows, 1)]
+    pairs = [_pair_of(row, path) for row in read_table(path, "training pairs")]
     if not pairs:
         raise UsageError(f"training pairs {source}: no pairs in it")
     return pairs
@@ -142,33 +128,16 @@ def _folder_pair(directory: Path, audio: str, siblings: list[str]) -> AudioPair 
     return None
 
 
-def _csv_rows(text: str) -> list[dict]:
-    return list(csv.DictReader(io.StringIO(text)))
-
-
-def _jsonl_rows(text: str, source: str | Path) -> list[dict]:
-    rows = []
-    for number, line in enumerate(split_lines(text), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as error:
-                raise UsageError(f"training pairs {source}, line {number}: not JSON ({error})") from None
-    return rows
-
-
-def _pair_of(row: dict, number: int, pairs_file: Path) -> AudioPair:
-    where = f"training pairs {pairs_file}, row {number}"
-    if not isinstance(row, dict) or not row.get("audio"):
-        raise UsageError(f"{where}: no 'audio' column; columns are audio and image or caption")
-    audio = pairs_file.parent / str(row["audio"])
-    caption = next((row[c] for c in CAPTION_COLUMNS if isinstance(row.get(c), str) and row[c].strip()),
-                   None)
-    if row.get("image"):
-        return AudioPair(audio, image=pairs_file.parent / str(row["image"]))
+def _pair_of(row: Row, pairs_file: Path) -> AudioPair:
+    audio, image, caption = row.text("audio"), row.text("image"), row.text(*CAPTION_COLUMNS)
+    if not audio:
+        raise row_error("training pairs", pairs_file, row,
+                        "no 'audio' column; columns are audio and image or caption")
+    if image:
+        return AudioPair(pairs_file.parent / audio, image=pairs_file.parent / image)
     if caption:
-        return AudioPair(audio, captions=(caption.strip(),))
-    raise UsageError(f"{where}: needs an 'image' or a 'caption' beside 'audio'")
+        return AudioPair(pairs_file.parent / audio, captions=(caption,))
+    raise row_error("training pairs", pairs_file, row, "needs an 'image' or a 'caption' beside 'audio'")
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -192,30 +161,27 @@ def train_audio_tower(clip_encoder, pairs: list[AudioPair], options: AudioTraini
     examples = _examples(clip_encoder, pairs, config.sample_rate, options, report)
     if len(examples) < 2:
         raise UsageError(f"training needs at least 2 usable pairs, found {len(examples)}")
-    random.Random(options.seed).shuffle(examples)
-    held = min(len(examples) - 1, round(len(examples) * options.held_out)) if options.held_out else 0
-    train, test = examples[held:], examples[:held]
-    report.pairs, report.held_out = len(examples), held
+    train, test = split_examples(len(examples), options.held_out, options.seed)
+    report.pairs, report.held_out = len(examples), len(test)
 
     tower = AudioTower(config)
-    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    optimizer = torch.optim.AdamW([*tower.parameters(), logit_scale], lr=options.learning_rate,
-                                  weight_decay=1e-4)
-    steps = options.epochs * math.ceil(len(train) / options.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, options.learning_rate, total_steps=steps,
-                                                   pct_start=0.1)
     crop = int(options.clip_seconds * config.sample_rate)
-    generator = np.random.default_rng(options.seed)
-    for epoch in tqdm(range(1, options.epochs + 1), unit="epoch", desc="audio tower",
-                      disable=not options.progress):
-        tower.train()
-        losses = [_step(tower, logit_scale, optimizer, schedule, batch, crop, generator)
-                  for batch in _batches(train, options.batch_size, generator)]
-        tower.eval()
-        recall_1, recall_5 = held_out_recall(tower, test, crop)
-        report.epochs.append(EpochReport(epoch, float(np.mean(losses)), recall_1, recall_5))
-        log(f"epoch {epoch}: loss {np.mean(losses):.3f}, held-out recall@1 {recall_1:.3f}, "
-            f"@5 {recall_5:.3f}")
+    generator = np.random.default_rng(options.seed)  # shuffles, and crops long sounds at random
+
+    def loss_of(batch: np.ndarray, scale: torch.Tensor) -> torch.Tensor:
+        chosen = [examples[i] for i in batch]
+        audio = _embed(tower, [_crop(e.wave, crop, generator) for e in chosen])
+        targets = torch.from_numpy(np.stack([e.target for e in chosen]))
+        groups = torch.tensor([e.group for e in chosen])
+        return symmetric_info_nce(scale * audio @ targets.T, (groups[:, None] == groups[None, :]).float())
+
+    def recall_of() -> dict:
+        recall_1, recall_5 = held_out_recall(tower, [examples[i] for i in test], crop)
+        return {"R@1": recall_1, "R@5": recall_5}
+
+    fitted = fit(tower, loss_of, recall_of, train, len(test), options, "audio tower",
+                 generator=generator, log=log)
+    report.epochs = fitted.epochs
     report.seconds = time.perf_counter() - started
     return tower.eval(), report
 
@@ -256,19 +222,10 @@ def _partner_vectors(clip_encoder, partners: list) -> list[np.ndarray]:
     vectors = []
     for partner in partners:
         if isinstance(partner, tuple):
-            mean = np.mean([text_vectors[c] for c in partner], axis=0)
-            vectors.append((mean / np.linalg.norm(mean)).astype(np.float32))
+            vectors.append(unit_mean([text_vectors[c] for c in partner]))
         else:
             vectors.append(next(image_vectors))
     return vectors
-
-
-def _batches(examples: list[_Example], size: int, generator: np.random.Generator):
-    order = generator.permutation(len(examples))
-    for start in range(0, len(order), size):
-        chosen = [examples[i] for i in order[start:start + size]]
-        if len(chosen) > 1:  # one example has no negatives to learn from
-            yield chosen
 
 
 def _crop(wave: np.ndarray, length: int, generator: np.random.Generator | None) -> np.ndarray:
@@ -282,16 +239,6 @@ def _crop(wave: np.ndarray, length: int, generator: np.random.Generator | None) 
 def _embed(tower: AudioTower, waves: list[np.ndarray]) -> torch.Tensor:
     batch, lengths = padded_batch(waves, tower.min_samples)
     return F.normalize(tower(batch, lengths), dim=-1)
-
-
-def _step(tower: AudioTower, logit_scale: torch.nn.Parameter, optimizer, schedule,
-          batch: list[_Example], crop: int, generator: np.random.Generator) -> float:
-    audio = _embed(tower, [_crop(e.wave, crop, generator) for e in batch])
-    targets = torch.from_numpy(np.stack([e.target for e in batch]))
-    groups = torch.tensor([e.group for e in batch])
-    positives = (groups[:, None] == groups[None, :]).float()
-    logits = logit_scale.exp() * audio @ targets.T
-    return optimise(symmetric_info_nce(logits, positives), optimizer, schedule, logit_scale)
 
 
 @torch.no_grad()

@@ -29,21 +29,19 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from ..core.concurrency import default_workers, prefetch_map
 from ..core.errors import UsageError, counted
-from ..core.files import replacing
+from ..core.files import read_metadata, replacing, write_tensors
 from ..encoders.clip import ClipEncoder, load_encoder, text_features
 from ..encoders.spec import HF_HUB, LOCAL_DIR, ModelSpec
 from ..media.images import ImageDecodeError, load_image
 from ..media.pairs import CaptionedImages
 from .evaluation import DirectionScores, exact_ranks
-from .loop import optimise, symmetric_info_nce
+from .loop import EpochReport, Optimisation, batch_count, recall_line, symmetric_info_nce, train_epochs
 
 TRAIN_MODES = ("all", "projections", "adapters")
 TOWERS = ("image", "text")
@@ -76,14 +74,6 @@ class TrainingOptions:
     seed: int = 0
     device: str = "auto"
     progress: bool = False
-
-
-@dataclass
-class EpochReport:
-    epoch: int
-    loss: float
-    seconds: float
-    held_out: dict  # {"text->image": {"R@1": ..., "R@5": ..., "R@10": ...}, "image->text": {...}}
 
 
 @dataclass
@@ -155,7 +145,7 @@ class FineTuner:
         self.text_ids = torch.tensor(_text_ids(self.train_data.captions))
         self.caption_image = torch.from_numpy(self.train_data.caption_image)
 
-        total_steps = options.epochs * _steps_per_epoch(len(self.train_data.captions), options.batch_size)
+        total_steps = options.epochs * batch_count(len(self.train_data.captions), options.batch_size)
         # On the CPU the fused kernel updates all weights in one pass: about 5x faster than torch's
         # default per-tensor loop, which took a third of each step (the token table is large).
         self.optimizer = torch.optim.AdamW(_parameter_groups(self.trainable, options.weight_decay),
@@ -179,20 +169,17 @@ class FineTuner:
                  f"{counted(len(self.held_data.images), 'held-out image')}, {self.encoder.device}")
         if self.before is None:
             self.before = self.held_out_recall()
-            self.log(f"before training: {_recall_line(self.before)}")
+            self.log(f"before training: {recall_line(self.before)}")
         report = TrainingReport(str(self.output), LOCAL_DIR + str(self.output),
                                 len(self.train_data.captions), len(self.held_data.images),
                                 trainable, self.before, [], 0.0)
-        for epoch in range(self.epoch + 1, self.options.epochs + 1):
-            epoch_started = time.perf_counter()
-            loss = self._train_epoch(epoch)
-            held_out = self.held_out_recall()
-            self.epoch = epoch
-            self._save()
-            seconds = time.perf_counter() - epoch_started
-            report.epochs.append(EpochReport(epoch, loss, seconds, held_out))
-            self.log(f"epoch {epoch}/{self.options.epochs}: loss {loss:.4f}, {_recall_line(held_out)} "
-                     f"({seconds:.1f} s)")
+        optimisation = Optimisation(self.optimizer, self.schedule, self.encoder.model.logit_scale)
+        report.epochs = list(train_epochs(
+            self.encoder.model, self._loss, self.held_out_recall, np.arange(len(self.train_data.captions)),
+            len(self.held_data.images), optimisation, self.generator,
+            range(self.epoch + 1, self.options.epochs + 1), self.options.batch_size,
+            name="fine-tuning", progress=self.options.progress, train_mode=train_mode,
+            headline=lambda measures: measures["text->image"]["R@1"], after_epoch=self._save, log=self.log))
         self.encoder.model.eval()
         report.seconds = time.perf_counter() - started
         return report
@@ -210,23 +197,16 @@ class FineTuner:
                                               self.held_data.captions_of())
         return {"text->image": _recall(text_ranks), "image->text": _recall(image_ranks)}
 
-    def _train_epoch(self, epoch: int) -> float:
-        train_mode(self.encoder.model)
-        batches = _batches(len(self.train_data.captions), self.options.batch_size, self.generator)
-        losses = [self._step(batch) for batch in tqdm(
-            batches, desc=f"epoch {epoch}/{self.options.epochs}", unit="step",
-            disable=not self.options.progress)]
-        return float(np.mean(losses))
-
-    def _step(self, batch: torch.Tensor) -> float:
+    def _loss(self, batch: np.ndarray, scale: torch.Tensor) -> torch.Tensor:
+        """CLIP's loss on a batch of pairs, each image flipped or not at random."""
         model, device = self.encoder.model, self.encoder.device
+        batch = torch.from_numpy(batch)
         images = self.caption_image[batch]
         pixels = _flipped(self.train_pixels[images].float(), self.generator).to(device)
         image_features = F.normalize(model.encode_image(pixels), dim=-1)
         texts = F.normalize(text_features(model, self.tokens[batch].to(device)), dim=-1)
-        logits = model.logit_scale.exp() * image_features @ texts.T
-        loss = symmetric_info_nce(logits, _positives(images, self.text_ids[batch]).to(device))
-        return optimise(loss, self.optimizer, self.schedule, model.logit_scale)
+        logits = scale * image_features @ texts.T
+        return symmetric_info_nce(logits, _positives(images, self.text_ids[batch]).to(device))
 
     # -- data --------------------------------------------------------------------------------
 
@@ -258,16 +238,16 @@ class FineTuner:
 
     # -- saving and resuming -----------------------------------------------------------------
 
-    def _save(self) -> None:
-        """The checkpoint as a plain open_clip model, then the state to resume from, each atomically.
-
-        The weights carry their epoch, so a crash between the two files is noticed on resume.
+    def _save(self, epoch: int) -> None:
+        """The checkpoint of `epoch` as a plain open_clip model, then the state to resume from,
+        each atomically. The weights carry their epoch, so a crash between the two files is
+        noticed on resume.
         """
+        self.epoch = epoch
         with replacing(self.output / CONFIG_NAME) as temporary:
             temporary.write_text(json.dumps(self.config, indent=2), encoding="utf-8")
-        with replacing(self.output / WEIGHTS_NAME) as temporary:
-            save_file(_plain_state(self.encoder.model, self.keys), str(temporary),
-                      metadata={"epoch": str(self.epoch)})
+        write_tensors(self.output / WEIGHTS_NAME, _plain_state(self.encoder.model, self.keys),
+                      {"epoch": str(self.epoch)})
         with replacing(self.output / STATE_NAME) as temporary:
             torch.save(self._state(), temporary)
 
@@ -298,10 +278,10 @@ class FineTuner:
 def check_options(options: TrainingOptions) -> None:
     """Refuse options that name nothing or leave nothing to train, with one line each."""
     if options.train not in TRAIN_MODES:
-        raise UsageError(f"--train must be one of {', '.join(TRAIN_MODES)}, not {options.train!r}")
+        raise UsageError(f"`train` must be one of {', '.join(TRAIN_MODES)}, not {options.train!r}")
     unknown = [tower for tower in options.freeze if tower not in TOWERS]
     if unknown:
-        raise UsageError(f"--freeze takes {' or '.join(TOWERS)}, not {unknown[0]!r}")
+        raise UsageError(f"`freeze` takes {' or '.join(TOWERS)}, not {unknown[0]!r}")
     if set(options.freeze) >= set(TOWERS):
         raise UsageError("both towers are frozen, so nothing would train; freeze at most one of "
                          f"{', '.join(TOWERS)}")
@@ -344,8 +324,8 @@ def _make_trainable(model: nn.Module, options: TrainingOptions, spec: ModelSpec)
     chosen = {name: p for name, p in model.named_parameters() if _trains(name, towers, options.train)}
     for tower in towers:
         if not any(_tower_of(name) == tower for name in chosen):
-            raise UsageError(f"model {spec.identity}: its {tower} tower has nothing --train "
-                             f"{options.train} could train; choose another mode or --freeze {tower}")
+            raise UsageError(f"model {spec.identity}: its {tower} tower has nothing to train in mode "
+                             f"{options.train!r} (`train`); choose another mode, or `freeze` {tower}")
     for parameter in chosen.values():
         parameter.requires_grad_(True)
     return chosen
@@ -419,16 +399,6 @@ def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
 
 # -- batches ---------------------------------------------------------------------------------
 
-def _steps_per_epoch(pairs: int, batch_size: int) -> int:
-    return pairs // batch_size + (pairs % batch_size > 1)
-
-
-def _batches(pairs: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """The pairs shuffled into batches; a last batch of one is dropped (nothing to contrast)."""
-    order = torch.randperm(pairs, generator=generator)
-    return [batch for batch in order.split(batch_size) if len(batch) > 1]
-
-
 def _flipped(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image mirrored left-right with probability 1/2: cheap augmentation that the rare
     caption saying "left" or "right" is the only one to mind."""
@@ -450,13 +420,6 @@ def _recall(ranks: np.ndarray) -> dict[str, float]:
     return {f"R@{k}": value for k, value in DirectionScores.from_ranks(ranks).recall.items()}
 
 
-def _recall_line(held_out: dict) -> str:
-    if not held_out:
-        return "no held-out images"
-    return "held-out R@1 " + ", ".join(f"{direction} {scores['R@1']:.3f}"
-                                       for direction, scores in held_out.items())
-
-
 # -- the output folder -----------------------------------------------------------------------
 
 def _claim_output(folder: Path) -> None:
@@ -464,7 +427,7 @@ def _claim_output(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"output {folder} is a file; name a folder to save the model in")
     if folder.is_dir() and any(folder.iterdir()):
-        raise UsageError(f"output folder {folder} is not empty; pass --resume to continue the training "
+        raise UsageError(f"output folder {folder} is not empty; pass `resume` to continue the training "
                          "saved there, or choose a new or empty folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -519,7 +482,7 @@ def _read_state(folder: Path, spec: ModelSpec, options: TrainingOptions, digest:
     path = folder / STATE_NAME
     if not path.is_file():
         raise UsageError(f"nothing to resume in {folder}: no {STATE_NAME} there; "
-                         "train without --resume into a new folder")
+                         "train without `resume` into a new folder")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for a cut or foreign file
@@ -553,7 +516,6 @@ def _mismatch(state: object, spec: ModelSpec, options: TrainingOptions, digest: 
 
 def _checkpoint_epoch(path: Path) -> int | None:
     try:
-        with safe_open(str(path), "pt") as weights:
-            return int((weights.metadata() or {}).get("epoch", -1))
+        return int(read_metadata(path).get("epoch", -1))
     except Exception:  # missing, cut short or not ours: no epoch to match
         return None

@@ -57,9 +57,9 @@ def train_attention(queries: np.ndarray, parts: np.ndarray, mask: np.ndarray, an
         logits = scale * model(query_t[batch], parts_t, mask_t)
         return F.cross_entropy(logits, soft_positives(groups_t[answers_t[batch]], groups_t))
 
-    def recall_of() -> float:
+    def recall_of() -> dict:
         top = model(query_t[test], parts_t, mask_t).argmax(dim=1)
-        return float((groups_t[top] == groups_t[answers_t[test]]).float().mean())
+        return {"R@1": float((groups_t[top] == groups_t[answers_t[test]]).float().mean())}
 
     report = fit(model, loss_of, recall_of, train, len(test), options, "attention fusion")
     return model.eval(), asdict(report)

@@ -35,11 +35,11 @@ def train_temporal(sequences: list[np.ndarray], targets: np.ndarray, architectur
         logits = scale * model(*padded([frames[i] for i in batch])) @ target_t[batch].T
         return symmetric_info_nce(logits, (groups[batch][:, None] == groups[batch][None, :]).float())
 
-    def recall_of() -> float:
+    def recall_of() -> dict:
         kept = sorted(set(groups[test].tolist()))  # equal held-out targets count as one candidate
         candidates = torch.stack([target_t[groups == g][0] for g in kept])
         top = (model(*padded([frames[i] for i in test])) @ candidates.T).argmax(dim=1)
-        return float((torch.tensor(kept)[top] == groups[test]).float().mean())
+        return {"R@1": float((torch.tensor(kept)[top] == groups[test]).float().mean())}
 
     report = fit(model, loss_of, recall_of, train, len(test), options, f"{architecture} encoder")
     return model.eval(), asdict(report)

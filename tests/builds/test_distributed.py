@@ -134,7 +134,8 @@ def test_an_interrupted_job_resumes_from_its_shards(tmp_path, corpus, tiny_model
     images = [f for f in walk_sources([corpus]).files if f.kind == "image"]
     with Index.open(tmp_path / "ray", model=tiny_model, create=True, batch_size=4) as index:
         shards = Shards(index.path / SHARDS_FOLDER)
-        assert embed_images(index.context.encoders, images[:12], shards, 64.0, progress=False) == 12  # then stopped
+        # A job stopped after its first twelve images:
+        assert embed_images(index.context.encoders, images[:12], shards, 64.0, progress=False) == 12
         (shards.folder / "damaged.npz").write_bytes(b"PK\x03\x04 cut short")
         (shards.folder / ".partial.123.tmp.npz").write_bytes(b"")
         resumed = Shards(shards.folder)

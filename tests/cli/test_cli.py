@@ -78,7 +78,8 @@ def test_json_output_has_every_field(built, photo_folder):
     code, out, _ = run("sunny", "--index", built, "--json", "-k", "6")
     hits = json.loads(out)
     assert code == 0 and len(hits) == 6
-    assert set(hits[0]) == {"id", "modality", "uri", "score", "path", "text", "metadata"}
+    assert set(hits[0]) == {"id", "modality", "uri", "score", "path", "text", "metadata",
+                            "duplicates"}
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     yellow = next(h for h in hits if h["uri"].endswith("img3.jpg"))
     assert yellow["text"] == "a yellow picture"

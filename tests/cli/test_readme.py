@@ -35,14 +35,18 @@ README = ROOT / "README.md"
 
 # Blocks that cannot run offline or within a test, by their first command, with the reason.
 NOT_RUN = {
-    "retrieve serve --index indexes/photos": "a server runs until stopped (tests/serve/test_server.py serves it)",
+    "retrieve serve --index indexes/photos":
+        "a server runs until stopped (tests/serve/test_server.py serves it)",
     "curl 'http://127.0.0.1:8000/api/search?q=a+dog+in+the+park&k=3'": "needs a running server "
     "(tests/serve/test_server.py asks it the same)",
     "retrieve serve --index shards/0 --shard-index shards/1 --shard-index shards/2": "servers run until "
     "stopped, on other machines (tests/serve/test_fanout.py fans out to real ones)",
-    "pip install 'retrieval[ray]'": "a Ray cluster (tests/builds/test_distributed.py, marked slow, runs Ray locally)",
+    "pip install 'retrieval[ray]'":
+        "a Ray cluster (tests/builds/test_distributed.py, marked slow, runs Ray locally)",
     'python3 -m pytest -q -m "" tests/builds/test_crash.py -s': "the test suite itself",
     "python3 scripts/benchmark.py --json bench.json": "a benchmark of minutes on real-size models",
+    "python3 scripts/bench_duplicates.py --out duplicates.json": "a benchmark of minutes on real-size models "
+    "(tests/query/test_duplicates.py measures the tiny model)",
     "python3 scripts/benchmark.py --scale --scale-dir /big/disk": "13 minutes and 25 GB of disk",
 }
 # The real model, wherever README spells it out, becomes the default one (patched to the tiny model).
@@ -107,8 +111,9 @@ def test_set_up_is_what_ci_runs():
     commands = [re.sub(r"\s+#.*$", "", line).strip() for line in set_up.code.splitlines()]
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert commands[0].startswith("python3 -m venv ") and "/bin/activate" in commands[0]
-    assert commands[1:] == ["python3 -m pip install -e '.[dev]'", "python3 -m pytest -q"]
-    assert ci[-2:] == commands[1:]
+    assert commands[1:] == ["python3 -m pip install -e '.[dev]'", "ruff check retrieval tests scripts",
+                            "lint-imports", "python3 -m pytest -q"]
+    assert ci[-4:] == commands[1:]
     assert any(line.startswith("python3 -m venv ") for line in ci)
     assert any(line.startswith(". ") and line.endswith('/bin/activate"') for line in ci)
 
@@ -130,7 +135,8 @@ def sandbox_template(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     # ~/Pictures: photos, beach/ among them, captions.tsv at the top; a Flickr token file elsewhere.
     for number in range(6):
-        write_render(home / "Pictures" / ("beach" if number < 3 else "city") / f"photo{number}.jpg", number, rng)
+        folder = home / "Pictures" / ("beach" if number < 3 else "city")
+        write_render(folder / f"photo{number}.jpg", number, rng)
     (home / "Pictures" / "captions.tsv").write_text("photo0.jpg#0\ta sunset at the beach\n"
                                                    "photo3.jpg#0\ta street at night\n")
     (home / "flickr8k").mkdir()
@@ -150,7 +156,8 @@ def sandbox_template(tmp_path_factory) -> Path:
     # Videos: two short clips in ~/Videos, and one to query with.
     (home / "Videos").mkdir()
     for number in range(2):
-        write_clip(home / "Videos" / f"clip{number}.mp4", "libx264", "aac", CLASSES[number:number + 1], number)
+        write_clip(home / "Videos" / f"clip{number}.mp4", "libx264", "aac", CLASSES[number:number + 1],
+                   number)
     write_clip(top / "query.mp4", "libx264", "aac", CLASSES[2:3], seed=2)
     # The shop's entries: pictures with their captions beside them, by stem.
     for number in range(4):
@@ -193,7 +200,8 @@ def shell_lines(code: str) -> list[list[str]]:
     for line in code.replace("\\\n", " ").splitlines():
         words = shlex.split(line, comments=True)
         if words:
-            commands.append([str(Path(word).expanduser()) if word.startswith("~") else word for word in words])
+            commands.append([str(Path(word).expanduser()) if word.startswith("~") else word
+                             for word in words])
     return commands
 
 

@@ -164,7 +164,7 @@ def test_train_audio_and_search_through_the_cli(tmp_path, trained_model, library
     report = json.loads(trained.stdout)
     assert report["pairs"] == 90 and report["held_out"] == 18
     assert len(report["epochs"]) == 15 and report["identity"].startswith("tower:")
-    assert "epoch 15: loss" in trained.stderr  # a line per epoch with held-out recall
+    assert "epoch 15/15: loss" in trained.stderr  # a line per epoch with held-out recall
 
     def top(*args: str) -> dict:
         result = runner.invoke(cli, [*args, "--index", index_dir, "--json", "-k", "1"])

@@ -165,7 +165,7 @@ BAD_FILES = {  # name -> (file name, bytes, max_seconds, expected message)
     "no frames": ("nothing.wav", wav_bytes(np.zeros(0, dtype=np.float32)), 3600,
                   "too short (0 s; needs at least 0.1 s)"),
     "too long": ("long.wav", wav_bytes(sine(TONE, 3.0, RATE)), 1.0,
-                 "too long (3 s; the limit is 1 s, raise it with --max-audio-seconds)"),
+                 "too long (3 s; the limit is 1 s, raise it with `max_audio_seconds`)"),
     "NaN samples": ("nan.wav", wav_bytes(with_nan(TONE_1S), subtype="FLOAT"), 3600,
                     "damaged samples (NaN or infinite values)"),
 }
@@ -206,11 +206,11 @@ def claim_length(flac: bytes, frames: int) -> bytes:
 
 
 @pytest.mark.parametrize("claimed_seconds,max_seconds,expected", [
-    (10 * 3600, 3600.0, "too long (10.0 h; the limit is 1.0 h, raise it with --max-audio-seconds)"),
-    (90, 60.0, "too long (1.5 min; the limit is 1.0 min, raise it with --max-audio-seconds)"),
+    (10 * 3600, 3600.0, "too long (10.0 h; the limit is 1.0 h, raise it with `max_audio_seconds`)"),
+    (90, 60.0, "too long (1.5 min; the limit is 1.0 min, raise it with `max_audio_seconds`)"),
     # Once "too long (1.0 h; the limit is 1.0 h)": a length just over the limit reads as equal.
-    (3601, 3600.0, "too long (3601 s; the limit is 3600 s, raise it with --max-audio-seconds)"),
-    (61, 60.0, "too long (61 s; the limit is 60 s, raise it with --max-audio-seconds)"),
+    (3601, 3600.0, "too long (3601 s; the limit is 3600 s, raise it with `max_audio_seconds`)"),
+    (61, 60.0, "too long (61 s; the limit is 60 s, raise it with `max_audio_seconds`)"),
 ])
 def test_length_is_refused_from_the_header_before_decoding(tmp_path, claimed_seconds, max_seconds, expected):
     # The file holds 1 s of audio but claims far more: only a header check can call it too long.

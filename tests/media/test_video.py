@@ -302,7 +302,7 @@ def test_a_video_longer_than_the_limit_is_refused_before_decoding(clips):
     with pytest.raises(VideoDecodeError) as error:
         read_video(clips["mkv"], max_seconds=2)
 
-    assert short_message(error) == "too long (6 s; the limit is 2 s, raise it with --max-video-seconds)"
+    assert short_message(error) == "too long (6 s; the limit is 2 s, raise it with `max_video_seconds`)"
 
 
 def test_a_video_without_a_declared_length_is_refused_once_it_runs_past_the_limit(tmp_path):
@@ -311,7 +311,7 @@ def test_a_video_without_a_declared_length_is_refused_once_it_runs_past_the_limi
     with pytest.raises(VideoDecodeError) as error:
         read_video(path, max_seconds=1)
 
-    assert short_message(error) == "too long (runs past the 1 s limit, raise it with --max-video-seconds)"
+    assert short_message(error) == "too long (runs past the 1 s limit, raise it with `max_video_seconds`)"
 
 
 @pytest.mark.parametrize("options,message", [

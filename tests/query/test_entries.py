@@ -186,7 +186,8 @@ def test_a_manifest_names_the_entries(entry_index, tmp_path):
         scores = index.evaluate_entries(queries, str(manifest), depth=10)
         assert scores["sum"].recall[1] > 0
     (tmp_path / "bad.jsonl").write_text('{"entry": "a"}\n')
-    with Index.open(entry_index, readonly=True) as index, pytest.raises(UsageError, match="row 1"):
+    refused = pytest.raises(UsageError, match="bad.jsonl, line 1: needs an entry and a path")
+    with Index.open(entry_index, readonly=True) as index, refused:
         index.search_entries("x", grouping=str(tmp_path / "bad.jsonl"))
 
 

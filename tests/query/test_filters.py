@@ -25,7 +25,8 @@ def filtered(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("filtered") / "photos"
     for number in range(6):
         folder = root / ("beach" if number < 3 else "city")
-        write_image(folder / f"img{number}.jpg", (40 * number, 200 - 30 * number, 90), size=(48 + 60 * number, 40))
+        write_image(folder / f"img{number}.jpg", (40 * number, 200 - 30 * number, 90),
+                    size=(48 + 60 * number, 40))
         os.utime(folder / f"img{number}.jpg", (0, 1_700_000_000 + number * 86_400))
     (root / "beach" / "img0.txt").write_text("a red picture\nthe First image\n")
     (root / "captions.tsv").write_text("img3.jpg#0\ta yellow picture\n")

@@ -222,8 +222,8 @@ def test_a_finished_run_resumes_for_more_epochs(tmp_path, few_pairs, base_model)
 
 @pytest.mark.parametrize("options, message", [
     (replace(QUICK, freeze=("image", "text")), "both towers are frozen"),
-    (replace(QUICK, train="everything"), "--train must be one of"),
-    (replace(QUICK, freeze=("audio",)), "--freeze takes"),
+    (replace(QUICK, train="everything"), "`train` must be one of"),
+    (replace(QUICK, freeze=("audio",)), "`freeze` takes"),
     (replace(QUICK, batch_size=1), "batch size must be at least 2"),
 ])
 def test_impossible_options_are_refused(tmp_path, few_pairs, base_model, options, message):
@@ -235,7 +235,7 @@ def test_impossible_options_are_refused(tmp_path, few_pairs, base_model, options
 
 def test_an_output_holding_a_checkpoint_is_refused_without_resume(tmp_path, few_pairs, base_model):
     fine_tune(base_model, few_pairs, tmp_path / "out", QUICK)
-    with pytest.raises(UsageError, match="not empty; pass --resume") as refused:
+    with pytest.raises(UsageError, match="not empty; pass `resume`") as refused:
         fine_tune(base_model, few_pairs, tmp_path / "out", QUICK)
     assert "\n" not in str(refused.value)
 

@@ -1,0 +1,319 @@
+"""Finding duplicate images: exact copies (one content hash), and near-duplicates (resized,
+recompressed, cropped, brightened or mirrored copies) whose vectors' cosine reaches a threshold,
+or whose perceptual hashes differ in few bits. Pairs come from FAISS range searches, batched, so
+the work grows with the number of images times the few each is near, not with all pairs; they
+join into groups as connected components. Nothing here moves or deletes a file.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import RetrievalError, UsageError, counted
+from ..core.files import write_atomically
+from ..core.types import DUPLICATE_SIGNALS, Hit
+from ..core.vectors import unit
+from ..storage.store import ImageFileRow, Store
+
+# Cosine at or above which two images' vectors make them near-duplicates. Measured on planted
+# copies (resized, JPEG q60, 90% crops, brightness +-10%, mirrored, copied) of distinct renders
+# with the trained tiny model: precision and recall are both 1.0 from 0.90 to 0.94 (0.85: precision
+# 0.72; 0.95: recall 0.96); 0.92 sits in the middle. scripts/bench_duplicates.py measures it for
+# other models and photo sets (README "Duplicates").
+DEFAULT_THRESHOLD = 0.92
+# Hamming distance (of 64 bits) at or under which two pHashes make images near-duplicates. On the
+# same set: precision 1.0 up to 6 bits, 0.98 at 8-14; pHash alone misses mirrored and most cropped
+# copies (recall 0.64), so it serves best beside the vectors (`both`: 1.0 and 1.0 at 0.92 and 6).
+DEFAULT_MAX_DISTANCE = 6
+# Above this many images the range search runs on an inverted-file index (IVF): each query
+# compares only the few cells nearest it instead of every image; near-duplicates share cells.
+EXACT_SEARCH_LIMIT = 50_000
+IVF_CELLS_PER_ROOT = 2  # 2 * sqrt(n) cells: 2,000 for 1M images
+IVF_PROBES = 8
+QUERY_BATCH = 4096
+# How many candidates a deduplicated search collapses into its k hits, per hit wanted.
+DEDUP_POOL = 5
+
+
+class HashesMissing(RetrievalError):
+    """Perceptual hashes were asked for, and images lack them."""
+
+
+@dataclass(frozen=True)
+class DuplicateFile:
+    id: int
+    path: str
+    width: int | None
+    height: int | None
+    size: int
+    mtime: float
+    sha256: str
+
+    @property
+    def pixels(self) -> int:
+        return (self.width or 0) * (self.height or 0)
+
+    @property
+    def resolution(self) -> str:
+        return f"{self.width}x{self.height}" if self.width else "unknown"
+
+
+@dataclass
+class DuplicateGroup:
+    """Files showing one picture, the one to keep first; `exact` when all hold one content."""
+
+    files: list[DuplicateFile]
+    exact: bool
+    reason: str  # why the first is the one to keep
+
+    @property
+    def keep(self) -> DuplicateFile:
+        return self.files[0]
+
+    @property
+    def others(self) -> list[DuplicateFile]:
+        return self.files[1:]
+
+    def to_dict(self) -> dict:
+        return {"size": len(self.files), "exact": self.exact, "keep": self.keep.path,
+                "reason": self.reason, "files": [asdict(f) for f in self.files]}
+
+
+@dataclass
+class Duplicates:
+    """What a search for duplicates found among `images` images, largest groups first.
+    `unmeasured` images have no recorded size: a build measures them."""
+
+    groups: list[DuplicateGroup]
+    images: int
+    by: str
+    threshold: float
+    max_distance: int
+    unmeasured: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "by": self.by, "threshold": self.threshold,
+                "max_distance": self.max_distance, "unmeasured": self.unmeasured,
+                "groups": [g.to_dict() for g in self.groups]}
+
+    def plan(self) -> dict:
+        """What a user may do: per group, the file to keep and those that could go."""
+        return {"note": "nothing was moved or deleted; each group keeps one file",
+                "groups": [{"keep": g.keep.path, "reason": g.reason,
+                            "remove": [f.path for f in g.others]} for g in self.groups]}
+
+    def write_plan(self, path: str | Path) -> None:
+        write_atomically(Path(path), (json.dumps(self.plan(), indent=2) + "\n").encode())
+
+    def script(self) -> str:
+        """A shell script removing all but one file per group, every line commented out, for
+        the user to read and uncomment."""
+        lines = ["#!/bin/sh", "# Duplicates found by `retrieve duplicates`. Nothing has been removed.",
+                 "# Read each group, then uncomment the `rm` lines you agree with.", ""]
+        for number, group in enumerate(self.groups, 1):
+            kind = "exact copies" if group.exact else "near-duplicates"
+            lines.append(f"# group {number}: {counted(len(group.files), 'file')}, {kind}")
+            lines.append(f"# keep {shlex.quote(group.keep.path)}  ({group.reason})")
+            lines += [f"# rm -- {shlex.quote(f.path)}" for f in group.others]
+            lines.append("")
+        return "\n".join(lines)
+
+    def write_script(self, path: str | Path) -> None:
+        write_atomically(Path(path), self.script().encode())
+
+
+def find_duplicates(store: Store, *, threshold: float | None = None, by: str = "vector",
+                    under: str | None = None, min_size: int = 2, max_distance: int | None = None
+                    ) -> Duplicates:
+    """Groups of duplicate images among those indexed (`under`: a stored folder or file path),
+    largest first, of at least `min_size` files each. `by` chooses what makes near-duplicates:
+    vector cosine >= `threshold`, pHash distance <= `max_distance` bits, or `both` (either one).
+    Exact copies (one content hash) are always grouped."""
+    started = time.perf_counter()
+    if by not in DUPLICATE_SIGNALS:
+        raise UsageError(f"`by` must be one of {', '.join(DUPLICATE_SIGNALS)}, not {by!r}")
+    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    if not -1.0 <= threshold <= 1.0:
+        raise UsageError(f"`threshold` is a cosine, between -1 and 1, not {threshold:g}")
+    max_distance = DEFAULT_MAX_DISTANCE if max_distance is None else int(max_distance)
+    if not 0 <= max_distance <= 64:
+        raise UsageError(f"`max_distance` counts bits of a 64-bit hash: 0 to 64, not {max_distance}")
+    if min_size < 2:
+        raise UsageError(f"`min_size` must be at least 2, not {min_size}")
+    rows = store.image_files(under)
+    pairs = [exact_pairs([row.sha256 for row in rows])]
+    if by in ("vector", "both") and rows:
+        ids = np.array([row.item_id for row in rows], dtype=np.int64)
+        pairs.append(similar_pairs(store.vectors_for_ids(ids), threshold))
+    if by in ("phash", "both") and rows:
+        pairs.append(hash_pairs(_hashes(rows, store), max_distance))
+    components = connected_groups(len(rows), np.concatenate(pairs))
+    groups = [_group([rows[i] for i in members]) for members in components if len(members) >= min_size]
+    groups.sort(key=lambda g: (-len(g.files), g.keep.path))
+    unmeasured = sum(row.width is None for row in rows)
+    return Duplicates(groups, len(rows), by, threshold, max_distance, unmeasured,
+                      time.perf_counter() - started)
+
+
+# -- pairs ---------------------------------------------------------------------------------------
+
+def exact_pairs(digests: Sequence[str]) -> np.ndarray:
+    """(i, j) pairs joining each content's files: each to the first with that content."""
+    first: dict[str, int] = {}
+    pairs = [(first.setdefault(digest, i), i) for i, digest in enumerate(digests) if digest]
+    return np.array([p for p in pairs if p[0] != p[1]], dtype=np.int64).reshape(-1, 2)
+
+
+def similar_pairs(vectors: np.ndarray, threshold: float, batch: int = QUERY_BATCH) -> np.ndarray:
+    """(i, j) pairs, i < j, of rows whose cosine is at least `threshold`: FAISS range searches,
+    a batch of queries at a time; exact up to EXACT_SEARCH_LIMIT rows, IVF beyond."""
+    import faiss
+
+    vectors = np.array(vectors, dtype=np.float32, order="C")  # a copy, normalised in place
+    faiss.normalize_L2(vectors)
+    count = len(vectors)
+    if count < 2:
+        return np.zeros((0, 2), np.int64)
+    index = _range_index(vectors)
+    # range_search keeps scores strictly above the radius; a hair below keeps `>=` as documented.
+    radius = float(np.nextafter(np.float32(threshold), np.float32(-2)))
+    found = []
+    for start in range(0, count, batch):
+        limits, _, neighbours = index.range_search(vectors[start:start + batch], radius)
+        queries = start + np.repeat(np.arange(len(limits) - 1), np.diff(limits).astype(np.int64))
+        keep = neighbours > queries
+        found.append(np.stack([queries[keep], neighbours[keep]], axis=1))
+    return np.concatenate(found).astype(np.int64)
+
+
+def _range_index(vectors: np.ndarray):
+    import faiss
+
+    count, dim = vectors.shape
+    if count <= EXACT_SEARCH_LIMIT:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        cells = int(IVF_CELLS_PER_ROOT * np.sqrt(count))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, cells, faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = 10  # coarse cells need no fine k-means: near-duplicates share theirs
+        sample = np.random.default_rng(0).choice(count, min(count, 40 * cells), replace=False)
+        index.train(vectors[np.sort(sample)])
+        index.nprobe = IVF_PROBES
+    index.add(vectors)
+    return index
+
+
+def hash_pairs(hashes: np.ndarray, max_distance: int, batch: int = QUERY_BATCH) -> np.ndarray:
+    """(i, j) pairs, i < j, of 64-bit hashes (rows of 8 bytes) at most `max_distance` bits apart;
+    rows of zeros are hashes that are missing and pair with nothing."""
+    import faiss
+
+    present = np.flatnonzero(hashes.any(axis=1))
+    if len(present) < 2:
+        return np.zeros((0, 2), np.int64)
+    codes = np.ascontiguousarray(hashes[present], dtype=np.uint8)
+    index = faiss.IndexBinaryFlat(64)
+    index.add(codes)
+    found = []
+    for start in range(0, len(codes), batch):
+        # Binary range search keeps distances strictly below the radius.
+        limits, _, neighbours = index.range_search(codes[start:start + batch], max_distance + 1)
+        queries = start + np.repeat(np.arange(len(limits) - 1), np.diff(limits).astype(np.int64))
+        keep = neighbours > queries
+        found.append(np.stack([present[queries[keep]], present[neighbours[keep]]], axis=1))
+    return np.concatenate(found).astype(np.int64)
+
+
+def hash_bytes(hashes: Sequence[str | None]) -> np.ndarray:
+    """Hex hashes as rows of 8 bytes; a missing one as zeros."""
+    joined = b"".join(bytes.fromhex(h) if h else bytes(8) for h in hashes)
+    return np.frombuffer(joined, dtype=np.uint8).reshape(len(hashes), 8)
+
+
+def _hashes(rows: list[ImageFileRow], store: Store) -> np.ndarray:
+    missing = sum(row.phash is None for row in rows)
+    if missing:
+        from ..media.images import hashing_available
+
+        if not hashing_available():
+            raise HashesMissing("perceptual hashes need the imagehash package: pip install imagehash, "
+                                f"then run `retrieve index --index {store.path.parent}` to hash the images")
+        raise HashesMissing(f"{counted(missing, 'image')} of {len(rows)} have no perceptual hash yet: run "
+                            f"`retrieve index --index {store.path.parent}` to hash them (nothing is "
+                            "encoded again)")
+    return hash_bytes([row.phash for row in rows])
+
+
+def connected_groups(count: int, pairs: np.ndarray) -> list[list[int]]:
+    """The connected components of `count` nodes joined by `pairs`, singletons left out
+    (union-find with path halving; each member list in ascending order)."""
+    parent = list(range(count))
+
+    def root(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for a, b in pairs.tolist():
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    members: dict[int, list[int]] = {}
+    for node in range(count):
+        members.setdefault(root(node), []).append(node)
+    return [group for group in members.values() if len(group) > 1]
+
+
+# -- which file to keep --------------------------------------------------------------------------
+
+def _group(rows: list[ImageFileRow]) -> DuplicateGroup:
+    files = [DuplicateFile(row.item_id, row.path, row.width or None, row.height or None, row.size,
+                           row.mtime_ns / 1e9, row.sha256) for row in rows]
+    # Largest resolution, then oldest, then path: the same answer every run.
+    files.sort(key=lambda f: (-f.pixels, f.mtime, f.path))
+    return DuplicateGroup(files, len({f.sha256 for f in files}) == 1, _why_keep(files))
+
+
+def _why_keep(files: list[DuplicateFile]) -> str:
+    keep = files[0]
+    oldest = f"oldest ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(keep.mtime))})"
+    if any(f.width is None for f in files):
+        return f"{oldest}; some sizes not recorded yet (run `retrieve index` again)"
+    if len({f.sha256 for f in files}) == 1:
+        return f"exact copies: {oldest}"
+    if keep.pixels > files[1].pixels:
+        return f"largest resolution ({keep.resolution})"
+    return f"largest resolution ({keep.resolution}), {oldest} of those"
+
+
+# -- collapsing search results -------------------------------------------------------------------
+
+def collapse_hits(hits: list[Hit], vectors: np.ndarray, threshold: float | None = None) -> list[Hit]:
+    """One hit per group of near-duplicates among `hits` (best first): each kept hit lists the
+    later hits whose vectors' cosine with it reaches `threshold`, and those are dropped."""
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    if not hits:
+        return []
+    vectors = unit(np.asarray(vectors, dtype=np.float32))
+    similar = vectors @ vectors.T >= threshold
+    taken = np.zeros(len(hits), bool)
+    kept = []
+    for i, hit in enumerate(hits):
+        if taken[i]:
+            continue
+        others = [j for j in np.flatnonzero(similar[i]) if j > i and not taken[j]]
+        taken[others] = True
+        hit.duplicates = [{"id": hits[j].id, "uri": hits[j].uri, "path": hits[j].path,
+                           "score": hits[j].score} for j in others]
+        kept.append(hit)
+    return kept
