@@ -26,6 +26,8 @@ from .storage.store import Store
 from .storage.vector_sets import VectorSets
 
 if TYPE_CHECKING:
+    from .encoders.caption_spec import CaptionOptions
+    from .encoders.captioner import Captioner
     from .encoders.clip import ClipEncoder
     from .encoders.video import VideoSampling
     from .media.video import VideoSegment
@@ -47,6 +49,7 @@ class Encoders:
         self._clip: ClipEncoder | None = None
         self._text_tower: NumpyTextEncoder | None = None
         self._audio: AudioEncoder | None = None
+        self._captioner: Captioner | None = None
 
     @property
     def loaded_clip(self) -> bool:
@@ -72,6 +75,21 @@ class Encoders:
         if self._clip is None and self._text_tower is None:
             self._text_tower = load_text_tower(self.folder, self.spec.identity)
         return self._text_tower or self.clip
+
+    # -- captions ----------------------------------------------------------------------------
+
+    def captioner(self, model: ModelSpec, options: CaptionOptions) -> Captioner:
+        """A CoCa model writing captions with `options`: the index's own model (loaded once for
+        both) when `model` is it, else `model`, loaded on first use."""
+        from .encoders.captioner import Captioner, load_captioner
+
+        if model.identity == self.spec.identity:
+            return Captioner(self.clip, options)
+        if self._captioner is None or self._captioner.identity != model.identity:
+            self._captioner = load_captioner(model, options, self.device, self.batch_size)
+        elif self._captioner.options != options:
+            self._captioner = Captioner(self._captioner.encoder, options)
+        return self._captioner
 
     # -- audio -------------------------------------------------------------------------------
 

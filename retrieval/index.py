@@ -233,6 +233,8 @@ class Index:
             "index_type": self.index_type,
             "counts": {m: self.count(m) for m in MODALITIES},
             "audio_model": self.audio_model,
+            "generated_captions": self.store.generated_caption_count(),
+            "captioning": self.context.settings.captioning,
         }
 
     # -- encoders ---------------------------------------------------------------------------
@@ -297,7 +299,11 @@ class Index:
             follow_external_links: bool | None = None, max_megapixels: float | None = None,
             max_audio_seconds: float | None = None,
             max_video_seconds: float | None = None, progress: bool = False,
-            engine: str = "local", address: str | None = None) -> BuildReport:
+            engine: str = "local", address: str | None = None, caption: bool | None = None,
+            caption_every_image: bool | None = None, caption_model: str | None = None,
+            caption_pretrained: str | None = None, caption_method: str | None = None,
+            caption_max_length: int | None = None, caption_beam_width: int | None = None,
+            caption_top_p: float | None = None, recaption: bool = False) -> BuildReport:
         """Index new and changed files under `sources`, forget files gone from them.
 
         Unchanged files (same size and mtime, or same content) cost nothing; moved files keep
@@ -308,6 +314,14 @@ class Index:
         (recorded per source, like `exclude`).
         `engine="ray"` decodes and encodes images as a Ray Data job on the cluster at `address`
         (`auto`, `ray://host:port`; None starts Ray locally); see `retrieval.build.ray`.
+
+        `caption=True` has a CoCa model write a caption for every image without a human one
+        (`caption_every_image`: for every image), searchable as a text marked generated; the
+        index records the request, so later builds caption new and changed images alike
+        (`caption=False` stops that). `caption_model` (an open_clip name with
+        `caption_pretrained`, `local-dir:` or `hf-hub:`) defaults to the index's own model when
+        it is a CoCa, else coca_ViT-B-32; `caption_method` is beam or top-p. Captions of
+        another model or way are replaced only with `recaption`. See `retrieval.build.captions`.
         """
         if not sources:
             sources = tuple(self._known_roots())
@@ -321,11 +335,22 @@ class Index:
             raise UsageError(f"engine must be local or ray, not {engine!r}")
         with self.context.write_lock():
             from .build.builder import Builder, BuildOptions
+            from .build.captions import check_request, resolve_request
 
+            request = resolve_request(
+                self.context.settings.captioning, self.spec, caption=caption,
+                every_image=caption_every_image, model=caption_model, pretrained=caption_pretrained,
+                method=caption_method, max_length=caption_max_length, beam_width=caption_beam_width,
+                top_p=caption_top_p)
+            if request is not None and request.to_dict() != self.context.settings.captioning:
+                check_request(request)  # asked now: refused at once, not after the images
+            with self.store.conn:
+                self.context.settings.record_captioning(None if request is None else request.to_dict())
             options = BuildOptions(exclude=None if exclude is None else tuple(exclude),
                                    include_hidden=include_hidden,
                                    follow_external_links=follow_external_links,
-                                   progress=progress, engine=engine, address=address)
+                                   progress=progress, engine=engine, address=address,
+                                   captions=request, recaption=recaption)
             if max_megapixels is not None:
                 options.max_megapixels = max_megapixels
             if max_audio_seconds is not None:

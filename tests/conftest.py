@@ -17,6 +17,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from support import write_image, write_shape_folder  # noqa: E402
+from support.tiny_coca import TINY_COCA_CFG, create_tiny_coca, train_tiny_coca, with_context  # noqa: E402
 from support.tiny_model import train_tiny_clip, write_local_dir_model  # noqa: E402
 
 
@@ -42,6 +43,27 @@ def trained_clip() -> torch.nn.Module:
 def trained_model(tmp_path_factory, trained_clip) -> str:
     """`trained_clip` in local-dir form: its `local-dir:` spec."""
     return write_local_dir_model(tmp_path_factory.mktemp("trained-model"), trained_clip)
+
+
+@pytest.fixture(scope="session")
+def tiny_coca(tmp_path_factory) -> str:
+    """A seeded, untrained tiny CoCa: `local-dir:` spec. Its captions are gibberish, but always
+    the same gibberish: fine wherever what they say is not tested. Its context takes captions
+    of the default maximum length (20 tokens)."""
+    config = with_context(22)
+    model, _, _ = create_tiny_coca(seed=0, model_cfg=config)
+    # open_clip leaves the decoder's vocabulary projection uninitialised (torch.empty).
+    seeded = torch.Generator().manual_seed(0)
+    torch.nn.init.normal_(model.text_decoder.text_projection, std=0.5, generator=seeded)
+    return write_local_dir_model(tmp_path_factory.mktemp("tiny-coca"), model, model_cfg=config)
+
+
+@pytest.fixture(scope="session")
+def trained_coca(tmp_path_factory, trained_clip) -> str:
+    """A tiny CoCa trained for seconds, on `trained_clip`'s eyes, to caption the renders
+    ("a red circle"): its `local-dir:` spec."""
+    coca = train_tiny_coca(trained_clip.visual, seed=0)
+    return write_local_dir_model(tmp_path_factory.mktemp("trained-coca"), coca, model_cfg=TINY_COCA_CFG)
 
 
 @pytest.fixture

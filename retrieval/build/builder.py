@@ -52,6 +52,7 @@ from ..media.images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, ImageFacts,
 from ..media.video import DEFAULT_MAX_VIDEO_SECONDS, VideoDecodeError, VideoSegment
 from ..storage.folder import SHARDS_FOLDER
 from ..storage.store import FileRow, NewItem, SkippedRow
+from .captions import CaptionRequest, CaptionWriter
 from .reading import (
     EmptyFile,
     UnreadableFile,
@@ -85,6 +86,10 @@ class BuildOptions:
     workers: int = field(default_factory=default_workers)
     engine: str = "local"  # or "ray": images are decoded and encoded by a Ray Data job
     address: str | None = None  # the Ray cluster; None starts a local one
+    # The captions a model writes for images (see build.captions); None: none. `recaption`
+    # replaces those another model, or the same one another way, wrote.
+    captions: CaptionRequest | None = None
+    recaption: bool = False
 
 
 @dataclass
@@ -201,6 +206,9 @@ class Builder:
         with self.store.conn:
             self.store.link_captions()
             self.store.forget_skipped(recovered)  # indexed now, gone, or judged anew
+        CaptionWriter(self.context, self.options.captions, self.options.recaption,
+                      self.options.max_megapixels, self.changes["text"], self.report, self._text_vectors,
+                      self.options.workers, self.options.progress).run()
         self._finish_vectors()
         if self.shards is not None:  # their rows are committed now
             self.shards.clear()

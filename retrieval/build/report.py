@@ -28,6 +28,9 @@ class BuildReport:
     audio_encoded: int = 0  # audio windows; a file has one per few seconds
     video_encoded: int = 0  # video segments; a file has one per few seconds
     vectors_reused: int = 0
+    captions_written: int = 0  # by a caption model, for images (see build.captions)
+    captions_reused: int = 0  # a caption already written for the same content by the same model
+    caption_seconds: float = 0.0  # of `seconds`, spent writing captions
     images_measured: int = 0  # indexed before their size and hashes were recorded: measured now
     seconds: float = 0.0
 
@@ -48,7 +51,13 @@ class BuildReport:
                 f"reused {counted(self.vectors_reused, 'vector')}"
                 + (f", measured {counted(self.images_measured, 'image')} for duplicate finding"
                    if self.images_measured else "")
-                + f" in {self.seconds:.1f} s ({self.items_per_second:.1f} items/s)")
+                + f"{self._captions()} in {self.seconds:.1f} s ({self.items_per_second:.1f} items/s)")
+
+    def _captions(self) -> str:
+        if not self.captions_written:
+            return ""
+        rate = self.captions_written / self.caption_seconds if self.caption_seconds else 0.0
+        return f"; wrote {counted(self.captions_written, 'caption')} ({rate:.1f} images/s)"
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -14,6 +14,7 @@ from ..media.images import DEFAULT_MAX_MEGAPIXELS
 from ..media.video import DEFAULT_MAX_VIDEO_SECONDS
 from .common import (
     batch_option,
+    caption_writer_options,
     device_option,
     index_option,
     json_option,
@@ -23,6 +24,24 @@ from .common import (
     wait_or_refuse,
     warn,
 )
+
+
+def caption_options(command):
+    """--caption and the options of the captions a CoCa model writes for images at build time."""
+    options = [
+        click.option("--caption/--no-caption", default=None,
+                     help="Write a caption with a CoCa model for every image without one (recorded: "
+                     "later builds caption new and changed images) / stop writing them."),
+        click.option("--caption-all/--caption-uncaptioned", "caption_all", default=None,
+                     help="Caption every image, beside its human captions / only those without "
+                     "[recorded; default: only those without]."),
+        caption_writer_options,
+        click.option("--recaption", is_flag=True,
+                     help="Replace captions another caption model (or method) wrote."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.command("index")
@@ -67,6 +86,7 @@ from .common import (
               "[default: start Ray on this machine].")
 @click.option("--follow-external-links", is_flag=True,
               help="Follow symlinks that lead outside the sources (skipped otherwise) [recorded per source].")
+@caption_options
 @click.option("--quiet", is_flag=True, help="No progress bar, no per-file warnings.")
 @json_option
 @wait_option
@@ -79,13 +99,17 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                   pretrained: str | None,
                   audio_model: str | None, index_type: str | None,
                   rebuild: bool, device: str, batch_size: int, int8: bool, engine: str,
-                  address: str | None, follow_external_links: bool, quiet: bool, as_json: bool,
-                  wait: bool) -> None:
+                  address: str | None, follow_external_links: bool, caption: bool | None,
+                  caption_all: bool | None, caption_model: str | None, caption_pretrained: str | None,
+                  caption_method: str | None, caption_max_length: int | None,
+                  caption_beam_width: int | None, caption_top_p: float | None, recaption: bool,
+                  quiet: bool, as_json: bool, wait: bool) -> None:
     """Build or update an index over folders and files, incrementally.
 
     Only new and changed files are encoded; moved files keep their vectors; files gone from
     SOURCES are forgotten. With no SOURCES, the folders and captions files indexed before are
     scanned again, each folder with the --exclude-dir and --include-hidden it was given.
+    With --caption, a CoCa model writes captions for images (see README, "Captions").
     """
     wait_or_refuse(index_dir, wait)
     from ..index import Index
@@ -100,7 +124,11 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                            include_hidden=include_hidden or None,
                            follow_external_links=follow_external_links or None, max_megapixels=max_megapixels,
                            max_audio_seconds=max_audio_seconds, max_video_seconds=max_video_seconds,
-                           progress=not quiet and sys.stderr.isatty(), engine=engine, address=address)
+                           progress=not quiet and sys.stderr.isatty(), engine=engine, address=address,
+                           caption=caption, caption_every_image=caption_all, caption_model=caption_model,
+                           caption_pretrained=caption_pretrained, caption_method=caption_method,
+                           caption_max_length=caption_max_length, caption_beam_width=caption_beam_width,
+                           caption_top_p=caption_top_p, recaption=recaption)
     if not quiet:
         from ..build.report import skipped_lines
 
@@ -174,3 +202,10 @@ def info_command(index_dir: str, as_json: bool) -> None:
     click.echo(f"audio   {stats['audio_model'] or 'no audio encoder (see retrieve train-audio)'}")
     for modality, count in stats["counts"].items():
         click.echo(f"{modality:<7} {count}")
+    captioning = stats["captioning"]
+    if captioning or stats["generated_captions"]:
+        writer = "builds write none now"
+        if captioning:
+            pretrained = f" ({captioning['pretrained']})" if captioning["pretrained"] else ""
+            writer = f"builds write them with {captioning['model']}{pretrained}"
+        click.echo(f"captions {stats['generated_captions']} written by a model; {writer}")

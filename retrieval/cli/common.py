@@ -15,6 +15,7 @@ import click
 from click_default_group import DefaultGroup
 
 from ..core.errors import IndexLockedError, QueryWarning, RetrievalError
+from ..core.types import CAPTION_METHODS
 
 DEFAULT_INDEX = "indexes/default"
 # Parameters whose flag is not the parameter's name with dashes (see `with_flags`).
@@ -67,6 +68,27 @@ def model_options(command):
     return click.option(
         "--model", help="open_clip model name, local-dir:PATH or hf-hub:ORG/REPO "
         "[default for a new index: ViT-B-32].")(command)
+
+
+def caption_writer_options(command):
+    """Which CoCa model writes captions, and how (`--caption-model`, `--caption-method` ...)."""
+    options = [
+        click.option("--caption-model", help="CoCa model writing captions: open_clip name (with "
+                     "--caption-pretrained), local-dir:PATH or hf-hub:ORG/REPO [default: the index's "
+                     "model if a CoCa, else coca_ViT-B-32]."),
+        click.option("--caption-pretrained", help="Its pretrained tag or checkpoint file "
+                     "[default for coca_ViT-B-32: mscoco_finetuned_laion2b_s13b_b90k]."),
+        click.option("--caption-method", type=click.Choice(CAPTION_METHODS),
+                     help="Beam search or top-p sampling [default beam]."),
+        click.option("--caption-max-length", type=click.IntRange(1),
+                     help="Most tokens per caption [default 20]."),
+        click.option("--caption-beam-width", type=click.IntRange(1), help="Beams per image [default 3]."),
+        click.option("--caption-top-p", type=click.FloatRange(0, 1, min_open=True),
+                     help="Top-p sampling's probability mass [default 0.9]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def reports_errors(command):

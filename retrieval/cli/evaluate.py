@@ -11,6 +11,7 @@ from ..core.errors import counted
 from ..core.types import MEMORY_INDEX_TYPES
 from .common import (
     batch_option,
+    caption_writer_options,
     device_option,
     index_option,
     json_option,
@@ -31,22 +32,37 @@ from .common import (
               help="FAISS index measured beside exact search (auto: what an index would pick).")
 @click.option("--depth", default=100, show_default=True, type=click.IntRange(10),
               help="Results fetched per query from the FAISS index.")
+@click.option("--captioning", is_flag=True, help="Measure captions instead: a CoCa model captions "
+              "IMAGES, scored against --captions (BLEU-1..4, METEOR, ROUGE-L, CIDEr), with "
+              "images/s and CLIP-score under --model.")
+@caption_writer_options
 @device_option
 @batch_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @json_option
 @reports_errors
 def evaluate_command(images: str, captions: str, split: str | None, model: str | None,
-                     pretrained: str | None, index_type: str, depth: int, device: str,
+                     pretrained: str | None, index_type: str, depth: int, captioning: bool,
+                     caption_model: str | None, caption_pretrained: str | None,
+                     caption_method: str | None, caption_max_length: int | None,
+                     caption_beam_width: int | None, caption_top_p: float | None, device: str,
                      batch_size: int, quiet: bool, as_json: bool) -> None:
     """Measure a model on captioned images: Recall@1/5/10, median and mean rank, both ways.
 
     Text -> image counts a caption right when its image comes back; image -> text counts an
     image right at the rank of the first of its captions. Measured with exact search and
     through a FAISS index of --index-type, so any loss from approximate search shows.
+    With --captioning, measures the captions a CoCa model writes for IMAGES instead.
     """
     from ..encoders.spec import ModelSpec
     from ..train.evaluation import evaluate
+
+    if captioning:
+        _evaluate_captioning(images, captions, split, ModelSpec.parse(model, pretrained), caption_model,
+                             caption_pretrained, dict(method=caption_method, max_length=caption_max_length,
+                                                      beam_width=caption_beam_width, top_p=caption_top_p),
+                             device, batch_size, not quiet and sys.stderr.isatty(), as_json)
+        return
 
     result = evaluate(ModelSpec.parse(model, pretrained), images, captions, split, index_type, depth,
                       device, batch_size, progress=not quiet and sys.stderr.isatty())
@@ -59,6 +75,30 @@ def evaluate_command(images: str, captions: str, split: str | None, model: str |
     click.echo(f"{result.model}: {counted(result.images, 'image')}, {counted(result.captions, 'caption')} "
                f"(encoded in {result.seconds['encode']:.1f} s)\n")
     click.echo(result.table())
+
+
+def _evaluate_captioning(images: str, captions: str, split: str | None, model, caption_model: str | None,
+                         caption_pretrained: str | None, given: dict, device: str, batch_size: int,
+                         progress: bool, as_json: bool) -> None:
+    from ..encoders.caption_spec import CaptionOptions, caption_model_spec
+    from ..train.captioning import evaluate_captioning
+
+    writer = (caption_model_spec(caption_model, caption_pretrained)
+              if caption_model or caption_pretrained else None)
+    options = CaptionOptions(**{name: value for name, value in given.items() if value is not None})
+    result = evaluate_captioning(images, captions, split, model=model, caption_model=writer, options=options,
+                                 device=device, batch_size=batch_size, progress=progress)
+    for path in result.unreadable:
+        click.echo(f"warning: skipped {path}: not a readable image (its captions are left out)", err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        return
+    click.echo(f"{result.caption_model} ({result.method}): {counted(result.images, 'image')} captioned, "
+               f"scored against {counted(result.references, 'reference')}; CLIP-score under "
+               f"{result.model}\n")
+    click.echo(result.table())
+    for name, why in result.skipped.items():
+        click.echo(f"\n{name} {why}")
 
 
 @click.command("evaluate-entries")

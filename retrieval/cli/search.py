@@ -161,8 +161,9 @@ def _print_entries(hits, as_json: bool) -> None:
 def _print_hits(hits) -> None:
     width = shutil.get_terminal_size((120, 20)).columns
     rows = [(f"{rank:>3}", f"{hit.score:.3f}", hit.metadata.get("image", hit.uri),
-             (f"(+{len(hit.duplicates)} near-duplicate{'s' if len(hit.duplicates) > 1 else ''}) "
-              if hit.duplicates else "") + (hit.text or ""))
+             ("[generated] " if hit.generated else "")
+             + (f"(+{len(hit.duplicates)} near-duplicate{'s' if len(hit.duplicates) > 1 else ''}) "
+                if hit.duplicates else "") + (hit.text or ""))
             for rank, hit in enumerate(hits, 1)]
     place_width = min(max(len(row[2]) for row in rows), max(20, width // 2))
     for rank, score, place, text in rows:

@@ -48,11 +48,14 @@ DUPLICATE_SIGNALS = ("vector", "phash", "both")
 ENGINES = ("local", "ray")
 TRAIN_MODES = ("all", "projections", "adapters")
 TOWERS = ("image", "text")
+CAPTION_METHODS = ("beam", "top-p")  # how a CoCa model writes captions
 
 
 @dataclass
 class Hit:
-    """One search result. `text` is a text item's text, or an image's first caption.
+    """One search result. `text` is a text item's text, or an image's first caption (a human
+    one where it has one). `generated` says that text was written by a caption model
+    (`metadata["caption_model"]` names it) rather than by a person.
 
     An audio hit is a file, represented by its best window: `uri` ends in `#t=START,END`
     and `metadata` holds `start` and `end` in seconds. A search with `dedup` lists the
@@ -66,6 +69,7 @@ class Hit:
     path: str | None
     text: str | None = None
     metadata: dict = field(default_factory=dict)
+    generated: bool = False
     # With `dedup`: the near-duplicates this hit stands for (id, uri, path, score each).
     duplicates: list[dict] = field(default_factory=list)
 

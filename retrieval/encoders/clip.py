@@ -129,14 +129,16 @@ def _embedding_dim(model: torch.nn.Module) -> int:
 
 
 def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32,
-                 int8: bool = False) -> ClipEncoder:
+                 int8: bool = False, *, parameter_prefix: str = "") -> ClipEncoder:
     """Build the model named by `spec`; any failure to get its weights becomes a ModelLoadError.
 
+    `parameter_prefix` names the parameters that supply this model in those errors: "caption_"
+    makes them name `caption_model` and `caption_pretrained`.
     `int8` quantises the image tower's linear layers to 8 bits (CPU only): faster image
     encoding, vectors within ~1e-3 cosine of fp32. Text stays in fp32: it is cheap, and the
     query side (the numpy tower) computes it in fp32 too.
     """
-    cached = check_weights_available(spec)
+    cached = check_weights_available(spec, parameter_prefix)
     device = resolve_device(device)
     if int8 and device != "cpu":
         raise UsageError(f"int8 encoding runs on the CPU only, not on {device}; drop `int8`")
@@ -146,7 +148,7 @@ def load_encoder(spec: ModelSpec, device: str = "auto", batch_size: int = 32,
                 spec.name, pretrained=spec.pretrained, device=device)
             tokenizer = open_clip.get_tokenizer(spec.name)
     except Exception as error:  # open_clip and huggingface_hub raise many kinds for one cause
-        raise ModelLoadError(cannot_load_message(spec, one_line(error))) from error
+        raise ModelLoadError(cannot_load_message(spec, one_line(error), parameter_prefix)) from error
     if int8:
         model.visual = _quantized(model.visual)
     return ClipEncoder(spec, model, preprocess, tokenizer, device, batch_size)

@@ -79,40 +79,44 @@ OPEN_CLIP_CACHE = Path("~/.cache/clip")  # where open_clip keeps weights it down
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads its variables
 
 
-def check_weights_available(spec: ModelSpec) -> bool:
+def check_weights_available(spec: ModelSpec, parameter_prefix: str = "") -> bool:
     """Raise a one-line ModelLoadError when the weights `spec` needs can be had neither from
     disk nor from the Hugging Face Hub; catch what open_clip would only warn about (a local
     folder without weights gives a random model).
 
     Returns True when everything the model needs from the hub is in its cache: the load then
-    need not, and should not, ask the hub anything.
+    need not, and should not, ask the hub anything. `parameter_prefix` names the options that
+    supply this model in the errors: "caption_" makes them name `caption_model`.
     """
+    def explain(cause: str) -> str:
+        return cannot_load_message(spec, cause, parameter_prefix)
+
     if spec.name.startswith(LOCAL_DIR):
         _check_local_dir(spec)
         return False
     if spec.name.startswith(HF_HUB):
         return from_hub_cache(spec.name[len(HF_HUB):],
                               [("open_clip_config.json",), _weight_file_names(HF_WEIGHTS_NAME)],
-                              lambda cause: cannot_load_message(spec, cause))
+                              explain)
     models, pretrained = _open_clip_tables()
     if spec.name.replace("/", "-") not in models:
         raise ModelLoadError(
-            f"unknown model {spec.name!r}; use an open_clip name (see open_clip.list_models()), "
-            "local-dir:/path or hf-hub:org/repo")
+            f"unknown {parameter_prefix.replace('_', ' ')}model {spec.name!r}; use an open_clip name "
+            "(see open_clip.list_models()), local-dir:/path or hf-hub:org/repo")
     if not spec.pretrained:
         return False  # open_clip makes a model with random weights, as asked
     if looks_like_path(spec.pretrained):
         if not Path(spec.pretrained).is_file():
             raise ModelLoadError(
                 f"model {spec.identity}: checkpoint file {spec.pretrained} not found; "
-                "pass `pretrained` an existing checkpoint file or a known tag")
+                f"pass `{parameter_prefix}pretrained` an existing checkpoint file or a known tag")
         return False
     tags = pretrained.list_pretrained_tags_by_model(spec.name)
     if spec.pretrained not in tags:
         raise ModelLoadError(
             f"model {spec.name}: unknown pretrained tag {spec.pretrained!r} (known tags: "
-            f"{', '.join(tags) or 'none'}); or pass a checkpoint file as `pretrained`")
-    return _tag_available(spec, pretrained.get_pretrained_cfg(spec.name, spec.pretrained))
+            f"{', '.join(tags) or 'none'}); or pass a checkpoint file as `{parameter_prefix}pretrained`")
+    return _tag_available(spec, pretrained.get_pretrained_cfg(spec.name, spec.pretrained), explain)
 
 
 def _check_local_dir(spec: ModelSpec) -> None:
@@ -127,22 +131,21 @@ def _check_local_dir(spec: ModelSpec) -> None:
             "copy the model's weights into that folder")
 
 
-def _tag_available(spec: ModelSpec, config: dict) -> bool:
+def _tag_available(spec: ModelSpec, config: dict, explain: Callable[[str], str]) -> bool:
     """Where open_clip looks for a tag's weights: a file, a hub repo, or a URL (in that order
     of preference, the hub before the URL, as its `download_pretrained` does)."""
     if config.get("file"):
         return Path(config["file"]).is_file()
     if config.get("hf_hub"):
         repo, filename = os.path.split(config["hf_hub"])  # `org/name/`: the default file
-        return from_hub_cache(repo, [_weight_file_names(filename or HF_WEIGHTS_NAME)],
-                              lambda cause: cannot_load_message(spec, cause))
+        return from_hub_cache(repo, [_weight_file_names(filename or HF_WEIGHTS_NAME)], explain)
     url = config.get("url", "")
     if (OPEN_CLIP_CACHE.expanduser() / os.path.basename(url)).is_file():
         return True
     host = urllib.parse.urlsplit(url).hostname or url
     unreachable = _unreachable(host, 443)
     if unreachable:
-        raise ModelLoadError(cannot_load_message(spec, f"not in {OPEN_CLIP_CACHE}, and {unreachable}"))
+        raise ModelLoadError(explain(f"not in {OPEN_CLIP_CACHE}, and {unreachable}"))
     return False
 
 
@@ -155,12 +158,14 @@ def _weight_file_names(filename: str) -> tuple[str, ...]:
     return (filename,)
 
 
-def cannot_load_message(spec: ModelSpec, cause: str) -> str:
-    """Why `spec`'s weights could not be loaded, and how to supply them, in one line."""
-    return (f"could not load weights for model {spec.identity} ({cause}). Without internet, "
-            "supply weights yourself: download them on a connected machine into the Hugging Face "
-            "cache (~/.cache/huggingface), or pass `pretrained` /path/to/checkpoint, or "
-            "`model` local-dir:/folder with open_clip_config.json and weights")
+def cannot_load_message(spec: ModelSpec, cause: str, parameter_prefix: str = "") -> str:
+    """Why `spec`'s weights could not be loaded, and how to supply them, in one line; the
+    parameters named are those `parameter_prefix` picks (`pretrained`, `caption_pretrained` ...)."""
+    return (f"could not load weights for {parameter_prefix.replace('_', ' ')}model {spec.identity} "
+            f"({cause}). Without internet, supply weights yourself: download them on a connected "
+            "machine into the Hugging Face cache (~/.cache/huggingface), or pass "
+            f"`{parameter_prefix}pretrained` /path/to/checkpoint, or "
+            f"`{parameter_prefix}model` local-dir:/folder with open_clip_config.json and weights")
 
 
 def one_line(error: BaseException) -> str:

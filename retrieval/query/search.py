@@ -109,13 +109,21 @@ class Searcher:
             if row is None:  # removed by a writer since this reader's FAISS snapshot
                 continue
             metadata = dict(row.meta)
+            generated = bool(metadata.pop("generated", False))
+            metadata.pop("image_hash", None)  # the builder's own bookkeeping
             text = row.text
             if row.modality == "image":
-                metadata["captions"] = captions.get(row.id, [])
-                text = metadata["captions"][0] if metadata["captions"] else None
+                written = captions.get(row.id, [])
+                metadata["captions"] = [caption for caption, by_model in written if not by_model]
+                by_models = [caption for caption, by_model in written if by_model]
+                if by_models:
+                    metadata["generated_caption"] = by_models[0]
+                text = next(iter(metadata["captions"] + by_models), None)
+                generated = not metadata["captions"] and bool(by_models)
             elif row.parent_id in parents:
                 metadata["image"] = parents[row.parent_id].uri
-            hits.append(Hit(row.id, row.modality, row.uri, float(score), row.path, text, metadata))
+            hits.append(Hit(row.id, row.modality, row.uri, float(score), row.path, text, metadata,
+                            generated))
         return hits
 
     def item(self, item_id: int) -> Hit | None:

@@ -4,6 +4,7 @@ fusion. The one place that knows the table's keys and parses their strings."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..core.errors import IndexFormatError
@@ -80,6 +81,18 @@ class Settings:
         if modality == "audio":
             return self.audio_dim or self.dim
         return self.dim
+
+    # -- captions ----------------------------------------------------------------------------
+
+    @property
+    def captioning(self) -> dict | None:
+        """What builds write captions with (`build.captions.CaptionRequest` as a dict); None
+        where builds write none."""
+        recorded = self._get("captioning")
+        return json.loads(recorded) if recorded else None
+
+    def record_captioning(self, request: dict | None) -> None:
+        self.update(captioning=None if request is None else json.dumps(request, sort_keys=True))
 
     # -- audio -------------------------------------------------------------------------------
 

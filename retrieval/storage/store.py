@@ -26,6 +26,9 @@ from ..core.types import MODALITIES
 if TYPE_CHECKING:  # PIL stays unloaded for readers that never see an image
     from ..media.images import ImageFacts
 
+# A caption a model wrote (see `build.captions`): a text item marked so in its metadata.
+_GENERATED = "coalesce(json_extract({item}.meta, '$.generated'), 0) = 1"
+
 # What `where` filters see: one row per item with its file's columns.
 ITEM_VIEW = """
 CREATE VIEW IF NOT EXISTS item_view AS
@@ -97,6 +100,25 @@ class NewItem:
     text: str | None = None
     parent_ref: str | None = None
     meta: dict | None = None
+    parent_id: int | None = None  # set for an item whose parent is known by id (a written caption)
+
+
+@dataclass(frozen=True)
+class ImageToCaption:
+    """An indexed image as the captioning pass sees it: its item, file and content, and the
+    caption a model wrote for it before (None when it has none)."""
+
+    id: int
+    uri: str
+    file_id: int
+    path: str
+    content_hash: str
+    has_human_caption: bool
+    caption_id: int | None
+    caption_text: str | None
+    caption_model: str | None
+    caption_method: str | None
+    captioned_hash: str | None  # the image content the caption was written for
 
 
 class Store:
@@ -355,10 +377,10 @@ class Store:
         ids = []
         for item in items:
             cursor = self.conn.execute(
-                "INSERT INTO items (modality, file_id, uri, text, parent_ref, content_hash, meta) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [item.modality, file_id, item.uri, item.text, item.parent_ref, item.content_hash,
-                 json.dumps(item.meta) if item.meta else None])
+                "INSERT INTO items (modality, file_id, uri, text, parent_ref, parent_id, content_hash, "
+                "meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [item.modality, file_id, item.uri, item.text, item.parent_ref, item.parent_id,
+                 item.content_hash, json.dumps(item.meta) if item.meta else None])
             ids.append(cursor.lastrowid)
         self.conn.executemany(
             "INSERT INTO vectors (item_id, vector) VALUES (?, ?)",
@@ -394,9 +416,9 @@ class Store:
                                 [sha256, modality]).fetchone()
         if row is None:
             return []
-        rows = self.conn.execute(
+        rows = self.conn.execute(  # not the captions written for it: those are text items
             "SELECT items.meta, vectors.vector FROM items JOIN vectors ON vectors.item_id = items.id "
-            "WHERE items.file_id = ? ORDER BY items.id", [row[0]])
+            "WHERE items.file_id = ? AND items.modality = ? ORDER BY items.id", [row[0], modality])
         return [(json.loads(meta) if meta else {}, np.frombuffer(blob, dtype=np.float32))
                 for meta, blob in rows]
 
@@ -423,6 +445,25 @@ class Store:
             if target != current:
                 changes.append((target, item_id))
         self.conn.executemany("UPDATE items SET parent_id = ? WHERE id = ?", changes)
+
+    def images_to_caption(self) -> list[ImageToCaption]:
+        """Every indexed image, in id order, with whether a human caption points at it and the
+        caption a model wrote for it (a text item of the image's own file, marked generated)."""
+        rows = self.conn.execute(f"""
+            SELECT images.id, images.uri, images.file_id, files.path, images.content_hash,
+                   EXISTS (SELECT 1 FROM items AS human WHERE human.parent_id = images.id
+                           AND NOT {_GENERATED.format(item="human")}),
+                   written.id, written.text, json_extract(written.meta, '$.caption_model'),
+                   json_extract(written.meta, '$.caption_method'), json_extract(written.meta, '$.image_hash')
+            FROM items AS images JOIN files ON files.id = images.file_id
+            LEFT JOIN items AS written ON written.parent_id = images.id
+                 AND {_GENERATED.format(item="written")}
+            WHERE images.modality = 'image' ORDER BY images.id""")
+        return [ImageToCaption(*row[:5], bool(row[5]), *row[6:]) for row in rows]
+
+    def generated_caption_count(self) -> int:
+        return self.conn.execute(
+            f"SELECT count(*) FROM items WHERE {_GENERATED.format(item='items')}").fetchone()[0]
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -534,15 +575,17 @@ class Store:
                                         json.loads(row[5]) if row[5] else {}, row[6])
         return found
 
-    def captions_of(self, image_ids: Sequence[int]) -> dict[int, list[str]]:
-        """Each image's captions, in the order they were written."""
-        found: dict[int, list[str]] = {}
+    def captions_of(self, image_ids: Sequence[int]) -> dict[int, list[tuple[str, bool]]]:
+        """Each image's captions as (text, generated), human ones first, each kind in the order
+        they were written."""
+        found: dict[int, list[tuple[str, bool]]] = {}
         for chunk in _chunks(list(image_ids), 500):
             marks = ",".join("?" * len(chunk))
-            for parent, text in self.conn.execute(
-                    f"SELECT parent_id, text FROM items WHERE parent_id IN ({marks}) ORDER BY id",
-                    chunk):
-                found.setdefault(parent, []).append(text)
+            generated = _GENERATED.format(item="items")
+            for parent, text, written in self.conn.execute(
+                    f"SELECT parent_id, text, {generated} FROM items WHERE parent_id IN ({marks}) "
+                    f"ORDER BY {generated}, id", chunk):
+                found.setdefault(parent, []).append((text, bool(written)))
         return found
 
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from ..core.concurrency import default_workers, prefetch_map
 from ..core.errors import UsageError, counted
 from ..core.files import read_metadata, replacing, write_tensors
+from ..encoders.captioner import CONTRASTIVE_LOSS_WEIGHT, caption_loss, coca_outputs
 from ..encoders.clip import ClipEncoder, load_encoder, text_features
 from ..encoders.spec import HF_HUB, LOCAL_DIR, ModelSpec
 from ..media.images import ImageDecodeError, load_image
@@ -198,15 +199,27 @@ class FineTuner:
         return {"text->image": _recall(text_ranks), "image->text": _recall(image_ranks)}
 
     def _loss(self, batch: np.ndarray, scale: torch.Tensor) -> torch.Tensor:
-        """CLIP's loss on a batch of pairs, each image flipped or not at random."""
+        """CLIP's loss on a batch of pairs, each image flipped or not at random (and a CoCa's
+        captioning loss beside it)."""
         model, device = self.encoder.model, self.encoder.device
         batch = torch.from_numpy(batch)
         images = self.caption_image[batch]
         pixels = _flipped(self.train_pixels[images].float(), self.generator).to(device)
-        image_features = F.normalize(model.encode_image(pixels), dim=-1)
-        texts = F.normalize(text_features(model, self.tokens[batch].to(device)), dim=-1)
+        tokens = self.tokens[batch].to(device)
+        if isinstance(model, open_clip.CoCa):
+            # CoCa's combined objective: the contrastive part (ours: soft positives, as a batch
+            # may hold several captions of one image) plus its captioning part, weighted as
+            # open_clip trains it, so fine-tuning also teaches the decoder to write the captions.
+            outputs = coca_outputs(model, pixels, tokens)
+            image_features, texts = outputs.image_features, outputs.text_features
+            written = caption_loss(model, outputs)
+        else:
+            image_features = F.normalize(model.encode_image(pixels), dim=-1)
+            texts = F.normalize(text_features(model, tokens), dim=-1)
+            written = 0
         logits = scale * image_features @ texts.T
-        return symmetric_info_nce(logits, _positives(images, self.text_ids[batch]).to(device))
+        contrastive = symmetric_info_nce(logits, _positives(images, self.text_ids[batch]).to(device))
+        return CONTRASTIVE_LOSS_WEIGHT * contrastive + written
 
     # -- data --------------------------------------------------------------------------------
 

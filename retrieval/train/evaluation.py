@@ -10,7 +10,7 @@ only the first `depth` results are known, so any loss from approximate search sh
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -170,26 +170,40 @@ def encode_captioned(encoder: ClipEncoder, data: CaptionedImages, progress: bool
                      ) -> tuple[CaptionedImages, np.ndarray, np.ndarray, list[str]]:
     """Vectors of every image and caption; an image that cannot be decoded is dropped with its
     captions (and named in the last element) rather than failing the whole evaluation."""
-    import torch
+    data, pixels, unreadable = preprocess_captioned(encoder.preprocess_image, encoder.input_side, data,
+                                                    encoder.batch_size, progress)
+    image_vectors = encode_pixels(encoder, pixels)
+    text_vectors = encoder.encode_texts(data.captions)
+    return data, image_vectors, text_vectors, unreadable
 
+
+def preprocess_captioned(preprocess: Callable, input_side: int, data: CaptionedImages, batch_size: int,
+                         progress: bool = False) -> tuple[CaptionedImages, list, list[str]]:
+    """Every image as a model's input tensor; an image that cannot be decoded is dropped with
+    its captions (and named in the last element)."""
     def prepare(path: Path):
         try:
-            return encoder.preprocess_image(load_image(path, min_side=2 * encoder.input_side))
+            return preprocess(load_image(path, min_side=2 * input_side))
         except ImageDecodeError:
             return None
 
-    pixels = list(tqdm(prefetch_map(prepare, data.images, default_workers(), 4 * encoder.batch_size),
+    pixels = list(tqdm(prefetch_map(prepare, data.images, default_workers(), 4 * batch_size),
                        total=len(data.images), unit="img", desc="images", disable=not progress))
     readable = [i for i, tensor in enumerate(pixels) if tensor is not None]
     unreadable = [str(data.images[i]) for i, tensor in enumerate(pixels) if tensor is None]
     if unreadable:
         data = data.subset(readable)
         pixels = [pixels[i] for i in readable]
+    return data, pixels, unreadable
+
+
+def encode_pixels(encoder: ClipEncoder, pixels: list) -> np.ndarray:
+    """Image vectors of preprocessed images, a batch at a time."""
+    import torch
+
     batches = [encoder.encode_image_tensors(torch.stack(pixels[start:start + encoder.batch_size]))
                for start in range(0, len(pixels), encoder.batch_size)]
-    image_vectors = np.concatenate(batches) if batches else np.zeros((0, encoder.dim), np.float32)
-    text_vectors = encoder.encode_texts(data.captions)
-    return data, image_vectors, text_vectors, unreadable
+    return np.concatenate(batches) if batches else np.zeros((0, encoder.dim), np.float32)
 
 
 def evaluate_vectors(data: CaptionedImages, image_vectors: np.ndarray, text_vectors: np.ndarray,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import time
 
 import faiss
 import numpy as np
 import pytest
 from support import held_lock, run_cli_process, write_image, write_shape_folder
+from support.stored import item_ids, items_by_uri
 
 from retrieval import Index
 from retrieval.core.errors import (
@@ -23,6 +23,7 @@ from retrieval.core.errors import (
     UsageError,
 )
 from retrieval.encoders.spec import ModelSpec
+from retrieval.storage.store import Store
 from retrieval.storage.vectors import VectorIndex
 
 
@@ -32,9 +33,8 @@ def build(index_dir, sources, model, **options):
 
 
 def sqlite_ids(index_dir, modality):
-    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
-        rows = conn.execute("SELECT id FROM items WHERE modality = ? ORDER BY id", [modality])
-        return [row[0] for row in rows]
+    with Index.open(index_dir, readonly=True) as index:
+        return item_ids(index.store, modality)
 
 
 def faiss_ids(index_dir, modality):
@@ -144,8 +144,8 @@ def test_an_index_left_without_its_vector_size_searches_and_rebuilds(tmp_path, p
 
     index_dir = tmp_path / "index"
     build(index_dir, [photo_folder], tiny_model)
-    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
-        conn.execute("UPDATE info SET value = '0' WHERE key = 'dim'")
+    with Index.open(index_dir) as index, index.store.conn:
+        index.store.set_info("dim", "0")  # as the Ray build of texts alone once left it
     for leftover in [index_dir / "manifest.json", *index_dir.glob("*.faiss")]:
         leftover.unlink()
     run = CliRunner().invoke
@@ -245,13 +245,13 @@ def test_edited_captions_file_updates_only_changed_lines(tmp_path, photo_folder,
     build(index_dir, [photo_folder], tiny_model)
     captions = photo_folder / "captions.tsv"
     with Index.open(index_dir) as index:
-        kept = index.store.conn.execute(
-            "SELECT id FROM items WHERE text = 'a yellow picture'").fetchone()[0]
+        kept = next(row.id for row in items_by_uri(index.store, "text").values()
+                    if row.text == "a yellow picture")
     captions.write_text("img3.jpg#0\ta yellow picture\nimg4.jpg#0\ta teal picture\n")
     report = build(index_dir, [photo_folder], tiny_model)
     assert (report.changed, report.texts_encoded) == (1, 1)
     with Index.open(index_dir) as index:
-        texts = dict(index.store.conn.execute("SELECT text, id FROM items WHERE modality='text'"))
+        texts = {row.text: row.id for row in items_by_uri(index.store, "text").values()}
     assert texts["a yellow picture"] == kept
     assert "something sunny" not in texts and "a teal picture" in texts
     assert_consistent(index_dir)
@@ -293,7 +293,7 @@ def test_exclude_dirs_and_hidden_files(tmp_path, photo_folder, tiny_model):
     index_dir = tmp_path / "index"
     build(index_dir, [photo_folder], tiny_model, exclude=["city"])
     with Index.open(index_dir) as index:
-        paths = {row[0] for row in index.store.conn.execute("SELECT path FROM files")}
+        paths = set(index.store.files_by_path())
     assert {os.path.relpath(p, photo_folder) for p in paths} == {
         "beach/img0.jpg", "beach/img1.jpg", "beach/img2.jpg", "beach/img0.txt", "captions.tsv",
         "notes.txt"}
@@ -486,12 +486,11 @@ def test_vectors_survive_in_sqlite(tmp_path, photo_folder, tiny_model):
     index_dir = tmp_path / "index"
     build(index_dir, [photo_folder], tiny_model)
     faiss_index = faiss.read_index(str(index_dir / "image.faiss"))
-    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
-        for item_id, blob in conn.execute(
-                "SELECT item_id, vector FROM vectors JOIN items ON items.id = item_id "
-                "WHERE modality = 'image'"):
-            np.testing.assert_array_equal(np.frombuffer(blob, np.float32),
-                                          faiss_index.reconstruct(item_id))
+    with Index.open(index_dir, readonly=True) as index:
+        ids, vectors = index.store.all_vectors("image")
+    assert len(ids) == faiss_index.ntotal == 6
+    for item_id, vector in zip(ids, vectors):
+        np.testing.assert_array_equal(vector, faiss_index.reconstruct(int(item_id)))
 
 
 @pytest.mark.parametrize("version, message", [(2, "newer than this version"),
@@ -500,8 +499,8 @@ def test_other_format_versions_are_refused(tmp_path, photo_folder, tiny_model, v
                                            message):
     index_dir = tmp_path / "index"
     build(index_dir, [photo_folder], tiny_model)
-    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
-        conn.execute("UPDATE info SET value = ? WHERE key = 'format_version'", [str(version)])
+    with Index.open(index_dir) as index, index.store.conn:
+        index.store.set_info("format_version", str(version))
     for readonly in (True, False):
         with pytest.raises(IndexFormatError, match=message):
             Index.open(index_dir, readonly=readonly)
@@ -528,8 +527,11 @@ def test_unreadable_database_is_explained(tmp_path):
 def test_an_index_killed_before_recording_its_model_can_be_read(tmp_path, tiny_model):
     index_dir = tmp_path / "index"
     Index.open(index_dir, model=tiny_model, create=True).close()
-    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
-        conn.execute("DELETE FROM info WHERE key LIKE 'model_%'")
+    store = Store(index_dir / "meta.sqlite")
+    with store.conn:
+        for key in ("model_name", "model_pretrained"):
+            store.delete_info(key)
+    store.close()
     with Index.open(index_dir, readonly=True) as index:
         assert index.search("anything") == []
 
@@ -595,8 +597,7 @@ def test_an_unexpected_error_on_one_file_is_one_warning_and_the_build_goes_on(tm
     with Index.open(tmp_path / "index") as index:
         texts = {hit.text for hit in index.search("x", target="text", k=5)}
         assert (index.count("image"), texts) == (2, {"read after notes.jsonl"})
-        assert not index.store.conn.execute(  # nothing of the failed file was kept
-            "SELECT 1 FROM files WHERE path = ?", [str(source / "notes.jsonl")]).fetchone()
+        assert index.store.file_row(str(source / "notes.jsonl")) is None  # nothing of it was kept
     assert_consistent(tmp_path / "index")
 
 

@@ -1,4 +1,4 @@
-"""Crash safety: builds (of images, captions and sounds), removals and conversions killed with
+"""Crash safety: builds (of images, captions and sounds), captioning, removals and conversions killed with
 SIGKILL at random moments.
 
 After every kill the index must open; every SQLite item must have exactly one FAISS vector
@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 from support import write_image
 from support.sounds import render_sound, write_sound
+from support.stored import committed_items, integrity, item_ids, items_by_uri, written_captions
 from support.tiny_model import CLASSES
 
 from retrieval import Index
@@ -60,8 +60,7 @@ def snapshot(index_dir: Path) -> Snapshot:
         found = {}
         for modality in MODALITIES:
             ids, vectors = index.store.all_vectors(modality)
-            uris = dict(index.store.conn.execute(
-                "SELECT id, uri FROM items WHERE modality = ?", [modality]))
+            uris = {row.id: uri for uri, row in items_by_uri(index.store, modality).items()}
             found[modality] = {uris[int(i)]: v for i, v in zip(ids, vectors)}
     return Snapshot(found)
 
@@ -69,18 +68,10 @@ def snapshot(index_dir: Path) -> Snapshot:
 def assert_consistent(index_dir: Path, context: str) -> None:
     """Open as a writer (which repairs), then check SQLite against the FAISS files on disk."""
     with Index.open(index_dir) as index:
-        conn = index.store.conn
-        orphans = conn.execute(
-            "SELECT count(*) FROM vectors WHERE item_id NOT IN (SELECT id FROM items)").fetchone()
-        missing = conn.execute(
-            "SELECT count(*) FROM items WHERE id NOT IN (SELECT item_id FROM vectors)").fetchone()
-        assert orphans[0] == missing[0] == 0, f"{context}: vectors and items disagree"
-        duplicates = conn.execute(
-            "SELECT count(*) - count(DISTINCT uri) FROM items").fetchone()[0]
-        assert duplicates == 0, f"{context}: duplicated items"
+        problems = integrity(index.store)
+        assert set(problems.values()) == {0}, f"{context}: {problems}"
         for modality in MODALITIES:
-            stored = [row[0] for row in conn.execute(
-                "SELECT id FROM items WHERE modality = ? ORDER BY id", [modality])]
+            stored = item_ids(index.store, modality)
             assert index.vectors(modality).ids().tolist() == stored, f"{context}: {modality}"
     with Index.open(index_dir, readonly=True) as reader:  # and the files a reader loads agree
         for modality in MODALITIES:
@@ -123,16 +114,6 @@ def kill_after(command: list[str], delay: float) -> None:
         process.wait()
 
 
-def _committed(index_dir: Path, modality: str = "image") -> int | None:
-    if not (index_dir / "meta.sqlite").exists():
-        return None
-    with sqlite3.connect(index_dir / "meta.sqlite") as conn:
-        try:
-            return conn.execute("SELECT count(*) FROM items WHERE modality = ?", [modality]).fetchone()[0]
-        except sqlite3.OperationalError:  # killed before the schema was created
-            return 0
-
-
 def trial_seeds() -> list:
     """The trials' seeds, all but the first DEFAULT_TRIALS marked slow."""
     return [pytest.param(seed, marks=[pytest.mark.slow] * (number >= DEFAULT_TRIALS))
@@ -151,12 +132,12 @@ def test_killed_build_resumes_to_the_same_index(seed, corpus, tiny_model, refere
     process = subprocess.Popen(cli("index", str(corpus), "--index", str(index_dir), "--model",
                                    tiny_model, "--batch-size", "8", "--quiet"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and (_committed(index_dir) or 0) < target:
+    while process.poll() is None and (committed_items(index_dir) or 0) < target:
         time.sleep(0.01)
     time.sleep(extra)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    committed = _committed(index_dir)
+    committed = committed_items(index_dir)
     print(f"{context}: {committed} of {IMAGES} images committed at the kill")  # README figures
     if committed is not None:
         assert_consistent(index_dir, context)
@@ -189,11 +170,11 @@ def test_killed_caption_phase_resumes_with_the_captions_committed(seed, corpus, 
     process = subprocess.Popen(cli("index", str(corpus), "--index", str(index_dir), "--batch-size",
                                    str(batch), "--quiet"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and (_committed(index_dir, "text") or 0) < target:
+    while process.poll() is None and (committed_items(index_dir, "text") or 0) < target:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    committed = _committed(index_dir, "text")
+    committed = committed_items(index_dir, "text")
     print(f"{context}: {committed} of {IMAGES} captions committed at the kill")
     assert target <= committed < IMAGES, f"{context}: the kill did not land among the captions"
     assert_consistent(index_dir, context)
@@ -202,6 +183,49 @@ def test_killed_caption_phase_resumes_with_the_captions_committed(seed, corpus, 
     assert report.texts_encoded == IMAGES - committed, f"{context}: only what was missing is encoded"
     assert_consistent(index_dir, context)
     snapshot(index_dir).assert_equal(snapshot(reference[0]), context)
+
+
+def caption_command(index_dir: Path, corpus: Path, tiny_coca: str) -> list[str]:
+    """Caption every image of the reference (beside its human caption) with the tiny CoCa."""
+    return cli("index", str(corpus), "--index", str(index_dir), "--caption", "--caption-all",
+               "--caption-model", tiny_coca, "--caption-max-length", "4", "--batch-size", "8", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def captioned_reference(corpus, reference, tiny_coca, tmp_path_factory) -> Path:
+    """The reference index with a written caption for every image, written uninterrupted."""
+    index_dir = tmp_path_factory.mktemp("captioned-reference") / "index"
+    shutil.copytree(reference[0], index_dir)
+    subprocess.run(caption_command(index_dir, corpus, tiny_coca), check=True, capture_output=True)
+    assert written_captions(index_dir) == IMAGES
+    return index_dir
+
+
+@pytest.mark.parametrize("seed", trial_seeds())
+def test_killed_captioning_resumes_without_loss_or_duplicates(seed, corpus, reference, captioned_reference,
+                                                              tiny_coca, tmp_path):
+    """Written captions are committed a batch per transaction: a kill among them keeps those
+    written, and the next bare build (the index records the request) writes only the rest."""
+    batch = 8
+    target = random.Random(seed).randint(1, IMAGES // batch // 2) * batch
+    context = f"captioning killed once {target} captions were written (seed {seed})"
+    index_dir = tmp_path / "index"
+    shutil.copytree(reference[0], index_dir)
+    process = subprocess.Popen(caption_command(index_dir, corpus, tiny_coca),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and written_captions(index_dir) < target:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    committed = written_captions(index_dir)
+    print(f"{context}: {committed} of {IMAGES} captions written at the kill")
+    assert target <= committed < IMAGES, f"{context}: the kill did not land among the captions"
+    assert_consistent(index_dir, context)
+    with Index.open(index_dir, batch_size=batch) as index:
+        report = index.add()
+    assert report.captions_written == IMAGES - committed, f"{context}: only what was missing is written"
+    assert_consistent(index_dir, context)
+    snapshot(index_dir).assert_equal(snapshot(captioned_reference), context)
 
 
 @pytest.mark.parametrize("seed", trial_seeds())
@@ -241,9 +265,9 @@ def test_killed_conversion_keeps_every_item(seed, reference, tmp_path):
 
 def test_reference_build_is_complete(reference):
     reference_dir, _ = reference
-    with sqlite3.connect(reference_dir / "meta.sqlite") as conn:
-        counts = dict(conn.execute("SELECT modality, count(*) FROM items GROUP BY modality"))
-    assert counts == {"image": IMAGES, "text": IMAGES}
+    with Index.open(reference_dir, readonly=True) as index:
+        counts = {modality: index.count(modality) for modality in MODALITIES}
+    assert counts == {"image": IMAGES, "text": IMAGES, "audio": 0, "video": 0}
 
 
 @pytest.fixture(scope="module")
@@ -292,12 +316,12 @@ def test_killed_audio_build_resumes_to_the_same_index(seed, sound_corpus, hearin
     process = subprocess.Popen(cli("index", str(sound_corpus), "--index", str(index_dir),
                                    "--batch-size", "8", "--quiet"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and (_committed(index_dir, "audio") or 0) < target:
+    while process.poll() is None and (committed_items(index_dir, "audio") or 0) < target:
         time.sleep(0.01)
     time.sleep(extra)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    print(f"{context}: {_committed(index_dir, 'audio')} of {windows} windows committed at the kill")
+    print(f"{context}: {committed_items(index_dir, 'audio')} of {windows} windows committed at the kill")
     assert_consistent(index_dir, context)
     with Index.open(index_dir, batch_size=8) as index:
         index.add(sound_corpus)

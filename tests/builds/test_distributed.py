@@ -1,9 +1,9 @@
 """Distributed builds on a local Ray cluster: the same index as a local build, resumable shards,
 a killed worker, on-disk shards filled by Ray tasks.
 
-Every Ray Data job costs 20-30 s however small its corpus, so the builds are marked `slow`
-(`pytest -m slow tests/builds/test_distributed.py`); the default run keeps Ray tasks filling an on-disk
-index and the one-line error for an unreachable cluster."""
+Every Ray Data job costs 20-30 s however small its corpus and Ray's start alone takes seconds, so
+every test that runs Ray is marked `slow` (`pytest -m slow tests/builds/test_distributed.py`); the
+default run starts no Ray and keeps the one-line error for an unreachable cluster."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from support import write_shape_folder
+from support.stored import items_by_uri
 from support.vectors import ArraySource
 
 from retrieval import Index
@@ -31,9 +32,10 @@ from retrieval.storage.ondisk import build_on_disk
 from retrieval.storage.vectors import VectorIndex, new_trained_index
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray cluster for the module: starting Ray takes seconds."""
+    """One local Ray cluster for the module's slow tests: starting Ray takes seconds, so the
+    default run, which leaves those out, never starts it."""
     import ray
 
     tests = str(Path(__file__).parents[1])  # workers unpickle support.vectors.ArraySource from here
@@ -55,11 +57,13 @@ def corpus(tmp_path) -> Path:
 def contents(folder: Path) -> tuple[list[tuple], dict[str, np.ndarray]]:
     """Every item's metadata, and its vector, by uri."""
     with Index.open(folder, readonly=True) as index:
-        rows = index.store.conn.execute(
-            "SELECT items.uri, items.modality, items.content_hash, items.text, items.parent_ref, "
-            "files.path, files.sha256, vectors.vector FROM items JOIN files ON files.id = items.file_id "
-            "JOIN vectors ON vectors.item_id = items.id ORDER BY items.uri").fetchall()
-    return [row[:-1] for row in rows], {row[0]: np.frombuffer(row[-1], np.float32) for row in rows}
+        items = items_by_uri(index.store)
+        files = index.store.files_by_path()
+        parents = {row.id: uri for uri, row in items.items()}
+        rows = [(uri, row.modality, row.text, parents.get(row.parent_id), row.meta, row.path,
+                 files[row.path].sha256) for uri, row in sorted(items.items())]
+        vectors = index.store.vectors_for_ids(np.array([items[row[0]].id for row in rows], np.int64))
+    return rows, {row[0]: vector for row, vector in zip(rows, vectors)}
 
 
 def assert_same_index(local: Path, distributed: Path) -> None:
@@ -71,6 +75,7 @@ def assert_same_index(local: Path, distributed: Path) -> None:
 
 
 @pytest.mark.slow  # a Ray Data job: 20-30 s each
+@pytest.mark.usefixtures("local_ray")
 def test_a_ray_build_gives_the_items_and_vectors_of_a_local_build(tmp_path, corpus, tiny_model):
     with Index.open(tmp_path / "local", model=tiny_model, create=True) as index:
         local = index.add(corpus)
@@ -92,6 +97,7 @@ def test_a_ray_build_gives_the_items_and_vectors_of_a_local_build(tmp_path, corp
 
 
 @pytest.mark.slow  # a Ray Data job: 20-30 s each
+@pytest.mark.usefixtures("local_ray")
 def test_the_cli_builds_on_ray_and_updates_incrementally(tmp_path, corpus, tiny_model):
     run = CliRunner().invoke
     result = run(cli, ["index", str(corpus), "--index", str(tmp_path / "ray"), "--model", tiny_model,
@@ -109,6 +115,7 @@ def test_the_cli_builds_on_ray_and_updates_incrementally(tmp_path, corpus, tiny_
 
 
 @pytest.mark.slow  # a Ray Data job: 20-30 s each
+@pytest.mark.usefixtures("local_ray")
 def test_a_ray_build_of_texts_alone_works_and_ray_prints_nothing(tmp_path, tiny_model):
     """The driver never loads the model for texts alone, so the vector size must come from the
     shards; and with --quiet nothing of Ray's own (C++ errors, log lines) reaches the terminal."""
@@ -130,6 +137,7 @@ def test_a_ray_build_of_texts_alone_works_and_ray_prints_nothing(tmp_path, tiny_
 
 
 @pytest.mark.slow  # a Ray Data job: 20-30 s each
+@pytest.mark.usefixtures("local_ray")
 def test_an_interrupted_job_resumes_from_its_shards(tmp_path, corpus, tiny_model):
     images = [f for f in walk_sources([corpus]).files if f.kind == "image"]
     with Index.open(tmp_path / "ray", model=tiny_model, create=True, batch_size=4) as index:
@@ -166,6 +174,7 @@ def embedder_processes() -> list[int]:
 
 
 @pytest.mark.slow  # a Ray Data job: 20-30 s each
+@pytest.mark.usefixtures("local_ray")
 def test_a_killed_ray_worker_loses_and_duplicates_nothing(tmp_path, tiny_model):
     corpus = write_shape_folder(tmp_path / "shapes", seed=7, per_class=8)
     shard_folder = tmp_path / "ray" / SHARDS_FOLDER / "images"
@@ -193,6 +202,8 @@ def test_a_killed_ray_worker_loses_and_duplicates_nothing(tmp_path, tiny_model):
     assert_same_index(tmp_path / "local", tmp_path / "ray")
 
 
+@pytest.mark.slow  # Ray's start alone takes seconds; local processes fill shards in test_ondisk.py
+@pytest.mark.usefixtures("local_ray")
 def test_ray_tasks_fill_an_on_disk_index_like_local_processes(tmp_path):
     source = ArraySource(20_000, seed=2)
     ids, vectors = source.read(0, 1 << 40)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import sysconfig
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from support import held_lock, write_image
+from support.stored import committed_items, integrity
 
 from retrieval import Index
 from retrieval.build.builder import BuildReport
@@ -79,7 +80,7 @@ def test_json_output_has_every_field(built, photo_folder):
     hits = json.loads(out)
     assert code == 0 and len(hits) == 6
     assert set(hits[0]) == {"id", "modality", "uri", "score", "path", "text", "metadata",
-                            "duplicates"}
+                            "generated", "duplicates"}
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     yellow = next(h for h in hits if h["uri"].endswith("img3.jpg"))
     assert yellow["text"] == "a yellow picture"
@@ -253,20 +254,29 @@ def test_rebuild_with_another_model(built, photo_folder, other_tiny_model):
     assert code == 0 and json.loads(out)["images_encoded"] == 6
 
 
-def test_build_script_has_the_same_options(tmp_path, photo_folder, tiny_model):
-    script = subprocess.run([sys.executable, ROOT / "scripts" / "build_index.py", "--help"],
-                            capture_output=True, text=True, check=True).stdout
+def run_build_script(monkeypatch, capsys, *args: str | Path) -> tuple[int, str, str]:
+    """scripts/build_index.py ARGS, run as `python scripts/build_index.py` runs it (in this
+    process: a new one would spend seconds importing torch)."""
+    script = ROOT / "scripts" / "build_index.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *map(str, args)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    out, err = capsys.readouterr()
+    return done.value.code or 0, out, err
+
+
+def test_build_script_has_the_same_options(tmp_path, photo_folder, tiny_model, monkeypatch, capsys):
+    code, script, _ = run_build_script(monkeypatch, capsys, "--help")
+    assert code == 0 and script.startswith("Usage: build_index.py ")
     command = run("index", "--help")[1]
     def options(help_text: str) -> str:  # the two wrap at different places, hyphens included
         return " ".join(re.sub(r"-\n\s*", "-", help_text.split("Options:")[1]).split())
 
     assert options(script) == options(command)
-    index_dir = tmp_path / "index"
-    done = subprocess.run([sys.executable, ROOT / "scripts" / "build_index.py", photo_folder,
-                           "--index", index_dir, "--model", tiny_model, "--json"],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["new"] == 9
+    code, out, err = run_build_script(monkeypatch, capsys, photo_folder, "--index", tmp_path / "index",
+                                      "--model", tiny_model, "--json")
+    assert code == 0, err
+    assert json.loads(out)["new"] == 9
 
 
 @pytest.mark.slow  # the default run kills builds in tests/builds/test_crash.py
@@ -294,18 +304,11 @@ def test_kill_9_during_a_build_leaves_an_index_that_answers_and_resumes(tmp_path
     with Index.open(index_dir) as index:
         assert index.count("image") == 300
         assert len(index.vectors("image")) == 300
-        uris = [row[0] for row in index.store.conn.execute("SELECT uri FROM items")]
-    assert len(set(uris)) == 300
+        assert integrity(index.store)["duplicated uris"] == 0
 
 
 def _count_images(index_dir: Path) -> int:
-    if not (index_dir / "meta.sqlite").exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{index_dir / 'meta.sqlite'}?mode=ro", uri=True) as conn:
-            return conn.execute("SELECT count(*) FROM items WHERE modality='image'").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
+    return committed_items(index_dir, "image") or 0
 
 
 def test_console_script_is_installed():
@@ -370,3 +373,13 @@ def test_index_type_option_and_convert(tmp_path, photo_folder, tiny_model):
     after = json.loads(run("red", "--index", index_dir, "--json")[1])
     assert [h["id"] for h in after] == [h["id"] for h in before]
     assert run("convert", "nonsense", "--index", index_dir)[0] == 2
+
+
+def test_search_device_reaches_the_model(built, photo_folder):
+    """A text query may use the exported numpy text tower; an image query needs the model."""
+    image = photo_folder / "city" / "img3.jpg"
+    code, out, err = run("--image", image, "--index", built, "--device", "cpu", "--target", "image",
+                         "--json", "-k", "1")
+    assert code == 0 and json.loads(out)[0]["uri"] == str(image), err
+    code, _, err = run("--image", image, "--index", built, "--device", "bogus")
+    assert code == 1 and "bogus" in err and len(err.splitlines()) == 1

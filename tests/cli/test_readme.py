@@ -26,6 +26,7 @@ from support.clips import write_clip
 from support.sounds import render_sound, write_sound
 from support.tiny_model import CLASSES, caption_for, render_shape
 
+import retrieval.encoders.caption_spec
 import retrieval.encoders.spec
 from retrieval import Index
 from retrieval.cli import cli
@@ -180,8 +181,9 @@ def sandbox_template(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def sandbox(sandbox_template, tmp_path, monkeypatch, tiny_model) -> Path:
-    """A fresh copy of the sandbox as working directory and HOME, with the tiny model as default."""
+def sandbox(sandbox_template, tmp_path, monkeypatch, tiny_model, tiny_coca) -> Path:
+    """A fresh copy of the sandbox as working directory and HOME, with the tiny models as default
+    (the tiny CoCa for captions)."""
     top = tmp_path / "sandbox"
     shutil.copytree(sandbox_template, top)
     monkeypatch.chdir(top)
@@ -189,6 +191,8 @@ def sandbox(sandbox_template, tmp_path, monkeypatch, tiny_model) -> Path:
     monkeypatch.delenv("RETRIEVAL_INDEX", raising=False)
     monkeypatch.delenv("RETRIEVAL_SERVER", raising=False)
     monkeypatch.setattr(retrieval.encoders.spec, "DEFAULT_MODEL", tiny_model)
+    monkeypatch.setattr(retrieval.encoders.caption_spec, "DEFAULT_CAPTION_MODEL", tiny_coca)
+    monkeypatch.setattr(retrieval.encoders.caption_spec, "DEFAULT_CAPTION_PRETRAINED", None)
     return top
 
 

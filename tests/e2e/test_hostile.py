@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, assume, currently_in_test_context, event, ex
 from hypothesis import strategies as st
 from PIL import Image
 from support import write_image
+from support.stored import items_by_uri
 
 from retrieval import Hit, Index
 from retrieval.cli import cli
@@ -191,8 +192,7 @@ def deny_reading(monkeypatch, path: str) -> None:
 
 
 def indexed_uris(index: Index, modality: str = "image") -> set[str]:
-    rows = index.store.conn.execute("SELECT uri FROM items WHERE modality = ?", [modality])
-    return {uri for (uri,) in rows}
+    return set(items_by_uri(index.store, modality))
 
 
 def assert_skips_each_bad_file_once(skipped, bad: dict) -> None:
@@ -520,7 +520,7 @@ def leaves_sandbox(text: str, sandbox: str) -> bool:
 
 
 def all_items(index: Index) -> list[tuple[str, str]]:
-    return sorted(index.store.conn.execute("SELECT modality, uri FROM items").fetchall())
+    return sorted((row.modality, uri) for uri, row in items_by_uri(index.store).items())
 
 
 def check_add_and_remove(index: Index, path: str, sandbox: str) -> None:

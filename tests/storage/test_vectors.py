@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from support.stored import item_ids
 from support.vectors import DIM, clustered, fill
 
 from retrieval import Index
@@ -89,8 +90,7 @@ def test_an_hnsw_index_follows_builds(tmp_path, photo_folder, tiny_model):
         report = index.add(photo_folder)
         assert report.removed == 1
         held = index.vectors("image").ids().tolist()
-        stored = [row[0] for row in index.store.conn.execute(
-            "SELECT id FROM items WHERE modality = 'image' ORDER BY id")]
+        stored = item_ids(index.store, "image")
         assert held == stored and len(held) == 5
 
 

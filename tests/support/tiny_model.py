@@ -49,23 +49,24 @@ def caption_for(color: str, shape: str) -> str:
     return f"a {color} {shape}"
 
 
-def _write_config(out_dir: Path) -> str:
+def _write_config(out_dir: Path, model_cfg: dict) -> str:
     """Write open_clip_config.json into out_dir; return its local-dir spec."""
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": TINY_MODEL_CFG, "preprocess_cfg": TINY_PREPROCESS_CFG}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": TINY_PREPROCESS_CFG}
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return f"local-dir:{out_dir}"
 
 
-def create_tiny_clip(seed: int = 0) -> tuple[torch.nn.Module, Callable, Callable]:
-    """Seeded, untrained tiny CLIP with its val preprocess and tokenizer.
+def create_tiny_clip(seed: int = 0, model_cfg: dict = TINY_MODEL_CFG
+                     ) -> tuple[torch.nn.Module, Callable, Callable]:
+    """Seeded, untrained tiny CLIP (or another `model_cfg`) with its val preprocess and tokenizer.
 
     Built through the same local-dir path used for reloading, so the
     architecture and transforms match a written-and-reloaded model exactly.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        spec = _write_config(Path(tmp))
+        spec = _write_config(Path(tmp), model_cfg)
         torch.manual_seed(seed)
         # load_weights=False: random init even if a checkpoint were present.
         model, _, preprocess = open_clip.create_model_and_transforms(spec, load_weights=False)
@@ -73,15 +74,16 @@ def create_tiny_clip(seed: int = 0) -> tuple[torch.nn.Module, Callable, Callable
     return model, preprocess, tokenizer
 
 
-def write_local_dir_model(out_dir: Path, model: torch.nn.Module | None = None, seed: int = 0) -> str:
+def write_local_dir_model(out_dir: Path, model: torch.nn.Module | None = None, seed: int = 0,
+                          model_cfg: dict = TINY_MODEL_CFG) -> str:
     """Write config + safetensors weights loadable as "local-dir:<abs path>".
 
-    Uses `model`'s weights, or a freshly seeded untrained tiny CLIP if None.
+    Uses `model`'s weights (built from `model_cfg`), or a freshly seeded untrained one if None.
     Returns the model spec string for open_clip.create_model / get_tokenizer.
     """
     if model is None:
-        model, _, _ = create_tiny_clip(seed)
-    spec = _write_config(Path(out_dir))
+        model, _, _ = create_tiny_clip(seed, model_cfg)
+    spec = _write_config(Path(out_dir), model_cfg)
     # safetensors rejects non-contiguous or shared-storage tensors; clone all.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(Path(spec.removeprefix("local-dir:")) / WEIGHTS_NAME))
@@ -116,7 +118,7 @@ def render_shape(color: str, shape: str, rng: np.random.Generator, size: int = 6
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
-def _render_batch(per_class: int, rng: np.random.Generator, preprocess: Callable
+def render_batch(per_class: int, rng: np.random.Generator, preprocess: Callable
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Preprocessed renders, `per_class` of each class, and their class labels."""
     labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
@@ -157,7 +159,7 @@ def train_tiny_clip(
     model, preprocess, tokenizer = create_tiny_clip(seed)
     # Render and preprocess a fixed pool once: per-step rendering would
     # dominate the runtime, and 256 renders per class already generalise.
-    pool, pool_labels = _render_batch(pool_per_class, np.random.default_rng(seed), preprocess)
+    pool, pool_labels = render_batch(pool_per_class, np.random.default_rng(seed), preprocess)
     generator = torch.Generator().manual_seed(seed)
     # Freeze the 49408-row token table: only ~6 caption tokens are ever used,
     # yet its dense gradient and Adam update were ~half of every step. The text
@@ -202,7 +204,7 @@ def evaluate_recall(
     image->text: fraction of images whose top-1 caption is their own.
     """
     model.eval()
-    images, labels = _render_batch(per_class, np.random.default_rng(seed), preprocess)
+    images, labels = render_batch(per_class, np.random.default_rng(seed), preprocess)
     image_features = F.normalize(model.encode_image(images), dim=-1)
     similarity = image_features @ _class_text_features(model, tokenizer).T  # (N, 9)
     text_to_image = (labels[similarity.argmax(dim=0)] == torch.arange(len(CLASSES))).float().mean().item()

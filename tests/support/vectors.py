@@ -13,6 +13,12 @@ from retrieval.storage.store import NewItem
 DIM = 32
 
 
+def unit_vector(*values: float) -> np.ndarray:
+    """The float32 unit vector along `values` (hand-made vectors for store and search tests)."""
+    vector = np.array(values, np.float32)
+    return vector / np.linalg.norm(vector)
+
+
 def clustered(count: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(64, DIM))

@@ -273,3 +273,27 @@ def test_a_missing_model_is_a_one_line_model_load_error(tmp_path, few_pairs):
     with pytest.raises(ModelLoadError, match="no open_clip_config.json") as refused:
         fine_tune(ModelSpec.parse(f"local-dir:{tmp_path / 'nowhere'}"), few_pairs, tmp_path / "out", QUICK)
     assert "\n" not in str(refused.value)
+
+
+def test_a_coca_model_trains_with_its_captioning_loss_too(tmp_path, few_pairs, tiny_coca):
+    """Fine-tuning a CoCa teaches its decoder to write the pairs' captions: the contrastive
+    loss alone never reaches the decoder."""
+    from retrieval.encoders.captioner import coca_loss
+
+    spec = ModelSpec.parse(tiny_coca)
+    before = weights(spec)
+
+    def caption_loss_on_the_pairs(model: str) -> float:
+        encoder = load_encoder(ModelSpec.parse(model), "cpu")
+        images = torch.stack([encoder.preprocess_image(Image.open(few_pairs.images[image]).convert("RGB"))
+                              for image in few_pairs.caption_image[:18].tolist()])
+        tokens = encoder.tokenizer(few_pairs.captions[:18])
+        with torch.no_grad():
+            return coca_loss(encoder.model.eval(), images, tokens).caption.item()
+
+    options = replace(QUICK, epochs=3)
+    fine_tune(spec, few_pairs, tmp_path / "out", options)
+    after = weights(tmp_path / "out")
+    assert any(key.startswith("text_decoder.") for key in changed(before, after))
+    trained = caption_loss_on_the_pairs(f"local-dir:{tmp_path / 'out'}")
+    assert trained < 0.8 * caption_loss_on_the_pairs(tiny_coca)

@@ -230,10 +230,11 @@ function isGenerated(item) {
   return Boolean(item && (item.generated || (item.metadata && item.metadata.generated)));
 }
 
-function badge(text) {
+function badge(text, model) {
   const element = document.createElement("span");
   element.className = "badge";
   element.textContent = text;
+  element.title = `caption written by ${model || "a caption model"}`;
   return element;
 }
 
@@ -275,7 +276,8 @@ function card(hit, position) {
   if (hit.text) {
     const text = span("text", hit.text);
     body.append(text);
-    if (isGenerated(hit)) body.append(badge("generated"));
+    // written by a caption model, not a person: say so, and which model
+    if (isGenerated(hit)) body.append(badge("generated", hit.metadata.caption_model));
   }
   const meta = span("meta", "");
   meta.append(span("name", label(hit)), span("score", hit.score.toFixed(3)));
@@ -353,7 +355,8 @@ async function openViewer(position) {
   const duplicates = duplicateLines(hit, "li");
   $("viewer-duplicates").hidden = !duplicates.length;
   $("viewer-duplicates").querySelector("ul").replaceChildren(...duplicates);
-  showCaptions([hit.text ? { text: hit.text, generated: isGenerated(hit) } : null].filter(Boolean),
+  showCaptions([hit.text ? { text: hit.text, generated: isGenerated(hit), model: hit.metadata.caption_model } : null]
+    .filter(Boolean),
                hit.modality === "text" && !hit.metadata.image ? "Text" : "Captions");
   try {
     const response = await api(`/api/items/${hit.id}`);
@@ -386,7 +389,7 @@ function showCaptions(captions, heading) {
   list.replaceChildren(...captions.map((caption) => {
     const entry = document.createElement("li");
     entry.textContent = caption.text;
-    if (isGenerated(caption)) entry.append(" ", badge("generated"));
+    if (isGenerated(caption)) entry.append(" ", badge("generated", caption.model || caption.caption_model));
     return entry;
   }));
   if (!captions.length) list.append(Object.assign(document.createElement("li"), { textContent: "none", className: "muted" }));
