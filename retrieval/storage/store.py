@@ -547,12 +547,12 @@ class Store:
         except sqlite3.Error as error:
             if time.monotonic() > deadline:
                 reason = (f"stopped after its time limit of {timeout:g} s; make it cheaper, or "
-                          "raise where_timeout")
+                          "raise `where_timeout`")
             elif "not authorized" in str(error) or "prohibited" in str(error):
                 reason = "it may only read item_view"
             else:
                 reason = str(error)
-            raise UsageError(f"where {where!r}: {reason}; columns are {ITEM_VIEW_COLUMNS}") from None
+            raise UsageError(f"`where` {where!r}: {reason}; columns are {ITEM_VIEW_COLUMNS}") from None
         finally:
             with self._opened_lock:
                 self._filtering.discard(conn)
