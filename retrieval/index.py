@@ -26,6 +26,7 @@ from .encoders.spec import ModelSpec
 from .storage.folder import MadeFolder, holds_index, open_store, storage_errors, writer_lock
 from .storage.manifest import FORMAT_VERSION
 from .storage.settings import KNOBS
+from .storage.store import WHERE_TIMEOUT_S
 
 if TYPE_CHECKING:
     from .build.report import BuildReport
@@ -303,7 +304,8 @@ class Index:
 
     def add(self, *sources: str | Path, captions: Sequence[str | Path] = (),
             exclude: Sequence[str] | None = None, include_hidden: bool | None = None,
-            max_megapixels: float | None = None, max_audio_seconds: float | None = None,
+            follow_external_links: bool | None = None, max_megapixels: float | None = None,
+            max_audio_seconds: float | None = None,
             max_video_seconds: float | None = None, progress: bool = False,
             engine: str = "local", address: str | None = None, caption: bool | None = None,
             caption_every_image: bool | None = None, caption_model: str | None = None,
@@ -316,6 +318,8 @@ class Index:
         their vectors; files skipped before are not read again until they change. With no
         sources, every source and captions file indexed before is scanned again, each source
         walked with the `exclude` and `include_hidden` it was last given (unless given here).
+        Symlinks leading outside the sources are skipped unless `follow_external_links`
+        (recorded per source, like `exclude`).
         `engine="ray"` decodes and encodes images as a Ray Data job on the cluster at `address`
         (`auto`, `ray://host:port`; None starts Ray locally); see `retrieval.build.ray`.
 
@@ -334,6 +338,7 @@ class Index:
                 raise UsageError("nothing to index: name at least one source folder or file")
         else:  # named sources are walked as the call says
             exclude, include_hidden = exclude or (), bool(include_hidden)
+            follow_external_links = bool(follow_external_links)
         if engine not in ENGINES:
             raise UsageError(f"engine must be local or ray, not {engine!r}")
         with self.context.write_lock():
@@ -351,6 +356,7 @@ class Index:
                 self.context.settings.record_captioning(None if request is None else request.to_dict())
             options = BuildOptions(exclude=None if exclude is None else tuple(exclude),
                                    include_hidden=include_hidden,
+                                   follow_external_links=follow_external_links,
                                    progress=progress, engine=engine, address=address,
                                    captions=request, recaption=recaption)
             if max_megapixels is not None:
@@ -443,7 +449,8 @@ class Index:
                like: int | None = None, vector: Sequence[float] | np.ndarray | None = None,
                vector_of: str = "image", k: int = 10,
                target: str = "auto", where: str | None = None, under: str | None = None,
-               min_score: float | None = None, dedup: bool = False) -> list[Hit]:
+               min_score: float | None = None, dedup: bool = False, filter: str | None = None,
+               where_timeout: float = WHERE_TIMEOUT_S) -> list[Hit]:
         """Nearest items to a query, best first.
 
         `query` is a combined query ("cat + 2:dog - grass", terms may be image or audio paths);
@@ -456,14 +463,18 @@ class Index:
         (captions) for image queries, sounds for sound queries and videos for video queries, or
         the next modality the index holds. Audio and video hits are files, each at its best
         window or segment (`metadata` start and end, `uri` ending in `#t=START,END`).
-        `where` is SQL over item_view's columns, `under` a path prefix, `min_score` a cosine floor.
+        `filter` is the filter language (`modality:image under:2020 size>1MB text:dog
+        meta.camera=Canon`; see `retrieval.query.filters`); a bad one raises FilterError.
+        `where` is raw SQL over item_view's columns, run read-only on item_view alone and
+        stopped after `where_timeout` seconds; `under` a path prefix, `min_score` a cosine floor.
         `dedup` folds near-duplicates (cosine >= the duplicates' default threshold) into the best
         of them: one hit per group, its `duplicates` listing the others found among the top
         candidates.
         """
         return self.searcher.search(query, text=text, image=image, audio=audio, video=video,
                                     like=like, vector=vector, vector_of=vector_of, k=k, target=target,
-                                    where=where, under=under, min_score=min_score, dedup=dedup)
+                                    where=where, under=under, min_score=min_score, dedup=dedup,
+                                    filter=filter, where_timeout=where_timeout)
 
     def duplicates(self, *, threshold: float | None = None, by: str = "vector",
                    under: str | Path | None = None, min_size: int = 2,

@@ -78,6 +78,7 @@ class BuildOptions:
     # How sources are walked; None: as recorded for each source (the defaults for a new one).
     exclude: tuple[str, ...] | None = None
     include_hidden: bool | None = None
+    follow_external_links: bool | None = None
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
     max_video_seconds: float = DEFAULT_MAX_VIDEO_SECONDS
@@ -252,8 +253,10 @@ class Builder:
             before = WalkOptions(**{name: value for name, value in recorded.get(root, {}).items()
                                     if name in WalkOptions.__dataclass_fields__})
             exclude, hidden = self.options.exclude, self.options.include_hidden
+            external = self.options.follow_external_links
             chosen[root] = WalkOptions.of(before.exclude_dirs if exclude is None else exclude,
-                                          before.include_hidden if hidden is None else hidden)
+                                          before.include_hidden if hidden is None else hidden,
+                                          before.follow_external_links if external is None else external)
         return chosen
 
     def remove(self, paths: Iterable[str | Path]) -> int:

@@ -90,6 +90,8 @@ def caption_options(command):
               help="ray: decode and encode images as a Ray Data job (GPUs where the cluster has them).")
 @click.option("--address", help="With --engine ray: the cluster (auto, ray://HOST:PORT) "
               "[default: start Ray on this machine].")
+@click.option("--follow-external-links", is_flag=True,
+              help="Follow symlinks that lead outside the sources (skipped otherwise) [recorded per source].")
 @caption_options
 @click.option("--quiet", is_flag=True, help="No progress bar, no per-file warnings.")
 @json_option
@@ -103,8 +105,8 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                   pretrained: str | None,
                   audio_model: str | None, index_type: str | None,
                   rebuild: bool, device: str, batch_size: int, int8: bool, engine: str,
-                  address: str | None, caption: bool | None, caption_all: bool | None,
-                  caption_model: str | None, caption_pretrained: str | None,
+                  address: str | None, follow_external_links: bool, caption: bool | None,
+                  caption_all: bool | None, caption_model: str | None, caption_pretrained: str | None,
                   caption_method: str | None, caption_max_length: int | None,
                   caption_beam_width: int | None, caption_top_p: float | None, recaption: bool,
                   quiet: bool, as_json: bool, wait: bool) -> None:
@@ -125,7 +127,8 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
             index.configure(fusion=fusion, frame_rate=frame_rate, scene_threshold=scene_threshold,
                             temporal=temporal)
         report = index.add(*sources, captions=captions, exclude=exclude_dir or None,
-                           include_hidden=include_hidden or None, max_megapixels=max_megapixels,
+                           include_hidden=include_hidden or None,
+                           follow_external_links=follow_external_links or None, max_megapixels=max_megapixels,
                            max_audio_seconds=max_audio_seconds, max_video_seconds=max_video_seconds,
                            progress=not quiet and sys.stderr.isatty(), engine=engine, address=address,
                            caption=caption, caption_every_image=caption_all, caption_model=caption_model,

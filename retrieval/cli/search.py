@@ -35,8 +35,13 @@ from .common import (
               default="auto", show_default=True,
               help="Modality to return; auto: images for text, texts for images, sounds for sounds, "
               "videos for videos (or the next kind the index holds).")
-@click.option("--where", help="SQL filter over item_view (id, modality, uri, text, path, size, "
-              "mtime, meta), e.g. \"path LIKE '%2024%'\".")
+@click.option("--filter", "filter_text", metavar="TERMS",
+              help="Filter, e.g. 'modality:image under:2020 size>1MB -text:beach meta.camera=Canon' "
+              "(README: Filters).")
+@click.option("--where", help="Raw SQL filter over item_view (id, modality, uri, text, path, size, "
+              "mtime, meta), e.g. \"path LIKE '%2024%'\"; read-only, stopped after --where-timeout.")
+@click.option("--where-timeout", default=3.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a --where filter may run.")
 @click.option("--under", type=click.Path(), help="Only items whose file is under this folder.")
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
 @click.option("--dedup", is_flag=True, help="One hit per group of near-duplicates, with how many "
@@ -59,7 +64,8 @@ from .common import (
 @reports_errors
 def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tuple[str, ...],
                    videos: tuple[str, ...], index_dir: str, k: int,
-                   target: str, where: str | None, under: str | None, min_score: float | None,
+                   target: str, filter_text: str | None, where: str | None, where_timeout: float,
+                   under: str | None, min_score: float | None,
                    dedup: bool, entries: str | None, fusion: str | None, weights: dict[str, float] | None,
                    server: str | None, as_json: bool,
                    model: str | None, pretrained: str | None, device: str) -> None:
@@ -81,12 +87,13 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
         _print_entries(found, as_json)
         return
     search = dict(k=k, target=target, where=where, under=under, min_score=min_score,
-                  dedup=dedup or None)
+                  dedup=dedup or None, filter=filter_text)
     if server:
         from ..serve.client import search_server
 
         hits = search_server(server, text, list(images), list(sounds), **search)
     else:
+        search["where_timeout"] = where_timeout
         search["video"] = list(videos) or None
         with printing_query_warnings():
             hits = _search_here(index_dir, text, images, sounds, model, pretrained, device, search)

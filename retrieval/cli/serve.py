@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import click
 
 from .common import (
@@ -10,22 +13,46 @@ from .common import (
     reports_errors,
 )
 
+LOCAL_ADDRESSES = ("127.0.0.1", "localhost", "::1")
+DRAIN_S = 3  # seconds SIGTERM or Ctrl-C leaves running requests before the server exits
+
 
 @click.command("serve")
 @index_option
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; 0.0.0.0 exposes the index to the network.")
+              help="Address to listen on; 0.0.0.0 exposes the index to the network (needs --token).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--token", envvar="RETRIEVAL_TOKEN", metavar="TOKEN",
+              help="Require `Authorization: Bearer TOKEN` on every API route (or set RETRIEVAL_TOKEN); "
+              "open the page as http://HOST:PORT/#token=TOKEN.")
+@click.option("--insecure", is_flag=True, help="Listen beyond localhost without a token.")
+@click.option("--allow-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Another Host name to answer (repeatable; '*' any): others are refused, "
+              "against DNS rebinding [default: localhost names and --host].")
+@click.option("--allow-sql", is_flag=True, help="Accept raw SQL where= filters (still read-only "
+              "and time-limited); otherwise only filter= is taken.")
+@click.option("--where-timeout", default=3.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="Seconds a where= filter may run.")
+@click.option("--relative-paths", is_flag=True,
+              help="Show paths relative to the indexed folders, not absolute ones.")
 @click.option("--max-upload-mb", default=20.0, show_default=True,
               type=click.FloatRange(min=0, min_open=True), help="Largest query upload accepted.")
 @click.option("--shard-index", "shard_dirs", multiple=True, type=click.Path(file_okay=False),
               help="Another index folder searched as a shard beside --index (repeatable).")
 @click.option("--shard", "shard_urls", multiple=True, metavar="URL",
               help="A `retrieve serve` on another machine searched as a shard (repeatable).")
+@click.option("--shard-timeout", default=10.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a --shard may take; results without it are flagged partial.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="One line per request on stderr: method, route, status, milliseconds.")
 @device_option
 @reports_errors
-def serve_command(index_dir: str, host: str, port: int, max_upload_mb: float,
-                  shard_dirs: tuple[str, ...], shard_urls: tuple[str, ...], device: str) -> None:
+def serve_command(index_dir: str, host: str, port: int, token: str | None, insecure: bool,
+                  allowed_hosts: tuple[str, ...], allow_sql: bool, where_timeout: float,
+                  relative_paths: bool, max_upload_mb: float,
+                  shard_dirs: tuple[str, ...], shard_urls: tuple[str, ...], shard_timeout: float,
+                  access_log: bool, device: str) -> None:
     """Serve the index: a JSON API (docs at /docs) and a search page at /.
 
     The model loads once, so queries take milliseconds; a build running beside the server is
@@ -36,9 +63,23 @@ def serve_command(index_dir: str, host: str, port: int, max_upload_mb: float,
 
     from ..serve.app import create_app
 
+    if host not in LOCAL_ADDRESSES and not token and not insecure:
+        raise click.UsageError(f"--host {host} exposes the index beyond this machine: give --token "
+                               "(or RETRIEVAL_TOKEN), or --insecure to serve it to anyone")
     app = create_app([index_dir, *shard_dirs], device=device, max_upload_mb=max_upload_mb,
-                     shard_urls=shard_urls)
+                     shard_urls=shard_urls, token=token or None, allow_sql=allow_sql,
+                     where_timeout=where_timeout, allowed_hosts=[host, *allowed_hosts],
+                     relative_paths=relative_paths, shard_timeout=shard_timeout)
+    if access_log:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger = logging.getLogger("retrieval.access")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     shards = len(shard_dirs) + len(shard_urls)
     click.echo(f"serving {index_dir}{f' and {shards} shards' if shards else ''} at http://{host}:{port} "
-               f"(API docs at /docs); Ctrl-C stops", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+               f"(API docs at /docs){' with a token' if token else ''}; Ctrl-C stops", err=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=DRAIN_S)
+    finally:
+        app.state.service.close()

@@ -85,4 +85,5 @@ class Hit:
     @classmethod
     def from_dict(cls, data: dict, score: float | None = None) -> Hit:
         """A hit as `to_dict` wrote it (a server's JSON, say); `score` for data without one."""
-        return cls(**data) if score is None else cls(score=score, **data)
+        known = {name: value for name, value in data.items() if name in cls.__dataclass_fields__}
+        return cls(**known) if score is None else cls(**{**known, "score": score})

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.paths import absolute_path, display_path
+from ..core.paths import absolute_path, display_path, is_under
 from .captions import CAPTION_FILE_NAMES, read_caption_pairs
 from .tables import FormatError, parse_rows, split_lines
 
@@ -82,12 +82,14 @@ class WalkOptions:
 
     exclude_dirs: tuple[str, ...] = ()  # folder names, or absolute folder paths
     include_hidden: bool = False
+    follow_external_links: bool = False  # enter links that lead outside every source
 
     @classmethod
-    def of(cls, exclude_dirs: Iterable[str] = (), include_hidden: bool = False) -> WalkOptions:
+    def of(cls, exclude_dirs: Iterable[str] = (), include_hidden: bool = False,
+           follow_external_links: bool = False) -> WalkOptions:
         """Options with the paths among `exclude_dirs` made absolute (names stay names)."""
         excluded = {str(absolute_path(d)) if os.sep in d else d for d in exclude_dirs}
-        return cls(tuple(sorted(excluded)), include_hidden)
+        return cls(tuple(sorted(excluded)), include_hidden, follow_external_links)
 
 
 def walk_sources(sources: Iterable[str | Path], exclude_dirs: Iterable[str] = (),
@@ -97,17 +99,21 @@ def walk_sources(sources: Iterable[str | Path], exclude_dirs: Iterable[str] = ()
 
     Hidden entries and folders named in `exclude_dirs` (by name or by path) are not entered;
     `options`, keyed by a source's absolute path, sets them for that source instead.
-    Symlinks to files and to folders are followed; a folder reached a second time (a loop,
-    or two links to one folder) is walked once, under the first path that reached it.
+    Symlinks to files and to folders are followed while they lead to a place inside one of the
+    sources (unless a source's options say `follow_external_links`: then anywhere); a link
+    leading outside is skipped and reported. A folder reached a second time (a loop, or two
+    links to one folder) is walked once, under the first path that reached it.
     """
+    sources = list(sources)
     default = WalkOptions.of(exclude_dirs, include_hidden)
+    real_sources = [real for real in map(_real_path, sources) if real]
     found: dict[str, SourceFile] = {}
     skipped: list[Skipped] = []
     for source in sources:
         root = absolute_path(source)
         if _is(root, Path.is_dir):
             walk_options = (options or {}).get(str(root), default)
-            paths = _walk_folder(root, walk_options, skipped)
+            paths = _walk_folder(root, walk_options, skipped, real_sources)
             auto_captions = [root / name for name in CAPTION_FILE_NAMES if (root / name).is_file()]
         elif _is(root, Path.exists) or _is(root, Path.is_symlink):
             paths, auto_captions = [root], []
@@ -135,7 +141,8 @@ def _is(path: Path, test) -> bool:
         return False
 
 
-def _walk_folder(root: Path, options: WalkOptions, skipped: list[Skipped]) -> Iterator[Path]:
+def _walk_folder(root: Path, options: WalkOptions, skipped: list[Skipped],
+                 real_sources: list[str] = ()) -> Iterator[Path]:
     """The files under `root`. Symlinked folders are entered after the real tree, so a file
     keeps its real path when a link also leads to it; a folder already walked (a loop, a
     second link) is not walked again."""
@@ -154,24 +161,68 @@ def _walk_folder(root: Path, options: WalkOptions, skipped: list[Skipped]) -> It
                 if not _enter(folder, name, options):
                     continue
                 if os.path.islink(path):
-                    links.append(path)
+                    if _follow_link(path, options, real_sources, skipped):
+                        links.append(path)
                 elif _first_visit(path, walked):
                     entered.append(name)
             dirs[:] = entered
             for name in sorted(names):
                 if options.include_hidden or not name.startswith("."):
-                    if _kind_of(Path(name)):
-                        yield Path(folder, name)
+                    path = os.path.join(folder, name)
+                    if _kind_of(Path(name)) and (not os.path.islink(path) or
+                                                 _follow_link(path, options, real_sources, skipped)):
+                        yield Path(path)
         while links and not tops:
             link = links.popleft()
-            if _follow_link(link) and _first_visit(link, walked):
+            if _first_visit(link, walked):
                 tops.append(link)
 
 
-def _follow_link(link: str) -> bool:
-    """Whether a symlinked folder found in a source is entered: today every one is (a later
-    rule, such as leaving out links that lead outside the sources, belongs here)."""
-    return True
+def _real_path(source: str | Path) -> str | None:
+    """A source with every link resolved; None for names no file system holds (the walk
+    reports those itself)."""
+    try:
+        return os.path.realpath(absolute_path(source))
+    except (OSError, ValueError):  # a NUL, a lone surrogate, an empty name
+        return None
+
+
+def _follow_link(link: str, options: WalkOptions, real_sources: list[str],
+                 skipped: list[Skipped]) -> bool:
+    """Whether a symlink found in a source is followed: when it leads inside one of the
+    sources, or anywhere with `follow_external_links`. One leading outside is reported."""
+    if options.follow_external_links or not real_sources:
+        return True
+    if is_under(os.path.realpath(link), real_sources):
+        return True
+    skipped.append(Skipped(display_path(link), "a link leading outside the sources (index its "
+                                                "target as a source, or use --follow-external-links)"))
+    return False
+
+
+def open_indexed_file(path: str, roots: Iterable[str], size: int, mtime_ns: int,
+                      anywhere: bool = False) -> tuple[Path, int] | None:
+    """An indexed file opened for reading, as (path, descriptor), only if it is still the file
+    the index recorded: its real path under one of `roots` (also resolved; any place when
+    `anywhere`), opened without following a last link, and the opened file's size and mtime
+    the recorded ones. Checked on the open descriptor, so a link swapped in between fails.
+    None otherwise."""
+    real_roots = [os.path.realpath(root) for root in roots]
+    try:
+        descriptor = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(descriptor)
+        opened = os.readlink(f"/proc/self/fd/{descriptor}") if os.path.exists("/proc/self/fd") else \
+            os.path.realpath(path)
+        if (stat.S_ISREG(info.st_mode) and info.st_size == size and info.st_mtime_ns == mtime_ns
+                and (anywhere or is_under(opened, real_roots))):
+            return Path(path), descriptor
+    except OSError:
+        pass
+    os.close(descriptor)
+    return None
 
 
 def _folder_identity(path: str) -> tuple[int, int] | None:

@@ -12,8 +12,10 @@ from ..context import IndexContext
 from ..core.errors import UsageError
 from ..core.paths import stored_path
 from ..core.types import AUTO_TARGETS, MODALITIES, TARGETS, TIMED, Hit
+from ..storage.store import WHERE_TIMEOUT_S
 from .duplicates import DEDUP_POOL, collapse_hits
 from .encode import AudioQuery, ImageQuery, query_modality, query_terms, query_vector
+from .filters import Filter, parse_filter
 from .parse import QueryTerm
 
 
@@ -29,12 +31,14 @@ class Searcher:
                like: int | None = None, vector: Sequence[float] | np.ndarray | None = None,
                vector_of: str = "image", k: int = 10,
                target: str = "auto", where: str | None = None, under: str | None = None,
-               min_score: float | None = None, dedup: bool = False) -> list[Hit]:
+               min_score: float | None = None, dedup: bool = False,
+               filter: str | Filter | None = None, where_timeout: float = WHERE_TIMEOUT_S) -> list[Hit]:
         """Nearest items to a query, best first (see `Index.search`)."""
         if k < 1:
             raise UsageError(f"k must be at least 1, not {k}")
         if target not in TARGETS:
             raise UsageError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+        chosen = filter if isinstance(filter, Filter) else parse_filter(filter)  # bad ones before any work
         items = [] if like is None else [self.item_term(like)]
         items += [] if vector is None else [self._vector_term(vector, vector_of)]
         terms = query_terms(query, text, image, audio, items, video)
@@ -44,7 +48,7 @@ class Searcher:
             return []
         vector = query_vector(self.context.encoders, terms, target)
         _check_text("where", where)
-        allowed = self.store.item_ids(target, where, stored_under(under)) if where or under else None
+        allowed = self.allowed_ids(target, where, under, chosen, where_timeout)
         # Deduplicated, more candidates are fetched than wanted, to be left with k once
         # near-duplicates are folded into the hit they resemble.
         wanted = min(size, max(DEDUP_POOL * k, 50)) if dedup else k
@@ -56,6 +60,15 @@ class Searcher:
         if dedup:
             hits = collapse_hits(hits, self.store.vectors_for_ids(np.array([h.id for h in hits])))
         return hits[:k]
+
+    def allowed_ids(self, modality: str, where: str | None = None, under: str | None = None,
+                    chosen: Filter | None = None, where_timeout: float = WHERE_TIMEOUT_S
+                    ) -> np.ndarray | None:
+        """The ids of `modality` a search may return, or None for all of them."""
+        if not (where or under or chosen):
+            return None
+        condition = chosen.sql(self.store.sources()) if chosen else None
+        return self.store.item_ids(modality, where, stored_under(under), condition, where_timeout)
 
     def resolve_target(self, target: str, query_modality: str) -> str:
         if target != "auto":

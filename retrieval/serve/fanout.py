@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -28,44 +27,54 @@ from ..index import Index
 from .client import server_error
 
 MAX_SHARDS = 1000
+DEFAULT_SHARD_TIMEOUT_S = 10.0
 
 
 class LocalShard:
-    """An index folder opened read-only here; its searches run one at a time."""
+    """An index folder opened read-only here; searched from many threads at once (each has
+    its own SQLite connection)."""
 
     def __init__(self, folder: str | Path, device: str = "auto") -> None:
         self.index = Index.open(folder, readonly=True, device=device)
         self.name = str(self.index.path)
-        self.lock = threading.Lock()
 
     def search(self, **query) -> list[Hit]:
-        with self.lock:
-            return self.index.search(**query)
+        return self.index.search(**query)
 
     def item(self, item_id: int) -> Hit | None:
-        with self.lock:
-            return self.index.item(item_id)
+        return self.index.item(item_id)
 
     def item_vector(self, item_id: int) -> tuple[str, np.ndarray]:
-        with self.lock:
-            return self.index.item_vector(item_id)
+        return self.index.item_vector(item_id)
 
     def stats(self) -> dict:
-        with self.lock:
-            return self.index.stats()
+        return self.index.stats()
+
+    def healthy(self) -> bool:
+        return True
 
     def close(self) -> None:
         self.index.close()
 
 
 class RemoteShard:
-    """A `retrieve serve` at `url`, searched through its JSON API."""
+    """A `retrieve serve` at `url`, searched through its JSON API; every call gives up after
+    `timeout` seconds (a stopped or hung shard costs that, never more)."""
 
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, timeout: float = DEFAULT_SHARD_TIMEOUT_S, token: str | None = None) -> None:
         import httpx
 
         self.name = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.name, timeout=timeout)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.client = httpx.Client(base_url=self.name, timeout=timeout, headers=headers)
+
+    def healthy(self) -> bool:
+        """The shard answers its health check within the timeout."""
+        try:
+            self._call("GET", "/api/health")
+            return True
+        except RetrievalError:
+            return False
 
     def search(self, **query) -> list[Hit]:
         form, files = {}, []
@@ -125,10 +134,12 @@ Shard = LocalShard | RemoteShard
 
 
 def open_shards(folders: Sequence[str | Path] = (), urls: Sequence[str] = (),
-                device: str = "auto") -> list[Shard]:
-    """Local shards first, then remote ones; shard numbers follow this order."""
+                device: str = "auto", shard_timeout: float = DEFAULT_SHARD_TIMEOUT_S,
+                token: str | None = None) -> list[Shard]:
+    """Local shards first, then remote ones; shard numbers follow this order. Remote shards
+    give up after `shard_timeout` seconds and are sent `token` as a bearer token."""
     shards: list[Shard] = [LocalShard(folder, device) for folder in folders]
-    shards += [RemoteShard(url) for url in urls]
+    shards += [RemoteShard(url, shard_timeout, token) for url in urls]
     if not shards:
         raise UsageError("no shards: give at least one index folder or server URL")
     if len(shards) > MAX_SHARDS:
@@ -141,7 +152,10 @@ class ShardedIndex:
 
     def __init__(self, shards: Sequence[Shard]) -> None:
         self.shards = list(shards)
-        self.pool = ThreadPoolExecutor(max_workers=len(self.shards))
+        # Remote shards wait on the network in a pool of their own, so a hung one never holds
+        # up the work of local shards (which runs in the calling thread).
+        remote = sum(isinstance(shard, RemoteShard) for shard in self.shards)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, 8 * remote))
 
     def locate(self, global_id: int) -> tuple[Shard, int]:
         """The shard holding a global id, and the id there."""
@@ -150,21 +164,48 @@ class ShardedIndex:
             raise UsageError(f"no item with id {global_id}: it names no shard of this service")
         return self.shards[number], global_id // MAX_SHARDS
 
-    def search(self, query: str | None = None, *, like: int | None = None,
-               image: Sequence[BinaryIO] | None = None, audio: Sequence[BinaryIO] | None = None,
-               video: Sequence[BinaryIO] | None = None, k: int = 10, **options) -> list[Hit]:
-        """The best k hits of all shards, with global ids; options as `Index.search`'s."""
+    def search(self, query: str | None = None, **options) -> list[Hit]:
+        """The best k hits of all shards, with global ids; options as `Index.search`'s. A shard
+        that fails raises its error (see `search_partial` for results without it)."""
+        hits, failed = self.search_partial(query, strict=True, **options)
+        return hits
+
+    def search_partial(self, query: str | None = None, *, like: int | None = None,
+                       image: Sequence[BinaryIO] | None = None, audio: Sequence[BinaryIO] | None = None,
+                       video: Sequence[BinaryIO] | None = None, k: int = 10, strict: bool = False,
+                       **options) -> tuple[list[Hit], list[str]]:
+        """The best k hits of the shards that answered, and the names of those that did not
+        (unreachable, timed out or failing). A bad query (a UsageError) is raised as it is."""
         if like is not None:
             shard, local = self.locate(like)
             options["vector_of"], options["vector"] = shard.item_vector(local)
         uploads = {name: [_read(f) for f in files] for name, files in
                    (("image", image), ("audio", audio), ("video", video)) if files}
-        futures = [self.pool.submit(self._search_one, shard, query, k, uploads, options)
-                   for shard in self.shards]
+        remote = {number: self.pool.submit(self._search_one, shard, query, k, uploads, options)
+                  for number, shard in enumerate(self.shards) if isinstance(shard, RemoteShard)}
+        answers: dict[int, list[Hit]] = {}
+        failed: list[str] = []
+        for number, shard in enumerate(self.shards):
+            if isinstance(shard, LocalShard):
+                answers[number] = self._search_one(shard, query, k, uploads, options)
+        for number, future in remote.items():
+            try:
+                answers[number] = future.result()
+            except UsageError:
+                raise
+            except RetrievalError:
+                if strict:
+                    raise
+                failed.append(self.shards[number].name)
         hits = [replace(hit, id=hit.id * MAX_SHARDS + number,
                         duplicates=[{**d, "id": d["id"] * MAX_SHARDS + number} for d in hit.duplicates])
-                for number, future in enumerate(futures) for hit in future.result()]
-        return sorted(hits, key=lambda hit: -hit.score)[:k]
+                for number, found in sorted(answers.items()) for hit in found]
+        return sorted(hits, key=lambda hit: -hit.score)[:k], failed
+
+    def health(self) -> dict[str, bool]:
+        """Each shard's name and whether it answers."""
+        checks = [self.pool.submit(shard.healthy) for shard in self.shards]
+        return {shard.name: check.result() for shard, check in zip(self.shards, checks)}
 
     @staticmethod
     def _search_one(shard: Shard, query: str | None, k: int, uploads: dict[str, list[bytes]],

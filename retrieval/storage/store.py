@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import astuple, dataclass
@@ -35,6 +36,9 @@ SELECT items.id, items.modality, items.uri, items.text, items.parent_id, items.m
        files.path, files.size, files.mtime_ns / 1000000000 AS mtime
 FROM items LEFT JOIN files ON files.id = items.file_id
 """
+ITEM_VIEW_COLUMNS = "id, modality, uri, text, parent_id, meta, path, size, mtime"
+WHERE_TIMEOUT_S = 3.0  # how long a raw SQL `where` may run before it is stopped
+WHERE_MAX_VALUE = 1_000_000  # bytes a string or blob made inside a `where` may hold
 
 
 @dataclass(frozen=True)
@@ -123,13 +127,18 @@ class Store:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
-        self._query_only = threading.Lock()
+        # A reader gives each thread a connection of its own, so that a server's request threads
+        # search side by side; a writer has one connection (its transactions are its own).
+        self._readers = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._opened_lock = threading.Lock()
+        self._filtering: set[sqlite3.Connection] = set()  # raw `where` queries running now
         if readonly:
-            conn = _connect_read_only(path)
+            conn = self._reader()
         else:
             conn = sqlite3.connect(path, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 30000")
-        self._conn = conn
+            conn.execute("PRAGMA busy_timeout = 30000")
+        self._writer = None if readonly else conn
         if not readonly:
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -138,10 +147,29 @@ class Store:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        return self._conn
+        return self._reader() if self._writer is None else self._writer
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = _connect_read_only(self.path)
+            conn.execute("PRAGMA busy_timeout = 30000")
+            self._readers.conn = conn
+            with self._opened_lock:
+                self._opened.append(conn)
+        return conn
+
+    def interrupt(self) -> None:
+        """Stop every raw `where` query running now (a server shutting down)."""
+        with self._opened_lock:
+            for conn in self._filtering:
+                conn.interrupt()
 
     def close(self) -> None:
-        self.conn.close()
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for conn in opened if self._writer is None else [*opened, self._writer]:
+            conn.close()
 
     def _create_schema(self) -> None:
         # Only writers create the schema: a reader (a query) needs none of sqlite_utils, whose
@@ -487,28 +515,60 @@ class Store:
         return np.frombuffer(b"".join(found[int(i)] for i in ids), dtype=np.float32).reshape(
             len(ids), -1)
 
-    def item_ids(self, modality: str, where: str | None = None, under: str | None = None
-                 ) -> np.ndarray:
-        """Ids of a modality's items passing a SQL filter over `item_view` and whose file is
-        `under` (a stored path: that file, or a folder the file lies in)."""
+    def item_ids(self, modality: str, where: str | None = None, under: str | None = None,
+                 condition: tuple[str, list] | None = None,
+                 where_timeout: float = WHERE_TIMEOUT_S) -> np.ndarray:
+        """Ids of a modality's items whose file is `under` (a stored path: that file, or a folder
+        the file lies in), that pass `condition` (SQL over item_view made by the engine, with
+        its parameters: a compiled filter) and a raw SQL `where` (see `where_ids`)."""
         sql = "SELECT id FROM item_view WHERE modality = ?"
         params: list = [modality]
-        if where:
-            sql += f" AND ({where})"
+        if condition:
+            sql += f" AND ({condition[0]})"
+            params += condition[1]
         if under:
             sql += " AND " + _under_clause("path")
             params += _under_params(under)
-        with self._query_only:  # threads sharing this connection see one setting at a time
-            try:
-                self.conn.execute("PRAGMA query_only = 1")  # a filter may read, never write
-                rows = self.conn.execute(sql, params).fetchall()
-            except sqlite3.Error as error:
-                raise UsageError(
-                    f"`where` {where!r}: {error}; columns are "
-                    "id, modality, uri, text, parent_id, meta, path, size, mtime") from None
-            finally:
-                self.conn.execute("PRAGMA query_only = 0")
-        return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+        rows = self.conn.execute(sql, params).fetchall()
+        ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+        if where:
+            ids = np.intersect1d(ids, self.where_ids(where, where_timeout), assume_unique=True)
+        return ids
+
+    def where_ids(self, where: str, timeout: float = WHERE_TIMEOUT_S) -> np.ndarray:
+        """Ids of the items passing a raw SQL expression over item_view's columns.
+
+        It runs as a query of its own, on a connection of its own that may only read item_view
+        (an authorizer refuses every other table, and any write), for at most `timeout`
+        seconds, making no string or blob over WHERE_MAX_VALUE bytes. So `1) OR (1` or a
+        subquery gains nothing: whatever ids it yields are only intersected with the engine's.
+        """
+        if not where.strip():
+            return np.zeros(0, np.int64)
+        conn = _connect_read_only(self.path)
+        deadline = time.monotonic() + timeout
+        with self._opened_lock:
+            self._filtering.add(conn)
+        try:
+            conn.execute("PRAGMA query_only = 1")
+            conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, WHERE_MAX_VALUE)
+            conn.set_authorizer(_read_item_view_only)
+            conn.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
+            rows = conn.execute(f"SELECT id FROM item_view WHERE {where}").fetchall()
+        except sqlite3.Error as error:
+            if time.monotonic() > deadline:
+                reason = (f"stopped after its time limit of {timeout:g} s; make it cheaper, or "
+                          "raise `where_timeout`")
+            elif "not authorized" in str(error) or "prohibited" in str(error):
+                reason = "it may only read item_view"
+            else:
+                reason = str(error)
+            raise UsageError(f"`where` {where!r}: {reason}; columns are {ITEM_VIEW_COLUMNS}") from None
+        finally:
+            with self._opened_lock:
+                self._filtering.discard(conn)
+            conn.close()
+        return np.unique(np.fromiter((row[0] for row in rows if isinstance(row[0], int)), dtype=np.int64))
 
     def item_id(self, uri: str, modality: str) -> int | None:
         row = self.conn.execute("SELECT id FROM items WHERE uri = ? AND modality = ?",
@@ -570,6 +630,21 @@ def _id_vector_rows(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarr
     ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
     vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32)
     return ids, vectors.reshape(len(rows), -1)
+
+
+_WHERE_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+
+
+def _read_item_view_only(action: int, table: str | None, column: str | None, database: str | None,
+                         source: str | None) -> int:
+    """An authorizer for raw `where` text: read item_view (and what the view itself reads),
+    call functions; nothing else."""
+    if action in _WHERE_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_READ and (database == "main" and "item_view" in (table, source)
+                                          or column == "" and table in ("items", "files")):
+        return sqlite3.SQLITE_OK  # no column named: the view's own join, reading no value
+    return sqlite3.SQLITE_DENY
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:

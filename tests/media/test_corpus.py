@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retrieval.core.paths import display_path, path_from_display
-from retrieval.media.corpus import IMAGE_SUFFIXES, SourceFile, read_items, walk_sources
+from retrieval.media.corpus import IMAGE_SUFFIXES, SourceFile, WalkOptions, read_items, walk_sources
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -281,10 +281,16 @@ def test_symlink_to_file_is_followed(tmp_path):
     touch(tmp_path / "src" / "plain.jpg")
     (tmp_path / "src" / "alias.jpg").symlink_to(target)
 
-    files = by_name(walk_sources([tmp_path / "src"]))
+    files = by_name(walk_sources([tmp_path / "src"], options={
+        str(tmp_path / "src"): WalkOptions(follow_external_links=True)}))
 
     assert files["alias.jpg"].kind == "image"
     assert files["alias.jpg"].size == 4
+    # By default a link leading outside the sources is reported, not indexed.
+    result = walk_sources([tmp_path / "src"])
+    assert "alias.jpg" not in by_name(result)
+    assert [(Path(s.path).name, "outside the sources" in s.reason) for s in result.skipped] == [
+        ("alias.jpg", True)]
 
 
 def test_symlink_loop_between_folders_does_not_hang(tmp_path):
@@ -322,9 +328,11 @@ def test_symlinked_folders_in_a_source_are_followed(tmp_path):
     result = walk_sources([tmp_path / "src"])
 
     assert rel(result, tmp_path / "src") == {
-        os.path.join("outside", "far.jpg"): "image", os.path.join("shown", "kept.png"): "image",
-        os.path.join("real", "near.jpg"): "image"}
-    assert result.skipped == []
+        os.path.join("shown", "kept.png"): "image", os.path.join("real", "near.jpg"): "image"}
+    assert [Path(s.path).name for s in result.skipped] == ["outside"]  # leads outside the source
+    followed = walk_sources([tmp_path / "src"], options={
+        str(tmp_path / "src"): WalkOptions(follow_external_links=True)})
+    assert os.path.join("outside", "far.jpg") in rel(followed, tmp_path / "src")
 
 
 def test_a_linked_folder_that_holds_the_source_is_not_walked_twice(tmp_path):
@@ -332,7 +340,8 @@ def test_a_linked_folder_that_holds_the_source_is_not_walked_twice(tmp_path):
     touch(tmp_path / "src" / "a.jpg")
     (tmp_path / "src" / "parent").symlink_to(tmp_path, target_is_directory=True)
 
-    result = walk_sources([tmp_path / "src"])
+    result = walk_sources([tmp_path / "src"], options={
+        str(tmp_path / "src"): WalkOptions(follow_external_links=True)})
 
     assert rel(result, tmp_path / "src") == {
         "a.jpg": "image", os.path.join("parent", "top.jpg"): "image"}

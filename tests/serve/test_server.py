@@ -91,7 +91,7 @@ def test_health_stats_and_self_hosted_docs(url, index_dir):
 
 def test_text_search_matches_the_library(url, index_dir, corpus):
     for query in ({"q": "picture number 3", "target": "text", "k": 3},
-                  {"q": "a dog", "k": 4, "where": "path LIKE '%img1%' OR path LIKE '%img2%'"},
+                  {"q": "a dog", "k": 4, "filter": "path:*img[12].png"},
                   {"q": "x", "under": str(corpus / "photos"), "min_score": -1.0}):
         served = get(url, "/api/search", **query).json()
         expected = local_search(index_dir, query=query["q"],
@@ -141,7 +141,7 @@ def test_thumbnails_are_sized_cached_and_drawn_for_captions(url, corpus):
     drawn = get(url, f"/api/items/{caption['id']}/thumbnail", size=64)
     assert drawn.status_code == 200
     assert get(url, f"/api/items/{image['id']}/thumbnail", size=5000).status_code == 422
-    note = get(url, "/api/search", q="cats", where="uri LIKE '%notes.txt%'", target="text", k=1).json()[0]
+    note = get(url, "/api/search", q="cats", filter="path:*notes.txt", target="text", k=1).json()[0]
     assert get(url, f"/api/items/{note['id']}/thumbnail").status_code == 404
 
 
@@ -211,7 +211,8 @@ def test_bad_requests_get_4xx_with_a_clear_message(url, tmp_path, index_dir):
          "query image x.png: "),
         (post(url, {}, [("image", ("empty.png", b"", "image/png"))]), 400, "is empty"),
         (post(url, {}, [("audio", ("x.wav", b"RIFF....WAVE", "audio/wav"))]), 400, "query sound x.wav: "),
-        (post(url, {"q": "x", "where": "no_such_column = 1"}), 400, "`where`"),
+        (post(url, {"q": "x", "where": "1 = 1"}), 400, "raw SQL (where=) is off on this server"),
+        (post(url, {"q": "x", "filter": "size>>3"}), 400, "filter term 'size>>3'"),
         (get(url, "/api/search", q="x", target="smell"), 422, "target"),
         (get(url, "/api/search", q="x", k=0), 422, "k"),
     ]
@@ -275,8 +276,8 @@ def test_the_cli_routes_searches_through_a_server(url, index_dir, corpus):
     image = runner.invoke(cli, ["--image", str(corpus / "photos" / "img1.png"), "--target", "image",
                                 "--server", url, "-k", "1"], env={"RETRIEVAL_SERVER": ""})
     assert image.exit_code == 0 and "img1.png" in image.stdout
-    bad = runner.invoke(cli, ["x", "--server", url, "--target", "audio", "--where", "nope("])
-    assert bad.exit_code == 2 and bad.stderr.startswith(f"error: server {url}: --where")
+    bad = runner.invoke(cli, ["x", "--server", url, "--target", "audio", "--filter", "nope("])
+    assert bad.exit_code == 2 and bad.stderr.startswith(f"error: server {url}: filter term 'nope('")
     down = runner.invoke(cli, ["x", "--server", "http://127.0.0.1:9"])
     assert down.exit_code == 1 and "cannot reach the server at http://127.0.0.1:9" in down.stderr
 
@@ -287,7 +288,9 @@ def test_serve_binds_to_localhost_unless_told_otherwise(index_dir, monkeypatch):
     runner = CliRunner()
     assert runner.invoke(cli, ["serve", "--index", str(index_dir)]).exit_code == 0
     assert runner.invoke(cli, ["serve", "--index", str(index_dir), "--host", "0.0.0.0",
-                               "--port", "9000"]).exit_code == 0
+                               "--port", "9000", "--insecure"]).exit_code == 0
+    open_to_all = runner.invoke(cli, ["serve", "--index", str(index_dir), "--host", "0.0.0.0"])
+    assert open_to_all.exit_code == 2 and "give --token" in open_to_all.stderr
     assert [(c["host"], c["port"]) for c in calls] == [("127.0.0.1", 8000), ("0.0.0.0", 9000)]
     missing = runner.invoke(cli, ["serve", "--index", str(index_dir.parent / "nothing")])
     assert missing.exit_code == 1 and "no index at" in missing.stderr

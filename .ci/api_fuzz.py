@@ -1,0 +1,65 @@
+"""CI: schemathesis against a live `retrieve serve` over a tiny index (a tiny random model and
+three images): no 5xx and no reply outside the OpenAPI description. Stateless, bounded examples.
+
+    python3 .ci/api_fuzz.py            # exit 0 when schemathesis finds nothing
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from support import write_image  # noqa: E402
+from support.serving import free_port  # noqa: E402
+from support.tiny_model import write_local_dir_model  # noqa: E402
+
+from retrieval import Index  # noqa: E402
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="api-fuzz-"))
+    try:
+        model = write_local_dir_model(work / "model", seed=0)
+        for number in range(3):
+            write_image(work / "photos" / f"img{number}.png", (90 * number, 60, 200 - 80 * number))
+        (work / "photos" / "captions.tsv").write_text("img0.png#0\ta caption\n")
+        with Index.open(work / "index", model=model, create=True) as index:
+            index.add(work / "photos")
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index",
+                                   str(work / "index"), "--port", str(port), "--device", "cpu",
+                                   "--no-access-log"])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(300):
+                try:
+                    if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            schemathesis = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
+            return subprocess.call([schemathesis, "run", f"{url}/openapi.json", "--url", url,
+                                    "--checks", "not_a_server_error,response_schema_conformance",
+                                    "--max-examples", os.environ.get("API_FUZZ_EXAMPLES", "30"),
+                                    "--phases", "examples,coverage,fuzzing", "--seed", "1",
+                                    "--no-color"])
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
