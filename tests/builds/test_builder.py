@@ -37,8 +37,7 @@ def build(index: Index, *sources: Path, **options):
     encoders = record_encoding(index.context)
     with index.context.write_lock():
         report = Builder(index.context, BuildOptions(workers=1, **options)).run(sources, [])
-    clip = encoders.recording
-    return report, (clip.images if clip else 0), (sorted(clip.texts) if clip else [])
+    return report, encoders.recording.images, sorted(encoders.recording.texts)
 
 
 def test_a_first_build_encodes_each_image_and_line_once(index, folder):
