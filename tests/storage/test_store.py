@@ -103,7 +103,8 @@ def test_captions_link_to_their_image_beside_them_else_by_name(store):
         store.link_captions()
     rows = store.items(texts)
     assert [rows[i].parent_id for i in texts] == [beside, elsewhere, None]
-    assert store.captions_of([beside, elsewhere]) == {beside: ["a dog"], elsewhere: ["a cat"]}
+    assert store.captions_of([beside, elsewhere]) == {  # (text, generated)
+        beside: [("a dog", False)], elsewhere: [("a cat", False)]}
     with store.conn:  # the image goes: its caption lets go of it
         store.delete_files([store.file_row("/root/x/dog.jpg").id])
         store.link_captions()
