@@ -28,7 +28,7 @@ from .encoders.onnx_towers import (
     load_text_tower,
     torch_may_use_an_accelerator,
 )
-from .encoders.spec import ModelSpec, check_weights_available, weights_fingerprint
+from .encoders.spec import ModelSpec, check_device, check_weights_available, weights_fingerprint
 from .storage.folder import SHARDS_FOLDER, writer_lock
 from .storage.settings import Settings
 from .storage.store import Store
@@ -59,7 +59,7 @@ class Encoders:
         self.folder = folder
         self.spec = spec
         self.settings = settings
-        self.device = device
+        self.device = check_device(device)  # here: towers alone never reach resolve_device
         self.batch_size = batch_size
         self.int8 = int8
         self.readonly = readonly

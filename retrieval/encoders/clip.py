@@ -16,18 +16,25 @@ from open_clip.transformer import text_global_pool
 from PIL import Image
 
 from ..core.errors import ModelLoadError, UsageError
-from .spec import ModelSpec, cannot_load_message, check_weights_available, hub_cache_only, one_line
+from .spec import (
+    ModelSpec,
+    cannot_load_message,
+    check_device,
+    check_weights_available,
+    hub_cache_only,
+    one_line,
+)
 from .weights import create_model_and_transforms
 
 
 def resolve_device(device: str = "auto") -> str:
     """`auto` picks cuda, then mps, then cpu; anything else must name a device torch can use
     here, or the error says so (rather than failing later as a model that would not load)."""
-    if device != "auto":
+    if check_device(device) != "auto":
         try:
             kind = torch.device(device).type
-        except (RuntimeError, ValueError):
-            raise UsageError(f"`device` {device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
+        except (RuntimeError, ValueError):  # a kind this torch build does not know
+            raise UsageError(f"`device` {device!r} is not a device this torch knows; use auto or cpu"
                              ) from None
         if kind == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"`device` {device!r}: this torch sees no CUDA GPU; use cpu or auto")

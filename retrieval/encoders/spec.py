@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from ..core.errors import ModelLoadError
+from ..core.errors import ModelLoadError, UsageError
 from ..core.imports import without_module
 
 LOCAL_DIR = "local-dir:"
@@ -89,6 +90,20 @@ class ModelSpec:
 
     def __str__(self) -> str:
         return self.identity
+
+
+# Device kinds this engine runs on, as torch spells them (`kind` or `kind:N`), and `auto`.
+DEVICE_KINDS = ("cpu", "cuda", "mps", "xpu")
+_DEVICE = re.compile(rf"({'|'.join(DEVICE_KINDS)})(:\d+)?")
+
+
+def check_device(device: str) -> str:
+    """`device` as given if it names a device (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`, `xpu`
+    ...), without importing torch: a query on the ONNX towers never loads torch to find a
+    typo. Whether torch can use it here is `clip.resolve_device`'s to say."""
+    if device != "auto" and not _DEVICE.fullmatch(device):
+        raise UsageError(f"`device` {device!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def looks_like_path(value: str) -> bool:

@@ -122,7 +122,7 @@ def test_weights_reach_the_fusion(built):
         return [(hit["entry"], hit["score"]) for hit in json.loads(out)]
 
     weighted = entries("--fusion", "weighted", "--weights", "image=1, text=0")
-    with Index.open(built, readonly=True) as index:
+    with Index.open(built, readonly=True, one_shot=True) as index:  # the towers the CLI's search uses
         expected = index.search_entries("red", grouping="stem", fusion="weighted",
                                         weights={"image": 1, "text": 0})
     assert weighted == [(hit.entry, hit.score) for hit in expected]
@@ -382,4 +382,4 @@ def test_search_device_reaches_the_model(built, photo_folder):
                          "--json", "-k", "1")
     assert code == 0 and json.loads(out)[0]["uri"] == str(image), err
     code, _, err = run("--image", image, "--index", built, "--device", "bogus")
-    assert code == 1 and "bogus" in err and len(err.splitlines()) == 1
+    assert code == 2 and "--device 'bogus' is not a device" in err and len(err.splitlines()) == 1

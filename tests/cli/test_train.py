@@ -98,5 +98,5 @@ def test_device_reaches_the_model(shapes, tiny_model, tmp_path):
     result = CliRunner().invoke(cli, ["train", str(shapes), "--captions", str(shapes / "captions.tsv"),
                                       "--output", str(tmp_path / "o"), "--model", tiny_model,
                                       "--device", "bogus"])
-    assert result.exit_code == 1 and "bogus" in result.stderr
+    assert result.exit_code == 2 and "--device 'bogus' is not a device" in result.stderr
     assert len(result.stderr.splitlines()) == 1

@@ -87,7 +87,8 @@ def test_train_audio_device_reaches_the_model(sounds, tmp_path):
     index_dir, pairs = sounds
     result = CliRunner().invoke(cli, ["train-audio", str(pairs), "--index", str(copy_of(index_dir, tmp_path)),
                                       *AUDIO, "--device", "bogus"])
-    assert result.exit_code == 1 and "bogus" in result.stderr, result.output
+    assert result.exit_code == 2 and "--device 'bogus' is not a device" in result.stderr, result.output
+    assert len(result.stderr.splitlines()) == 1
 
 
 # -- train-fusion ---------------------------------------------------------------------------------
