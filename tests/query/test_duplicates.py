@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from fastapi.testclient import TestClient
 from support.planted import plant_copies
+from support.serving import local_client
 from support.tiny_model import CLASSES, render_shape
 
 import retrieval.build.builder
@@ -158,7 +158,7 @@ def test_dedup_search_folds_each_group_into_one_hit(planted):
 
 
 def test_api_search_dedup(planted):
-    with TestClient(create_app(planted[1])) as client:
+    with local_client(create_app(planted[1])) as client:
         plain = client.get("/api/search", params={"q": "a red circle", "k": 3}).json()
         folded = client.post("/api/search", data={"q": "a red circle", "k": 3, "dedup": "true"}).json()
     assert all(hit["duplicates"] == [] for hit in plain)

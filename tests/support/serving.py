@@ -10,8 +10,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import uvicorn
+from fastapi.testclient import TestClient
 
 from retrieval.serve.app import create_app
+
+
+def local_client(app, host: str = "localhost") -> TestClient:
+    """A test client of `app` that calls it by `host`: by default one it serves unasked (its
+    Host allow-list refuses TestClient's own `testserver`)."""
+    return TestClient(app, base_url=f"http://{host}")
 
 
 def free_port() -> int:
