@@ -37,6 +37,8 @@ _EXPORTS = {
     "VectorIndex": "storage.vectors", "SearchKnobs": "storage.vectors",
     "OnDiskIndex": "storage.ondisk", "build_on_disk": "storage.ondisk",
     "connect_ray": "build.ray",
+    "OnnxImageEncoder": "encoders.onnx_towers",
+    "similar_pairs": "query.duplicates", "connected_groups": "query.duplicates",
 }
 _RENAMED = {"connect_ray": "connect"}  # exported under a name that says what it connects to
 
