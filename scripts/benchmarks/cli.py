@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "as `retrieve index --int8`")
     parser.add_argument("--images", type=Path, help=f"image folder [default: {DEFAULT_DATA} if "
                         "present, else synthetic JPEGs]")
-    parser.add_argument("--limit", type=int, help="use only the first N images (symlinked into a "
+    parser.add_argument("--limit", type=int, help="use only the first N images (copied into a "
                         "temp folder, with their captions from the folder's top-level captions file)")
     parser.add_argument("--synthetic", type=int, default=200,
                         help="synthetic images to generate when there is no folder [default: 200]")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import shutil
 import subprocess
 from dataclasses import dataclass
 from fractions import Fraction
@@ -90,7 +91,7 @@ def prepare_corpus(args: argparse.Namespace, workdir: Path) -> Corpus:
         origin = f"{count} synthetic 500x375 JPEGs"
     elif args.limit:
         folder = limited_view(Path(source), args.limit, workdir / "view")
-        origin = f"first {args.limit} images of {source} (symlinked), with their captions"
+        origin = f"first {args.limit} images of {source} (copied), with their captions"
     else:
         folder, origin = Path(source), str(source)
     walk = walk_sources([folder])
@@ -108,16 +109,17 @@ def image_files(source: Path) -> list[Path]:
 
 
 def limited_view(source: Path, limit: int, view: Path, captions: bool = True) -> Path:
-    """A folder of symlinks to the first `limit` images of `source` (same relative paths) and,
+    """A folder of copies of the first `limit` images of `source` (same relative paths; copies,
+    for the engine does not follow a link leading out of the folder it indexes) and,
     with `captions`, a captions.tsv holding those images' captions from `source`'s top-level
     captions files."""
     source = source.expanduser().absolute()
     walk = walk_sources([source])
     images = [Path(f.path) for f in walk.files if f.kind == "image"][:limit]
     for image in images:
-        link = view / image.relative_to(source)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(image)
+        copy = view / image.relative_to(source)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(image, copy)
     if not captions:
         return view
     kept = {image.name for image in images}
@@ -275,3 +277,16 @@ def write_synthetic_video(path: Path, seconds: float, seed: int) -> None:
             frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
             container.mux(audio.encode(frame))
         container.mux(audio.encode(None))
+
+
+def near_copy_vectors(count: int, dim: int, seed: int, planted_share: float = 0.01
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Random unit vectors whose last `planted_share` are near copies (cosine ~0.97) of others:
+    the vectors, and for each planted copy (in order) the row it copies."""
+    rng = np.random.default_rng(seed)
+    vectors = unit_rows(rng.standard_normal((count, dim), dtype=np.float32))
+    planted = int(count * planted_share)
+    sources = rng.choice(count - planted, planted, replace=False)
+    noise = unit_rows(rng.standard_normal((planted, dim), dtype=np.float32))
+    vectors[count - planted:] = vectors[sources] + 0.25 * noise
+    return vectors, sources

@@ -12,11 +12,12 @@ import importlib
 from typing import Any
 
 # Only the package's public API: every name here is exported by `retrieval` itself.
-_NAMES = ("AudioTrainingOptions", "CAPTION_FILE_NAMES", "ClipEncoder", "INDEX_TYPES", "Index",
-          "MEMORY_INDEX_TYPES", "ModelSpec", "NewItem", "OnnxTextEncoder", "OnDiskIndex", "SearchKnobs",
-          "Store", "VectorIndex",
-          "build_on_disk", "connect_ray", "default_workers", "export_towers", "load_encoder",
-          "load_image", "load_text_tower", "prefetch_map", "read_items", "walk_sources")
+_NAMES = ("AudioTrainingOptions", "CAPTION_FILE_NAMES", "CaptionOptions", "Captioner", "ClipEncoder",
+          "INDEX_TYPES", "Index", "MEMORY_INDEX_TYPES", "ModelSpec", "NewItem", "OnnxImageEncoder",
+          "OnnxTextEncoder", "OnDiskIndex", "SearchKnobs", "Store", "VectorIndex",
+          "build_on_disk", "connect_ray", "connected_groups", "default_workers", "export_towers",
+          "load_captioner", "load_encoder", "load_image", "load_text_tower", "prefetch_map", "read_items",
+          "score_captions", "similar_pairs", "walk_sources")
 
 __all__ = sorted(_NAMES)
 

@@ -55,7 +55,7 @@ def time_each(function: Callable[[T], R], items: Sequence[T], warmup: int = 3
 
 def percentiles(millis: Sequence[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(millis, 50)), "p95_ms": float(np.percentile(millis, 95)),
-            "mean_ms": float(np.mean(millis))}
+            "p99_ms": float(np.percentile(millis, 99)), "mean_ms": float(np.mean(millis))}
 
 
 def recall_at_k(found: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> float:

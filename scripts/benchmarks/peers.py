@@ -94,7 +94,7 @@ def attempt(measure: Callable[[], object]) -> object:
 
 def prepare_photos(args: argparse.Namespace, workdir: Path, count: int) -> Photos:
     """The first `count` photos of the photo folder, without captions (rclip and the
-    clip-retrieval run here index images only), symlinked into a folder of their own."""
+    clip-retrieval run here index images only), copied into a folder of their own."""
     folder = workdir / "peer-photos"
     source = image_source(args)
     if source is None:

@@ -8,9 +8,12 @@ from . import (
     ann,
     audio,
     breakeven,
+    captions,
+    duplicates,
     images,
     int8,
     latency,
+    memory,
     models,
     noop,
     peers,
@@ -18,13 +21,14 @@ from . import (
     ray_build,
     scale,
     serve,
+    server,
     text,
     video,
 )
 
 SECTIONS: dict[str, ModuleType] = {module.NAME: module for module in (
     images, text, ann, latency, int8, audio, serve, video, noop, scale, ray_build, breakeven, product_search,
-    peers, models)}
+    peers, models, server, duplicates, captions, memory)}
 
 
 def opt_in(name: str) -> bool:

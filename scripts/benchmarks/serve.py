@@ -30,13 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve-clients", type=int, default=8, help="concurrent HTTP clients")
 
 
-def serve_index(index_dir: Path, device: str) -> tuple[subprocess.Popen, str, float]:
-    """`retrieve serve` in its own process, as users run it: the process, its base URL and the
-    seconds until it answered."""
+def serve_index(index_dir: Path, device: str, *options: str) -> tuple[subprocess.Popen, str, float]:
+    """`retrieve serve` in its own process, as users run it, with more CLI `options`: the
+    process, its base URL and the seconds until it answered."""
     port = free_port()
     process, started_s = start_server(
         [sys.executable, "-m", "retrieval.cli", "serve", "--index", str(index_dir), "--port", str(port),
-         "--device", device], f"http://127.0.0.1:{port}/api/health", "retrieve serve")
+         "--device", device, *options], f"http://127.0.0.1:{port}/api/health", "retrieve serve")
     return process, f"http://127.0.0.1:{port}", started_s
 
 

@@ -49,8 +49,8 @@ NOT_RUN = {
     "python3 scripts/benchmark.py --only all --skip ray,scale --sizes 10000,100000,1000000 \\":
         "the whole benchmark, an hour on real-size models and peers (tests/e2e/test_benchmark.py "
         "checks its plumbing)",
-    "python3 scripts/bench_duplicates.py --out duplicates.json": "a benchmark of minutes on real-size models "
-    "(tests/query/test_duplicates.py measures the tiny model)",
+    "python3 scripts/benchmark.py --only duplicates --json duplicates.json": "a benchmark of minutes on "
+    "real-size models (tests/query/test_duplicates.py measures the tiny model)",
     "python3 scripts/benchmark.py --scale --scale-dir /big/disk": "13 minutes and 25 GB of disk",
 }
 # The real model, wherever README spells it out, becomes the default one (patched to the tiny model).

@@ -34,6 +34,26 @@ def test_opt_in_sections_run_only_when_named():
     assert cli.parse_args(["--only", "all", "--skip", "ray"]).sections == [s for s in SECTIONS if s != "ray"]
 
 
+@pytest.mark.parametrize("name", ["server", "duplicates", "captions", "memory"])
+def test_the_long_feature_sections_run_only_when_named(name):
+    assert name not in cli.parse_args([]).sections
+    assert cli.parse_args(["--only", name]).sections == [name]
+    assert name in cli.parse_args(["--only", "all"]).sections
+
+
+def test_a_sections_options_are_benchmark_options():
+    args = cli.parse_args(["--only", "server,duplicates", "--server-clients", "3",
+                           "--duplicates-models", "trained-tiny", "--memory-batch-sizes", "8,16"])
+    assert args.sections == ["server", "duplicates"]
+    assert (args.server_clients, args.duplicates_models, args.memory_batch_sizes) == \
+        (3, "trained-tiny", "8,16")
+
+
+def test_no_standalone_benchmark_scripts_beside_the_package():
+    """Every benchmark is a section of the one package (issue 15), not a script of its own."""
+    assert sorted(p.name for p in PACKAGE.parent.glob("bench*.py")) == ["benchmark.py"]
+
+
 def test_an_unknown_section_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.parse_args(["--only", "imagez"])
