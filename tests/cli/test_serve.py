@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from support import write_image
+from support.serving import local_client
 
 from retrieval.cli import cli
 
@@ -32,43 +36,85 @@ def indexes(pictures, tiny_model) -> tuple[Path, Path]:
 
 @pytest.fixture
 def serve(monkeypatch):
-    """`retrieve serve ARGS`: a test client of the app it would have served."""
-    apps = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **options: apps.append(app))
-
-    def run(*args: str | Path) -> TestClient:
+    """`retrieve serve ARGS`, with `ask` called on a test client of its app while the app is
+    served (in place of uvicorn's loop: the command closes the app once that loop ends): what
+    `ask` returns. `host` is the Host the client calls the app by."""
+    def run(*args: str | Path, ask: Callable[[TestClient], Any], host: str = "localhost") -> Any:
+        answers = []
+        monkeypatch.setattr("uvicorn.run", lambda app, **options: answers.append(
+            ask(local_client(app, host))))
         result = CliRunner().invoke(cli, ["serve", *map(str, args)])
         assert result.exit_code == 0, result.output
-        return TestClient(apps[-1])
+        return answers[0]
     return run
 
 
-def upload(client: TestClient, path: Path):
-    return client.post("/api/search", files={"image": (path.name, path.read_bytes(), "image/png")},
-                       data={"target": "image", "k": "10"})
+def upload(path: Path) -> Callable[[TestClient], Any]:
+    return lambda client: client.post(
+        "/api/search", files={"image": (path.name, path.read_bytes(), "image/png")},
+        data={"target": "image", "k": "10"})
+
+
+def images_like(query: str) -> Callable[[TestClient], Any]:
+    return lambda client: client.get("/api/search", params={"q": query, "k": 10, "target": "image"})
 
 
 def test_max_upload_mb_refuses_larger_queries(serve, indexes, pictures):
     query = pictures / "a" / "a1.png"
-    assert upload(serve("--index", indexes[0]), query).status_code == 200
-    refused = upload(serve("--index", indexes[0], "--max-upload-mb", "0.0001"), query)
+    assert serve("--index", indexes[0], ask=upload(query)).status_code == 200
+    refused = serve("--index", indexes[0], "--max-upload-mb", "0.0001", ask=upload(query))
     assert refused.status_code == 413 and "is larger than" in refused.text
 
 
 def test_shard_index_searches_another_folder_beside_the_index(serve, indexes):
-    alone = serve("--index", indexes[0]).get("/api/search", params={"q": "x", "k": 10, "target": "image"})
-    both = serve("--index", indexes[0], "--shard-index", indexes[1]).get(
-        "/api/search", params={"q": "x", "k": 10, "target": "image"})
+    alone = serve("--index", indexes[0], ask=images_like("x"))
+    both = serve("--index", indexes[0], "--shard-index", indexes[1], ask=images_like("x"))
     assert {Path(hit["path"]).parent.name for hit in alone.json()} == {"a"}
     assert {Path(hit["path"]).parent.name for hit in both.json()} == {"a", "b"}
 
 
 def test_shard_searches_another_server(serve, indexes):
-    client = serve("--index", indexes[0], "--shard", "http://127.0.0.1:9")
-    answer = client.get("/api/search", params={"q": "x", "target": "image"})
-    assert answer.status_code >= 500 and "http://127.0.0.1:9" in answer.text
+    answer = serve("--index", indexes[0], "--shard", "http://127.0.0.1:9", ask=images_like("x"))
+    # Nothing listens there: the local hits come back, the header names the shard that failed.
+    assert answer.status_code == 200 and answer.headers["x-failed-shards"] == "http://127.0.0.1:9"
+    assert {Path(hit["path"]).parent.name for hit in answer.json()} == {"a"}
 
 
 def test_device_reaches_the_model(serve, indexes, pictures):
-    refused = upload(serve("--index", indexes[0], "--device", "bogus"), pictures / "a" / "a1.png")
-    assert refused.status_code >= 400 and "bogus" in refused.text
+    query = pictures / "a" / "a1.png"
+    assert serve("--index", indexes[0], "--device", "cpu", ask=upload(query)).status_code == 200
+    refused = CliRunner().invoke(cli, ["serve", "--index", str(indexes[0]), "--device", "bogus"])
+    assert refused.exit_code == 2 and "--device 'bogus' is not a device" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1
+
+
+def stats(client: TestClient):
+    return client.get("/api/stats")
+
+
+def test_allow_host_serves_another_host_name(serve, indexes):
+    assert serve("--index", indexes[0], "--allow-host", "search.lan", ask=stats, host="search.lan"
+                 ).status_code == 200
+    refused = serve("--index", indexes[0], ask=stats, host="search.lan")
+    assert refused.status_code == 400 and "'search.lan' is not served here" in refused.text
+
+
+def test_relative_paths_hide_the_indexed_folders(serve, indexes, pictures):
+    [absolute] = serve("--index", indexes[0], ask=images_like("x")).json()[:1]
+    [relative] = serve("--index", indexes[0], "--relative-paths", ask=images_like("x")).json()[:1]
+    assert absolute["path"].startswith(str(pictures))
+    assert not relative["path"].startswith("/") and str(pictures) not in relative["uri"]
+
+
+def test_shard_timeout_gives_up_on_a_shard_that_never_answers(serve, indexes):
+    with socket.socket() as silent:  # accepts connections (its backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+
+        def ask(client: TestClient) -> tuple[float, Any]:
+            shard = client.app.state.service.index.shards[1]
+            return shard.client.timeout.read, images_like("x")(client)
+        timeout, answer = serve("--index", indexes[0], "--shard", url, "--shard-timeout", "0.2", ask=ask)
+    assert timeout == 0.2
+    assert answer.status_code == 200 and answer.headers["x-failed-shards"] == url
