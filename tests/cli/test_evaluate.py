@@ -78,3 +78,35 @@ def test_evaluate_entries_depth_ranks_that_many_entries(tmp_path, tiny_model):
     assert deep.keys() == shallow.keys() and deep["text"] is not None
     assert all(shallow[name] == (rank if rank <= 10 else None) for name, rank in deep.items())
     assert any(rank > 10 for rank in deep.values())  # so depth 10 leaves some unranked
+
+
+def captioning(shapes: Path, tiny_model: str, *options: str) -> dict:
+    """`retrieve evaluate --captioning --json` of `shapes`' captions, scored under `tiny_model`."""
+    result = CliRunner().invoke(cli, ["evaluate", str(shapes), "--captions", str(shapes / "captions.tsv"),
+                                      "--captioning", "--model", tiny_model, "--device", "cpu", "--json",
+                                      *options])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_captioning_top_p_and_max_length_reach_the_caption_writer(shapes, tiny_model, tiny_coca):
+    found = captioning(shapes, tiny_model, "--caption-model", tiny_coca, "--caption-method", "top-p",
+                       "--caption-top-p", "0.5", "--caption-max-length", "2")
+    assert found["caption_model"] == tiny_coca and found["method"] == "top-p 0.5, up to 2 tokens"
+    assert found["images"] == 18
+
+
+def test_captioning_beam_width_reaches_the_caption_writer(shapes, tiny_model, tiny_coca):
+    found = captioning(shapes, tiny_model, "--caption-model", tiny_coca, "--caption-beam-width", "2",
+                       "--caption-max-length", "2")
+    assert found["method"] == "beam width 2, up to 2 tokens"
+
+
+def test_captioning_caption_pretrained_names_the_weights_to_load(shapes, tiny_model, tmp_path):
+    missing = tmp_path / "no-such-checkpoint.pt"
+    result = CliRunner().invoke(cli, ["evaluate", str(shapes), "--captions", str(shapes / "captions.tsv"),
+                                      "--captioning", "--model", tiny_model,
+                                      "--caption-model", "coca_ViT-B-32",
+                                      "--caption-pretrained", str(missing)])
+    assert result.exit_code == 1 and f"coca_ViT-B-32@{missing}" in result.stderr, result.output
+    assert len(result.stderr.splitlines()) == 1

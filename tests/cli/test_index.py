@@ -135,3 +135,44 @@ def test_device_reaches_the_encoder(tmp_path, folders, tiny_model):
     code, error = refused(folders, "--index", tmp_path / "index", "--model", tiny_model,
                           "--device", "cuda:7")
     assert code == 2 and "no CUDA GPU" in error
+
+
+def test_follow_external_links_indexes_what_links_lead_to_outside_the_sources(tmp_path, tiny_model):
+    outside = write_image(tmp_path / "elsewhere" / "far.png", (30, 200, 30))
+    write_image(tmp_path / "src" / "near.png", (200, 30, 30))
+    (tmp_path / "src" / "link.png").symlink_to(outside)
+    index(tmp_path / "src", "--index", tmp_path / "kept", "--model", tiny_model, "--quiet")
+    assert indexed(tmp_path / "kept") == ["near.png"]
+    index(tmp_path / "src", "--index", tmp_path / "followed", "--model", tiny_model, "--quiet",
+          "--follow-external-links")
+    assert indexed(tmp_path / "followed") == ["link.png", "near.png"]
+
+
+def generated_captions(index_dir: Path) -> dict[str, str]:
+    """image -> how its generated caption was written (`caption_method`)."""
+    with Index.open(index_dir, readonly=True) as opened:
+        return {hit.metadata["image"]: hit.metadata["caption_method"]
+                for hit in opened.search("a", target="text", k=100)}
+
+
+def test_caption_method_top_p_and_recaption_choose_how_captions_are_written(tmp_path, tiny_model, tiny_coca):
+    shapes = tmp_path / "shapes"
+    for number, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        write_image(shapes / f"s{number}.png", colour)
+    build = ("--index", tmp_path / "index", "--model", tiny_model, "--caption", "--caption-model", tiny_coca,
+             "--caption-max-length", "2", "--quiet")
+    index(shapes, *build, "--caption-method", "top-p", "--caption-top-p", "0.5")
+    assert set(generated_captions(tmp_path / "index").values()) == {"top-p 0.5, up to 2 tokens"}
+    # Another writer keeps the captions written unless --recaption asks to replace them.
+    index(shapes, *build, "--caption-method", "beam", "--caption-beam-width", "2")
+    assert set(generated_captions(tmp_path / "index").values()) == {"top-p 0.5, up to 2 tokens"}
+    index(shapes, *build, "--caption-method", "beam", "--caption-beam-width", "2", "--recaption")
+    written = generated_captions(tmp_path / "index")
+    assert len(written) == 2 and set(written.values()) == {"beam width 2, up to 2 tokens"}
+
+
+def test_caption_pretrained_names_the_weights_to_load(tmp_path, folders, tiny_model):
+    missing = tmp_path / "no-such-checkpoint.pt"
+    code, error = refused(folders, "--index", tmp_path / "index", "--model", tiny_model, "--caption",
+                          "--caption-model", "coca_ViT-B-32", "--caption-pretrained", missing)
+    assert code == 1 and f"coca_ViT-B-32@{missing}" in error
