@@ -60,7 +60,8 @@ def test_index_prints_a_summary_and_warnings(tmp_path, photo_folder, tiny_model)
                                            "reason": "not an image PIL can read"}]
 
 
-def test_text_query_prints_a_table(built, photo_folder):
+def test_text_query_prints_a_table(built, photo_folder, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # lines are cut to the terminal's width; tmp paths are long
     code, out, _ = run("a red picture", "--index", built, "-k", "3")
     assert code == 0
     lines = out.splitlines()
