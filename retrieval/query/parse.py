@@ -73,7 +73,8 @@ def _term(weight: float, body: str) -> QueryTerm:
     path = existing_file(body) if suffix in MEDIA_SUFFIXES else None
     if path is None:
         if suffix in MEDIA_SUFFIXES or _has_folder(body):
-            shown = body if len(body) <= 80 else body[:79] + "…"
+            # A long path keeps its end: the file name is what the reader needs.
+            shown = body if len(body) <= 80 else "…" + body[-79:]
             warnings.warn(QueryWarning(f"query term {shown!r} names no image, sound or video "
                                        "file; searched as text"), stacklevel=4)
         return QueryTerm(weight, text=body)
