@@ -12,13 +12,52 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # sleeping ones while other processes ran. Set before torch loads libgomp; children inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import shutil  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 from support import write_image, write_shape_folder  # noqa: E402
 from support.tiny_coca import TINY_COCA_CFG, create_tiny_coca, train_tiny_coca, with_context  # noqa: E402
-from support.tiny_model import train_tiny_clip, write_local_dir_model  # noqa: E402
+from support.tiny_model import create_tiny_clip, train_tiny_clip, write_local_dir_model  # noqa: E402
+
+WORKERS_AT_MOST = 4
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Without `-n`, tests run on one pytest-xdist worker per core, at most WORKERS_AT_MOST, a
+    whole file to a worker (`--dist loadfile`), so a module fixture (an index, a server) is
+    built once. Set here rather than in addopts so `-p no:xdist` still works; `-n 0` runs the
+    tests in this process (as `--pdb` does)."""
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist") \
+            or config.option.numprocesses is not None:
+        return
+    config.option.numprocesses = "auto"
+    config.option.maxprocesses = config.option.maxprocesses or WORKERS_AT_MOST
+    if config.option.dist == "no" and not config.option.distload:
+        config.option.dist = "loadfile"
+
+
+def _made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """Folder `name`, filled by `make` once per test run, however many xdist workers ask.
+
+    Each worker's basetemp is a child of the run's own folder, so the first worker to ask
+    builds it under a lock while the others wait, then reuse it. Without xdist it is
+    the run's basetemp. A folder without its `done` mark (a worker died) is built again.
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / f"made-once-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / "done").touch()
+    return folder
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,9 +82,14 @@ def other_tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def trained_clip() -> torch.nn.Module:
-    """The tiny CLIP trained for seconds on coloured-shape renders and their captions (once a run)."""
-    return train_tiny_clip(seed=0)
+def trained_clip(tmp_path_factory) -> torch.nn.Module:
+    """The tiny CLIP trained for seconds on coloured-shape renders and their captions (once a run,
+    shared by xdist workers as a state dict, so `trained_model`'s write-and-reload stays tested)."""
+    folder = _made_once(tmp_path_factory, "trained-clip",
+                        lambda out: torch.save(train_tiny_clip(seed=0).state_dict(), out / "state.pt"))
+    model, _, _ = create_tiny_clip(seed=0)
+    model.load_state_dict(torch.load(folder / "state.pt"))
+    return model.eval()
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +115,9 @@ def tiny_coca(tmp_path_factory) -> str:
 def trained_coca(tmp_path_factory, trained_clip) -> str:
     """A tiny CoCa trained for seconds, on `trained_clip`'s eyes, to caption the renders
     ("a red circle"): its `local-dir:` spec."""
-    coca = train_tiny_coca(trained_clip.visual, seed=0)
-    return write_local_dir_model(tmp_path_factory.mktemp("trained-coca"), coca, model_cfg=TINY_COCA_CFG)
+    folder = _made_once(tmp_path_factory, "trained-coca", lambda out: write_local_dir_model(
+        out, train_tiny_coca(trained_clip.visual, seed=0), model_cfg=TINY_COCA_CFG))
+    return f"local-dir:{folder}"
 
 
 @pytest.fixture
