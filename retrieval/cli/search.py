@@ -167,5 +167,7 @@ def _print_hits(hits) -> None:
             for rank, hit in enumerate(hits, 1)]
     place_width = min(max(len(row[2]) for row in rows), max(20, width // 2))
     for rank, score, place, text in rows:
+        if len(place) > place_width:  # the file name and its nearest folders say most
+            place = "…" + place[len(place) - place_width + 1:]
         line = f"{rank}  {score}  {place:<{place_width}}  {text}"
         click.echo(line if len(line) <= width else line[:width - 1] + "…")

@@ -236,8 +236,9 @@ def test_cli_options(planted, tmp_path):
     assert code == 2
 
 
-def test_cli_search_dedup(planted):
+def test_cli_search_dedup(planted, monkeypatch):
     photos, folder, truth = planted
+    monkeypatch.setenv("COLUMNS", "70")  # long paths give way before the note does
     code, out, _ = run("search", "a red circle", "--index", folder, "-k", "3", "--dedup")
     assert code == 0 and "near-duplicates)" in out.splitlines()[0]
     code, out, _ = run("search", "a red circle", "--index", folder, "-k", "3", "--dedup", "--json")
