@@ -34,7 +34,12 @@ TINY_COCA_CFG: dict = {
 def create_tiny_coca(seed: int = 0, model_cfg: dict = TINY_COCA_CFG
                      ) -> tuple[torch.nn.Module, Callable, Callable]:
     """Seeded, untrained tiny CoCa (TINY_COCA_CFG, or `model_cfg`), its val preprocess and tokenizer."""
-    return create_tiny_clip(seed, model_cfg)
+    model, preprocess, tokenizer = create_tiny_clip(seed, model_cfg)
+    # open_clip leaves the decoder's vocabulary projection uninitialised (torch.empty): whatever
+    # the memory held, NaN included, unless it is drawn here too.
+    seeded = torch.Generator().manual_seed(seed)
+    torch.nn.init.normal_(model.text_decoder.text_projection, std=0.5, generator=seeded)
+    return model, preprocess, tokenizer
 
 
 def with_context(context: int) -> dict:
