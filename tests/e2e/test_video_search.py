@@ -61,7 +61,8 @@ def test_a_caption_finds_its_clip_at_its_moment(video_index):
         assert len(hits) == 2 and len({h.path for h in hits}) == 2  # one hit per clip
 
 
-def test_a_video_query_and_the_command_line(video_index, tmp_path):
+def test_a_video_query_and_the_command_line(video_index, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # lines are cut to the terminal's width; tmp paths are long
     index_dir, folder = video_index
     query = write_clip(tmp_path / "query.mkv", "mpeg4", "flac", [("blue", "square")], seed=9)
     with Index.open(index_dir, readonly=True) as index:
