@@ -51,7 +51,7 @@ def main() -> int:
             schemathesis = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
             return subprocess.call([schemathesis, "run", f"{url}/openapi.json", "--url", url,
                                     "--checks", "not_a_server_error,response_schema_conformance",
-                                    "--max-examples", os.environ.get("API_FUZZ_EXAMPLES", "30"),
+                                    "--max-examples", os.environ.get("API_FUZZ_EXAMPLES", "15"),
                                     "--phases", "examples,coverage,fuzzing", "--seed", "1",
                                     "--no-color"])
         finally:

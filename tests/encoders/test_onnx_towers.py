@@ -150,6 +150,7 @@ def test_weights_changed_in_place_get_another_cache_entry(tiny_model, other_tiny
     assert cache_key(load_encoder(spec, "cpu")) != before
 
 
+@pytest.mark.slow  # an int8 build; test_index's int8 option test covers the build itself
 def test_int8_image_tower_is_skipped_with_one_line(tiny_model, tmp_path, caplog, photo_folder):
     """int8 weights cannot be exported: one line says so, and image queries load the model."""
     with caplog.at_level(logging.WARNING), \
@@ -229,6 +230,7 @@ def test_build_with_cached_towers_does_not_import_torch(tmp_path, photo_folder, 
                       ).max() < TOLERANCE
 
 
+@pytest.mark.slow  # two exports of two models; the fingerprint itself is tested cheaply beside it
 def test_checkpoint_changed_in_place_exports_again(tiny_model, other_tiny_model, tmp_path, photo_folder):
     """A build after the model's weights file changed (a fine-tune saved over its folder)
     must not use the towers of the old weights: it loads the model and exports anew."""

@@ -31,6 +31,7 @@ def firsts() -> dict:
 
 
 @needs_java
+@pytest.mark.slow  # a Java start of its own; the evaluate --captioning test scores every metric
 def test_a_reference_caption_scores_best_on_every_metric():
     perfect = score_captions(firsts(), REFERENCES)
     assert list(perfect) == list(METRICS) and perfect.skipped == {}

@@ -162,6 +162,7 @@ def test_evaluate_a_trained_model_through_the_api_and_the_cli(flickr_style, trai
     assert missing.exit_code == 2 and "no such folder" in missing.stderr
 
 
+@pytest.mark.slow  # README's own recipe block runs the same commands in the default suite (test_readme)
 def test_the_readme_recipe_evaluate_train_evaluate_index(tmp_path, tiny_model):
     """Evaluate an untrained model, fine-tune it with `retrieve train`, evaluate again, index."""
     folder = write_shape_folder(tmp_path / "shapes", seed=5, per_class=12)
