@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 from support import write_shape_folder
-from support.serving import free_port, running_server
+from support.serving import free_port, running_server, wait_until_healthy
 
 from retrieval import Index
 from retrieval.core.errors import RetrievalError
@@ -138,12 +138,7 @@ def test_a_stopped_shard_costs_its_timeout_not_the_front(indexes, tmp_path):
                              stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_until_healthy(url)
         os.kill(child.pid, signal.SIGSTOP)
         with running_server(shards[0], shard_urls=[url], shard_timeout=1) as front:
             answers = []
@@ -179,12 +174,7 @@ def test_sigterm_drains_and_exits_while_a_request_runs(indexes):
                               "--where-timeout", "600"], stderr=subprocess.DEVNULL)
     forever = "id IN (WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT x FROM n)"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_until_healthy(f"http://127.0.0.1:{port}")
         def ask() -> None:
             try:
                 httpx.get(f"http://127.0.0.1:{port}/api/search", params={"q": "x", "where": forever},
