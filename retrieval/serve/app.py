@@ -366,9 +366,14 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
         return service.health()
 
     @app.get("/api/stats", summary="Model, vector size, counts and index type",
-             responses=_errors(401, 503))
-    def stats() -> dict:
-        return service.stats()
+             responses={**_errors(401, 503), 200: {
+                 "description": "The statistics; with shards, each answering shard's, the counts summed "
+                                "over them, and those that did not answer in failed_shards and the "
+                                "X-Failed-Shards header"}}, response_model=dict)
+    def stats() -> JSONResponse:
+        stats = service.stats()
+        failed = stats.get("failed_shards")
+        return JSONResponse(stats, headers={"X-Failed-Shards": ", ".join(failed)} if failed else None)
 
     @app.get("/api/search", summary="Search by text, a combined query or an item id",
              responses=search_responses, response_model=list[dict])

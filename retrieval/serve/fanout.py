@@ -227,11 +227,25 @@ class ShardedIndex:
         return None if hit is None else replace(hit, id=global_id)
 
     def stats(self) -> dict:
-        """Each shard's statistics, and the counts summed."""
-        each = [shard.stats() for shard in self.shards]
-        counts = {m: sum(s["counts"].get(m, 0) for s in each) for m in each[0]["counts"]}
-        return {**each[0], "path": None, "counts": counts,
-                "shards": [{"name": shard.name, **s} for shard, s in zip(self.shards, each)]}
+        """Each answering shard's statistics, the counts summed over them, and the names of the
+        shards that did not answer (`failed_shards`), as a partial search lists them."""
+        asked = [self.pool.submit(shard.stats) if isinstance(shard, RemoteShard) else shard.stats()
+                 for shard in self.shards]
+        answered: list[tuple[Shard, dict]] = []
+        failed: list[str] = []
+        for shard, answer in zip(self.shards, asked):
+            try:
+                answered.append((shard, answer.result() if isinstance(shard, RemoteShard) else answer))
+            except UsageError:
+                raise
+            except RetrievalError:
+                failed.append(shard.name)
+        if not answered:
+            raise RetrievalError(f"no shard answered: {', '.join(failed)}")
+        first = answered[0][1]
+        counts = {m: sum(s["counts"].get(m, 0) for _, s in answered) for m in first["counts"]}
+        return {**first, "path": None, "counts": counts,
+                "shards": [{"name": shard.name, **s} for shard, s in answered], "failed_shards": failed}
 
     def close(self) -> None:
         self.pool.shutdown()

@@ -121,8 +121,14 @@ def test_an_unreachable_shard_leaves_partial_results_naming_it(indexes):
     with running_server(shards[0], shard_urls=[gone]) as front:
         response = httpx.get(f"{front}/api/search", params={"q": "a red circle"})
         health = httpx.get(f"{front}/api/health").json()
+        stats = httpx.get(f"{front}/api/stats")
     assert response.status_code == 200 and response.json()
     assert response.headers["x-failed-shards"] == gone
+    assert stats.status_code == 200 and stats.json()["failed_shards"] == [gone]
+    assert stats.headers["x-failed-shards"] == gone
+    with Index.open(shards[0], readonly=True, device="cpu") as alive:
+        assert stats.json()["counts"] == alive.stats()["counts"]
+        assert [s["name"] for s in stats.json()["shards"]] == [str(alive.path)]
     assert health["status"] == "degraded" and health["shards"][gone] is False
     sharded = ShardedIndex(open_shards([], [gone]))
     with pytest.raises(RetrievalError, match=f"shard {gone}: unreachable"):
