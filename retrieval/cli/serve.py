@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from ..core.types import DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_VIDEO_SECONDS
 from .common import (
     device_option,
     index_option,
+    media_cap_options,
     reports_errors,
 )
 
@@ -38,15 +38,9 @@ DRAIN_S = 3  # seconds SIGTERM or Ctrl-C leaves running requests before the serv
               help="Show paths relative to the indexed folders, not absolute ones.")
 @click.option("--max-upload-mb", default=20.0, show_default=True,
               type=click.FloatRange(min=0, min_open=True), help="Largest query upload accepted.")
-@click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True),
-              default=DEFAULT_MAX_MEGAPIXELS, show_default=True,
-              help="Largest query image decoded; larger ones are refused (413).")
-@click.option("--max-audio-seconds", type=click.FloatRange(min=0, min_open=True),
-              default=DEFAULT_MAX_AUDIO_SECONDS, show_default=True,
-              help="Longest query sound decoded; longer ones are refused (413).")
-@click.option("--max-video-seconds", type=click.FloatRange(min=0, min_open=True),
-              default=DEFAULT_MAX_VIDEO_SECONDS, show_default=True,
-              help="Longest query video decoded; longer ones are refused (413).")
+@media_cap_options(image="Largest query image decoded, in megapixels; larger ones are refused (413).",
+                   audio="Longest query sound decoded; longer ones are refused (413).",
+                   video="Longest query video decoded; longer ones are refused (413).")
 @click.option("--shard-index", "shard_dirs", multiple=True, type=click.Path(file_okay=False),
               help="Another index folder searched as a shard beside --index (repeatable).")
 @click.option("--shard", "shard_urls", multiple=True, metavar="URL",
