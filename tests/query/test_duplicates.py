@@ -23,6 +23,7 @@ import retrieval.build.builder
 import retrieval.media.images
 from retrieval import Index
 from retrieval.cli import cli
+from retrieval.core.paths import display_path
 from retrieval.query import duplicates
 from retrieval.query.duplicates import connected_groups, exact_pairs, hash_bytes, hash_pairs, similar_pairs
 from retrieval.serve.app import create_app
@@ -268,3 +269,22 @@ def test_hash_pairs_count_bits_and_skip_missing_hashes():
     assert {tuple(p) for p in hash_pairs(hashes, 4).tolist()} == {(0, 1), (0, 4), (1, 4)}
     assert {tuple(p) for p in hash_pairs(hashes, 3).tolist()} == {(0, 4)}
     assert exact_pairs(["a", "b", "a", "", ""]).tolist() == [[0, 2]]
+
+
+def test_script_removes_files_whose_names_are_not_utf8(tmp_path):
+    """The stored path of a name with bytes that are not UTF-8 shows them as \\xNN: the script
+    must name the file itself, or its uncommented `rm` misses it (and a file literally named
+    with that text would go instead)."""
+    odd = os.fsdecode(bytes(tmp_path) + b"/copy\xff 'of'.jpg")
+    decoy = tmp_path / "copy\\xff 'of'.jpg"  # the stored text, as a real name
+    for path in (odd, decoy):
+        Path(path).write_bytes(b"same")
+    keep = duplicates.DuplicateFile(1, str(tmp_path / "a.jpg"), 8, 8, 4, 0.0, "d")
+    other = duplicates.DuplicateFile(2, display_path(odd), 8, 8, 4, 1.0, "d")
+    found = duplicates.Duplicates([duplicates.DuplicateGroup([keep, other], True, "oldest")], 2, "vector",
+                                  0.92, 6)
+    found.write_script(tmp_path / "rm.sh")
+    script = (tmp_path / "rm.sh").read_bytes().replace(b"# rm -- ", b"rm -- ")
+    (tmp_path / "run.sh").write_bytes(script)
+    assert os.system(f"sh {shlex.quote(str(tmp_path / 'run.sh'))}") == 0
+    assert not os.path.exists(odd) and decoy.exists()
