@@ -178,6 +178,17 @@ def test_bad_caption_requests_are_refused_in_one_line(tiny_model, tmp_path):
             index.add(shapes, caption=False, caption_model=tiny_model)
 
 
+def test_a_caption_length_the_model_cannot_hold_is_refused_before_it_is_recorded(tiny_model, tiny_coca,
+                                                                                 tmp_path):
+    """Refused at once, naming the parameter, and not recorded: a later plain build works."""
+    shapes = uncaptioned_shapes(tmp_path / "shapes", per_class=1)
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        with pytest.raises(UsageError, match="^`caption_max_length` must be at most 21 for caption model"):
+            index.add(shapes, caption=True, caption_model=tiny_coca, caption_max_length=30)
+        assert index.stats()["captioning"] is None
+        assert index.add(shapes).images_encoded == len(CLASSES)
+
+
 def test_offline_the_default_caption_model_fails_in_one_line(tiny_model, tmp_path):
     shapes = uncaptioned_shapes(tmp_path / "shapes", per_class=1)
     result, imported = run_cli_process("index", shapes, "--index", tmp_path / "index", "--model",
