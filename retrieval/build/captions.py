@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..core.concurrency import prefetch_map
 from ..core.errors import UsageError
+from ..core.paths import path_from_display
 from ..encoders.caption_spec import (
     CaptionOptions,
     caption_model_spec,
@@ -213,7 +214,8 @@ class CaptionWriter:
 
     def _read(self, image: ImageToCaption, captioner: Captioner) -> _Read:
         try:
-            pixels = preprocess_bytes(read_source(image.path), captioner.preprocess_image,
+            # image.path is stored text (\xNN for bytes that are not UTF-8): read the file it names
+            pixels = preprocess_bytes(read_source(path_from_display(image.path)), captioner.preprocess_image,
                                       captioner.encoder.input_side, self.max_megapixels)
             return _Read(image, pixels)
         except (UnreadableFile, ImageDecodeError) as error:

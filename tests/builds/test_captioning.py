@@ -114,6 +114,16 @@ def test_human_captions_are_kept_apart_and_spare_their_image(tiny_model, tiny_co
         assert image.text == "a red circle" and not image.generated and image.metadata["generated_caption"]
 
 
+def test_an_image_whose_name_is_not_utf8_gets_its_caption(tiny_model, tiny_coca, tmp_path):
+    """The store keeps such a name as \\xNN text: the captioner must read the file it names."""
+    shapes = uncaptioned_shapes(tmp_path / "shapes", per_class=1)
+    odd = os.fsencode(shapes) + b"/odd\xff.png"
+    os.rename(shapes / "red_circle_0.png", odd)
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        report = index.add(shapes, caption=True, caption_model=tiny_coca, caption_max_length=3)
+    assert report.skipped == [] and report.captions_written == len(CLASSES)
+
+
 def test_captions_follow_images_incrementally(tiny_model, tiny_coca, tmp_path):
     shapes = uncaptioned_shapes(tmp_path / "shapes", per_class=1)
     other = tmp_path / "other-coca"  # the same weights under another identity: another model

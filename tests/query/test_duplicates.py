@@ -191,6 +191,25 @@ def test_hashes_are_added_by_the_next_build_without_encoding(tmp_path, trained_m
         assert index.add().images_measured == 0  # measured once
 
 
+def test_a_build_measures_an_image_whose_name_is_not_utf8(tmp_path, tiny_model, monkeypatch):
+    """Images indexed before their facts were recorded are read again by their stored path,
+    which shows bytes that are not UTF-8 as \\xNN: the file it names must be read."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    render_shape("red", "circle", np.random.default_rng(0), size=64).save(photos / "plain.png")
+    render_shape("blue", "square", np.random.default_rng(1), size=80).save(photos / "odd.png")
+    os.rename(photos / "odd.png", bytes(photos) + b"/odd\xff.png")
+    # A build where imagehash is not installed: the next build with it reads the files again.
+    monkeypatch.setattr(retrieval.media.images, "perceptual_hashes", lambda image: (None, None))
+    monkeypatch.setattr(retrieval.build.builder, "hashing_available", lambda: False)
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        index.add(photos)
+    monkeypatch.undo()
+    with Index.open(tmp_path / "index") as index:
+        assert index.add().images_measured == 2
+        assert all(row.phash for row in index.store.image_files(None))
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 def run(*args) -> tuple[int, str, str]:
