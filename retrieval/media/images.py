@@ -25,6 +25,15 @@ class ImageDecodeError(Exception):
     """A file that cannot become an image; the message is the reason shown to the user."""
 
 
+class ImageTooLarge(ImageDecodeError):
+    """An image over the megapixel cap; `size` says by how much (the message tells a build how
+    to raise the cap, which a query cannot)."""
+
+    def __init__(self, message: str, size: str = "") -> None:
+        super().__init__(message)
+        self.size = size  # "12000x12000 is 144.0 megapixels, over the 100 MP cap"
+
+
 @dataclass(frozen=True)
 class ImageFacts:
     """What duplicate finding needs to know of an image's content, measured once when it is
@@ -88,9 +97,8 @@ def _check_size(image: Image.Image, max_megapixels: float) -> None:
     width, height = image.size
     megapixels = width * height / 1e6
     if megapixels > max_megapixels:
-        raise ImageDecodeError(
-            f"{width}x{height} is {megapixels:.1f} megapixels, over the {max_megapixels:g} MP cap "
-            "(raise `max_megapixels` to index it)")
+        size = f"{width}x{height} is {megapixels:.1f} megapixels, over the {max_megapixels:g} MP cap"
+        raise ImageTooLarge(f"{size} (raise `max_megapixels` to index it)", size)
 
 
 def perceptual_hashes(image: Image.Image) -> tuple[str | None, str | None]:

@@ -12,7 +12,7 @@ from PIL import Image
 from ..core.errors import UsageError
 from ..core.paths import existing_file
 from ..core.vectors import unit_mean
-from ..media.images import ImageDecodeError, load_image, to_rgb
+from ..media.images import ImageDecodeError, ImageTooLarge, load_image, to_rgb
 from .parse import QueryTerm, parse_query
 
 if TYPE_CHECKING:
@@ -120,18 +120,17 @@ def _weighted(vectors: np.ndarray, terms: list[QueryTerm]) -> np.ndarray:
 def _open_image(image: ImageInput) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    if hasattr(image, "read"):  # an upload
-        try:
-            return load_image(image)
-        except ImageDecodeError as error:
-            raise UsageError(f"query image {getattr(image, 'name', 'upload')}: {error}") from None
-    path = existing_file(str(image))
+    uploaded = hasattr(image, "read")
+    name = getattr(image, "name", "upload") if uploaded else image
+    path = image if uploaded else existing_file(str(image))
     if path is None:
         raise UsageError(f"query image {image}: no such file")
     try:
         return load_image(path)
+    except ImageTooLarge as error:  # its advice is for builds: a query's cap is fixed
+        raise UsageError(f"query image {name}: {error.size} for query images; scale it down") from None
     except ImageDecodeError as error:
-        raise UsageError(f"query image {image}: {error}") from None
+        raise UsageError(f"query image {name}: {error}") from None
 
 
 def _video_vector(encoders: Encoders, video: AudioInput) -> np.ndarray:
