@@ -141,7 +141,10 @@ class Searcher:
     def _vector_term(self, vector: Sequence[float] | np.ndarray, modality: str) -> QueryTerm:
         if modality not in MODALITIES:
             raise UsageError(f"vector_of must be one of {', '.join(MODALITIES)}, not {modality!r}")
-        values = np.asarray(vector, dtype=np.float32).ravel()
+        with np.errstate(over="ignore"):  # a number beyond float32 becomes inf: refused below
+            values = np.asarray(vector, dtype=np.float32).ravel()
+        if not np.isfinite(values).all():
+            raise UsageError("`vector` must hold finite numbers (no inf, NaN, or beyond 3.4e38)")
         dim = self.context.settings.dim_of(modality)
         if dim and len(values) != dim:
             raise UsageError(f"the query vector has {len(values)} numbers; this index's {modality} "
