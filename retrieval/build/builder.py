@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from ..core.concurrency import default_workers, prefetch_map
 from ..core.errors import UsageError
-from ..core.paths import absolute_path, display_path, is_under
+from ..core.paths import absolute_path, display_path, is_under, path_from_display
 from ..core.types import MODALITIES
 from ..media.audio import DEFAULT_MAX_AUDIO_SECONDS, AudioDecodeError, AudioWindow, load_audio, split_windows
 from ..media.captions import CaptionFormatError
@@ -420,7 +420,7 @@ class Builder:
         def measure(entry: tuple[str, str]) -> tuple[str, ImageFacts | None]:
             digest, path = entry
             try:
-                data = read_source(path)
+                data = read_source(path_from_display(path))  # stored text names the file
                 if file_digest(data) != digest:  # changed since: its next build measures it
                     return digest, None
                 return digest, measure_bytes(data, self.options.max_megapixels)

@@ -8,6 +8,7 @@ join into groups as connected components. Nothing here moves or deletes a file.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..core.errors import RetrievalError, UsageError, counted
 from ..core.files import write_atomically
+from ..core.paths import path_from_display
 from ..core.types import DUPLICATE_SIGNALS, Hit
 from ..core.vectors import unit
 from ..storage.store import ImageFileRow, Store
@@ -117,19 +119,20 @@ class Duplicates:
 
     def script(self) -> str:
         """A shell script removing all but one file per group, every line commented out, for
-        the user to read and uncomment."""
+        the user to read and uncomment. Its `rm` lines name the files themselves (a name's
+        bytes that are not UTF-8 kept as surrogates: `write_script` writes them back as bytes)."""
         lines = ["#!/bin/sh", "# Duplicates found by `retrieve duplicates`. Nothing has been removed.",
                  "# Read each group, then uncomment the `rm` lines you agree with.", ""]
         for number, group in enumerate(self.groups, 1):
             kind = "exact copies" if group.exact else "near-duplicates"
             lines.append(f"# group {number}: {counted(len(group.files), 'file')}, {kind}")
             lines.append(f"# keep {shlex.quote(group.keep.path)}  ({group.reason})")
-            lines += [f"# rm -- {shlex.quote(f.path)}" for f in group.others]
+            lines += [f"# rm -- {shlex.quote(path_from_display(f.path))}" for f in group.others]
             lines.append("")
         return "\n".join(lines)
 
     def write_script(self, path: str | Path) -> None:
-        write_atomically(Path(path), self.script().encode())
+        write_atomically(Path(path), os.fsencode(self.script()))
 
 
 def find_duplicates(store: Store, *, threshold: float | None = None, by: str = "vector",

@@ -186,7 +186,7 @@ class Searcher:
         except (TypeError, ValueError):
             raise UsageError("`vector` must be a list of numbers") from None
         if not np.isfinite(values).all():
-            raise UsageError("`vector` must hold finite numbers (no NaN or infinity)")
+            raise UsageError("`vector` must hold finite numbers (no inf, NaN, or beyond 3.4e38)")
         dim = self.context.settings.dim_of(modality)
         if dim and len(values) != dim:
             raise UsageError(f"`vector` has {len(values)} numbers; this index's {modality} "

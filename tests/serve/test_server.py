@@ -206,7 +206,11 @@ def test_files_with_names_that_are_not_utf8_are_served(tmp_path, tiny_model):
 
 
 def test_bad_requests_get_4xx_with_a_clear_message(url, tmp_path, index_dir):
+    huge = io.BytesIO()
+    Image.new("1", (10_001, 10_001)).save(huge, "PNG")  # 100.02 MP in a few kB
     cases = [
+        (post(url, {}, [("image", ("huge.png", huge.getvalue(), "image/png"))]), 413,
+         "10001x10001 is 100.0 megapixels, over the 100 MP cap"),
         (post(url, {}), 400, "nothing to search for"),
         (post(url, {"target": "image"}, [("image", ("x.png", b"not an image", "image/png"))]), 400,
          "query image x.png: "),
