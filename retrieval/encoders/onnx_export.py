@@ -249,7 +249,8 @@ def _export_int8_text(source: Path, expected: np.ndarray, context_length: int, t
     finally:
         root.setLevel(level)
     session = open_session(path, quick=True)
-    got = session and OnnxTextEncoder(session, context_length, trimmed, expected.shape[1]).encode_texts(PROBE_TEXTS)
+    tower = session and OnnxTextEncoder(session, context_length, trimmed, expected.shape[1])
+    got = tower and tower.encode_texts(PROBE_TEXTS)
     if got is None or not (got * expected).sum(axis=1).min() >= INT8_AGREEMENT:  # also catches NaN
         for leftover in path.parent.glob(f"{INT8_TEXT_FILE}*"):
             leftover.unlink()
