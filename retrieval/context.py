@@ -100,7 +100,19 @@ class Encoders:
     def images(self) -> ClipEncoder | OnnxImageEncoder:
         """What encodes images (`preprocess`, `input_side`, `encode_preprocessed`,
         `encode_images`): the ONNX image tower, else the model (for an int8 build: the image
-        tower has no 8-bit twin; a query's one image is quicker on the tower than loading torch)."""
+        tower has no 8-bit twin; a query's one image is quicker on the tower than loading torch).
+        Waits for a tower's session that is still opening."""
+        tower = self.image_preprocessing
+        if isinstance(tower, OnnxImageEncoder) and not tower.ready():  # a damaged file
+            self._towers["image"] = None
+            return self.clip
+        return tower
+
+    @property
+    def image_preprocessing(self) -> ClipEncoder | OnnxImageEncoder:
+        """What `images` will be, for its `preprocess` and `input_side`, without waiting for
+        a build's tower session, which opens meanwhile (`load_image_tower`). Its pixels suit
+        the model too, should the tower turn out not to open."""
         tower = None if (self.int8 and not self.readonly) or self._wants_model() else self._tower("image")
         return tower or self.clip
 
