@@ -43,11 +43,22 @@ RESULTS_DONE = re.compile(r"^(\d+) results? in \d+ ms$")
 CARDS = "#results article.result"
 EXTRA_CAPTION = "a shiny red ball on a plain background"  # red_circle_0.png's second caption
 MIRRORED = "red_circle_9.png"  # red_circle_0.png mirrored: a near-duplicate
-# Thumbnails load lazily: those on screen must have loaded.
+# Thumbnails load lazily: only those on screen must have loaded.
+ON_SCREEN = f"""[...document.querySelectorAll("{CARDS} img")]
+    .filter((image) => image.getBoundingClientRect().top < window.innerHeight)"""
 THUMBNAILS_LOADED = f"""(some) => {{
-    const images = [...document.querySelectorAll("{CARDS} img")]
-        .filter((image) => image.getBoundingClientRect().top < window.innerHeight);
+    const images = {ON_SCREEN};
     return images.length >= some && images.every((image) => image.complete && image.naturalWidth > 0);
+}}"""
+# Every thumbnail on screen (at least one) has loaded, and its box has its shape (within `tolerance`).
+SHAPES_KEPT = f"""(tolerance) => {{
+    const images = {ON_SCREEN};
+    const kept = (image) => {{
+        const natural = image.naturalWidth / image.naturalHeight;
+        return Math.abs(image.clientWidth / image.clientHeight - natural) <= tolerance * natural;
+    }};
+    return images.length > 0
+        && images.every((image) => image.complete && image.naturalWidth > 0 && kept(image));
 }}"""
 # Builds, inside the page, the DataTransfer a real file drag (or paste) carries.
 DATA_TRANSFER = """([data, name, type]) => {
@@ -219,8 +230,13 @@ def test_a_typed_caption_finds_its_renders(page):
 def test_thumbnails_keep_their_shape(page):
     """A card's picture box has the thumbnail's own shape, so nothing is cropped or barred."""
     search_text(page, "a blue square")
-    boxes = page.locator(f"{CARDS} img").evaluate_all(
-        "images => images.map((i) => [i.naturalWidth / i.naturalHeight, i.clientWidth / i.clientHeight])")
+    # Only thumbnails on screen are sure to have loaded (those below load lazily, and one still
+    # loading measures 0 / 0); and a loaded one takes its shape in its load handler, which may
+    # run after `complete` turns true: so wait until the shapes settle (a page that never keeps
+    # them fails at the wait's timeout).
+    page.wait_for_function(SHAPES_KEPT, arg=0.03)
+    boxes = page.evaluate(f"""() => {ON_SCREEN}
+        .map((i) => [i.naturalWidth / i.naturalHeight, i.clientWidth / i.clientHeight])""")
     assert boxes
     for natural, shown in boxes:
         assert shown == pytest.approx(natural, rel=0.03)
