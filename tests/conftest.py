@@ -62,25 +62,35 @@ def _made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Pat
     return folder
 
 
+def _model_made_once(tmp_path_factory, name: str, model: torch.nn.Module | None = None, seed: int = 0) -> str:
+    """A tiny CLIP (`model`, else seeded with `seed`) written once per run in local-dir form:
+    its `local-dir:` spec, the same for every worker."""
+    folder = _made_once(tmp_path_factory, name, lambda out: write_local_dir_model(out, model, seed))
+    return f"local-dir:{folder}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def onnx_cache(tmp_path_factory) -> Path:
-    """One export cache for the session (subprocesses inherit it): each model's ONNX towers
-    are exported once, not once per index, and never into the user's own cache."""
-    folder = tmp_path_factory.mktemp("onnx-cache")
+    """One export cache for the run, shared by xdist workers (subprocesses inherit it): each
+    model's ONNX towers are exported once (a child process, seconds), not once per index or
+    per worker, and never into the user's own cache. Exports swap in whole, so workers may
+    share it."""
+    folder = _made_once(tmp_path_factory, "onnx-cache", lambda out: None)
     os.environ["RETRIEVAL_CACHE"] = str(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    """A seeded, untrained tiny CLIP: `local-dir:` spec. Fine wherever meaning is not tested."""
-    return write_local_dir_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+    """A seeded, untrained tiny CLIP: `local-dir:` spec. Fine wherever meaning is not tested.
+    One folder for all workers, so its towers are exported once (tests only read it)."""
+    return _model_made_once(tmp_path_factory, "tiny-model", seed=0)
 
 
 @pytest.fixture(scope="session")
 def other_tiny_model(tmp_path_factory) -> str:
     """A second tiny model with other weights, for model-mismatch tests."""
-    return write_local_dir_model(tmp_path_factory.mktemp("other-model"), seed=1)
+    return _model_made_once(tmp_path_factory, "other-model", seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -96,8 +106,9 @@ def trained_clip(tmp_path_factory) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory, trained_clip) -> str:
-    """`trained_clip` in local-dir form: its `local-dir:` spec."""
-    return write_local_dir_model(tmp_path_factory.mktemp("trained-model"), trained_clip)
+    """`trained_clip` in local-dir form: its `local-dir:` spec (one folder for all workers, as
+    for `tiny_model`)."""
+    return _model_made_once(tmp_path_factory, "trained-model", trained_clip)
 
 
 @pytest.fixture(scope="session")
