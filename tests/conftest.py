@@ -11,6 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # machine: a tiny-model training run took 13 times as long with spinning threads as with
 # sleeping ones while other processes ran. Set before torch loads libgomp; children inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# xdist workers share the cores: each (and each process it starts) computes on its share of
+# them, so two workers on two cores do not run four threads that wait on each other. The
+# models trained once per run, while another worker may wait for them, use every core.
+CORES = os.cpu_count() or 1
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import shutil  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -57,7 +64,12 @@ def _made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Pat
         if not (folder / "done").exists():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            make(folder)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(CORES)
+            try:
+                make(folder)
+            finally:
+                torch.set_num_threads(threads)
             (folder / "done").touch()
     return folder
 
