@@ -74,6 +74,13 @@ def _made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Pat
     return folder
 
 
+@pytest.fixture(scope="session")
+def made_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """`made_once(name, make)`: folder `name`, filled by `make` once per run for every xdist
+    worker (see _made_once). For what tests only read, such as an index a module serves."""
+    return lambda name, make: _made_once(tmp_path_factory, name, make)
+
+
 def _model_made_once(tmp_path_factory, name: str, model: torch.nn.Module | None = None, seed: int = 0) -> str:
     """A tiny CLIP (`model`, else seeded with `seed`) written once per run in local-dir form:
     its `local-dir:` spec, the same for every worker."""

@@ -79,10 +79,14 @@ def class_of(name: str) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory, trained_model) -> Path:
+def index_dir(made_once, trained_model) -> Path:
     """An index of 27 renders (one with two captions and a mirrored copy), their captions, 9 sounds
-    and 3 video segments."""
-    root = tmp_path_factory.mktemp("browser")
+    and 3 video segments. Built once per run: when work stealing splits this module between
+    workers, the second serves the same index read-only."""
+    return made_once("browser", lambda root: build_index(root, trained_model)) / "index"
+
+
+def build_index(root: Path, trained_model: str) -> None:
     shapes = write_shape_folder(root / "shapes", seed=2024)
     with open(shapes / "captions.tsv", "a") as captions:
         captions.write(f"red_circle_0.png#1\t{EXTRA_CAPTION}\n{MIRRORED}#0\ta red circle\n")
@@ -97,7 +101,6 @@ def index_dir(tmp_path_factory, trained_model) -> Path:
         write_clip(root / "videos" / "clip.webm", "libvpx-vp9", "libopus",
                    [("green", "circle"), ("red", "square"), ("blue", "triangle")], seed=4)
         assert index.add(root / "videos").video_encoded == 3
-    return root / "index"
 
 
 @pytest.fixture(scope="module")
