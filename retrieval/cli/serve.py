@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..core.types import MAX_UPLOAD_MB_RANGE
 from .common import (
     device_option,
     index_option,
@@ -35,8 +36,9 @@ DRAIN_S = 3  # seconds SIGTERM or Ctrl-C leaves running requests before the serv
               type=click.FloatRange(min=0, min_open=True), help="Seconds a where= filter may run.")
 @click.option("--relative-paths", is_flag=True,
               help="Show paths relative to the indexed folders, not absolute ones.")
-@click.option("--max-upload-mb", default=20.0, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), help="Largest query upload accepted.")
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=float,
+              help="Largest query upload accepted, in megabytes "
+              f"({MAX_UPLOAD_MB_RANGE[0]:g} to {MAX_UPLOAD_MB_RANGE[1]:g}).")
 @click.option("--shard-index", "shard_dirs", multiple=True, type=click.Path(file_okay=False),
               help="Another index folder searched as a shard beside --index (repeatable).")
 @click.option("--shard", "shard_urls", multiple=True, metavar="URL",
