@@ -99,7 +99,19 @@ class Encoders:
     @property
     def images(self) -> ClipEncoder | OnnxImageEncoder:
         """What encodes images (`preprocess`, `input_side`, `encode_preprocessed`,
-        `encode_images`): the ONNX image tower, else the model (always for int8)."""
+        `encode_images`): the ONNX image tower, else the model (always for int8). Waits for
+        a tower's session that is still opening."""
+        tower = self.image_preprocessing
+        if isinstance(tower, OnnxImageEncoder) and not tower.ready():  # a damaged file
+            self._towers["image"] = None
+            return self.clip
+        return tower
+
+    @property
+    def image_preprocessing(self) -> ClipEncoder | OnnxImageEncoder:
+        """What `images` will be, for its `preprocess` and `input_side`, without waiting for
+        a build's tower session, which opens meanwhile (`load_image_tower`). Its pixels suit
+        the model too, should the tower turn out not to open."""
         tower = None if self.int8 or self._wants_model() else self._tower("image")
         return tower or self.clip
 

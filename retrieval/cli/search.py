@@ -83,7 +83,8 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
                                  param_hint="'--dedup'")
     if entries:
         with printing_query_warnings():
-            found = _entries_here(index_dir, text, images, sounds, videos, k, entries, fusion, weights)
+            found = _entries_here(index_dir, text, images, sounds, videos, k, entries, fusion, weights,
+                                  filter_text)
         _print_entries(found, as_json)
         return
     search = dict(k=k, target=target, where=where, under=under, min_score=min_score,
@@ -120,13 +121,13 @@ def _search_here(index_dir: str, text: str | None, images: tuple[str, ...], soun
 
 def _entries_here(index_dir: str, text: str | None, images: tuple[str, ...], sounds: tuple[str, ...],
                   videos: tuple[str, ...], k: int, grouping: str, fusion: str | None,
-                  weights: dict[str, float] | None) -> list:
+                  weights: dict[str, float] | None, filter_text: str | None) -> list:
     from ..index import Index
 
     with Index.open(index_dir, readonly=True, one_shot=True) as index:
         return index.search_entries(text, image=list(images) or None, audio=list(sounds) or None,
                                     video=list(videos) or None, k=k, grouping=grouping, fusion=fusion,
-                                    weights=weights)
+                                    weights=weights, filter=filter_text)
 
 
 def _weights(value: str | None) -> dict[str, float] | None:

@@ -20,7 +20,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,12 +136,26 @@ def _centre_crop_or_pad(pixels: np.ndarray, height: int, width: int, fill: int) 
 # -- query encoders ---------------------------------------------------------------------------
 
 class OnnxImageEncoder:
-    """The image half of a ClipEncoder (`encode_images`, `dim`), run by ONNX Runtime."""
+    """The image half of a ClipEncoder (`encode_images`, `dim`), run by ONNX Runtime.
+
+    Its session may still be opening on another thread (`open_in_background`): `preprocess`,
+    `input_side` and `dim` serve at once, the first encode waits for it."""
 
     def __init__(self, session, preprocess: Preprocess, dim: int) -> None:
-        self.session = session
+        self._session = session  # an InferenceSession, or a Future of one (None: failed)
         self.preprocess = preprocess
         self.dim = dim
+
+    @property
+    def session(self):
+        """The ONNX Runtime session, waited for if it is still opening."""
+        if isinstance(self._session, Future):
+            self._session = self._session.result()
+        return self._session
+
+    def ready(self) -> bool:
+        """Whether its session opened (waiting for it if need be); False: the file is damaged."""
+        return self.session is not None
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """L2-normalised float32 vectors, one per RGB image."""
@@ -192,13 +208,40 @@ def normalised(features: np.ndarray) -> np.ndarray:
 def load_image_tower(folder: Path, model_identity: str, quick: bool = False,
                      for_build: bool = False) -> OnnxImageEncoder | None:
     """The exported image tower of this model in index folder `folder`, or None; `quick`
-    as `open_session` says; a build's threads do not spin (see TEXT_THREADS)."""
+    as `open_session` says; a build's threads do not spin (see TEXT_THREADS).
+
+    A build's session opens on a thread of its own (a second of pre-packing for ViT-B-32,
+    which ONNX Runtime does without holding the GIL) while the build hashes and decodes the
+    first batches; the tower's `ready` says whether it opened."""
     entry = _tower_entry(folder, model_identity, "image")
-    session = entry and open_session(folder / TOWERS_DIR / entry["file"], 0, quick,
-                                     spinning=not for_build)
-    if session is None:
+    if entry is None or (for_build and not _runtime_available()):
         return None
+    path = folder / TOWERS_DIR / entry["file"]
+    if for_build:
+        session = open_in_background(path, spinning=False)
+    else:
+        session = open_session(path, 0, quick)
+        if session is None:
+            return None
     return OnnxImageEncoder(session, Preprocess(**_tuples(entry["preprocess"])), entry["dim"])
+
+
+def open_in_background(path: Path, threads: int = 0, spinning: bool = True) -> Future:
+    """`open_session` on a daemon thread of its own: the Future of its session (or None)."""
+    future: Future = Future()
+
+    def opening() -> None:
+        try:
+            future.set_result(open_session(path, threads, spinning=spinning))
+        except BaseException as error:  # open_session catches the runtime's own; this is a bug
+            future.set_exception(error)
+
+    threading.Thread(target=opening, name="onnx-session", daemon=True).start()
+    return future
+
+
+def _runtime_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def load_text_tower(folder: Path, model_identity: str, quick: bool = False,

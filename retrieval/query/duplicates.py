@@ -21,6 +21,7 @@ from ..core.files import write_atomically
 from ..core.types import DUPLICATE_SIGNALS, Hit
 from ..core.vectors import unit
 from ..storage.store import ImageFileRow, Store
+from .filters import Filter, parse_filter
 
 # Cosine at or above which two images' vectors make them near-duplicates. Measured on planted
 # copies (resized, JPEG q60, 90% crops, brightness +-10%, mirrored, copied) of distinct renders
@@ -132,13 +133,15 @@ class Duplicates:
 
 
 def find_duplicates(store: Store, *, threshold: float | None = None, by: str = "vector",
-                    under: str | None = None, min_size: int = 2, max_distance: int | None = None
-                    ) -> Duplicates:
-    """Groups of duplicate images among those indexed (`under`: a stored folder or file path),
-    largest first, of at least `min_size` files each. `by` chooses what makes near-duplicates:
-    vector cosine >= `threshold`, pHash distance <= `max_distance` bits, or `both` (either one).
-    Exact copies (one content hash) are always grouped."""
+                    under: str | None = None, min_size: int = 2, max_distance: int | None = None,
+                    filter: str | Filter | None = None) -> Duplicates:
+    """Groups of duplicate images among those indexed (`under`: a stored folder or file path;
+    `filter`: the language of `retrieval.query.filters`), largest first, of at least `min_size`
+    files each. `by` chooses what makes near-duplicates: vector cosine >= `threshold`, pHash
+    distance <= `max_distance` bits, or `both` (either one). Exact copies (one content hash)
+    are always grouped."""
     started = time.perf_counter()
+    chosen = filter if isinstance(filter, Filter) else parse_filter(filter)  # bad ones before any work
     if by not in DUPLICATE_SIGNALS:
         raise UsageError(f"`by` must be one of {', '.join(DUPLICATE_SIGNALS)}, not {by!r}")
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
@@ -149,7 +152,7 @@ def find_duplicates(store: Store, *, threshold: float | None = None, by: str = "
         raise UsageError(f"`max_distance` counts bits of a 64-bit hash: 0 to 64, not {max_distance}")
     if min_size < 2:
         raise UsageError(f"`min_size` must be at least 2, not {min_size}")
-    rows = store.image_files(under)
+    rows = store.image_files(under, chosen.sql(store.sources()) if chosen else None)
     pairs = [exact_pairs([row.sha256 for row in rows])]
     if by in ("vector", "both") and rows:
         ids = np.array([row.item_id for row in rows], dtype=np.int64)

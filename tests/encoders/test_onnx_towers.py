@@ -23,6 +23,7 @@ from retrieval import Index
 from retrieval.encoders.clip import ClipEncoder, load_encoder
 from retrieval.encoders.onnx_export import cache_key, export_towers
 from retrieval.encoders.onnx_towers import (
+    IMAGE_FILE,
     MANIFEST,
     TEXT_FILE,
     TOWERS_DIR,
@@ -183,6 +184,23 @@ def test_damaged_towers_fall_back_to_the_model(tmp_path, photo_folder, tiny_mode
     (index_dir / TOWERS_DIR / MANIFEST).write_text("{not json")
     with Index.open(index_dir, readonly=True) as index:
         assert [h.id for h in index.search("a red picture")] == expected_text
+
+
+def test_a_build_whose_image_tower_does_not_open_encodes_on_the_model(tmp_path, photo_folder, tiny_model):
+    """A build opens its image tower's session in the background; when that fails (a damaged
+    file), the images it decoded meanwhile are encoded by the model instead, none skipped."""
+    index_dir = tmp_path / "index"
+    with Index.open(index_dir, model=tiny_model, create=True) as index:
+        index.add(photo_folder / "beach")
+    image_file = index_dir / TOWERS_DIR / IMAGE_FILE
+    os.unlink(image_file)  # a link: the cache's file stays whole
+    image_file.write_bytes(b"garbage")
+    with Index.open(index_dir) as index:
+        report = index.add(photo_folder / "city")
+        assert (report.images_encoded, report.skipped) == (3, [])
+        assert isinstance(index.image_encoder, ClipEncoder)
+        query = photo_folder / "city" / "img4.jpg"
+        assert index.search(image=query, target="image", k=1)[0].uri.endswith("img4.jpg")
 
 
 # What a text or image query needs none of: torch and open_clip (seconds and a gigabyte);

@@ -25,6 +25,7 @@ from retrieval import Index
 from retrieval.cli import cli
 from retrieval.query import duplicates
 from retrieval.query.duplicates import connected_groups, exact_pairs, hash_bytes, hash_pairs, similar_pairs
+from retrieval.query.filters import FilterError
 from retrieval.serve.app import create_app
 
 # pHash needs imagehash (a dependency: a fresh install has it); without it those tests are skipped.
@@ -117,6 +118,16 @@ def test_under_and_min_size(planted):
     assert inside.images == sum("copies" in path for path in truth)
     assert all("/copies/" in f.path for g in inside.groups for f in g.files) and inside.groups
     assert large.groups == []
+
+
+def test_a_filter_keeps_the_images_it_names(planted):
+    photos, folder, truth = planted
+    with Index.open(folder, readonly=True) as index:
+        inside = index.duplicates(filter="under:copies")  # relative to the indexed folder
+        with pytest.raises(FilterError, match="size>lots"):
+            index.duplicates(filter="size>lots")
+    assert inside.images == sum("copies" in path for path in truth)
+    assert all("/copies/" in f.path for g in inside.groups for f in g.files) and inside.groups
 
 
 def test_plan_and_script_keep_one_file_per_group(planted, tmp_path):
@@ -226,6 +237,9 @@ def test_cli_options(planted, tmp_path):
     assert len(groups("--by", "both")) == GROUPS
     assert all("/copies/" in f["path"] for g in groups("--under", photos / "copies") for f in g["files"])
     assert groups("--min-size", "100") == []
+    assert groups("--filter", "under:copies") == groups("--under", photos / "copies")
+    code, _, err = run("duplicates", "--index", folder, "--filter", "size>lots")
+    assert code == 2 and "size>lots" in err and len(err.splitlines()) == 1
     code, _, err = run("duplicates", "--index", folder, "--plan", tmp_path / "plan.json",
                        "--script", tmp_path / "rm.sh")
     assert code == 0 and json.loads((tmp_path / "plan.json").read_text())["groups"]

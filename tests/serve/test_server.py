@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 from support import write_image
+from support.clips import write_clip
 from support.serving import running_server
 from support.sounds import render_sound, write_sound
 
@@ -232,6 +233,30 @@ def test_uploads_over_the_limit_are_refused(index_dir, corpus):
         small = (corpus / "photos" / "img0.png").read_bytes()
         assert httpx.post(base + "/api/search", data={"target": "image"},
                           files=[("image", ("s.png", small, "image/png"))]).status_code == 200
+
+
+def test_query_media_over_their_caps_are_refused_naming_the_option(index_dir, corpus, tmp_path):
+    image = corpus / "photos" / "img0.png"  # 320x240: 0.08 megapixels
+    sound = corpus / "sounds" / "mid.wav"  # 2 s
+    video = write_clip(tmp_path / "clip.mp4", "mpeg4", "aac", [("red", "circle")], seed=0)  # 4 s
+    uploads = {"image": ("q.png", image.read_bytes(), "image/png"),
+               "audio": ("q.wav", sound.read_bytes(), "audio/wav"),
+               "video": ("q.mp4", video.read_bytes(), "video/mp4")}
+    caps = {"image": "--max-megapixels", "audio": "--max-audio-seconds", "video": "--max-video-seconds"}
+    with running_server(index_dir, max_megapixels=0.05, max_audio_seconds=1.5,
+                        max_video_seconds=3) as base:
+        for field, option in caps.items():
+            response = httpx.post(base + "/api/search", data={"target": "image"},
+                                  files=[(field, uploads[field])], timeout=60)
+            detail = response.json()["detail"]
+            assert response.status_code == 413, response.text
+            assert f"retrieve serve {option}" in detail and "\n" not in detail
+    with running_server(index_dir, max_megapixels=0.1, max_audio_seconds=2.5,
+                        max_video_seconds=5) as base:
+        for field in caps:
+            response = httpx.post(base + "/api/search", data={"target": "image"},
+                                  files=[(field, uploads[field])], timeout=60)
+            assert response.status_code == 200, response.text
 
 
 def test_a_build_beside_the_server_is_seen_without_restart(index_dir, corpus, tmp_path, tiny_model):
