@@ -23,10 +23,10 @@ from .common import (
     json_option,
     media_cap_options,
     model_options,
+    print_report,
     reports_errors,
     wait_option,
     wait_or_refuse,
-    warn,
 )
 
 
@@ -128,15 +128,7 @@ def index_command(sources: tuple[str, ...], index_dir: str, captions: tuple[str,
                            caption_pretrained=caption_pretrained, caption_method=caption_method,
                            caption_max_length=caption_max_length, caption_beam_width=caption_beam_width,
                            caption_top_p=caption_top_p, recaption=recaption)
-    if not quiet:
-        from ..build.report import skipped_lines
-
-        for line in skipped_lines(report.skipped):
-            warn(line)
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
-    else:
-        click.echo(report.summary())
+    print_report(report, as_json, quiet)
 
 
 @click.command("remove")

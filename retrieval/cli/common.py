@@ -3,13 +3,15 @@ the query-first argument parsing and the write-lock check."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
+from typing import Protocol
 
 import click
 from click_default_group import DefaultGroup
@@ -38,6 +40,34 @@ def with_flags(message: str) -> str:
 def warn(line: str) -> None:
     """One warning line on stderr, in the CLI's words."""
     click.echo(f"warning: {with_flags(line)}", err=True)
+
+
+
+class Report(Protocol):
+    """What a build or a training hands back: a one-line summary and a JSON-ready dict."""
+
+    def summary(self) -> str: ...
+    def to_dict(self) -> dict: ...
+
+
+def print_report(report: Report, as_json: bool, quiet: bool = False) -> None:
+    """The end of a build or training: a warning per file it skipped (unless `quiet`; a
+    fine-tuning report has no `skipped`), then the report as one line or, with --json, as JSON."""
+    from ..build.report import skipped_lines
+
+    if not quiet:
+        for line in skipped_lines(getattr(report, "skipped", [])):
+            warn(line)
+    click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) if as_json
+               else report.summary())
+
+
+def progress_log(quiet: bool) -> Callable[[str], None]:
+    """Where a trainer's per-epoch lines go: stderr, or nowhere with --quiet."""
+    if quiet:
+        return lambda line: None
+    return lambda line: click.echo(line, err=True)
+
 
 index_option = click.option(
     "--index", "index_dir", envvar="RETRIEVAL_INDEX", default=DEFAULT_INDEX, show_default=True,

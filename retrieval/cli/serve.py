@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..core.types import MAX_UPLOAD_MB_RANGE
 from .common import (
     device_option,
     index_option,
@@ -36,8 +37,9 @@ DRAIN_S = 3  # seconds SIGTERM or Ctrl-C leaves running requests before the serv
               type=click.FloatRange(min=0, min_open=True), help="Seconds a where= filter may run.")
 @click.option("--relative-paths", is_flag=True,
               help="Show paths relative to the indexed folders, not absolute ones.")
-@click.option("--max-upload-mb", default=20.0, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), help="Largest query upload accepted.")
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=float,
+              help="Largest query upload accepted, in megabytes "
+              f"({MAX_UPLOAD_MB_RANGE[0]:g} to {MAX_UPLOAD_MB_RANGE[1]:g}).")
 @media_cap_options(image="Largest query image decoded, in megapixels; larger ones are refused (413).",
                    audio="Longest query sound decoded; longer ones are refused (413).",
                    video="Longest query video decoded; longer ones are refused (413).")

@@ -15,12 +15,13 @@ from .common import (
     index_option,
     json_option,
     model_options,
+    print_report,
     printing_query_warnings,
+    progress_log,
     reports_errors,
     schedule_options,
     wait_option,
     wait_or_refuse,
-    warn,
 )
 
 
@@ -58,17 +59,9 @@ def train_audio_command(pairs: str, index_dir: str, epochs: int, batch_size: int
     options = AudioTrainingOptions(epochs=epochs, batch_size=batch_size,
                                    learning_rate=learning_rate, held_out=held_out, width=width,
                                    seed=seed, progress=not quiet and sys.stderr.isatty())
-    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     with Index.open(index_dir, create=True, device=device, wait=wait) as index:
-        report = index.train_audio(pairs, options, reindex=not no_reindex, log=log)
-    if not quiet:
-        from ..build.report import skipped_lines
-
-        for line in skipped_lines(report.skipped):
-            warn(line)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
-
-
+        report = index.train_audio(pairs, options, reindex=not no_reindex, log=progress_log(quiet))
+    print_report(report, as_json, quiet)
 
 
 @click.command("train-fusion")
@@ -196,6 +189,6 @@ def train_command(images: str, captions: str, split: str | None, output: str, mo
                               freeze=freeze, adapter_rank=adapter_rank, held_out=held_out, seed=seed,
                               device=device, progress=not quiet and sys.stderr.isatty())
     data = read_captioned_images(images, captions, split)
-    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
-    report = fine_tune(ModelSpec.parse(model, pretrained), data, output, options, resume, log)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
+    report = fine_tune(ModelSpec.parse(model, pretrained), data, output, options, resume,
+                       progress_log(quiet))
+    print_report(report, as_json, quiet)

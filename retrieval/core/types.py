@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 DEFAULT_MAX_MEGAPIXELS = 100.0
 DEFAULT_MAX_AUDIO_SECONDS = 3600.0  # longer files are skipped as "huge": the whole file is decoded in memory
 DEFAULT_MAX_VIDEO_SECONDS = 3 * 3600.0
+# A server's query uploads, in MB: held in memory whole; below 10 KB hardly a query image fits.
+MAX_UPLOAD_MB_RANGE = (0.01, 1024.0)
 
 # -- modalities and what a search returns ------------------------------------------------------
 

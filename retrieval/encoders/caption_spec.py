@@ -67,7 +67,7 @@ def caption_model_spec(name: str | None = None, pretrained: str | None = None) -
     (trained on LAION-2B, then fine-tuned on COCO captions)."""
     if name is None:
         return ModelSpec(DEFAULT_CAPTION_MODEL, pretrained or DEFAULT_CAPTION_PRETRAINED)
-    return ModelSpec.parse(name, pretrained)
+    return ModelSpec.parse(name, pretrained, parameter_prefix="caption_")
 
 
 def default_caption_model(index_model: ModelSpec) -> ModelSpec:

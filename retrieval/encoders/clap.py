@@ -2,7 +2,7 @@
 
 transformers is an optional extra (`pip install 'retrieval[clap]'`), imported only when a CLAP
 model is loaded, as torch is: a model that cannot be had is refused before either is imported.
-CLAP embeds audio and text into its own shared space, not CLIP's. As in encoders.py, every
+CLAP embeds audio and text into its own shared space, not CLIP's. As in clip.py, every
 vector leaving this module is float32 and L2-normalised.
 """
 

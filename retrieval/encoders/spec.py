@@ -57,20 +57,30 @@ class ModelSpec:
     """Which model to load: an open_clip name (or `local-dir:`/`hf-hub:` reference, or a preset
     of MODEL_PRESETS) and weights.
 
-    `pretrained` is a tag such as `laion2b_s34b_b79k` or a checkpoint file; it is ignored
-    for `local-dir:` and `hf-hub:` models, which carry their own weights.
+    `pretrained` is a tag such as `laion2b_s34b_b79k` or a checkpoint file; `local-dir:` and
+    `hf-hub:` models carry their own weights and take none.
     """
 
     name: str = DEFAULT_MODEL
     pretrained: str | None = DEFAULT_PRETRAINED
 
     @classmethod
-    def parse(cls, name: str | None = None, pretrained: str | None = None) -> ModelSpec:
-        """Normalise user input: local paths become absolute so the identity survives a `cd`."""
+    def parse(cls, name: str | None = None, pretrained: str | None = None,
+              parameter_prefix: str = "") -> ModelSpec:
+        """Normalise user input: local paths become absolute so the identity survives a `cd`.
+        A `local-dir:` or `hf-hub:` model given weights too is refused (UsageError), not
+        loaded without them; `parameter_prefix` names the parameters in that message
+        ("caption_": `caption_model`, `caption_pretrained`)."""
         name = name or DEFAULT_MODEL
         if name in MODEL_PRESETS:  # `--pretrained` still picks other weights for its architecture
             preset = MODEL_PRESETS[name]
             name, pretrained = preset.model, pretrained or preset.pretrained
+        if pretrained and name.startswith((LOCAL_DIR, HF_HUB)):
+            kind = LOCAL_DIR if name.startswith(LOCAL_DIR) else HF_HUB
+            raise UsageError(
+                f"`{parameter_prefix}pretrained` cannot be combined with a {kind} model "
+                f"(`{parameter_prefix}model` {name}), which carries its own weights: drop "
+                f"`{parameter_prefix}pretrained`, or pass an open_clip model name with it")
         if name.startswith(LOCAL_DIR):
             path = Path(name[len(LOCAL_DIR):]).expanduser().resolve()
             return cls(f"{LOCAL_DIR}{path}", None)

@@ -28,7 +28,7 @@ from .filters import Filter, parse_filter
 # Cosine at or above which two images' vectors make them near-duplicates. Measured on planted
 # copies (resized, JPEG q60, 90% crops, brightness +-10%, mirrored, copied) of distinct renders
 # with the trained tiny model: precision and recall are both 1.0 from 0.90 to 0.94 (0.85: precision
-# 0.72; 0.95: recall 0.96); 0.92 sits in the middle. scripts/bench_duplicates.py measures it for
+# 0.72; 0.95: recall 0.96); 0.92 sits in the middle. scripts/benchmarks/duplicates.py measures it for
 # other models and photo sets (README "Duplicates").
 DEFAULT_THRESHOLD = 0.92
 # Hamming distance (of 64 bits) at or under which two pHashes make images near-duplicates. On the

@@ -41,7 +41,7 @@ from pydantic import BaseModel
 
 from ..core.errors import QueryTooLargeError, RetrievalError, UsageError
 from ..core.paths import is_under, path_from_display
-from ..core.types import Hit
+from ..core.types import MAX_UPLOAD_MB_RANGE, Hit
 from ..index import Index
 from ..media.images import ImageDecodeError, load_image
 from ..query.encode import MediaCaps
@@ -295,6 +295,10 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
     `max_audio_seconds`, `max_video_seconds`: the largest query image and longest query sound
     and video decoded (413 beyond; defaults as for indexing).
     """
+    low, high = MAX_UPLOAD_MB_RANGE
+    if not low <= max_upload_mb <= high:  # NaN too
+        raise UsageError(f"`max_upload_mb` must be between {low:g} and {high:g} (megabytes), "
+                         f"not {max_upload_mb:g}")
     caps = MediaCaps.given(max_megapixels, max_audio_seconds, max_video_seconds)  # bad ones first
     folders = [index_dir] if isinstance(index_dir, (str, Path)) else list(index_dir)
     if len(folders) == 1 and not shard_urls:
@@ -551,7 +555,7 @@ def _uploaded(upload: UploadFile, limit: int, kind: str) -> io.BytesIO:
     data = upload.file.read(limit + 1)
     if len(data) > limit:
         raise HTTPException(413, f"{kind} upload {upload.filename!r} is larger than "
-                            f"{limit / 2**20:g} MB")
+                            f"{limit / 2**20:.3g} MB")  # 0.01, not the 0.00999928 of whole bytes
     if not data:
         raise HTTPException(400, f"{kind} upload {upload.filename!r} is empty")
     stream = io.BytesIO(data)

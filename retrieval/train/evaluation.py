@@ -48,22 +48,28 @@ CHUNK = 4096  # captions scored at a time against every image: bounded memory on
 
 @dataclass
 class DirectionScores:
-    """Recall@K for one direction, with median and mean rank (None past the search depth)."""
+    """Recall@K for one direction, with median and mean rank. Through a search of limited depth,
+    an answer past it has no known rank: the median is None when it lies past the depth, and the
+    mean is None when any answer does (`past_depth` of them); `mean_rank_at_least` then counts
+    each of those at depth + 1, a lower bound of the mean."""
 
     recall: dict[int, float]
     median_rank: float | None
     mean_rank: float | None
     queries: int
+    past_depth: int = 0
+    mean_rank_at_least: float | None = None
 
     @classmethod
     def from_ranks(cls, ranks: np.ndarray, depth: int | None = None) -> DirectionScores:
         """`ranks` start at 1; with `depth`, a rank above it means "not in the first depth"."""
         recall = {k: float(np.mean(ranks <= k)) for k in RECALL_AT}
+        past = int(np.sum(ranks > depth)) if depth is not None else 0
         median = float(np.median(ranks))
-        if depth is not None and median > depth:
+        if past and np.sort(ranks)[len(ranks) // 2] > depth:  # a middle rank is unknown
             median = None
-        mean = float(np.mean(ranks)) if depth is None else None
-        return cls(recall, median, mean, len(ranks))
+        mean = float(np.mean(np.minimum(ranks, depth + 1) if past else ranks))
+        return cls(recall, median, None if past else mean, len(ranks), past, mean if past else None)
 
 
 @dataclass
@@ -91,17 +97,13 @@ class Evaluation:
         for direction in ("text->image", "image->text"):
             for label, scores in (("exact", self.exact), (self.index_type, self.indexed)):
                 found = scores[direction]
+                mean = (f"{found.mean_rank:.1f}" if found.mean_rank is not None
+                        else f">= {found.mean_rank_at_least:.1f}")
+                median = f"{found.median_rank:.1f}" if found.median_rank is not None else f"> {self.depth}"
                 rows.append([direction, label, *(f"{100 * found.recall[k]:.1f}" for k in RECALL_AT),
-                             _rank(found.median_rank, self.depth, label != "exact"),
-                             _rank(found.mean_rank, self.depth, label != "exact")])
+                             median, mean])
         lines = [head, ["---"] * len(head), *rows]
         return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-
-
-def _rank(value: float | None, depth: int, limited: bool) -> str:
-    if value is not None:
-        return f"{value:.1f}"
-    return f"> {depth}" if limited else "-"
 
 
 def exact_ranks(image_vectors: np.ndarray, text_vectors: np.ndarray, caption_image: np.ndarray,

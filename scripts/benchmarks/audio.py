@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .context import Context
-from .data import write_sound_library, write_sound_pairs
+from .data import write_media_library, write_sound_pairs
 from .engine import AudioTrainingOptions
 from .measure import K, log, percentiles, time_each, timed
 from .report import table
@@ -30,18 +30,17 @@ def run(context: Context) -> tuple[dict, str]:
     args, workdir = context.args, context.workdir
     pairs, short, long = workdir / "sound-pairs", workdir / "sounds-short", workdir / "sounds-long"
     write_sound_pairs(pairs, args.audio_pairs, 2.0, args.seed)
-    write_sound_library(short, args.audio_clips, 5.0, args.seed + 1)
-    write_sound_library(long, 1, args.audio_long_seconds, args.seed + 2)
+    clip_files = write_media_library(short, "sound", args.audio_clips, 5.0, args.seed + 1)
+    write_media_library(long, "sound", 1, args.audio_long_seconds, args.seed + 2)
     options = AudioTrainingOptions(epochs=args.audio_epochs, seed=args.seed)
-    with context.open_index(workdir / "index-audio") as index:
-        index.encoder  # noqa: B018 - load the CLIP model outside the training time
+    with context.open_loaded_index("index-audio") as index:
         log(f"audio: training the tower on {args.audio_pairs} pairs for {args.audio_epochs} epochs")
         report, train_s = timed(lambda: index.train_audio(pairs, options))
         log(f"audio: indexing {args.audio_clips} clips of 5 s")
         clips, clips_s = timed(lambda: index.add(short))
         log(f"audio: indexing one {args.audio_long_seconds:.0f} s recording")
         recording, long_s = timed(lambda: index.add(long))
-        query = sorted(short.glob("*.flac"))[0]
+        query = clip_files[0]
         _, millis = time_each(lambda _: index.search(audio=query, target="audio", k=K),
                               list(range(args.api_runs)))
         latency = percentiles(millis)

@@ -27,6 +27,17 @@ class Context:
         return Index.open(folder, model=self.spec.name, pretrained=self.spec.pretrained, create=True,
                           device=self.args.device, batch_size=self.args.batch_size, int8=self.args.int8)
 
+    def open_loaded_index(self, name: str) -> Index:
+        """A new index `name` in the scratch folder, its model already loaded, so that the
+        section's timings leave the load out."""
+        index = self.open_index(self.workdir / name)
+        try:
+            index.encoder  # noqa: B018 - loads the model
+        except BaseException:
+            index.close()
+            raise
+        return index
+
 
 def model_args(spec: ModelSpec) -> list[str]:
     """The CLI options naming `spec`."""

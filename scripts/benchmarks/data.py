@@ -245,17 +245,30 @@ def write_sound_pairs(folder: Path, count: int, seconds: float, seed: int) -> No
         (folder / f"{number:05d}.txt").write_text(f"a {pattern} tone at {pitch:.0f} hertz\n")
 
 
-def write_sound_library(folder: Path, count: int, seconds: float, seed: int) -> None:
+MEDIA_KINDS = ("sound", "video")
+
+
+def write_media_library(folder: Path, kind: str, count: int, seconds: float, seed: int) -> list[Path]:
+    """A new `folder` of `count` seeded synthetic files of `kind`, each `seconds` long: flac
+    tones of the twelve sound classes, or H.264 + AAC clips (see `write_synthetic_video`)."""
+    if kind not in MEDIA_KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {', '.join(MEDIA_KINDS)}")
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
+    files = []
     for number in range(count):
-        wave = synthetic_sound(rng, PITCHES[number % 4], PATTERNS[number % 3], seconds)
-        soundfile.write(folder / f"{number:05d}.flac", wave, SOUND_RATE)
+        if kind == "sound":
+            files.append(folder / f"{number:05d}.flac")
+            wave = synthetic_sound(rng, PITCHES[number % 4], PATTERNS[number % 3], seconds)
+            soundfile.write(files[-1], wave, SOUND_RATE)
+        else:
+            files.append(folder / f"{number:05d}.mp4")
+            write_synthetic_video(files[-1], seconds, rng)
+    return files
 
 
-def write_synthetic_video(path: Path, seconds: float, seed: int) -> None:
+def write_synthetic_video(path: Path, seconds: float, rng: np.random.Generator) -> None:
     """A 640x360 30 fps H.264 clip of drifting coloured boxes, with an AAC tone that changes pitch."""
-    rng = np.random.default_rng(seed)
     fps, rate = 30, 44100
     with av.open(str(path), "w") as container:
         video = container.add_stream("libx264", rate=fps)

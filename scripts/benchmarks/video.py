@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .context import Context
-from .data import write_synthetic_video
+from .data import write_media_library
 from .measure import log, timed
 from .report import table
 
@@ -24,10 +24,8 @@ def run(context: Context) -> tuple[dict, str]:
     """Index one synthetic clip: decoding, 1 frame/s through the image tower, segments committed."""
     args = context.args
     folder = context.workdir / "videos"
-    folder.mkdir()
-    write_synthetic_video(folder / "clip.mp4", args.video_seconds, args.seed)
-    with context.open_index(context.workdir / "index-video") as index:
-        index.encoder  # noqa: B018 - load the model outside the timing
+    write_media_library(folder, "video", 1, args.video_seconds, args.seed)
+    with context.open_loaded_index("index-video") as index:
         log(f"video: indexing a {args.video_seconds:.0f} s clip")
         report, seconds = timed(lambda: index.add(folder))
     data = {"video_seconds": args.video_seconds, "segments": report.video_encoded, "index_s": seconds,

@@ -218,6 +218,10 @@ def test_index_from_env_variable(built, monkeypatch):
     (["a dog", "--model", "{other}", "--index", "{built}"], 1, "built with model"),
     (["index", "{tmp}/no-such-folder", "--index", "{built}"], 2, "no such file or folder"),
     (["index", "{tmp}", "--index", "{tmp}/new", "--model", "Nope-1"], 1, "unknown model 'Nope-1'"),
+    (["index", "{tmp}", "--index", "{tmp}/new", "--model", "hf-hub:org/repo", "--pretrained", "openai"],
+     2, "--pretrained cannot be combined with a hf-hub: model (--model hf-hub:org/repo)"),
+    (["index", "{tmp}", "--index", "{tmp}/new", "--caption-model", "local-dir:{tmp}",
+      "--caption-pretrained", "x.pt"], 2, "--caption-pretrained cannot be combined with a local-dir: model"),
 ])
 def test_errors_are_one_line_with_exit_codes(built, tmp_path, tiny_model, other_tiny_model, args,
                                              code, message):

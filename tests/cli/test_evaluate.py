@@ -45,6 +45,11 @@ def test_depth_limits_the_ranks_known_through_the_index(shapes, tiny_model):
     for direction, scores in deep["indexed"].items():
         median = scores["median_rank"]
         assert shallow["indexed"][direction]["median_rank"] == (median if median <= 10 else None)
+        capped = shallow["indexed"][direction]  # a mean rank, or a lower bound where some are past
+        assert (capped["mean_rank"] is None) == (capped["mean_rank_at_least"] is not None) \
+            == (capped["past_depth"] > 0)
+    text = deep["indexed"]["text->image"]  # as deep as the images: every caption's image is ranked
+    assert text["past_depth"] == 0 and 1 <= text["mean_rank"] <= 18  # once always null
 
 
 def test_pretrained_and_device_reach_the_model(shapes, tiny_model):

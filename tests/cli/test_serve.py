@@ -7,9 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
+from PIL import Image
 from support import write_image
 from support.serving import local_client
 
@@ -59,11 +61,21 @@ def images_like(query: str) -> Callable[[TestClient], Any]:
     return lambda client: client.get("/api/search", params={"q": query, "k": 10, "target": "image"})
 
 
-def test_max_upload_mb_refuses_larger_queries(serve, indexes, pictures):
-    query = pictures / "a" / "a1.png"
+def test_max_upload_mb_refuses_larger_queries(serve, indexes, tmp_path):
+    query = tmp_path / "noise.png"  # about 30 KB: noise does not compress
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 100, 3), np.uint8)).save(query)
     assert serve("--index", indexes[0], ask=upload(query)).status_code == 200
-    refused = serve("--index", indexes[0], "--max-upload-mb", "0.0001", ask=upload(query))
-    assert refused.status_code == 413 and "is larger than" in refused.text
+    refused = serve("--index", indexes[0], "--max-upload-mb", "0.01", ask=upload(query))
+    assert refused.status_code == 413 and "is larger than 0.01 MB" in refused.text
+
+
+@pytest.mark.parametrize("megabytes", ["0.0001", "0", "-1", "nan", "inf", "1e6"])
+def test_max_upload_mb_out_of_range_is_one_line_naming_the_range(indexes, megabytes, monkeypatch):
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: None)  # never serve
+    result = CliRunner().invoke(cli, ["serve", "--index", str(indexes[0]), "--max-upload-mb", megabytes])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: --max-upload-mb must be between 0.01 and 1024 (megabytes), "
+                             f"not {float(megabytes):g}\n")
 
 
 def test_max_megapixels_refuses_larger_query_images(serve, indexes, pictures):

@@ -65,14 +65,6 @@ def audio_baseline(sounds) -> dict:
     return run("train-audio", pairs, "--index", index_dir, *AUDIO)
 
 
-@pytest.mark.parametrize("option", [["--seed", "3"], ["--batch-size", "2"], ["--learning-rate", "0.1"]])
-def test_train_audio_schedule_options(sounds, audio_baseline, tmp_path, option):
-    index_dir, pairs = sounds
-    changed = run("train-audio", pairs, "--index", copy_of(index_dir, tmp_path), *AUDIO, *option,
-                  "--no-reindex")
-    assert losses(changed) != losses(audio_baseline)
-
-
 def test_train_audio_reindexes_unless_told_not_to(sounds, audio_baseline, tmp_path):
     index_dir, pairs = sounds
     with Index.open(index_dir, readonly=True) as index:
@@ -116,15 +108,6 @@ def fusion_baseline(entries) -> dict:
     return run("train-fusion", queries, "--index", index_dir, *FUSION)
 
 
-@pytest.mark.parametrize("option", [["--seed", "3"], ["--batch-size", "2"], ["--learning-rate", "0.1"]])
-def test_train_fusion_schedule_options(entries, fusion_baseline, tmp_path, option):
-    index_dir, queries = entries
-    changed = run("train-fusion", queries, "--index", copy_of(index_dir, tmp_path), *FUSION, *option)
-    assert losses(changed) != losses(fusion_baseline)
-    again = run("train-fusion", queries, "--index", tmp_path / "index", *FUSION, *option)
-    assert losses(again) == losses(changed)  # so the difference is the option's
-
-
 # -- train-temporal -------------------------------------------------------------------------------
 
 TEMPORAL = ["--epochs", "2", "--held-out", "0", "--batch-size", "2"]
@@ -160,13 +143,6 @@ def test_train_temporal_kind(videos, temporal_baseline, tmp_path):
         assert index.video_setting("temporal") == report["identity"]
 
 
-@pytest.mark.parametrize("option", [["--seed", "3"], ["--batch-size", "3"], ["--learning-rate", "0.1"]])
-def test_train_temporal_schedule_options(videos, temporal_baseline, tmp_path, option):
-    index_dir, pairs = videos
-    changed = run("train-temporal", pairs, "--index", copy_of(index_dir, tmp_path), *TEMPORAL, *option)
-    assert losses(changed) != losses(temporal_baseline)
-
-
 def test_train_temporal_reindexes_unless_told_not_to(videos, temporal_baseline, tmp_path):
     index_dir, pairs = videos
     with Index.open(index_dir, readonly=True) as index:
@@ -175,6 +151,31 @@ def test_train_temporal_reindexes_unless_told_not_to(videos, temporal_baseline, 
     run("train-temporal", pairs, "--index", copy, *TEMPORAL, "--seed", "1", "--no-reindex")
     with Index.open(copy, readonly=True) as index:
         assert index.count("video") == 0
+
+
+# -- every trainer's schedule options ---------------------------------------------------------------
+
+# command: (fixture of (index, training input), fixture of its baseline run, the baseline's options
+# (each trainer's other batch size differs from its baseline's), whether a second run checks that
+# the same options train the same, so the difference is the option's)
+TRAINERS = {
+    "train-audio": ("sounds", "audio_baseline", [*AUDIO, "--no-reindex"], "2", False),
+    "train-fusion": ("entries", "fusion_baseline", FUSION, "2", True),
+    "train-temporal": ("videos", "temporal_baseline", TEMPORAL, "3", False),
+}
+
+
+@pytest.mark.parametrize("command", TRAINERS)
+@pytest.mark.parametrize("option", ["--seed 3", "--batch-size", "--learning-rate 0.1"])
+def test_schedule_options_change_the_training(command, option, request, tmp_path):
+    data, baseline, fixed, other_batch_size, repeat = TRAINERS[command]
+    index_dir, source = request.getfixturevalue(data)
+    option_args = option.split() if " " in option else [option, other_batch_size]
+    changed = run(command, source, "--index", copy_of(index_dir, tmp_path), *fixed, *option_args)
+    assert losses(changed) != losses(request.getfixturevalue(baseline))
+    if repeat:
+        again = run(command, source, "--index", tmp_path / "index", *fixed, *option_args)
+        assert losses(again) == losses(changed)  # so the difference is the option's
 
 
 # -- every writer waits with --wait -----------------------------------------------------------------

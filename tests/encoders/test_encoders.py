@@ -14,7 +14,7 @@ from PIL import Image
 from support import offline_env, put_in_hub_cache, run_cli_process, write_image
 
 from retrieval import Index
-from retrieval.core.errors import ModelLoadError
+from retrieval.core.errors import ModelLoadError, UsageError
 from retrieval.encoders.clip import load_encoder, resolve_device
 from retrieval.encoders.spec import ModelSpec
 from retrieval.media.images import load_image
@@ -170,7 +170,17 @@ def test_model_spec_identity_is_stable():
     assert ModelSpec.parse().identity == "ViT-B-32@laion2b_s34b_b79k"
     assert ModelSpec.parse("local-dir:./models/x").name == f"local-dir:{Path('models/x').resolve()}"
     assert ModelSpec.parse("RN50", "openai").identity == "RN50@openai"
-    assert ModelSpec.parse("hf-hub:org/repo", "ignored").identity == "hf-hub:org/repo"
+    assert ModelSpec.parse("hf-hub:org/repo").identity == "hf-hub:org/repo"
+
+
+@pytest.mark.parametrize("name", ["local-dir:./models/x", "hf-hub:org/repo"])
+@pytest.mark.parametrize("prefix", ["", "caption_"])
+def test_weights_for_a_model_that_carries_its_own_are_refused(name, prefix):
+    with pytest.raises(UsageError) as refused:
+        ModelSpec.parse(name, "laion2b_s34b_b79k", parameter_prefix=prefix)
+    message = str(refused.value)
+    assert f"`{prefix}pretrained` cannot be combined with a {name.split(':')[0]}: model" in message
+    assert f"`{prefix}model` {name.split(':')[0]}:" in message
 
 
 def test_device_choice():

@@ -71,8 +71,16 @@ def test_known_answers():
     assert (text.median_rank, text.mean_rank) == (1.5, 1.5)
     image = result.exact["image->text"]  # image 0: x first; image 1: w (not its own) before y
     assert image.recall[1] == 0.5 and (image.median_rank, image.mean_rank) == (1.5, 1.5)
-    assert result.indexed == {direction: DirectionScores(s.recall, s.median_rank, None, s.queries)
-                              for direction, s in result.exact.items()}
+    assert result.indexed == result.exact  # every answer within the depth: the same ranks
+
+
+def test_a_rank_past_the_depth_leaves_a_lower_bound_of_the_mean():
+    within = DirectionScores.from_ranks(np.array([1, 2, 3, 10]), depth=10)
+    assert (within.median_rank, within.mean_rank, within.past_depth) == (2.5, 4.0, 0)
+    past = DirectionScores.from_ranks(np.array([1, 2, 3, 11]), depth=10)  # 11: not in the first 10
+    assert (past.median_rank, past.mean_rank, past.past_depth) == (2.5, None, 1)
+    assert past.mean_rank_at_least == 4.25  # 11 counted as 11, the least it can be
+    assert DirectionScores.from_ranks(np.array([1, 2, 11, 11]), depth=10).median_rank is None
 
 
 def test_ranks_through_faiss_are_capped_at_the_depth():
