@@ -34,7 +34,7 @@ DEFAULT_THRESHOLD = 0.92
 # copies (recall 0.64), so it serves best beside the vectors (`both`: 1.0 and 1.0 at 0.92 and 6).
 DEFAULT_MAX_DISTANCE = 6
 # Above this many images pairs are sought within coarse cells (`_cell_pairs`), not among all:
-# all pairs cost n^2 (20k random 512-d vectors: 24 s exact, 10.5 s by cells, on 2 busy cores).
+# all pairs cost n^2 (20k random 512-d vectors, 2 busy cores: 24 s exact, 10.5 s by cells).
 EXACT_SEARCH_LIMIT = 10_000
 CELLS_PER_ROOT = 1  # sqrt(n) cells: 1,000 for 1M images
 CELL_PROBES = 3
