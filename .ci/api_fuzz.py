@@ -11,17 +11,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from support import write_image  # noqa: E402
-from support.serving import free_port  # noqa: E402
+from support.serving import free_port, wait_until_healthy  # noqa: E402
 from support.tiny_model import write_local_dir_model  # noqa: E402
 
 from retrieval import Index  # noqa: E402
@@ -42,12 +39,7 @@ def main() -> int:
                                    "--no-access-log"])
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
+            wait_until_healthy(url)
             schemathesis = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
             return subprocess.call([schemathesis, "run", f"{url}/openapi.json", "--url", url,
                                     "--checks", "not_a_server_error,response_schema_conformance",

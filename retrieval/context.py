@@ -92,15 +92,28 @@ class Encoders:
 
     @property
     def text(self) -> ClipEncoder | OnnxTextEncoder:
-        """What encodes texts: the ONNX text tower, else the model."""
+        """What encodes texts: the ONNX text tower (its 8-bit twin for `int8`), else the model."""
         tower = None if self._wants_model() else self._tower("text")
         return tower or self.clip
 
     @property
     def images(self) -> ClipEncoder | OnnxImageEncoder:
         """What encodes images (`preprocess`, `input_side`, `encode_preprocessed`,
-        `encode_images`): the ONNX image tower, else the model (always for int8)."""
-        tower = None if self.int8 or self._wants_model() else self._tower("image")
+        `encode_images`): the ONNX image tower, else the model (for an int8 build: the image
+        tower has no 8-bit twin; a query's one image is quicker on the tower than loading torch).
+        Waits for a tower's session that is still opening."""
+        tower = self.image_preprocessing
+        if isinstance(tower, OnnxImageEncoder) and not tower.ready():  # a damaged file
+            self._towers["image"] = None
+            return self.clip
+        return tower
+
+    @property
+    def image_preprocessing(self) -> ClipEncoder | OnnxImageEncoder:
+        """What `images` will be, for its `preprocess` and `input_side`, without waiting for
+        a build's tower session, which opens meanwhile (`load_image_tower`). Its pixels suit
+        the model too, should the tower turn out not to open."""
+        tower = None if (self.int8 and not self.readonly) or self._wants_model() else self._tower("image")
         return tower or self.clip
 
     def _wants_model(self) -> bool:
@@ -112,8 +125,12 @@ class Encoders:
         if kind not in self._towers:
             if not self.readonly and self._clip is None:
                 self._bring_towers_up_to_date()
-            load = load_image_tower if kind == "image" else load_text_tower
-            tower = load(self.folder, self.spec.identity, self.one_shot, for_build=not self.readonly)
+            if kind == "image":
+                tower = load_image_tower(self.folder, self.spec.identity, self.one_shot,
+                                         for_build=not self.readonly)
+            else:
+                tower = load_text_tower(self.folder, self.spec.identity, self.one_shot,
+                                        for_build=not self.readonly, int8=self.int8)
             if tower is not None and not self.readonly:
                 self.settings.record_dim(tower.dim, self.spec)
             self._towers[kind] = tower

@@ -11,6 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # machine: a tiny-model training run took 13 times as long with spinning threads as with
 # sleeping ones while other processes ran. Set before torch loads libgomp; children inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# xdist workers share the cores: each (and each process it starts) computes on its share of
+# them, so two workers on two cores do not run four threads that wait on each other. The
+# models trained once per run, while another worker may wait for them, use every core.
+CORES = os.cpu_count() or 1
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import shutil  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -28,17 +35,19 @@ WORKERS_AT_MOST = 4
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
-    """Without `-n`, tests run on one pytest-xdist worker per core, at most WORKERS_AT_MOST, a
-    whole file to a worker (`--dist loadfile`), so a module fixture (an index, a server) is
-    built once. Set here rather than in addopts so `-p no:xdist` still works; `-n 0` runs the
-    tests in this process (as `--pdb` does)."""
+    """Without `-n`, tests run on one pytest-xdist worker per core, at most WORKERS_AT_MOST,
+    by work stealing (`--dist worksteal`): files start whole on one worker and an idle worker
+    takes over the rest of a busy one's queue. Against a whole file to a worker (`loadfile`) the
+    suite ended sooner (3 min 57 s against 4 min 54 s, 2 cores, same hour), though a stolen file
+    builds its module fixture twice. Set here rather than in addopts so `-p no:xdist` still
+    works; `-n 0` runs the tests in this process (as `--pdb` does)."""
     if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist") \
             or config.option.numprocesses is not None:
         return
     config.option.numprocesses = "auto"
     config.option.maxprocesses = config.option.maxprocesses or WORKERS_AT_MOST
     if config.option.dist == "no" and not config.option.distload:
-        config.option.dist = "loadfile"
+        config.option.dist = "worksteal"
 
 
 def _made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
@@ -55,30 +64,52 @@ def _made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Pat
         if not (folder / "done").exists():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            make(folder)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(CORES)
+            try:
+                make(folder)
+            finally:
+                torch.set_num_threads(threads)
             (folder / "done").touch()
     return folder
 
 
+@pytest.fixture(scope="session")
+def made_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """`made_once(name, make)`: folder `name`, filled by `make` once per run for every xdist
+    worker (see _made_once). For what tests only read, such as an index a module serves."""
+    return lambda name, make: _made_once(tmp_path_factory, name, make)
+
+
+def _model_made_once(tmp_path_factory, name: str, model: torch.nn.Module | None = None, seed: int = 0) -> str:
+    """A tiny CLIP (`model`, else seeded with `seed`) written once per run in local-dir form:
+    its `local-dir:` spec, the same for every worker."""
+    folder = _made_once(tmp_path_factory, name, lambda out: write_local_dir_model(out, model, seed))
+    return f"local-dir:{folder}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def onnx_cache(tmp_path_factory) -> Path:
-    """One export cache for the session (subprocesses inherit it): each model's ONNX towers
-    are exported once, not once per index, and never into the user's own cache."""
-    folder = tmp_path_factory.mktemp("onnx-cache")
+    """One export cache for the run, shared by xdist workers (subprocesses inherit it): each
+    model's ONNX towers are exported once (a child process, seconds), not once per index or
+    per worker, and never into the user's own cache. Exports swap in whole, so workers may
+    share it."""
+    folder = _made_once(tmp_path_factory, "onnx-cache", lambda out: None)
     os.environ["RETRIEVAL_CACHE"] = str(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    """A seeded, untrained tiny CLIP: `local-dir:` spec. Fine wherever meaning is not tested."""
-    return write_local_dir_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+    """A seeded, untrained tiny CLIP: `local-dir:` spec. Fine wherever meaning is not tested.
+    One folder for all workers, so its towers are exported once (tests only read it)."""
+    return _model_made_once(tmp_path_factory, "tiny-model", seed=0)
 
 
 @pytest.fixture(scope="session")
 def other_tiny_model(tmp_path_factory) -> str:
     """A second tiny model with other weights, for model-mismatch tests."""
-    return write_local_dir_model(tmp_path_factory.mktemp("other-model"), seed=1)
+    return _model_made_once(tmp_path_factory, "other-model", seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -94,8 +125,9 @@ def trained_clip(tmp_path_factory) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory, trained_clip) -> str:
-    """`trained_clip` in local-dir form: its `local-dir:` spec."""
-    return write_local_dir_model(tmp_path_factory.mktemp("trained-model"), trained_clip)
+    """`trained_clip` in local-dir form: its `local-dir:` spec (one folder for all workers, as
+    for `tiny_model`)."""
+    return _model_made_once(tmp_path_factory, "trained-model", trained_clip)
 
 
 @pytest.fixture(scope="session")

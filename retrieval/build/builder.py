@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from ..core.concurrency import default_workers, prefetch_map
 from ..core.errors import UsageError
-from ..core.paths import absolute_path, display_path, is_under
+from ..core.paths import absolute_path, display_path, is_under, path_from_display
 from ..core.types import MODALITIES
 from ..media.audio import DEFAULT_MAX_AUDIO_SECONDS, AudioDecodeError, AudioWindow, load_audio, split_windows
 from ..media.captions import CaptionFormatError
@@ -67,6 +68,8 @@ if TYPE_CHECKING:
     import torch
 
     from ..context import IndexContext
+    from ..encoders.clip import ClipEncoder
+    from ..encoders.onnx_towers import OnnxImageEncoder
     from ..storage.ondisk import ShardRunner
     from .ray import Shards
 
@@ -330,13 +333,15 @@ class Builder:
         if not pending:
             return
         size = self.encoders.batch_size
-        self.encoders.images  # noqa: B018  chosen here: worker threads must not record its dim
+        # Chosen here, on this thread (worker threads must not record its dim); a tower's
+        # session opens meanwhile, as the workers hash and decode the first batches.
+        preprocessing = self.encoders.image_preprocessing
         batch: list[_Prepared] = []
         made: list[_Prepared] = []  # embedded by a distributed job
         # Two batches decoded ahead keep the encoder fed (decoding is a few percent of the
         # encoding's time) and hold 2 x 32 x 0.6 MB of pixels for ViT-B-32, not more.
-        for item in self._to_encode(pending, "image", self._decode_image, size * 2,
-                                    unit="img", desc="images"):
+        for item in self._to_encode(pending, "image", partial(self._decode_image, preprocessing),
+                                    size * 2, unit="img", desc="images"):
             (batch if item.vector is None else made).append(item)
             if len(batch) == size:
                 self._encode_images(batch)
@@ -398,9 +403,8 @@ class Builder:
             self.claimed.add((kind, digest))
             return True
 
-    def _decode_image(self, item: _Prepared, data: bytes) -> None:
+    def _decode_image(self, encoder: ClipEncoder | OnnxImageEncoder, item: _Prepared, data: bytes) -> None:
         try:
-            encoder = self.encoders.images
             item.pixels, item.facts = preprocess_and_measure(
                 data, encoder.preprocess, encoder.input_side, self.options.max_megapixels)
         except ImageDecodeError as error:
@@ -416,7 +420,7 @@ class Builder:
         def measure(entry: tuple[str, str]) -> tuple[str, ImageFacts | None]:
             digest, path = entry
             try:
-                data = read_source(path)
+                data = read_source(path_from_display(path))  # stored text names the file
                 if file_digest(data) != digest:  # changed since: its next build measures it
                     return digest, None
                 return digest, measure_bytes(data, self.options.max_megapixels)

@@ -26,7 +26,15 @@ from tqdm import tqdm
 
 from ..core.concurrency import prefetch_map
 from ..core.errors import UsageError
-from ..encoders.caption_spec import CaptionOptions, caption_model_spec, check_coca, default_caption_model
+from ..core.paths import path_from_display
+from ..encoders.caption_spec import (
+    CaptionOptions,
+    caption_model_spec,
+    check_coca,
+    default_caption_model,
+    longest_caption,
+    too_long_message,
+)
 from ..encoders.spec import ModelSpec, check_weights_available
 from ..media.corpus import Skipped, text_digest
 from ..media.images import ImageDecodeError
@@ -99,10 +107,15 @@ def resolve_request(recorded: dict | None, index_model: ModelSpec, *, caption: b
 
 
 def check_request(request: CaptionRequest) -> None:
-    """Refuse, in one line and before any image is encoded, a caption model whose weights
-    cannot be had or that is no CoCa."""
+    """Refuse, in one line and before any image is encoded (or the request is recorded), a
+    caption model whose weights cannot be had, that is no CoCa, or whose context cannot hold
+    captions of the length asked for."""
     check_weights_available(request.model, parameter_prefix="caption_")
     check_coca(request.model)
+    longest = longest_caption(request.model)
+    if longest is not None and request.options.max_length > longest:
+        raise UsageError(too_long_message(request.model, longest, request.options.max_length,
+                                          "`caption_max_length`"))
 
 
 @dataclass
@@ -201,7 +214,8 @@ class CaptionWriter:
 
     def _read(self, image: ImageToCaption, captioner: Captioner) -> _Read:
         try:
-            pixels = preprocess_bytes(read_source(image.path), captioner.preprocess_image,
+            # image.path is stored text (\xNN for bytes that are not UTF-8): read the file it names
+            pixels = preprocess_bytes(read_source(path_from_display(image.path)), captioner.preprocess_image,
                                       captioner.encoder.input_side, self.max_megapixels)
             return _Read(image, pixels)
         except (UnreadableFile, ImageDecodeError) as error:

@@ -9,9 +9,6 @@ import click
 
 from ..core.errors import counted
 from ..core.types import (
-    DEFAULT_MAX_AUDIO_SECONDS,
-    DEFAULT_MAX_MEGAPIXELS,
-    DEFAULT_MAX_VIDEO_SECONDS,
     ENGINES,
     FRAME_POOLINGS,
     FUSIONS,
@@ -24,6 +21,7 @@ from .common import (
     device_option,
     index_option,
     json_option,
+    media_cap_options,
     model_options,
     reports_errors,
     wait_option,
@@ -58,14 +56,9 @@ def caption_options(command):
 @click.option("--exclude-dir", multiple=True,
               help="Folder name or path not to enter (repeatable).")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders.")
-@click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True),
-              default=DEFAULT_MAX_MEGAPIXELS, show_default=True,
-              help="Skip images larger than this (guards against decompression bombs).")
-@click.option("--max-audio-seconds", type=click.FloatRange(min=0, min_open=True),
-              default=DEFAULT_MAX_AUDIO_SECONDS, show_default=True,
-              help="Skip sounds longer than this (each is decoded whole, in memory).")
-@click.option("--max-video-seconds", type=click.FloatRange(min=0, min_open=True),
-              default=DEFAULT_MAX_VIDEO_SECONDS, show_default=True, help="Skip longer videos.")
+@media_cap_options(image="Skip images larger than this (guards against decompression bombs).",
+                   audio="Skip sounds longer than this (each is decoded whole, in memory).",
+                   video="Skip longer videos.")
 @click.option("--frame-rate", type=click.FloatRange(min=0, min_open=True),
               help="Video frames sampled per second [recorded by the index; default 1].")
 @click.option("--scene-threshold", type=click.FloatRange(0, 1, min_open=True),

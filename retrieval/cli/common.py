@@ -15,7 +15,12 @@ import click
 from click_default_group import DefaultGroup
 
 from ..core.errors import IndexLockedError, QueryWarning, RetrievalError
-from ..core.types import CAPTION_METHODS
+from ..core.types import (
+    CAPTION_METHODS,
+    DEFAULT_MAX_AUDIO_SECONDS,
+    DEFAULT_MAX_MEGAPIXELS,
+    DEFAULT_MAX_VIDEO_SECONDS,
+)
 from ..encoders.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED, MODEL_PRESETS
 
 DEFAULT_INDEX = "indexes/default"
@@ -58,6 +63,19 @@ def schedule_options(epochs: int, batch_size: int, learning_rate: float):
             help="Pairs per step; the other pairs of a batch are each pair's negatives.")(command)
         return click.option("--epochs", default=epochs, show_default=True,
                             type=click.IntRange(1))(command)
+    return decorate
+
+
+def media_cap_options(image: str, audio: str, video: str):
+    """--max-megapixels, --max-audio-seconds and --max-video-seconds (the engine's defaults),
+    each with what the command does with media over it."""
+    def decorate(command):
+        for name, default, help in reversed((("--max-megapixels", DEFAULT_MAX_MEGAPIXELS, image),
+                                             ("--max-audio-seconds", DEFAULT_MAX_AUDIO_SECONDS, audio),
+                                             ("--max-video-seconds", DEFAULT_MAX_VIDEO_SECONDS, video))):
+            command = click.option(name, type=click.FloatRange(min=0, min_open=True), default=default,
+                                   show_default=True, help=help)(command)
+        return command
     return decorate
 
 

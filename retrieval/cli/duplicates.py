@@ -26,6 +26,9 @@ from .common import index_option, json_option, reports_errors
 @click.option("--max-distance", type=click.IntRange(0, 64),
               help="With --by phash/both: the most bits two pHashes may differ by [default: 6].")
 @click.option("--under", type=click.Path(), help="Only images at or under this folder.")
+@click.option("--filter", "filter_text", metavar="TERMS",
+              help="Only images this filter keeps, e.g. 'under:2020 size>1MB meta.camera=Canon' "
+              "(README: Filters).")
 @click.option("--min-size", default=2, show_default=True, type=click.IntRange(2),
               help="Leave out groups of fewer files.")
 @json_option
@@ -38,7 +41,8 @@ from .common import index_option, json_option, reports_errors
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def duplicates_command(index_dir: str, threshold: float | None, by: str, max_distance: int | None,
-                       under: str | None, min_size: int, as_json: bool, as_csv: bool,
+                       under: str | None, filter_text: str | None, min_size: int, as_json: bool,
+                       as_csv: bool,
                        plan: str | None, script: str | None, quiet: bool) -> None:
     """List groups of duplicate images, largest first: exact copies (same content) and
     near-duplicates (resized, recompressed, cropped, edited or mirrored copies).
@@ -52,7 +56,8 @@ def duplicates_command(index_dir: str, threshold: float | None, by: str, max_dis
 
     with Index.open(index_dir, readonly=True) as index:
         found = index.duplicates(threshold=threshold, by=by, under=under, min_size=min_size,
-                                 max_distance=max_distance, progress=not quiet and sys.stderr.isatty())
+                                 max_distance=max_distance, filter=filter_text,
+                                 progress=not quiet and sys.stderr.isatty())
     if plan:
         _write(found.write_plan, plan, "--plan")
     if script:

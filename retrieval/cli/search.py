@@ -58,6 +58,9 @@ from .common import (
 @click.option("--server", envvar="RETRIEVAL_SERVER", metavar="URL",
               help="Ask a running `retrieve serve` (e.g. http://127.0.0.1:8000) instead of "
               "opening the index here: no model to load (or set RETRIEVAL_SERVER).")
+@click.option("--int8", is_flag=True,
+              help="Encode the text with the 8-bit text tower the build exported: about half the "
+              "CPU time a query; vectors agree at cosine 0.99 or better, rankings may differ a little.")
 @json_option
 @model_options
 @device_option
@@ -67,7 +70,7 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
                    target: str, filter_text: str | None, where: str | None, where_timeout: float,
                    under: str | None, min_score: float | None,
                    dedup: bool, entries: str | None, fusion: str | None, weights: dict[str, float] | None,
-                   server: str | None, as_json: bool,
+                   server: str | None, int8: bool, as_json: bool,
                    model: str | None, pretrained: str | None, device: str) -> None:
     """Search the index with text, images, sounds or a combined query like "cat + 2:dog - grass".
 
@@ -81,9 +84,12 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
     if dedup and entries:
         raise click.BadParameter("--dedup folds single hits; entries are not deduplicated",
                                  param_hint="'--dedup'")
+    if int8 and server:
+        raise click.BadParameter("the server encodes queries with its own towers", param_hint="'--int8'")
     if entries:
         with printing_query_warnings():
-            found = _entries_here(index_dir, text, images, sounds, videos, k, entries, fusion, weights)
+            found = _entries_here(index_dir, text, images, sounds, videos, k, entries, fusion, weights,
+                                  filter_text, int8)
         _print_entries(found, as_json)
         return
     search = dict(k=k, target=target, where=where, under=under, min_score=min_score,
@@ -96,7 +102,7 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
         search["where_timeout"] = where_timeout
         search["video"] = list(videos) or None
         with printing_query_warnings():
-            hits = _search_here(index_dir, text, images, sounds, model, pretrained, device, search)
+            hits = _search_here(index_dir, text, images, sounds, model, pretrained, device, int8, search)
     if as_json:
         click.echo(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False, indent=2))
     elif not hits:
@@ -106,10 +112,11 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
 
 
 def _search_here(index_dir: str, text: str | None, images: tuple[str, ...], sounds: tuple[str, ...],
-                 model: str | None, pretrained: str | None, device: str, search: dict) -> list:
+                 model: str | None, pretrained: str | None, device: str, int8: bool,
+                 search: dict) -> list:
     from ..index import Index
 
-    with Index.open(index_dir, model=model, pretrained=pretrained, device=device,
+    with Index.open(index_dir, model=model, pretrained=pretrained, device=device, int8=int8,
                     readonly=True, one_shot=True) as index:
         if index.store.is_empty():
             raise IndexEmptyError(
@@ -120,13 +127,13 @@ def _search_here(index_dir: str, text: str | None, images: tuple[str, ...], soun
 
 def _entries_here(index_dir: str, text: str | None, images: tuple[str, ...], sounds: tuple[str, ...],
                   videos: tuple[str, ...], k: int, grouping: str, fusion: str | None,
-                  weights: dict[str, float] | None) -> list:
+                  weights: dict[str, float] | None, filter_text: str | None, int8: bool) -> list:
     from ..index import Index
 
-    with Index.open(index_dir, readonly=True, one_shot=True) as index:
+    with Index.open(index_dir, int8=int8, readonly=True, one_shot=True) as index:
         return index.search_entries(text, image=list(images) or None, audio=list(sounds) or None,
                                     video=list(videos) or None, k=k, grouping=grouping, fusion=fusion,
-                                    weights=weights)
+                                    weights=weights, filter=filter_text)
 
 
 def _weights(value: str | None) -> dict[str, float] | None:

@@ -10,6 +10,7 @@ import click
 from .common import (
     device_option,
     index_option,
+    media_cap_options,
     reports_errors,
 )
 
@@ -37,6 +38,9 @@ DRAIN_S = 3  # seconds SIGTERM or Ctrl-C leaves running requests before the serv
               help="Show paths relative to the indexed folders, not absolute ones.")
 @click.option("--max-upload-mb", default=20.0, show_default=True,
               type=click.FloatRange(min=0, min_open=True), help="Largest query upload accepted.")
+@media_cap_options(image="Largest query image decoded, in megapixels; larger ones are refused (413).",
+                   audio="Longest query sound decoded; longer ones are refused (413).",
+                   video="Longest query video decoded; longer ones are refused (413).")
 @click.option("--shard-index", "shard_dirs", multiple=True, type=click.Path(file_okay=False),
               help="Another index folder searched as a shard beside --index (repeatable).")
 @click.option("--shard", "shard_urls", multiple=True, metavar="URL",
@@ -50,7 +54,8 @@ DRAIN_S = 3  # seconds SIGTERM or Ctrl-C leaves running requests before the serv
 @reports_errors
 def serve_command(index_dir: str, host: str, port: int, token: str | None, insecure: bool,
                   allowed_hosts: tuple[str, ...], allow_sql: bool, where_timeout: float,
-                  relative_paths: bool, max_upload_mb: float,
+                  relative_paths: bool, max_upload_mb: float, max_megapixels: float,
+                  max_audio_seconds: float, max_video_seconds: float,
                   shard_dirs: tuple[str, ...], shard_urls: tuple[str, ...], shard_timeout: float,
                   access_log: bool, device: str) -> None:
     """Serve the index: a JSON API (docs at /docs) and a search page at /.
@@ -69,7 +74,9 @@ def serve_command(index_dir: str, host: str, port: int, token: str | None, insec
     app = create_app([index_dir, *shard_dirs], device=device, max_upload_mb=max_upload_mb,
                      shard_urls=shard_urls, token=token or None, allow_sql=allow_sql,
                      where_timeout=where_timeout, allowed_hosts=[host, *allowed_hosts],
-                     relative_paths=relative_paths, shard_timeout=shard_timeout)
+                     relative_paths=relative_paths, shard_timeout=shard_timeout,
+                     max_megapixels=max_megapixels, max_audio_seconds=max_audio_seconds,
+                     max_video_seconds=max_video_seconds)
     if access_log:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

@@ -26,6 +26,21 @@ class UsageError(RetrievalError):
     exit_code = 2
 
 
+class OverCapError(ValueError):
+    """A decoded image, sound or video over a size or length cap; `parameter` names the
+    parameter that sets the cap (`max_megapixels`, `max_audio_seconds`, `max_video_seconds`)."""
+
+    parameter = ""
+
+
+class QueryTooLargeError(UsageError):
+    """A query's image, sound or video is over a cap; `parameter` names the parameter setting it."""
+
+    def __init__(self, message: str, parameter: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
 class ModelLoadError(RetrievalError):
     """A model's configuration or weights cannot be had."""
 

@@ -17,6 +17,8 @@ DEFAULT_CAPTION_MODEL = "coca_ViT-B-32"
 # captions, so it writes plain descriptions ("a dog running on the beach") where the LAION-only
 # weights write alt-text, which scores far lower against descriptive references.
 DEFAULT_CAPTION_PRETRAINED = "mscoco_finetuned_laion2b_s13b_b90k"
+# open_clip's context length where a configuration names none
+OPEN_CLIP_CONTEXT = 77
 
 
 @dataclass(frozen=True)
@@ -82,28 +84,48 @@ def check_coca(spec: ModelSpec) -> None:
 def configured_as_coca(spec: ModelSpec) -> bool | None:
     """Whether `spec`'s configuration has a caption decoder; None when it cannot be read yet.
     Read without importing torch where open_clip is not imported yet."""
+    model_cfg = _model_config(spec)
+    return None if model_cfg is None else "multimodal_cfg" in model_cfg
+
+
+def longest_caption(spec: ModelSpec) -> int | None:
+    """How many tokens a caption of this CoCa may have (its contexts less the start token), as
+    its configuration says; None where that cannot be read without weights."""
+    model_cfg = _model_config(spec)
+    if model_cfg is None or "multimodal_cfg" not in model_cfg:
+        return None
+    return min((model_cfg.get(section) or {}).get("context_length", OPEN_CLIP_CONTEXT)
+               for section in ("text_cfg", "multimodal_cfg")) - 1
+
+
+def _model_config(spec: ModelSpec) -> dict | None:
+    """`spec`'s model configuration, where it can be read without weights (else None)."""
     if spec.name.startswith(HF_HUB):
         return None  # its configuration comes with its weights
     if spec.name.startswith(LOCAL_DIR):
         # A folder without a readable one: load_encoder explains what is wrong with it.
-        return _has_decoder(Path(spec.name[len(LOCAL_DIR):]) / "open_clip_config.json", "model_cfg")
+        return _read_config(Path(spec.name[len(LOCAL_DIR):]) / "open_clip_config.json", "model_cfg")
     name = spec.name.replace("/", "-")
     if "open_clip" in sys.modules:  # its own table, with configs added at run time
-        config = sys.modules["open_clip"].get_model_config(name)
-        return None if config is None else "multimodal_cfg" in config
+        return sys.modules["open_clip"].get_model_config(name)
     try:
         folder, _ = open_clip_pretrained_alone()
     except Exception:  # another open_clip layout: the load finds out
         return None
-    return _has_decoder(folder / "model_configs" / f"{name}.json")
+    return _read_config(folder / "model_configs" / f"{name}.json")
 
 
-def _has_decoder(config: Path, section: str | None = None) -> bool | None:
+def _read_config(config: Path, section: str | None = None) -> dict | None:
     try:
         data = json.loads(config.read_text())
-        return "multimodal_cfg" in (data[section] if section else data)
+        model_cfg = data[section] if section else data
+        return model_cfg if isinstance(model_cfg, dict) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def too_long_message(spec: ModelSpec, longest: int, asked: int, parameter: str = "max_length") -> str:
+    return f"{parameter} must be at most {longest} for caption model {spec.identity}, not {asked}"
 
 
 def not_coca_message(spec: ModelSpec) -> str:

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..core.errors import ModelLoadError, UsageError
-from .caption_spec import CaptionOptions, check_coca, not_coca_message
+from .caption_spec import CaptionOptions, check_coca, not_coca_message, too_long_message
 from .clip import ClipEncoder, load_encoder
 from .spec import ModelSpec
 
@@ -64,8 +64,7 @@ class Captioner:
         self.start_token, self.end_token = int(start), int(end)
         longest = min(self.model.text.context_length, self.model.text_decoder.context_length) - 1
         if self.options.max_length > longest:
-            raise UsageError(f"max_length must be at most {longest} for caption model "
-                             f"{self.identity}, not {self.options.max_length}")
+            raise UsageError(too_long_message(encoder.spec, longest, self.options.max_length))
 
     @property
     def identity(self) -> str:

@@ -76,9 +76,10 @@ class ClipEncoder:
         features = self.model.encode_image(pixels.to(self.device))
         return _normalised(features)
 
-    def encode_preprocessed(self, images: Sequence[torch.Tensor]) -> np.ndarray:
-        """Embed images each made by `preprocess_image`, as one batch."""
-        return self.encode_image_tensors(torch.stack(list(images)))
+    def encode_preprocessed(self, images: Sequence[torch.Tensor | np.ndarray]) -> np.ndarray:
+        """Embed images each made by `preprocess_image` (or the ONNX tower's equal `preprocess`,
+        whose arrays a build made before its tower failed to open), as one batch."""
+        return self.encode_image_tensors(torch.stack([torch.as_tensor(i) for i in images]))
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embed RGB images, batch by batch."""

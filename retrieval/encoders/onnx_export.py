@@ -32,6 +32,7 @@ from .clip import ClipEncoder, can_trim_padding, encode_trimmed_tokens, load_enc
 from .onnx_towers import (
     FORMAT,
     IMAGE_FILE,
+    INT8_TEXT_FILE,
     MANIFEST,
     TEXT_FILE,
     TOWERS_DIR,
@@ -51,6 +52,7 @@ from .spec import ModelSpec, weights_fingerprint
 from .tokenizer import ClipTokenizer
 
 TOLERANCE = 1e-4  # the largest difference from open_clip's normalised vectors a tower may show
+INT8_AGREEMENT = 0.99  # the least cosine to open_clip's vectors the 8-bit text tower may show
 LEGACY_FILES = ("text_tower.safetensors",)  # the numpy text tower these towers replaced
 PROBE_TEXTS = ["a dog in the park", "x", "", "two cats asleep on a red sofa by the window",
                "ünïcödé 猫 &amp; emoji 😀", "word " * 100]
@@ -222,7 +224,38 @@ def _export_text(encoder: ClipEncoder, folder: Path) -> dict:
     one_by_one = np.concatenate([tower.encode_texts([text]) for text in PROBE_TEXTS])
     _check((expected, batched), (expected, one_by_one))
     return {"file": TEXT_FILE, "dim": int(expected.shape[1]), "context_length": ours.context_length,
-            "trim": trimmed}
+            "trim": trimmed, "int8_file": _export_int8_text(path, expected, ours.context_length, trimmed)}
+
+
+def _export_int8_text(source: Path, expected: np.ndarray, context_length: int, trimmed: bool) -> str | None:
+    """The 8-bit twin of the text tower in `source` (see INT8_TEXT_FILE), kept when its
+    vectors agree with open_clip's `expected` ones on the probe texts; else None, and
+    `int8` queries use the fp32 tower."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        return None
+    path = source.with_name(INT8_TEXT_FILE)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser's advice goes to the root logger, not the user
+    try:
+        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm", "Gather"], use_external_data_format=True)
+    except OSError:
+        raise
+    except Exception:  # the quantiser raises many kinds for graphs it does not handle
+        return None
+    finally:
+        root.setLevel(level)
+    session = open_session(path, quick=True)
+    tower = session and OnnxTextEncoder(session, context_length, trimmed, expected.shape[1])
+    got = tower and tower.encode_texts(PROBE_TEXTS)
+    if got is None or not (got * expected).sum(axis=1).min() >= INT8_AGREEMENT:  # also catches NaN
+        for leftover in path.parent.glob(f"{INT8_TEXT_FILE}*"):
+            leftover.unlink()
+        return None
+    return INT8_TEXT_FILE
 
 
 def _probe_images(size: tuple[int, int]) -> list[Image.Image]:

@@ -12,7 +12,6 @@ import socket
 import sys
 import threading
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -375,6 +374,8 @@ def _unreachable(host: str, port: int) -> str | None:
     Name resolution has no timeout of its own, so the attempt runs on a thread given
     HUB_PROBE_SECONDS; one that is still resolving then is left to finish in the background.
     """
+    import urllib.request  # here: it imports http.client and email, 0.05 s of every cold query
+
     proxy = urllib.request.getproxies().get("https")
     if proxy and not urllib.request.proxy_bypass(host):
         parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")

@@ -46,16 +46,17 @@ def default_merges_path() -> Path:
 
 
 @lru_cache(maxsize=4)
-def _vocabulary(merges_path: Path) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
-    """Token ids and merge ranks from a merges file, read once per process (about 0.1 s each
-    time otherwise, paid by every index that opens its text tower); shared, never changed."""
-    lines = gzip.open(merges_path).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:MERGE_COUNT + 1]]
+def _vocabulary(merges_path: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Token ids, and merge ranks keyed by the merges file's own "first second" lines, read
+    once per process; shared, never changed. Keying by the lines as they stand, rather than
+    by pairs split from them, halves the time (0.05 against 0.1 CPU-s, part of every cold
+    text query): no 48,894 tuples to build."""
+    lines = gzip.open(merges_path).read().decode("utf-8").split("\n", MERGE_COUNT + 1)
+    merges = lines[1:MERGE_COUNT + 1]
+    merged = "\n".join(merges).replace(" ", "").split("\n")  # each merge's token, in one pass
     symbols = list(byte_alphabet().values())
-    vocabulary = symbols + [s + END_OF_WORD for s in symbols]
-    vocabulary += ["".join(pair) for pair in merges] + [START, END]
-    ids = {token: number for number, token in enumerate(vocabulary)}
-    return ids, {pair: rank for rank, pair in enumerate(merges)}
+    vocabulary = [*symbols, *(s + END_OF_WORD for s in symbols), *merged, START, END]
+    return dict(zip(vocabulary, range(len(vocabulary)))), dict(zip(merges, range(len(merges))))
 
 
 # Text that ftfy.fix_text returns unchanged: printable ASCII, tabs and newlines, and no "&"
@@ -109,16 +110,18 @@ class ClipTokenizer:
     def _merge(self, word: str) -> list[str]:
         """Apply BPE merges, lowest rank first, to one word's characters."""
         parts = [*word[:-1], word[-1] + END_OF_WORD]
+        unranked = len(self.ranks)
         while len(parts) > 1:
-            pairs = {(a, b) for a, b in zip(parts, parts[1:])}
-            best = min(pairs, key=lambda pair: self.ranks.get(pair, len(self.ranks)))
+            pairs = {f"{a} {b}" for a, b in zip(parts, parts[1:])}
+            best = min(pairs, key=lambda pair: self.ranks.get(pair, unranked))
             if best not in self.ranks:
                 break
+            first, second = best.split(" ")
             merged: list[str] = []
             index = 0
             while index < len(parts):
-                if index + 1 < len(parts) and (parts[index], parts[index + 1]) == best:
-                    merged.append(parts[index] + parts[index + 1])
+                if index + 1 < len(parts) and parts[index] == first and parts[index + 1] == second:
+                    merged.append(first + second)
                     index += 2
                 else:
                     merged.append(parts[index])

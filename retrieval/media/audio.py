@@ -15,6 +15,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from ..core.errors import OverCapError
 from ..core.types import DEFAULT_MAX_AUDIO_SECONDS
 
 MIN_AUDIO_SECONDS = 0.1
@@ -30,6 +31,12 @@ _SFE_BAD_FILE = 7
 
 class AudioDecodeError(ValueError):
     """Why an audio file cannot be used, in one line (shown as `skipped PATH: <message>`)."""
+
+
+class AudioTooLongError(AudioDecodeError, OverCapError):
+    """A sound longer than the cap."""
+
+    parameter = "max_audio_seconds"
 
 
 @dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; windows compare by identity
@@ -179,7 +186,7 @@ def _blocks(sound: sf.SoundFile) -> Iterator[np.ndarray]:
 def _check_duration(seconds: float, max_seconds: float) -> None:
     if seconds > max_seconds:
         length, limit = format_durations(seconds, max_seconds)
-        raise AudioDecodeError(f"too long ({length}; the limit is {limit}, raise it with "
+        raise AudioTooLongError(f"too long ({length}; the limit is {limit}, raise it with "
                                "`max_audio_seconds`)")
 
 

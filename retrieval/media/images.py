@@ -10,6 +10,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..core.errors import OverCapError
 from ..core.types import DEFAULT_MAX_MEGAPIXELS
 
 # Our own megapixel cap is checked before decoding; PIL's bomb check would only duplicate it
@@ -23,6 +24,12 @@ QUARTER_TURNS = {5, 6, 7, 8}
 
 class ImageDecodeError(Exception):
     """A file that cannot become an image; the message is the reason shown to the user."""
+
+
+class ImageTooLargeError(ImageDecodeError, OverCapError):
+    """An image of more megapixels than the cap."""
+
+    parameter = "max_megapixels"
 
 
 @dataclass(frozen=True)
@@ -88,9 +95,9 @@ def _check_size(image: Image.Image, max_megapixels: float) -> None:
     width, height = image.size
     megapixels = width * height / 1e6
     if megapixels > max_megapixels:
-        raise ImageDecodeError(
+        raise ImageTooLargeError(
             f"{width}x{height} is {megapixels:.1f} megapixels, over the {max_megapixels:g} MP cap "
-            "(raise `max_megapixels` to index it)")
+            "(raise it with `max_megapixels`)")
 
 
 def perceptual_hashes(image: Image.Image) -> tuple[str | None, str | None]:

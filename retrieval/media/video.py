@@ -14,6 +14,7 @@ import numpy as np
 import soxr
 from PIL import Image
 
+from ..core.errors import OverCapError
 from ..core.types import DEFAULT_MAX_VIDEO_SECONDS
 
 # Private helpers shared with audio decoding: opening sources, spotting empty files, showing lengths.
@@ -35,6 +36,12 @@ _AUDIO_GAP = 0.01
 
 class VideoDecodeError(ValueError):
     """Why a video file cannot be used, in one line (shown as `skipped PATH: <message>`)."""
+
+
+class VideoTooLongError(VideoDecodeError, OverCapError):
+    """A video longer than the cap."""
+
+    parameter = "max_video_seconds"
 
 
 @dataclass(frozen=True, eq=False)  # frames compare by identity, not by pixels
@@ -120,7 +127,7 @@ def _decode(container: av.container.InputContainer, frame_rate: float, scene_thr
     declared = _declared_seconds(container, video)
     if declared is not None and declared > max_seconds:
         length, limit = format_durations(declared, max_seconds)
-        raise VideoDecodeError(f"too long ({length}; the limit is {limit}, raise it with "
+        raise VideoTooLongError(f"too long ({length}; the limit is {limit}, raise it with "
                                "`max_video_seconds`)")
     video.codec_context.thread_type = "AUTO"
     audio = container.streams.audio[0] if container.streams.audio else None
@@ -136,7 +143,7 @@ def _decode(container: av.container.InputContainer, frame_rate: float, scene_thr
                 soundtrack.add(frame)
             # Headers may lack a duration, or lie: decoded time bounds the work and the memory.
             if max(picker.end, soundtrack.end) > max_seconds:
-                raise VideoDecodeError(f"too long (runs past the {format_duration(max_seconds)} limit, "
+                raise VideoTooLongError(f"too long (runs past the {format_duration(max_seconds)} limit, "
                                        "raise it with `max_video_seconds`)")
     if not picker.frames:
         raise VideoDecodeError("no decodable video frames")

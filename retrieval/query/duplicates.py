@@ -8,6 +8,7 @@ join into groups as connected components. Nothing here moves or deletes a file.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -19,9 +20,11 @@ from tqdm import tqdm
 
 from ..core.errors import RetrievalError, UsageError, counted
 from ..core.files import write_atomically
+from ..core.paths import path_from_display
 from ..core.types import DUPLICATE_SIGNALS, Hit
 from ..core.vectors import unit
 from ..storage.store import ImageFileRow, Store
+from .filters import Filter, parse_filter
 
 # Cosine at or above which two images' vectors make them near-duplicates. Measured on planted
 # copies (resized, JPEG q60, 90% crops, brightness +-10%, mirrored, copied) of distinct renders
@@ -121,30 +124,33 @@ class Duplicates:
 
     def script(self) -> str:
         """A shell script removing all but one file per group, every line commented out, for
-        the user to read and uncomment."""
+        the user to read and uncomment. Its `rm` lines name the files themselves (a name's
+        bytes that are not UTF-8 kept as surrogates: `write_script` writes them back as bytes)."""
         lines = ["#!/bin/sh", "# Duplicates found by `retrieve duplicates`. Nothing has been removed.",
                  "# Read each group, then uncomment the `rm` lines you agree with.", ""]
         for number, group in enumerate(self.groups, 1):
             kind = "exact copies" if group.exact else "near-duplicates"
             lines.append(f"# group {number}: {counted(len(group.files), 'file')}, {kind}")
             lines.append(f"# keep {shlex.quote(group.keep.path)}  ({group.reason})")
-            lines += [f"# rm -- {shlex.quote(f.path)}" for f in group.others]
+            lines += [f"# rm -- {shlex.quote(path_from_display(f.path))}" for f in group.others]
             lines.append("")
         return "\n".join(lines)
 
     def write_script(self, path: str | Path) -> None:
-        write_atomically(Path(path), self.script().encode())
+        write_atomically(Path(path), os.fsencode(self.script()))
 
 
 def find_duplicates(store: Store, *, threshold: float | None = None, by: str = "vector",
                     under: str | None = None, min_size: int = 2, max_distance: int | None = None,
-                    progress: bool = False) -> Duplicates:
-    """Groups of duplicate images among those indexed (`under`: a stored folder or file path),
-    largest first, of at least `min_size` files each. `by` chooses what makes near-duplicates:
-    vector cosine >= `threshold`, pHash distance <= `max_distance` bits, or `both` (either one).
-    Exact copies (one content hash) are always grouped. `progress` shows a bar on stderr while
-    a large collection's vectors are compared."""
+                    filter: str | Filter | None = None, progress: bool = False) -> Duplicates:
+    """Groups of duplicate images among those indexed (`under`: a stored folder or file path;
+    `filter`: the language of `retrieval.query.filters`), largest first, of at least `min_size`
+    files each. `by` chooses what makes near-duplicates: vector cosine >= `threshold`, pHash
+    distance <= `max_distance` bits, or `both` (either one). Exact copies (one content hash)
+    are always grouped. `progress` shows a bar on stderr while a large collection's vectors
+    are compared."""
     started = time.perf_counter()
+    chosen = filter if isinstance(filter, Filter) else parse_filter(filter)  # bad ones before any work
     if by not in DUPLICATE_SIGNALS:
         raise UsageError(f"`by` must be one of {', '.join(DUPLICATE_SIGNALS)}, not {by!r}")
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
@@ -155,7 +161,7 @@ def find_duplicates(store: Store, *, threshold: float | None = None, by: str = "
         raise UsageError(f"`max_distance` counts bits of a 64-bit hash: 0 to 64, not {max_distance}")
     if min_size < 2:
         raise UsageError(f"`min_size` must be at least 2, not {min_size}")
-    rows = store.image_files(under)
+    rows = store.image_files(under, chosen.sql(store.sources()) if chosen else None)
     pairs = [exact_pairs([row.sha256 for row in rows])]
     if by in ("vector", "both") and rows:
         ids = np.array([row.item_id for row in rows], dtype=np.int64)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image
 
-from ..core.errors import UsageError
+from ..core.errors import OverCapError, QueryTooLargeError, UsageError
 from ..core.paths import existing_file
+from ..core.types import DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_VIDEO_SECONDS
 from ..core.vectors import unit_mean
 from ..media.images import ImageDecodeError, load_image, to_rgb
 from .parse import QueryTerm, parse_query
@@ -23,6 +25,35 @@ ImageInput = str | Path | Image.Image | BinaryIO
 ImageQuery = ImageInput | Sequence[ImageInput] | None
 AudioInput = str | Path | BinaryIO
 AudioQuery = AudioInput | Sequence[AudioInput] | None
+
+
+@dataclass(frozen=True)
+class MediaCaps:
+    """The largest query image (megapixels) and longest query sound and video (seconds) decoded;
+    larger ones raise QueryTooLargeError naming the parameter that sets the cap."""
+
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
+    max_video_seconds: float = DEFAULT_MAX_VIDEO_SECONDS
+
+    @classmethod
+    def given(cls, max_megapixels: float | None = None, max_audio_seconds: float | None = None,
+              max_video_seconds: float | None = None) -> MediaCaps:
+        """The caps given, the defaults for those left None."""
+        chosen = {"max_megapixels": max_megapixels, "max_audio_seconds": max_audio_seconds,
+                  "max_video_seconds": max_video_seconds}
+        for name, value in chosen.items():
+            if value is not None and not value > 0:
+                raise UsageError(f"`{name}` must be above 0, not {value:g}")
+        return cls(**{name: float(value) for name, value in chosen.items() if value is not None})
+
+
+def _media_error(kind: str, source: object, error: Exception) -> UsageError:
+    """A query medium's decoding error as the engine's: QueryTooLargeError when over a cap."""
+    message = f"query {kind} {_name(source)}: {error}"
+    if isinstance(error, OverCapError):
+        return QueryTooLargeError(message, error.parameter)
+    return UsageError(message)
 
 
 def query_terms(query: str | None, text: str | None = None, image: ImageQuery = None,
@@ -56,7 +87,8 @@ def query_modality(terms: list[QueryTerm]) -> str:
     return next(m for m in ("text", "image", "audio", "video") if m in kinds)
 
 
-def query_vector(encoders: Encoders, terms: list[QueryTerm], target: str) -> np.ndarray:
+def query_vector(encoders: Encoders, terms: list[QueryTerm], target: str,
+                 caps: MediaCaps = MediaCaps()) -> np.ndarray:
     """The normalised weighted sum of the terms' vectors, in the space of `target`'s vectors.
 
     Images, texts and our own audio tower share the CLIP space. A CLAP audio encoder has a
@@ -67,7 +99,7 @@ def query_vector(encoders: Encoders, terms: list[QueryTerm], target: str) -> np.
     for modality in ("text", "image", "audio", "video"):
         chosen = [t for t in terms if t.modality == modality and t.item is None]
         if chosen:
-            parts.append(_weighted(_encode(encoders, chosen, modality, in_clap), chosen))
+            parts.append(_weighted(_encode(encoders, chosen, modality, in_clap, caps), chosen))
     items = [t for t in terms if t.item is not None]
     for term in items:
         _check_item_space(encoders, term.modality, in_clap)
@@ -82,7 +114,8 @@ def query_vector(encoders: Encoders, terms: list[QueryTerm], target: str) -> np.
     return total / norm
 
 
-def _encode(encoders: Encoders, terms: list[QueryTerm], modality: str, in_clap: bool) -> np.ndarray:
+def _encode(encoders: Encoders, terms: list[QueryTerm], modality: str, in_clap: bool,
+            caps: MediaCaps) -> np.ndarray:
     if modality == "text":
         encoder = encoders.audio if in_clap else encoders.text
         return encoder.encode_texts([t.text for t in terms])
@@ -90,19 +123,20 @@ def _encode(encoders: Encoders, terms: list[QueryTerm], modality: str, in_clap: 
         if in_clap:
             raise UsageError("this index's audio is embedded by CLAP, which knows sounds and "
                              "texts only; search its audio with text or a sound")
-        return np.stack([_video_vector(encoders, t.video) for t in terms])
+        return np.stack([_video_vector(encoders, t.video, caps.max_video_seconds) for t in terms])
     if modality == "image":
         if in_clap:
             raise UsageError("this index's audio is embedded by CLAP, which knows sounds and "
                              "texts only; search its audio with text or a sound")
-        opened = [_open_image(t.image) for t in terms]  # a bad path fails before the model loads
+        # A bad path fails before the model loads.
+        opened = [_open_image(t.image, caps.max_megapixels) for t in terms]
         return encoders.images.encode_images(opened)
     if encoders.audio_is_clap and not in_clap:
         raise UsageError("this index's audio is embedded by CLAP, whose sounds cannot be compared "
                          "with images or texts of the CLIP model; use `target` audio, or train "
                          "our own audio tower with retrieve train-audio")
     encoder = encoders.audio
-    return np.stack([_sound_vector(encoder, t.audio) for t in terms])
+    return np.stack([_sound_vector(encoder, t.audio, caps.max_audio_seconds) for t in terms])
 
 
 def _check_item_space(encoders: Encoders, modality: str, in_clap: bool) -> None:
@@ -117,42 +151,37 @@ def _weighted(vectors: np.ndarray, terms: list[QueryTerm]) -> np.ndarray:
     return (vectors * weights[:, None]).sum(axis=0)
 
 
-def _open_image(image: ImageInput) -> Image.Image:
+def _open_image(image: ImageInput, max_megapixels: float) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    if hasattr(image, "read"):  # an upload
-        try:
-            return load_image(image)
-        except ImageDecodeError as error:
-            raise UsageError(f"query image {getattr(image, 'name', 'upload')}: {error}") from None
-    path = existing_file(str(image))
-    if path is None:
+    source = image if hasattr(image, "read") else existing_file(str(image))  # an upload, or a path
+    if source is None:
         raise UsageError(f"query image {image}: no such file")
     try:
-        return load_image(path)
+        return load_image(source, max_megapixels)
     except ImageDecodeError as error:
-        raise UsageError(f"query image {image}: {error}") from None
+        raise _media_error("image", image, error) from None
 
 
-def _video_vector(encoders: Encoders, video: AudioInput) -> np.ndarray:
+def _video_vector(encoders: Encoders, video: AudioInput, max_seconds: float) -> np.ndarray:
     """A query video: the normalised mean of its segments' vectors, made as the index makes them."""
-    from ..media.video import DEFAULT_MAX_VIDEO_SECONDS, VideoDecodeError
+    from ..media.video import VideoDecodeError
 
     try:
-        segments = encoders.decode_video(_query_file(video, "video"), DEFAULT_MAX_VIDEO_SECONDS)
+        segments = encoders.decode_video(_query_file(video, "video"), max_seconds)
     except VideoDecodeError as error:
-        raise UsageError(f"query video {_name(video)}: {error}") from None
+        raise _media_error("video", video, error) from None
     return unit_mean(encoders.encode_segments(segments))
 
 
-def _sound_vector(encoder, audio: AudioInput) -> np.ndarray:
+def _sound_vector(encoder, audio: AudioInput, max_seconds: float) -> np.ndarray:
     """A query sound of any length: the normalised mean of its windows' vectors."""
     from ..media.audio import AudioDecodeError, load_audio, split_windows
 
     try:
-        wave = load_audio(_query_file(audio, "sound"), encoder.sample_rate)
+        wave = load_audio(_query_file(audio, "sound"), encoder.sample_rate, max_seconds)
     except AudioDecodeError as error:
-        raise UsageError(f"query sound {_name(audio)}: {error}") from None
+        raise _media_error("sound", audio, error) from None
     windows = split_windows(wave, encoder.sample_rate)
     return unit_mean(encoder.encode_audio([w.samples for w in windows]))
 
@@ -167,5 +196,5 @@ def _query_file(value: AudioInput, kind: str) -> Path | BinaryIO:
     return path
 
 
-def _name(value: AudioInput) -> str:
+def _name(value: object) -> str:
     return str(value) if isinstance(value, (str, Path)) else getattr(value, "name", "upload")

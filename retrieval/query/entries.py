@@ -32,8 +32,11 @@ from ..core.types import FUSIONS, GROUPINGS, LATE_FUSIONS, MODALITIES, Hit
 from ..core.vectors import unit_mean
 from ..media.tables import read_table, row_error
 from .encode import AudioQuery, ImageQuery, query_terms, query_vector
+from .filters import Filter, parse_filter
 from .fusion import early_fuse, early_fuse_query, late_fuse
 from .search import Searcher
+
+Allowed = dict[str, np.ndarray | None]  # modality -> the item ids a filter keeps (None: all)
 
 DEFAULT_DEPTH = 200  # parts fetched per modality before grouping
 
@@ -97,10 +100,13 @@ def search_entries(searcher: Searcher, query: str | None = None, *, text: str | 
                    image: ImageQuery = None, audio: AudioQuery = None, video: AudioQuery = None,
                    k: int = 10,
                    grouping: Grouping = "stem", fusion: str | None = None,
-                   weights: dict[str, float] | None = None, depth: int = DEFAULT_DEPTH) -> list[EntryHit]:
+                   weights: dict[str, float] | None = None, depth: int = DEFAULT_DEPTH,
+                   filter: str | Filter | None = None) -> list[EntryHit]:
     """The k entries that best match a query, each modality searched and their evidence fused
-    (by `fusion`, else the index's recorded default, else rrf)."""
+    (by `fusion`, else the index's recorded default, else rrf). `filter` (the language of
+    `retrieval.query.filters`) keeps the items entries are made of."""
     context = searcher.context
+    chosen = filter if isinstance(filter, Filter) else parse_filter(filter)  # bad ones before any work
     grouping = resolve_grouping(grouping) if isinstance(grouping, str) else grouping
     fusion = fusion or context.settings.fusion or "rrf"
     if fusion not in FUSIONS:
@@ -112,11 +118,13 @@ def search_entries(searcher: Searcher, query: str | None = None, *, text: str | 
     rankings: dict[str, list[tuple[int, float]]] = {}
     parts: dict[tuple[int, str], Hit] = {}
     vectors: dict[str, np.ndarray] = {}
+    allowed: Allowed = {m: searcher.allowed_ids(m, chosen=chosen) for m in searchable(context)}
     for modality in searchable(context):
         vectors[modality] = query_vector(context.encoders, terms, modality)
         ranking = []
         for hit in searcher.hydrate(*searcher.nearest(modality, vectors[modality],
-                                                      min(depth, context.count(modality)))):
+                                                      min(depth, context.count(modality)),
+                                                      allowed[modality])):
             entry = keys.setdefault(entry_of(hit, grouping), len(keys))
             if (entry, modality) not in parts:  # the best part of each modality stands for it
                 parts[(entry, modality)] = hit
@@ -127,9 +135,9 @@ def search_entries(searcher: Searcher, query: str | None = None, *, text: str | 
         fused = [(hit.entry, hit.score, hit.contributions)
                  for hit in late_fuse(rankings, fusion, weights, k)]
     elif fusion == "attention":
-        fused = _attention(context, next(iter(vectors.values())), keys, grouping, k)
+        fused = _attention(context, next(iter(vectors.values())), keys, grouping, k, allowed)
     else:
-        fused = _early(context, vectors, keys, grouping, fusion, weights, k)
+        fused = _early(context, vectors, keys, grouping, fusion, weights, k, allowed)
     return [EntryHit(names[entry], score, contributions,
                      {m: parts[(entry, m)] for m in MODALITIES if (entry, m) in parts})
             for entry, score, contributions in fused]
@@ -145,11 +153,11 @@ def searchable(context: IndexContext) -> list[str]:
 
 
 def _early(context: IndexContext, vectors: dict[str, np.ndarray], keys: dict[str, int],
-           grouping: Grouping, fusion: str, weights: dict[str, float] | None, k: int
-           ) -> list[tuple[int, float, dict[str, float]]]:
+           grouping: Grouping, fusion: str, weights: dict[str, float] | None, k: int,
+           allowed: Allowed) -> list[tuple[int, float, dict[str, float]]]:
     """Score each candidate entry by its fused vector; contributions split the score by modality."""
     query = next(iter(vectors.values()))  # all modalities share the CLIP space here
-    members = entry_members(context, set(keys), grouping)
+    members = entry_members(context, set(keys), grouping, allowed)
     scored = []
     for name, entry in keys.items():
         parts = {m: unit_mean(vs) for m, vs in members.get(name, {}).items()}
@@ -167,13 +175,17 @@ def _early(context: IndexContext, vectors: dict[str, np.ndarray], keys: dict[str
     return scored[:k]
 
 
-def entry_members(context: IndexContext, entries: set[str] | None, grouping: Grouping
-                  ) -> dict[str, dict[str, list[np.ndarray]]]:
+def entry_members(context: IndexContext, entries: set[str] | None, grouping: Grouping,
+                  allowed: Allowed | None = None) -> dict[str, dict[str, list[np.ndarray]]]:
     """entry -> modality -> the stored vectors of every item of that entry (of every entry
-    when `entries` is None)."""
+    when `entries` is None; only the items `allowed` names, where it names any)."""
     found: dict[str, dict[str, list[np.ndarray]]] = {}
     for modality in searchable(context):
         ids, stored = context.store.all_vectors(modality)
+        kept = (allowed or {}).get(modality)
+        if kept is not None:
+            keep = np.isin(ids, kept)
+            ids, stored = ids[keep], stored[keep]
         for entry, vector in zip(_entries_of_items(context, ids.tolist(), grouping), stored):
             if entries is None or entry in entries:
                 found.setdefault(entry, {}).setdefault(modality, []).append(vector)
@@ -229,7 +241,7 @@ def part_arrays(members: dict[str, dict[str, list[np.ndarray]]], names: list[str
 
 
 def _attention(context: IndexContext, query: np.ndarray, keys: dict[str, int], grouping: Grouping,
-               k: int) -> list[tuple[int, float, dict[str, float]]]:
+               k: int, allowed: Allowed) -> list[tuple[int, float, dict[str, float]]]:
     """Candidate entries scored by the trained gate's per-query weighting of their parts."""
     import torch
 
@@ -237,7 +249,7 @@ def _attention(context: IndexContext, query: np.ndarray, keys: dict[str, int], g
 
     model = load_gate(context.folder)
     names = list(keys)
-    parts, mask = part_arrays(entry_members(context, set(names), grouping), names, len(query))
+    parts, mask = part_arrays(entry_members(context, set(names), grouping, allowed), names, len(query))
     query_t = torch.from_numpy(query[None].astype(np.float32))
     with torch.no_grad():
         scores = model(query_t, torch.from_numpy(parts), torch.from_numpy(mask))[0].numpy()

@@ -4,6 +4,7 @@ by folder, audio and video found per file at their best window, and hits hydrate
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,20 @@ from ..core.paths import stored_path
 from ..core.types import AUTO_TARGETS, MODALITIES, TARGETS, TIMED, Hit
 from ..storage.store import WHERE_TIMEOUT_S
 from .duplicates import DEDUP_POOL, collapse_hits
-from .encode import AudioQuery, ImageQuery, query_modality, query_terms, query_vector
+from .encode import AudioQuery, ImageQuery, MediaCaps, query_modality, query_terms, query_vector
 from .filters import Filter, parse_filter
 from .parse import QueryTerm
+
+
+@dataclass(frozen=True)
+class EncodedQuery:
+    """A query made one vector: what any index of the same model can search with
+    `search(vector=vector, vector_of=vector_of, target=target)`, getting the same hits as from
+    the query itself."""
+
+    vector: np.ndarray
+    vector_of: str
+    target: str
 
 
 class Searcher:
@@ -32,21 +44,20 @@ class Searcher:
                vector_of: str = "image", k: int = 10,
                target: str = "auto", where: str | None = None, under: str | None = None,
                min_score: float | None = None, dedup: bool = False,
-               filter: str | Filter | None = None, where_timeout: float = WHERE_TIMEOUT_S) -> list[Hit]:
+               filter: str | Filter | None = None, where_timeout: float = WHERE_TIMEOUT_S,
+               max_megapixels: float | None = None, max_audio_seconds: float | None = None,
+               max_video_seconds: float | None = None) -> list[Hit]:
         """Nearest items to a query, best first (see `Index.search`)."""
         if k < 1:
             raise UsageError(f"k must be at least 1, not {k}")
-        if target not in TARGETS:
-            raise UsageError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
         chosen = filter if isinstance(filter, Filter) else parse_filter(filter)  # bad ones before any work
-        items = [] if like is None else [self.item_term(like)]
-        items += [] if vector is None else [self._vector_term(vector, vector_of)]
-        terms = query_terms(query, text, image, audio, items, video)
+        terms = self._terms(query, text, image, audio, video, like, vector, vector_of, target)
         target = self.resolve_target(target, query_modality(terms))
         size = self.context.count(target)
         if not size:  # nothing of that kind was ever encoded: no model needed to find nothing
             return []
-        vector = query_vector(self.context.encoders, terms, target)
+        caps = MediaCaps.given(max_megapixels, max_audio_seconds, max_video_seconds)
+        vector = query_vector(self.context.encoders, terms, target, caps)
         _check_text("where", where)
         allowed = self.allowed_ids(target, where, under, chosen, where_timeout)
         # Deduplicated, more candidates are fetched than wanted, to be left with k once
@@ -60,6 +71,34 @@ class Searcher:
         if dedup:
             hits = collapse_hits(hits, self.store.vectors_for_ids(np.array([h.id for h in hits])))
         return hits[:k]
+
+    def encode_query(self, query: str | None = None, *, text: str | None = None,
+                     image: ImageQuery = None, audio: AudioQuery = None, video: AudioQuery = None,
+                     like: int | None = None, vector: Sequence[float] | np.ndarray | None = None,
+                     vector_of: str = "image", target: str = "auto",
+                     max_megapixels: float | None = None, max_audio_seconds: float | None = None,
+                     max_video_seconds: float | None = None) -> EncodedQuery:
+        """A query's one vector, encoded once, for indexes of this model to search with (shards).
+
+        Its `vector_of` is the query's modality, so another index resolves `target` auto as it
+        would for the query; but a CLAP query for audio is the audio it was encoded for."""
+        terms = self._terms(query, text, image, audio, video, like, vector, vector_of, target)
+        modality = query_modality(terms)
+        resolved = self.resolve_target(target, modality)
+        caps = MediaCaps.given(max_megapixels, max_audio_seconds, max_video_seconds)
+        encoded = query_vector(self.context.encoders, terms, resolved, caps)
+        if resolved == "audio" and self.context.encoders.audio_is_clap:
+            return EncodedQuery(encoded, "audio", "audio")
+        return EncodedQuery(encoded, modality, target)
+
+    def _terms(self, query: str | None, text: str | None, image: ImageQuery, audio: AudioQuery,
+               video: AudioQuery, like: int | None, vector: Sequence[float] | np.ndarray | None,
+               vector_of: str, target: str) -> list[QueryTerm]:
+        if target not in TARGETS:
+            raise UsageError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+        items = [] if like is None else [self.item_term(like)]
+        items += [] if vector is None else [self._vector_term(vector, vector_of)]
+        return query_terms(query, text, image, audio, items, video)
 
     def allowed_ids(self, modality: str, where: str | None = None, under: str | None = None,
                     chosen: Filter | None = None, where_timeout: float = WHERE_TIMEOUT_S
@@ -141,10 +180,16 @@ class Searcher:
     def _vector_term(self, vector: Sequence[float] | np.ndarray, modality: str) -> QueryTerm:
         if modality not in MODALITIES:
             raise UsageError(f"vector_of must be one of {', '.join(MODALITIES)}, not {modality!r}")
-        values = np.asarray(vector, dtype=np.float32).ravel()
+        try:
+            with np.errstate(over="ignore"):  # too large for float32 is infinite, refused below
+                values = np.asarray(vector, dtype=np.float32).ravel()
+        except (TypeError, ValueError):
+            raise UsageError("`vector` must be a list of numbers") from None
+        if not np.isfinite(values).all():
+            raise UsageError("`vector` must hold finite numbers (no inf, NaN, or beyond 3.4e38)")
         dim = self.context.settings.dim_of(modality)
         if dim and len(values) != dim:
-            raise UsageError(f"the query vector has {len(values)} numbers; this index's {modality} "
+            raise UsageError(f"`vector` has {len(values)} numbers; this index's {modality} "
                              f"vectors have {dim}")
         return QueryTerm(1.0, item=(modality, values))
 

@@ -39,11 +39,12 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel
 
-from ..core.errors import RetrievalError, UsageError
+from ..core.errors import QueryTooLargeError, RetrievalError, UsageError
 from ..core.paths import is_under, path_from_display
 from ..core.types import Hit
 from ..index import Index
 from ..media.images import ImageDecodeError, load_image
+from ..query.encode import MediaCaps
 from .fanout import LocalShard, RemoteShard, ShardedIndex, open_shards
 
 STATIC = Path(__file__).parent / "static"
@@ -97,7 +98,8 @@ class ItemInfo(BaseModel):
 
 def _errors(*statuses: int) -> dict:
     text = {400: "A bad request: the detail names the culprit", 401: "A token is needed (Bearer)",
-            404: "No such item, or no file to serve", 413: "An upload over the limit",
+            404: "No such item, or no file to serve",
+            413: "An upload over a cap (bytes, megapixels, or seconds of sound or video)",
             503: "The index cannot answer now, or the request ran past its deadline"}
     return {status: {"model": Detail, "description": text[status]} for status in statuses}
 
@@ -279,7 +281,9 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
                token: str | None = None, allow_sql: bool = False, where_timeout: float = 3.0,
                allowed_hosts: Sequence[str] = (), relative_paths: bool = False,
                shard_timeout: float = 10.0, deadline_s: float = DEFAULT_DEADLINE_S,
-               upload_workers: int = DEFAULT_UPLOAD_WORKERS) -> FastAPI:
+               upload_workers: int = DEFAULT_UPLOAD_WORKERS, max_megapixels: float | None = None,
+               max_audio_seconds: float | None = None, max_video_seconds: float | None = None
+               ) -> FastAPI:
     """The FastAPI application serving the index at `index_dir`; with several folders, or
     servers at `shard_urls`, it fans each search out to all of them as shards.
 
@@ -287,7 +291,11 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
     accepted beside the local ones ("*" accepts any). `allow_sql`: take raw SQL `where=`, run
     for at most `where_timeout` seconds. `relative_paths`: show paths relative to the roots.
     `shard_timeout`: seconds a remote shard may take. `deadline_s`: seconds a request may take.
+    `max_upload_mb`: the largest upload, counted as it streams in; `max_megapixels`,
+    `max_audio_seconds`, `max_video_seconds`: the largest query image and longest query sound
+    and video decoded (413 beyond; defaults as for indexing).
     """
+    caps = MediaCaps.given(max_megapixels, max_audio_seconds, max_video_seconds)  # bad ones first
     folders = [index_dir] if isinstance(index_dir, (str, Path)) else list(index_dir)
     if len(folders) == 1 and not shard_urls:
         index: Index | ShardedIndex = Index.open(folders[0], readonly=True, device=device)
@@ -300,11 +308,16 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
     app = FastAPI(title="retrieval", summary="Search images, texts and sounds by meaning.",
                   docs_url=None, redoc_url=None)
     app.state.service = service
+    app.state.media_caps = caps
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _mount_docs(app)
 
     @app.exception_handler(RetrievalError)
     def engine_error(request: Request, error: RetrievalError) -> JSONResponse:
+        if isinstance(error, QueryTooLargeError):  # the cap, named as the option that sets it
+            option = "retrieve serve --" + error.parameter.replace("_", "-")
+            return JSONResponse({"detail": str(error).replace(f"`{error.parameter}`", option)},
+                                status_code=413)
         return JSONResponse({"detail": str(error)}, status_code=400 if isinstance(error, UsageError) else 503)
 
     @app.middleware("http")
@@ -344,6 +357,8 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
                                 "(e.g. filter=modality:image under:2020), or start it with --allow-sql")
         if where is not None:
             query.update(where=where, where_timeout=where_timeout)
+        query.update(max_megapixels=caps.max_megapixels, max_audio_seconds=caps.max_audio_seconds,
+                     max_video_seconds=caps.max_video_seconds)
         if uploads:
             with service.uploads:  # decoding and encoding: a few at a time, outside any lock
                 hits, failed = service.search(**query)
@@ -366,9 +381,14 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
         return service.health()
 
     @app.get("/api/stats", summary="Model, vector size, counts and index type",
-             responses=_errors(401, 503))
-    def stats() -> dict:
-        return service.stats()
+             responses={**_errors(401, 503), 200: {
+                 "description": "The statistics; with shards, each answering shard's, the counts summed "
+                                "over them, and those that did not answer in failed_shards and the "
+                                "X-Failed-Shards header"}}, response_model=dict)
+    def stats() -> JSONResponse:
+        stats = service.stats()
+        failed = stats.get("failed_shards")
+        return JSONResponse(stats, headers={"X-Failed-Shards": ", ".join(failed)} if failed else None)
 
     @app.get("/api/search", summary="Search by text, a combined query or an item id",
              responses=search_responses, response_model=list[dict])

@@ -4,6 +4,10 @@ A shard is an index folder opened in this process, or a `retrieve serve` reached
 Every shard must embed with the same model: scores are then cosine similarities in one space,
 and the best k hits of all shards are the best k overall.
 
+The query is encoded once, here, by the first local shard's model, and its vector is sent to
+every shard; only a front with no local shard sends the query itself (each remote shard then
+encodes it).
+
 Hits get global ids, `local id * MAX_SHARDS + shard number`, so an id names its shard and a
 later call (`item`, `like=`) goes back to it. "More like this" asks the owning shard for the
 item's vector and sends that vector to every shard.
@@ -24,10 +28,12 @@ import numpy as np
 from ..core.errors import RetrievalError, UsageError
 from ..core.types import Hit
 from ..index import Index
+from ..query.filters import parse_filter
 from .client import server_error
 
 MAX_SHARDS = 1000
 DEFAULT_SHARD_TIMEOUT_S = 10.0
+MEDIA_CAPS = ("max_megapixels", "max_audio_seconds", "max_video_seconds")
 
 
 class LocalShard:
@@ -156,6 +162,26 @@ class ShardedIndex:
         # up the work of local shards (which runs in the calling thread).
         remote = sum(isinstance(shard, RemoteShard) for shard in self.shards)
         self.pool = ThreadPoolExecutor(max_workers=max(1, 8 * remote))
+        self.encoder = next((shard for shard in self.shards if isinstance(shard, LocalShard)), None)
+        self._check_one_model()
+
+    def _check_one_model(self) -> None:
+        """Every shard answering now embeds with the first one's model (a shard that is down is
+        checked by nobody: its searches fail soft); else a UsageError naming the odd shard."""
+        try:
+            stats = self.stats()
+        except UsageError:
+            raise
+        except RetrievalError:  # none answers now: nothing to compare
+            return
+        models = [(s["name"], s["model"], s["dim"]) for s in stats["shards"]]
+        name, model, dim = models[0]
+        for other, other_model, other_dim in models[1:]:
+            if (other_model, other_dim) != (model, dim):
+                self.close()
+                raise UsageError(f"shard {other} embeds with {_model_name(other_model)} ({other_dim} "
+                                 f"numbers), not {_model_name(model)} ({dim}) as {name} does: "
+                                 "shards must share one model")
 
     def locate(self, global_id: int) -> tuple[Shard, int]:
         """The shard holding a global id, and the id there."""
@@ -179,6 +205,15 @@ class ShardedIndex:
         if like is not None:
             shard, local = self.locate(like)
             options["vector_of"], options["vector"] = shard.item_vector(local)
+        parse_filter(options.get("filter"))  # a bad filter fails before any encoding
+        caps = {name: options.pop(name) for name in MEDIA_CAPS if name in options}
+        if self.encoder is not None:  # encoded once here; every shard gets the vector
+            encoded = self.encoder.index.encode_query(
+                query, text=options.pop("text", None), image=image, audio=audio, video=video,
+                vector=options.pop("vector", None), vector_of=options.pop("vector_of", "image"),
+                target=options.pop("target", "auto"), **caps)
+            query = image = audio = video = None
+            options.update(vector=encoded.vector, vector_of=encoded.vector_of, target=encoded.target)
         uploads = {name: [_read(f) for f in files] for name, files in
                    (("image", image), ("audio", audio), ("video", video)) if files}
         remote = {number: self.pool.submit(self._search_one, shard, query, k, uploads, options)
@@ -227,16 +262,34 @@ class ShardedIndex:
         return None if hit is None else replace(hit, id=global_id)
 
     def stats(self) -> dict:
-        """Each shard's statistics, and the counts summed."""
-        each = [shard.stats() for shard in self.shards]
-        counts = {m: sum(s["counts"].get(m, 0) for s in each) for m in each[0]["counts"]}
-        return {**each[0], "path": None, "counts": counts,
-                "shards": [{"name": shard.name, **s} for shard, s in zip(self.shards, each)]}
+        """Each answering shard's statistics, the counts summed over them, and the names of the
+        shards that did not answer (`failed_shards`), as a partial search lists them."""
+        asked = [self.pool.submit(shard.stats) if isinstance(shard, RemoteShard) else shard.stats()
+                 for shard in self.shards]
+        answered: list[tuple[Shard, dict]] = []
+        failed: list[str] = []
+        for shard, answer in zip(self.shards, asked):
+            try:
+                answered.append((shard, answer.result() if isinstance(shard, RemoteShard) else answer))
+            except UsageError:
+                raise
+            except RetrievalError:
+                failed.append(shard.name)
+        if not answered:
+            raise RetrievalError(f"no shard answered: {', '.join(failed)}")
+        first = answered[0][1]
+        counts = {m: sum(s["counts"].get(m, 0) for _, s in answered) for m in first["counts"]}
+        return {**first, "path": None, "counts": counts,
+                "shards": [{"name": shard.name, **s} for shard, s in answered], "failed_shards": failed}
 
     def close(self) -> None:
         self.pool.shutdown()
         for shard in self.shards:
             shard.close()
+
+
+def _model_name(model: dict) -> str:
+    return " ".join(filter(None, (model.get("name"), model.get("pretrained"))))
 
 
 def _read(upload: BinaryIO) -> bytes:

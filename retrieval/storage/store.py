@@ -359,8 +359,10 @@ class Store:
         self.conn.execute("DELETE FROM image_facts WHERE sha256 NOT IN "
                           "(SELECT sha256 FROM files WHERE kind = 'image')")
 
-    def image_files(self, under: str | None = None) -> list[ImageFileRow]:
-        """Every indexed image file (`under`: at or below that stored path), with its facts."""
+    def image_files(self, under: str | None = None, condition: tuple[str, list] | None = None
+                    ) -> list[ImageFileRow]:
+        """Every indexed image file (`under`: at or below that stored path; `condition`: SQL over
+        item_view with its parameters, a compiled filter), with its facts."""
         if self._has_table("image_facts"):
             facts = ("image_facts.width, image_facts.height, image_facts.phash, image_facts.dhash "
                      "FROM items JOIN files ON files.id = items.file_id "
@@ -373,6 +375,9 @@ class Store:
         if under:
             sql += " AND " + _under_clause("files.path")
             params += _under_params(under)
+        if condition:
+            sql += f" AND items.id IN (SELECT id FROM item_view WHERE {condition[0]})"
+            params += condition[1]
         rows = self.conn.execute(sql + " ORDER BY items.id", params)
         return [ImageFileRow(*row) for row in rows]
 

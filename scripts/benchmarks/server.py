@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="size of the image uploaded in a loop [default: 100; --quick: 4]")
     parser.add_argument("--server-shards", type=int, default=3,
                         help="shards the corpus is split over for fan-out; 0: none [default: 3]")
+    parser.add_argument("--server-url", metavar="URL",
+                        help="measure the `retrieve serve` already running at URL (an older "
+                        "checkout's, say, for a before figure): the load and the upload loop "
+                        "only; nothing is indexed, and no fan-out")
 
 
 def load(url: str, queries: Sequence[str], clients: int) -> dict:
@@ -121,6 +125,20 @@ def run(context: Context) -> tuple[dict, str]:
     requests = 10 if args.quick else args.server_requests
     megapixels = 4 if args.quick else args.server_megapixels
     queries = ((corpus.texts or [QUERY]) * requests)[:requests]
+
+    def one_index(url: str) -> dict:
+        load(url, queries[:10], 1)  # warm-up: model and FAISS loaded
+        log(f"server: {args.server_clients} clients, {len(queries)} queries each")
+        measured = {"one_index": load(url, queries, args.server_clients)}
+        log(f"server: the same beside a {megapixels:g} MP upload loop")
+        measured["one_index_with_uploads"] = load_with_uploads(url, queries, args.server_clients, megapixels)
+        return measured
+
+    if args.server_url:
+        log(f"server: measuring the server at {args.server_url}")
+        data = one_index(args.server_url.rstrip("/"))
+        return data, report(data, f"the server at {args.server_url}", len(queries), megapixels,
+                            args.server_shards)
     log(f"server: indexing the images of {corpus.origin}, whole and in {args.server_shards} shards")
     parts = split_corpus(context, max(1, args.server_shards))
     whole = context.workdir / "server-whole"
@@ -132,14 +150,6 @@ def run(context: Context) -> tuple[dict, str]:
         with context.open_index(shard_dirs[-1]) as index:
             index.add(part)
 
-    def one_index(url: str) -> dict:
-        load(url, queries[:10], 1)  # warm-up: model and FAISS loaded
-        log(f"server: {args.server_clients} clients, {len(queries)} queries each")
-        measured = {"one_index": load(url, queries, args.server_clients)}
-        log(f"server: the same beside a {megapixels:g} MP upload loop")
-        measured["one_index_with_uploads"] = load_with_uploads(url, queries, args.server_clients, megapixels)
-        return measured
-
     data = served([whole], args.device, one_index, "--max-upload-mb", str(max(50, megapixels)))
     if shard_dirs:
         def fan_out(url: str) -> dict:
@@ -148,14 +158,20 @@ def run(context: Context) -> tuple[dict, str]:
             return load(url, queries, args.server_clients)
 
         data["fan_out"] = {"shards": len(shard_dirs), **served(shard_dirs, args.device, fan_out)}
+    return data, report(data, f"`retrieve serve` in its own process over {corpus.origin}", len(queries),
+                        megapixels, args.server_shards)
+
+
+def report(data: dict, server: str, queries: int, megapixels: float, shards: int) -> str:
+    """The section's text: what was measured, and a row per measurement."""
     labels = {"one_index": "one index", "one_index_with_uploads": f"one index, beside a {megapixels:g} MP "
-              "upload loop", "fan_out": f"fan-out over {args.server_shards} shards"}
+              "upload loop", "fan_out": f"fan-out over {shards} shards"}
     rows = [(labels[name], f"{r['clients']}", f"{r['requests_per_s']:.0f}", f"{r['p50_ms']:.1f}",
              f"{r['p95_ms']:.1f}", f"{r['p99_ms']:.1f}", r["errors"]) for name, r in data.items()]
     uploads = data["one_index_with_uploads"]
-    return data, "\n".join([
-        f"`retrieve serve` in its own process over {corpus.origin}; each client sends {len(queries)} "
-        f"text queries (the corpus's captions) over loopback HTTP. The upload loop sent "
+    return "\n".join([
+        f"{server}; each client sends {queries} "
+        f"text queries (the corpus's captions) over HTTP. The upload loop sent "
         f"{uploads['uploads']} images of {uploads['upload_bytes'] / 1e3:.0f} kB (statuses "
         f"{uploads['upload_statuses']}, p50 {uploads['upload']['p50_ms']:.0f} ms).", "",
         table(("measurement", "clients", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors"), rows)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ from support import write_image
 from support.recording import record_encoding
 
 from retrieval import Index
+from retrieval.build import builder
 from retrieval.build.builder import Builder, BuildOptions
+from retrieval.encoders import onnx_towers
 
 
 @pytest.fixture
@@ -117,3 +120,26 @@ def test_vectors_are_the_models(index, folder):
                                                                 k=1)[0].id]))
     expected = encoder.encode_images([Image.open(folder / "p0.png").convert("RGB")])
     assert np.allclose(stored, expected, atol=1e-5)
+
+
+def test_the_image_tower_opens_while_the_build_reads_files(index, folder, monkeypatch):
+    """The image tower's session (a second of pre-packing for ViT-B-32) opens while the build
+    reads, hashes and decodes the first files: its opening here waits until a file was read,
+    which never happens if the build waits for the session before reading."""
+    file_read = threading.Event()
+    read_source, open_session = builder.read_source, onnx_towers.open_session
+    read_before_opening = []
+
+    def reading(path: str) -> bytes:
+        file_read.set()
+        return read_source(path)
+
+    def opening(path: Path, *args, **kwargs):
+        if path.name == onnx_towers.IMAGE_FILE:
+            read_before_opening.append(file_read.wait(timeout=30))
+        return open_session(path, *args, **kwargs)
+
+    monkeypatch.setattr(builder, "read_source", reading)
+    monkeypatch.setattr(onnx_towers, "open_session", opening)
+    report, images, _ = build(index, folder)
+    assert (read_before_opening, images, report.skipped) == ([True], 3, [])

@@ -114,6 +114,16 @@ def test_human_captions_are_kept_apart_and_spare_their_image(tiny_model, tiny_co
         assert image.text == "a red circle" and not image.generated and image.metadata["generated_caption"]
 
 
+def test_an_image_whose_name_is_not_utf8_gets_its_caption(tiny_model, tiny_coca, tmp_path):
+    """The store keeps such a name as \\xNN text: the captioner must read the file it names."""
+    shapes = uncaptioned_shapes(tmp_path / "shapes", per_class=1)
+    odd = os.fsencode(shapes) + b"/odd\xff.png"
+    os.rename(shapes / "red_circle_0.png", odd)
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        report = index.add(shapes, caption=True, caption_model=tiny_coca, caption_max_length=3)
+    assert report.skipped == [] and report.captions_written == len(CLASSES)
+
+
 def test_captions_follow_images_incrementally(tiny_model, tiny_coca, tmp_path):
     shapes = uncaptioned_shapes(tmp_path / "shapes", per_class=1)
     other = tmp_path / "other-coca"  # the same weights under another identity: another model
@@ -176,6 +186,17 @@ def test_bad_caption_requests_are_refused_in_one_line(tiny_model, tmp_path):
             index.add(shapes, caption=True, caption_method="greedy")
         with pytest.raises(UsageError, match="`caption` False writes no captions"):
             index.add(shapes, caption=False, caption_model=tiny_model)
+
+
+def test_a_caption_length_the_model_cannot_hold_is_refused_before_it_is_recorded(tiny_model, tiny_coca,
+                                                                                 tmp_path):
+    """Refused at once, naming the parameter, and not recorded: a later plain build works."""
+    shapes = uncaptioned_shapes(tmp_path / "shapes", per_class=1)
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        with pytest.raises(UsageError, match="^`caption_max_length` must be at most 21 for caption model"):
+            index.add(shapes, caption=True, caption_model=tiny_coca, caption_max_length=30)
+        assert index.stats()["captioning"] is None
+        assert index.add(shapes).images_encoded == len(CLASSES)
 
 
 def test_offline_the_default_caption_model_fails_in_one_line(tiny_model, tmp_path):

@@ -66,6 +66,20 @@ def test_max_upload_mb_refuses_larger_queries(serve, indexes, pictures):
     assert refused.status_code == 413 and "is larger than" in refused.text
 
 
+def test_max_megapixels_refuses_larger_query_images(serve, indexes, pictures):
+    query = pictures / "a" / "a1.png"
+    refused = serve("--index", indexes[0], "--max-megapixels", "0.0001", ask=upload(query))
+    assert refused.status_code == 413 and "(raise it with retrieve serve --max-megapixels)" in refused.text
+
+
+def test_max_audio_and_video_seconds_reach_the_service(serve, indexes):
+    caps = serve("--index", indexes[0], "--max-audio-seconds", "2.5", "--max-video-seconds", "7",
+                 ask=lambda client: client.app.state.media_caps)
+    assert (caps.max_audio_seconds, caps.max_video_seconds) == (2.5, 7)
+    refused = CliRunner().invoke(cli, ["serve", "--index", str(indexes[0]), "--max-video-seconds", "0"])
+    assert refused.exit_code == 2 and "--max-video-seconds" in refused.stderr
+
+
 def test_shard_index_searches_another_folder_beside_the_index(serve, indexes):
     alone = serve("--index", indexes[0], ask=images_like("x"))
     both = serve("--index", indexes[0], "--shard-index", indexes[1], ask=images_like("x"))

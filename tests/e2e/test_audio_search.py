@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from click.testing import Result as CliResult
 from support.sounds import render_sound, write_sound
 from support.tiny_model import CLASSES, caption_for, render_shape
 
@@ -64,8 +64,8 @@ def write_library(root: Path, seed: int = 99, per_class: int = 3) -> Path:
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory) -> Path:
-    return write_library(tmp_path_factory.mktemp("library"))
+def library(made_once) -> Path:
+    return made_once("audio-library", write_library)
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +74,21 @@ def caption_pairs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_through_the_cli(tmp_path_factory, trained_model, library) -> tuple[Path, CliResult]:
+def trained_through_the_cli(made_once, trained_model, library) -> tuple[Path, TrainedOutput]:
     """An index of the library built with `retrieve index`, whose tower `retrieve train-audio`
-    trained on image pairs (once a run: the API retrains on caption pairs in
+    trained on image pairs, and what train-audio wrote (once a run for all workers, which only
+    read it: the API retrains on caption pairs in a copy, in
     test_retraining_replaces_the_tower_and_re_encodes_the_audio)."""
-    root = tmp_path_factory.mktemp("audio")
+    root = made_once("audio-trained", lambda root: train_through_the_cli(root, trained_model, library))
+    return root / "index", TrainedOutput((root / "stdout").read_text(), (root / "stderr").read_text())
+
+
+class TrainedOutput(NamedTuple):
+    stdout: str
+    stderr: str
+
+
+def train_through_the_cli(root: Path, trained_model: str, library: Path) -> None:
     pairs = write_pairs(root / "pairs", seed=2, partner="image")
     index_dir = root / "index"
     runner = CliRunner()
@@ -90,7 +100,8 @@ def trained_through_the_cli(tmp_path_factory, trained_model, library) -> tuple[P
     assert len(first["skipped"]) == 27 and "train-audio" in first["skipped"][0]["reason"]
     trained = runner.invoke(cli, ["train-audio", str(pairs), "--index", str(index_dir), *FAST_CLI, "--json"])
     assert trained.exit_code == 0, trained.output
-    return index_dir, trained
+    (root / "stdout").write_text(trained.stdout)
+    (root / "stderr").write_text(trained.stderr)
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,10 @@ from support import run_cli_process, write_image
 
 from retrieval import Index
 from retrieval.encoders.clip import ClipEncoder, load_encoder
-from retrieval.encoders.onnx_export import cache_key, export_towers
+from retrieval.encoders.onnx_export import INT8_AGREEMENT, cache_key, export_towers
 from retrieval.encoders.onnx_towers import (
+    IMAGE_FILE,
+    INT8_TEXT_FILE,
     MANIFEST,
     TEXT_FILE,
     TOWERS_DIR,
@@ -185,6 +187,23 @@ def test_damaged_towers_fall_back_to_the_model(tmp_path, photo_folder, tiny_mode
         assert [h.id for h in index.search("a red picture")] == expected_text
 
 
+def test_a_build_whose_image_tower_does_not_open_encodes_on_the_model(tmp_path, photo_folder, tiny_model):
+    """A build opens its image tower's session in the background; when that fails (a damaged
+    file), the images it decoded meanwhile are encoded by the model instead, none skipped."""
+    index_dir = tmp_path / "index"
+    with Index.open(index_dir, model=tiny_model, create=True) as index:
+        index.add(photo_folder / "beach")
+    image_file = index_dir / TOWERS_DIR / IMAGE_FILE
+    os.unlink(image_file)  # a link: the cache's file stays whole
+    image_file.write_bytes(b"garbage")
+    with Index.open(index_dir) as index:
+        report = index.add(photo_folder / "city")
+        assert (report.images_encoded, report.skipped) == (3, [])
+        assert isinstance(index.image_encoder, ClipEncoder)
+        query = photo_folder / "city" / "img4.jpg"
+        assert index.search(image=query, target="image", k=1)[0].uri.endswith("img4.jpg")
+
+
 # What a text or image query needs none of: torch and open_clip (seconds and a gigabyte);
 # pandas, which sqlite_utils imports when installed; PyAV, for videos only.
 NOT_FOR_QUERIES = {"torch", "open_clip", "pandas", "av"}
@@ -263,3 +282,30 @@ def test_first_build_exports_in_a_child_process(tmp_path, photo_folder, tiny_mod
     assert not imported & {"torch", "open_clip"}
     assert load_image_tower(tmp_path / "index", ModelSpec.parse(tiny_model).identity) is not None
     assert any((tmp_path / "cache" / TOWERS_DIR).glob(f"*/{TEXT_FILE}"))
+
+
+def test_int8_text_tower_agrees_with_open_clip(exported, tmp_path):
+    """The export keeps an 8-bit twin of the text tower when it agrees with open_clip."""
+    encoder, _ = exported
+    folder = tmp_path  # its own links to the cached towers: other tests damage the shared ones
+    export_towers(encoder, folder)
+    manifest = json.loads((folder / TOWERS_DIR / MANIFEST).read_text())
+    assert manifest["text"]["int8_file"] == INT8_TEXT_FILE
+    tower = load_text_tower(folder, encoder.spec.identity, int8=True)
+    expected = encoder.encode_texts(TEXTS)
+    got = tower.encode_texts(TEXTS)
+    assert (got * expected).sum(axis=1).min() >= INT8_AGREEMENT
+    assert np.abs(got - expected).max() > TOLERANCE  # the 8-bit weights, not the fp32 tower's
+
+
+def test_cli_int8_text_query_does_not_import_torch(tmp_path, photo_folder, tiny_model):
+    index_dir = tmp_path / "index"
+    with Index.open(index_dir, model=tiny_model, create=True) as index:
+        index.add(photo_folder)
+    with Index.open(index_dir, readonly=True, int8=True) as reader, \
+            Index.open(index_dir, readonly=True) as exact:
+        eight_bit, fp32 = (i.text_encoder.encode_texts(["a red picture"]) for i in (reader, exact))
+        assert np.abs(eight_bit - fp32).max() > TOLERANCE  # the 8-bit tower answers
+        expected = reader.search("a red picture", k=3)
+    found, imported = run_cli_query("a red picture", "--int8", "--index", index_dir)
+    assert (found, imported) == ([h.id for h in expected], set())

@@ -23,7 +23,10 @@ import retrieval.build.builder
 import retrieval.media.images
 from retrieval import Index
 from retrieval.cli import cli
+from retrieval.core.paths import display_path
+from retrieval.query import duplicates
 from retrieval.query.duplicates import connected_groups, exact_pairs, hash_bytes, hash_pairs, similar_pairs
+from retrieval.query.filters import FilterError
 from retrieval.serve.app import create_app
 
 # pHash needs imagehash (a dependency: a fresh install has it); without it those tests are skipped.
@@ -118,6 +121,16 @@ def test_under_and_min_size(planted):
     assert large.groups == []
 
 
+def test_a_filter_keeps_the_images_it_names(planted):
+    photos, folder, truth = planted
+    with Index.open(folder, readonly=True) as index:
+        inside = index.duplicates(filter="under:copies")  # relative to the indexed folder
+        with pytest.raises(FilterError, match="size>lots"):
+            index.duplicates(filter="size>lots")
+    assert inside.images == sum("copies" in path for path in truth)
+    assert all("/copies/" in f.path for g in inside.groups for f in g.files) and inside.groups
+
+
 def test_plan_and_script_keep_one_file_per_group(planted, tmp_path):
     photos, folder, truth = planted
     with Index.open(folder, readonly=True) as index:
@@ -189,6 +202,25 @@ def test_hashes_are_added_by_the_next_build_without_encoding(tmp_path, trained_m
         assert index.add().images_measured == 0  # measured once
 
 
+def test_a_build_measures_an_image_whose_name_is_not_utf8(tmp_path, tiny_model, monkeypatch):
+    """Images indexed before their facts were recorded are read again by their stored path,
+    which shows bytes that are not UTF-8 as \\xNN: the file it names must be read."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    render_shape("red", "circle", np.random.default_rng(0), size=64).save(photos / "plain.png")
+    render_shape("blue", "square", np.random.default_rng(1), size=80).save(photos / "odd.png")
+    os.rename(photos / "odd.png", bytes(photos) + b"/odd\xff.png")
+    # A build where imagehash is not installed: the next build with it reads the files again.
+    monkeypatch.setattr(retrieval.media.images, "perceptual_hashes", lambda image: (None, None))
+    monkeypatch.setattr(retrieval.build.builder, "hashing_available", lambda: False)
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        index.add(photos)
+    monkeypatch.undo()
+    with Index.open(tmp_path / "index") as index:
+        assert index.add().images_measured == 2
+        assert all(row.phash for row in index.store.image_files(None))
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 def run(*args) -> tuple[int, str, str]:
@@ -225,6 +257,9 @@ def test_cli_options(planted, tmp_path):
     assert len(groups("--by", "both")) == GROUPS
     assert all("/copies/" in f["path"] for g in groups("--under", photos / "copies") for f in g["files"])
     assert groups("--min-size", "100") == []
+    assert groups("--filter", "under:copies") == groups("--under", photos / "copies")
+    code, _, err = run("duplicates", "--index", folder, "--filter", "size>lots")
+    assert code == 2 and "size>lots" in err and len(err.splitlines()) == 1
     code, _, err = run("duplicates", "--index", folder, "--plan", tmp_path / "plan.json",
                        "--script", tmp_path / "rm.sh")
     assert code == 0 and json.loads((tmp_path / "plan.json").read_text())["groups"]
@@ -287,3 +322,22 @@ def test_hash_pairs_count_bits_and_skip_missing_hashes():
     assert {tuple(p) for p in hash_pairs(hashes, 4).tolist()} == {(0, 1), (0, 4), (1, 4)}
     assert {tuple(p) for p in hash_pairs(hashes, 3).tolist()} == {(0, 4)}
     assert exact_pairs(["a", "b", "a", "", ""]).tolist() == [[0, 2]]
+
+
+def test_script_removes_files_whose_names_are_not_utf8(tmp_path):
+    """The stored path of a name with bytes that are not UTF-8 shows them as \\xNN: the script
+    must name the file itself, or its uncommented `rm` misses it (and a file literally named
+    with that text would go instead)."""
+    odd = os.fsdecode(bytes(tmp_path) + b"/copy\xff 'of'.jpg")
+    decoy = tmp_path / "copy\\xff 'of'.jpg"  # the stored text, as a real name
+    for path in (odd, decoy):
+        Path(path).write_bytes(b"same")
+    keep = duplicates.DuplicateFile(1, str(tmp_path / "a.jpg"), 8, 8, 4, 0.0, "d")
+    other = duplicates.DuplicateFile(2, display_path(odd), 8, 8, 4, 1.0, "d")
+    found = duplicates.Duplicates([duplicates.DuplicateGroup([keep, other], True, "oldest")], 2, "vector",
+                                  0.92, 6)
+    found.write_script(tmp_path / "rm.sh")
+    script = (tmp_path / "rm.sh").read_bytes().replace(b"# rm -- ", b"rm -- ")
+    (tmp_path / "run.sh").write_bytes(script)
+    assert os.system(f"sh {shlex.quote(str(tmp_path / 'run.sh'))}") == 0
+    assert not os.path.exists(odd) and decoy.exists()

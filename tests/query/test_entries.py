@@ -21,6 +21,7 @@ from retrieval.cli import cli
 from retrieval.core.errors import QueryWarning, UsageError
 from retrieval.core.types import FUSIONS
 from retrieval.query.entries import entry_of
+from retrieval.query.filters import FilterError
 from retrieval.train.audio import AudioTrainingOptions
 
 PER_CLASS = 2
@@ -93,12 +94,18 @@ def test_entry_hits_name_their_parts_and_contributions(entry_index):
             index.search_entries("x", grouping="day")
 
 
-def test_folders_as_entries_and_captions_in_their_images_entry(tmp_path, tiny_model):
+def write_things(root: Path) -> Path:
+    """Folders `cat` and `dog`, each an image and its text file."""
     for name in ("cat", "dog"):
-        folder = tmp_path / "things" / name
+        folder = root / name
         folder.mkdir(parents=True)
         Image.new("RGB", (40, 30), (200, 30, 30) if name == "cat" else (30, 30, 200)).save(folder / "a.png")
         (folder / "a.txt").write_text(f"a photo of a {name}\n")
+    return root
+
+
+def test_folders_as_entries_and_captions_in_their_images_entry(tmp_path, tiny_model):
+    write_things(tmp_path / "things")
     with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
         index.add(tmp_path / "things")
         caption = index.search("a photo of a cat", target="text", k=1)[0]
@@ -107,6 +114,27 @@ def test_folders_as_entries_and_captions_in_their_images_entry(tmp_path, tiny_mo
         hits = index.search_entries("a photo of a cat", grouping="folder", k=5)
         assert sorted(h.entry for h in hits) == [str(tmp_path / "things" / n) for n in ("cat", "dog")]
         assert all(set(h.parts) == {"image", "text"} for h in hits)
+
+
+def test_a_filter_keeps_the_items_entries_are_made_of(tmp_path, tiny_model):
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        index.add(write_things(tmp_path / "things"))
+        dogs = index.search_entries("a photo of a cat", grouping="folder", k=5, filter="under:dog")
+        assert [hit.entry for hit in dogs] == [str(tmp_path / "things" / "dog")]
+        for fusion in ("sum", "mean"):  # late and early fusion
+            images = index.search_entries("a photo of a cat", grouping="folder", k=5, fusion=fusion,
+                                          filter="modality:image")
+            assert len(images) == 2 and all(set(h.parts) == set(h.contributions) == {"image"} for h in images)
+        with pytest.raises(FilterError, match="size>lots"):
+            index.search_entries("a photo", grouping="folder", filter="size>lots")
+    runner = CliRunner()
+    found = runner.invoke(cli, ["a photo of a cat", "--entries", "folder", "--filter", "under:dog",
+                                "--index", str(tmp_path / "index"), "--json"])
+    assert found.exit_code == 0, found.output
+    assert [hit["entry"] for hit in json.loads(found.stdout)] == [str(tmp_path / "things" / "dog")]
+    refused = runner.invoke(cli, ["a photo", "--entries", "folder", "--filter", "size>lots",
+                                  "--index", str(tmp_path / "index")])
+    assert refused.exit_code == 2 and "size>lots" in refused.stderr and len(refused.stderr.splitlines()) == 1
 
 
 def test_entries_on_the_command_line(entry_index, tmp_path):

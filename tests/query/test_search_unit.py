@@ -98,3 +98,6 @@ def test_bad_requests_name_the_parameter(searcher):
         searcher.search(vector=[1, 0, 0])
     with pytest.raises(UsageError, match="target must be one of"):
         searcher.search(vector=unit(1, 0, 0, 0), target="smell")
+    for bad in (float("inf"), float("nan"), 1e39):  # 1e39 overflows float32
+        with pytest.raises(UsageError, match="^`vector` must hold finite numbers"):
+            searcher.search(vector=[bad, 0, 0, 0])

@@ -43,11 +43,22 @@ RESULTS_DONE = re.compile(r"^(\d+) results? in \d+ ms$")
 CARDS = "#results article.result"
 EXTRA_CAPTION = "a shiny red ball on a plain background"  # red_circle_0.png's second caption
 MIRRORED = "red_circle_9.png"  # red_circle_0.png mirrored: a near-duplicate
-# Thumbnails load lazily: those on screen must have loaded.
+# Thumbnails load lazily: only those on screen must have loaded.
+ON_SCREEN = f"""[...document.querySelectorAll("{CARDS} img")]
+    .filter((image) => image.getBoundingClientRect().top < window.innerHeight)"""
 THUMBNAILS_LOADED = f"""(some) => {{
-    const images = [...document.querySelectorAll("{CARDS} img")]
-        .filter((image) => image.getBoundingClientRect().top < window.innerHeight);
+    const images = {ON_SCREEN};
     return images.length >= some && images.every((image) => image.complete && image.naturalWidth > 0);
+}}"""
+# Every thumbnail on screen (at least one) has loaded, and its box has its shape (within `tolerance`).
+SHAPES_KEPT = f"""(tolerance) => {{
+    const images = {ON_SCREEN};
+    const kept = (image) => {{
+        const natural = image.naturalWidth / image.naturalHeight;
+        return Math.abs(image.clientWidth / image.clientHeight - natural) <= tolerance * natural;
+    }};
+    return images.length > 0
+        && images.every((image) => image.complete && image.naturalWidth > 0 && kept(image));
 }}"""
 # Builds, inside the page, the DataTransfer a real file drag (or paste) carries.
 DATA_TRANSFER = """([data, name, type]) => {
@@ -68,10 +79,14 @@ def class_of(name: str) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory, trained_model) -> Path:
+def index_dir(made_once, trained_model) -> Path:
     """An index of 27 renders (one with two captions and a mirrored copy), their captions, 9 sounds
-    and 3 video segments."""
-    root = tmp_path_factory.mktemp("browser")
+    and 3 video segments. Built once per run: when work stealing splits this module between
+    workers, the second serves the same index read-only."""
+    return made_once("browser", lambda root: build_index(root, trained_model)) / "index"
+
+
+def build_index(root: Path, trained_model: str) -> None:
     shapes = write_shape_folder(root / "shapes", seed=2024)
     with open(shapes / "captions.tsv", "a") as captions:
         captions.write(f"red_circle_0.png#1\t{EXTRA_CAPTION}\n{MIRRORED}#0\ta red circle\n")
@@ -86,7 +101,6 @@ def index_dir(tmp_path_factory, trained_model) -> Path:
         write_clip(root / "videos" / "clip.webm", "libvpx-vp9", "libopus",
                    [("green", "circle"), ("red", "square"), ("blue", "triangle")], seed=4)
         assert index.add(root / "videos").video_encoded == 3
-    return root / "index"
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +233,13 @@ def test_a_typed_caption_finds_its_renders(page):
 def test_thumbnails_keep_their_shape(page):
     """A card's picture box has the thumbnail's own shape, so nothing is cropped or barred."""
     search_text(page, "a blue square")
-    boxes = page.locator(f"{CARDS} img").evaluate_all(
-        "images => images.map((i) => [i.naturalWidth / i.naturalHeight, i.clientWidth / i.clientHeight])")
+    # Only thumbnails on screen are sure to have loaded (those below load lazily, and one still
+    # loading measures 0 / 0); and a loaded one takes its shape in its load handler, which may
+    # run after `complete` turns true: so wait until the shapes settle (a page that never keeps
+    # them fails at the wait's timeout).
+    page.wait_for_function(SHAPES_KEPT, arg=0.03)
+    boxes = page.evaluate(f"""() => {ON_SCREEN}
+        .map((i) => [i.naturalWidth / i.naturalHeight, i.clientWidth / i.clientHeight])""")
     assert boxes
     for natural, shown in boxes:
         assert shown == pytest.approx(natural, rel=0.03)

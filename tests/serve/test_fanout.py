@@ -19,7 +19,9 @@ from support import write_shape_folder
 from support.serving import free_port, running_server, wait_until_healthy
 
 from retrieval import Index
-from retrieval.core.errors import RetrievalError
+from retrieval.core.errors import RetrievalError, UsageError
+from retrieval.encoders.clip import ClipEncoder
+from retrieval.encoders.onnx_towers import OnnxImageEncoder, OnnxTextEncoder
 from retrieval.serve.fanout import MAX_SHARDS, ShardedIndex, open_shards
 
 QUERIES = ["a red circle", "a blue square", "a green triangle", "a red square"]
@@ -79,6 +81,62 @@ def test_shards_in_one_process_return_what_one_index_returns(indexes):
     sharded.close()
 
 
+@pytest.fixture
+def encoded(monkeypatch) -> list[str]:
+    """What the encoders are asked to encode, whichever runs (the model or its ONNX towers)."""
+    calls: list[str] = []
+
+    def spying(original, method: str):
+        def spy(self, inputs, *args, **options):
+            calls.append(method)
+            return original(self, inputs, *args, **options)
+        return spy
+
+    for encoder, method in ((ClipEncoder, "encode_texts"), (ClipEncoder, "encode_images"),
+                            (OnnxTextEncoder, "encode_texts"), (OnnxImageEncoder, "encode_images")):
+        monkeypatch.setattr(encoder, method, spying(getattr(encoder, method), method))
+    return calls
+
+
+def test_the_query_is_encoded_once_and_its_vector_sent_to_every_shard(indexes, encoded):
+    whole, shards = indexes
+    sharded = ShardedIndex(open_shards(shards, device="cpu"))
+    with Index.open(whole, readonly=True, device="cpu") as index:
+        found = ranked(sharded.search("a red circle", k=8, target="image"))
+        assert encoded == ["encode_texts"]  # once, not once per shard
+        assert_same_top_k(found, index, 8, query="a red circle", target="image")
+        query_image = index.search("a red circle", k=1, target="image")[0].path
+        encoded.clear()
+        with open(query_image, "rb") as upload:
+            found = ranked(sharded.search(image=[upload], k=5, target="image"))
+        assert encoded == ["encode_images"]
+        assert_same_top_k(found, index, 5, image=query_image, target="image")
+    sharded.close()
+    with running_server(shards[1]) as second, running_server(shards[2]) as third, \
+            running_server(shards[0], shard_urls=[second, third]) as front:
+        encoded.clear()
+        hits = httpx.get(f"{front}/api/search", params={"q": "a red circle", "k": 20}).json()
+        assert encoded == ["encode_texts"]  # the shard servers got the vector, not the words
+        assert {hit["id"] % MAX_SHARDS for hit in hits} == {0, 1, 2}
+
+
+def test_a_shard_server_checks_the_vector_it_is_sent(indexes):
+    _, shards = indexes
+    with running_server(shards[0]) as url:
+        for vector, says in (("[NaN, 1]", "finite"), ("[1e39, 1]", "finite"), ("[0.5, 0.5]", "numbers")):
+            answer = httpx.get(f"{url}/api/search", params={"vector": vector, "vector_of": "image"})
+            assert answer.status_code == 400 and "`vector`" in answer.json()["detail"], answer.text
+            assert says in answer.json()["detail"]
+
+
+def test_shards_of_different_models_are_refused_at_start(indexes, parts, tiny_model, tmp_path):
+    _, shards = indexes
+    with Index.open(tmp_path / "other", model=tiny_model, create=True) as other:
+        other.add(parts[0])
+    with pytest.raises(UsageError, match=f"shard {tmp_path / 'other'} embeds with .* share one model"):
+        ShardedIndex(open_shards([shards[0], tmp_path / "other"], device="cpu"))
+
+
 def png_bytes(path: str) -> bytes:
     out = io.BytesIO()
     Image.open(path).save(out, "PNG")
@@ -121,8 +179,14 @@ def test_an_unreachable_shard_leaves_partial_results_naming_it(indexes):
     with running_server(shards[0], shard_urls=[gone]) as front:
         response = httpx.get(f"{front}/api/search", params={"q": "a red circle"})
         health = httpx.get(f"{front}/api/health").json()
+        stats = httpx.get(f"{front}/api/stats")
     assert response.status_code == 200 and response.json()
     assert response.headers["x-failed-shards"] == gone
+    assert stats.status_code == 200 and stats.json()["failed_shards"] == [gone]
+    assert stats.headers["x-failed-shards"] == gone
+    with Index.open(shards[0], readonly=True, device="cpu") as alive:
+        assert stats.json()["counts"] == alive.stats()["counts"]
+        assert [s["name"] for s in stats.json()["shards"]] == [str(alive.path)]
     assert health["status"] == "degraded" and health["shards"][gone] is False
     sharded = ShardedIndex(open_shards([], [gone]))
     with pytest.raises(RetrievalError, match=f"shard {gone}: unreachable"):

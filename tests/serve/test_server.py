@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 from support import write_image
+from support.clips import write_clip
 from support.serving import running_server
 from support.sounds import render_sound, write_sound
 
@@ -205,7 +206,11 @@ def test_files_with_names_that_are_not_utf8_are_served(tmp_path, tiny_model):
 
 
 def test_bad_requests_get_4xx_with_a_clear_message(url, tmp_path, index_dir):
+    huge = io.BytesIO()
+    Image.new("1", (10_001, 10_001)).save(huge, "PNG")  # 100.02 MP in a few kB
     cases = [
+        (post(url, {}, [("image", ("huge.png", huge.getvalue(), "image/png"))]), 413,
+         "10001x10001 is 100.0 megapixels, over the 100 MP cap"),
         (post(url, {}), 400, "nothing to search for"),
         (post(url, {"target": "image"}, [("image", ("x.png", b"not an image", "image/png"))]), 400,
          "query image x.png: "),
@@ -232,6 +237,30 @@ def test_uploads_over_the_limit_are_refused(index_dir, corpus):
         small = (corpus / "photos" / "img0.png").read_bytes()
         assert httpx.post(base + "/api/search", data={"target": "image"},
                           files=[("image", ("s.png", small, "image/png"))]).status_code == 200
+
+
+def test_query_media_over_their_caps_are_refused_naming_the_option(index_dir, corpus, tmp_path):
+    image = corpus / "photos" / "img0.png"  # 320x240: 0.08 megapixels
+    sound = corpus / "sounds" / "mid.wav"  # 2 s
+    video = write_clip(tmp_path / "clip.mp4", "mpeg4", "aac", [("red", "circle")], seed=0)  # 4 s
+    uploads = {"image": ("q.png", image.read_bytes(), "image/png"),
+               "audio": ("q.wav", sound.read_bytes(), "audio/wav"),
+               "video": ("q.mp4", video.read_bytes(), "video/mp4")}
+    caps = {"image": "--max-megapixels", "audio": "--max-audio-seconds", "video": "--max-video-seconds"}
+    with running_server(index_dir, max_megapixels=0.05, max_audio_seconds=1.5,
+                        max_video_seconds=3) as base:
+        for field, option in caps.items():
+            response = httpx.post(base + "/api/search", data={"target": "image"},
+                                  files=[(field, uploads[field])], timeout=60)
+            detail = response.json()["detail"]
+            assert response.status_code == 413, response.text
+            assert f"retrieve serve {option}" in detail and "\n" not in detail
+    with running_server(index_dir, max_megapixels=0.1, max_audio_seconds=2.5,
+                        max_video_seconds=5) as base:
+        for field in caps:
+            response = httpx.post(base + "/api/search", data={"target": "image"},
+                                  files=[(field, uploads[field])], timeout=60)
+            assert response.status_code == 200, response.text
 
 
 def test_a_build_beside_the_server_is_seen_without_restart(index_dir, corpus, tmp_path, tiny_model):
