@@ -491,19 +491,21 @@ class Index:
 
     def duplicates(self, *, threshold: float | None = None, by: str = "vector",
                    under: str | Path | None = None, min_size: int = 2,
-                   max_distance: int | None = None, filter: str | None = None) -> Duplicates:
+                   max_distance: int | None = None, filter: str | None = None,
+                   progress: bool = False) -> Duplicates:
         """Groups of duplicate images, largest first: exact copies (one content hash) and
         near-duplicates, by vector cosine >= `threshold`, by perceptual-hash distance <=
         `max_distance` bits, or `both` (either signal); see `retrieval.query.duplicates`.
         `under` keeps the images at or below a path, `filter` those a filter keeps (the language
         of `search`); groups smaller than `min_size` are left out.
         Each group's first file is the one to keep (largest resolution, then oldest). Nothing
-        is moved or deleted."""
+        is moved or deleted. `progress` shows a bar on stderr while many vectors are compared."""
         from .query.duplicates import find_duplicates
         from .query.search import stored_under
 
         return find_duplicates(self.store, threshold=threshold, by=by, under=stored_under(under),
-                               min_size=min_size, max_distance=max_distance, filter=filter)
+                               min_size=min_size, max_distance=max_distance, filter=filter,
+                               progress=progress)
 
     def search_entries(self, query: str | None = None, **options) -> list[EntryHit]:
         """Entries (files sharing a stem, or a folder) that best match a query, each modality

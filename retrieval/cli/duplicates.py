@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import shutil
+import sys
 
 import click
 
@@ -37,11 +38,12 @@ from .common import index_option, json_option, reports_errors
               help="Write a JSON plan: per group, the file to keep and those that could go.")
 @click.option("--script", type=click.Path(dir_okay=False),
               help="Write a shell script removing all but one file per group, every line commented out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def duplicates_command(index_dir: str, threshold: float | None, by: str, max_distance: int | None,
                        under: str | None, filter_text: str | None, min_size: int, as_json: bool,
                        as_csv: bool,
-                       plan: str | None, script: str | None) -> None:
+                       plan: str | None, script: str | None, quiet: bool) -> None:
     """List groups of duplicate images, largest first: exact copies (same content) and
     near-duplicates (resized, recompressed, cropped, edited or mirrored copies).
 
@@ -54,7 +56,8 @@ def duplicates_command(index_dir: str, threshold: float | None, by: str, max_dis
 
     with Index.open(index_dir, readonly=True) as index:
         found = index.duplicates(threshold=threshold, by=by, under=under, min_size=min_size,
-                                 max_distance=max_distance, filter=filter_text)
+                                 max_distance=max_distance, filter=filter_text,
+                                 progress=not quiet and sys.stderr.isatty())
     if plan:
         _write(found.write_plan, plan, "--plan")
     if script:

@@ -511,14 +511,24 @@ class Store:
             yield _id_vector_rows(rows)
 
     def vectors_for_ids(self, ids: np.ndarray) -> np.ndarray:
-        """Stored vectors of these items, in the order given (exact re-ranking reads these)."""
-        found: dict[int, bytes] = {}
-        for chunk in _chunks([int(i) for i in ids], 500):
+        """Stored vectors of these items, in the order given (exact re-ranking and the search for
+        duplicates read these). Each row is written straight into the result, so reading a
+        million vectors holds them once, not again as bytes."""
+        rows_of: dict[int, list[int]] = {}
+        for row, item_id in enumerate(ids.tolist() if isinstance(ids, np.ndarray) else ids):
+            rows_of.setdefault(int(item_id), []).append(row)
+        result: np.ndarray | None = None
+        for chunk in _chunks(list(rows_of), 500):
             marks = ",".join("?" * len(chunk))
-            found.update(self.conn.execute(
-                f"SELECT item_id, vector FROM vectors WHERE item_id IN ({marks})", chunk))
-        return np.frombuffer(b"".join(found[int(i)] for i in ids), dtype=np.float32).reshape(
-            len(ids), -1)
+            for item_id, blob in self.conn.execute(
+                    f"SELECT item_id, vector FROM vectors WHERE item_id IN ({marks})", chunk):
+                vector = np.frombuffer(blob, dtype=np.float32)
+                if result is None:
+                    result = np.empty((len(ids), len(vector)), np.float32)
+                result[rows_of.pop(item_id)] = vector
+        if rows_of:  # as before: an item without a stored vector is a KeyError
+            raise KeyError(next(iter(rows_of)))
+        return result if result is not None else np.zeros((len(ids), 0), np.float32)
 
     def item_ids(self, modality: str, where: str | None = None, under: str | None = None,
                  condition: tuple[str, list] | None = None,
