@@ -161,14 +161,76 @@ def reports_errors(command):
     return wrapper
 
 
+_OUT_OF_RANGE = re.compile(r"^(.*) is not in the range .*$", re.DOTALL)
+
+
+def usage_line(error: click.UsageError) -> str:
+    """Click's usage error as one line, like the engine's own: what is wrong, with which flag,
+    and where to read more (`error: -k must be at least 1, not 0 (see retrieve search --help)`)."""
+    message = " ".join(error.format_message().split()).rstrip(".").replace(". (", " (")
+    message = message[:1].lower() + message[1:]  # "No such option" -> "no such option"
+    param = getattr(error, "param", None)
+    if (isinstance(error, click.BadParameter) and not isinstance(error, click.MissingParameter)
+            and isinstance(param, click.Parameter)):
+        flag = "/".join(param.opts) if isinstance(param, click.Option) else param.human_readable_name
+        message = re.sub(r"^invalid value for '[^:]*': ", "", message)
+        out_of_range = _OUT_OF_RANGE.match(message)
+        if out_of_range and isinstance(param.type, (click.IntRange, click.FloatRange)):
+            message = f"must be {_range_words(param.type)}, not {out_of_range[1]}"
+        message = f"{flag} {message}" if message.startswith("must ") else f"{flag}: {message}"
+    see = f" (see {error.ctx.command_path} --help)" if error.ctx is not None else ""
+    return f"error: {message}{see}"
+
+
+def _range_words(bounds: click.IntRange | click.FloatRange) -> str:
+    """`IntRange(1)` as "at least 1", `FloatRange(0, 1, min_open=True)` as "more than 0 and at most 1"."""
+    words = []
+    if bounds.min is not None:
+        words.append(f"{'more than' if bounds.min_open else 'at least'} {bounds.min:g}")
+    if bounds.max is not None:
+        words.append(f"{'less than' if bounds.max_open else 'at most'} {bounds.max:g}")
+    return " and ".join(words)
+
+
+class OneLineUsageError(click.UsageError):
+    """A click usage error shown as one line (see `usage_line`), exit code 2."""
+
+    def __init__(self, error: click.UsageError) -> None:
+        super().__init__(usage_line(error), error.ctx)
+
+    def show(self, file=None) -> None:
+        click.echo(self.message, err=True)
+
+
 class SearchFirstGroup(DefaultGroup):
-    """The default-command group, where a leading `--` belongs to the search query:
-    `retrieve -- "-dog"` searches for "-dog" (a bare group would swallow the `--`)."""
+    """The root group: `retrieve`'s default command is search, a leading `--` belongs to the
+    search query (`retrieve -- "-dog"` searches for "-dog"; a bare group would swallow the `--`),
+    and every usage error, click's included, is one line."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args[:1] == ["--"]:
             args = [self.default_cmd_name, *args]
         return super().parse_args(ctx, args)
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with _one_line_usage():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context):
+        with _one_line_usage():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _one_line_usage() -> Iterator[None]:
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # a bare `retrieve index` shows its help
+    except OneLineUsageError:
+        raise
+    except click.UsageError as error:
+        raise OneLineUsageError(error) from None
 
 
 class SearchCommand(click.Command):

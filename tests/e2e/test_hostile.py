@@ -454,6 +454,8 @@ def check_cli(args: list[str]) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit), (
         f"{args!r}: {type(result.exception).__name__}: {result.exception}")
     assert result.exit_code in (0, 1, 2), (args, result.exit_code, result.output)
+    if result.exit_code == 2:  # a usage error, click's own included, is one line
+        assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
     tally(ascii(f"exit {result.exit_code} {result.stderr[:30]}"))
 
 
