@@ -88,8 +88,10 @@ def search_command(query: tuple[str, ...], images: tuple[str, ...], sounds: tupl
         raise click.BadParameter("the server encodes queries with its own towers", param_hint="'--int8'")
     if entries:
         with printing_query_warnings():
-            found = _entries_here(index_dir, text, images, sounds, videos, k, entries, fusion, weights,
-                                  filter_text, int8)
+            found = _entries_here(index_dir, text, images, sounds, videos, int8,
+                                  dict(k=k, grouping=entries, fusion=fusion, weights=weights,
+                                       filter=filter_text, where=where, under=under,
+                                       where_timeout=where_timeout))
         _print_entries(found, as_json)
         return
     search = dict(k=k, target=target, where=where, under=under, min_score=min_score,
@@ -126,14 +128,12 @@ def _search_here(index_dir: str, text: str | None, images: tuple[str, ...], soun
 
 
 def _entries_here(index_dir: str, text: str | None, images: tuple[str, ...], sounds: tuple[str, ...],
-                  videos: tuple[str, ...], k: int, grouping: str, fusion: str | None,
-                  weights: dict[str, float] | None, filter_text: str | None, int8: bool) -> list:
+                  videos: tuple[str, ...], int8: bool, search: dict) -> list:
     from ..index import Index
 
     with Index.open(index_dir, int8=int8, readonly=True, one_shot=True) as index:
         return index.search_entries(text, image=list(images) or None, audio=list(sounds) or None,
-                                    video=list(videos) or None, k=k, grouping=grouping, fusion=fusion,
-                                    weights=weights, filter=filter_text)
+                                    video=list(videos) or None, **search)
 
 
 def _weights(value: str | None) -> dict[str, float] | None:

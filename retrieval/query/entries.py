@@ -31,6 +31,7 @@ from ..core.paths import absolute_path, stored_path
 from ..core.types import FUSIONS, GROUPINGS, LATE_FUSIONS, MODALITIES, Hit
 from ..core.vectors import unit_mean
 from ..media.tables import read_table, row_error
+from ..storage.store import WHERE_TIMEOUT_S
 from .encode import AudioQuery, ImageQuery, query_terms, query_vector
 from .filters import Filter, parse_filter
 from .fusion import early_fuse, early_fuse_query, late_fuse
@@ -101,10 +102,13 @@ def search_entries(searcher: Searcher, query: str | None = None, *, text: str | 
                    k: int = 10,
                    grouping: Grouping = "stem", fusion: str | None = None,
                    weights: dict[str, float] | None = None, depth: int = DEFAULT_DEPTH,
-                   filter: str | Filter | None = None) -> list[EntryHit]:
+                   filter: str | Filter | None = None, where: str | None = None,
+                   under: str | None = None, where_timeout: float = WHERE_TIMEOUT_S
+                   ) -> list[EntryHit]:
     """The k entries that best match a query, each modality searched and their evidence fused
     (by `fusion`, else the index's recorded default, else rrf). `filter` (the language of
-    `retrieval.query.filters`) keeps the items entries are made of."""
+    `retrieval.query.filters`), `where` (SQL over item_view, stopped after `where_timeout`
+    seconds) and `under` (a folder) keep the items entries are made of, as in `Index.search`."""
     context = searcher.context
     chosen = filter if isinstance(filter, Filter) else parse_filter(filter)  # bad ones before any work
     grouping = resolve_grouping(grouping) if isinstance(grouping, str) else grouping
@@ -118,7 +122,8 @@ def search_entries(searcher: Searcher, query: str | None = None, *, text: str | 
     rankings: dict[str, list[tuple[int, float]]] = {}
     parts: dict[tuple[int, str], Hit] = {}
     vectors: dict[str, np.ndarray] = {}
-    allowed: Allowed = {m: searcher.allowed_ids(m, chosen=chosen) for m in searchable(context)}
+    allowed: Allowed = {m: searcher.allowed_ids(m, where, under, chosen, where_timeout)
+                        for m in searchable(context)}
     for modality in searchable(context):
         vectors[modality] = query_vector(context.encoders, terms, modality)
         ranking = []

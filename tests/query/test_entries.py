@@ -137,6 +137,23 @@ def test_a_filter_keeps_the_items_entries_are_made_of(tmp_path, tiny_model):
     assert refused.exit_code == 2 and "size>lots" in refused.stderr and len(refused.stderr.splitlines()) == 1
 
 
+def test_where_and_under_keep_the_items_entries_are_made_of(tmp_path, tiny_model):
+    """`retrieve "..." --entries` once ignored --where and --under."""
+    things = write_things(tmp_path / "things")
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        index.add(things)
+        under = index.search_entries("a photo of a cat", grouping="folder", k=5, under=things / "dog")
+        assert [hit.entry for hit in under] == [str(things / "dog")]
+        where = index.search_entries("a photo", grouping="folder", k=5, where="modality = 'image'")
+        assert len(where) == 2 and all(set(h.parts) == {"image"} for h in where)
+    runner = CliRunner()
+    for flags in (["--under", str(things / "dog")], ["--where", "path LIKE '%/dog/%'"]):
+        found = runner.invoke(cli, ["a photo of a cat", "--entries", "folder", *flags,
+                                    "--index", str(tmp_path / "index"), "--json"])
+        assert found.exit_code == 0, found.output
+        assert [hit["entry"] for hit in json.loads(found.stdout)] == [str(things / "dog")], flags
+
+
 def test_entries_on_the_command_line(entry_index, tmp_path):
     runner = CliRunner()
     index_dir = tmp_path / "index"
