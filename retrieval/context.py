@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from .core.errors import ModelLoadError, ModelMismatchError, UsageError
+from .core.errors import ModelLoadError, ModelMismatchError, NoAudioEncoderError, UsageError
 from .encoders.audio import AudioEncoder, is_clap, load_audio_encoder
 from .encoders.onnx_towers import (
     OnnxImageEncoder,
@@ -188,7 +188,7 @@ class Encoders:
         """The index's audio encoder; ModelLoadError when it has none yet."""
         encoder = self.audio_or_none()
         if encoder is None:
-            raise ModelLoadError(
+            raise NoAudioEncoderError(
                 f"index {self.folder} has no audio encoder yet; train one with: retrieve "
                 f"train-audio PAIRS --index {self.folder} (or build with `audio_model` clap:NAME)")
         return encoder

@@ -45,6 +45,11 @@ class ModelLoadError(RetrievalError):
     """A model's configuration or weights cannot be had."""
 
 
+class NoAudioEncoderError(ModelLoadError):
+    """A sound (or a video's soundtrack) to search with, on an index that has no audio encoder:
+    a request no retry mends (the server answers 422)."""
+
+
 class IndexNotFoundError(RetrievalError):
     """No index exists at the given directory."""
 

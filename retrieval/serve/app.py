@@ -39,7 +39,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel
 
-from ..core.errors import QueryTooLargeError, RetrievalError, UsageError
+from ..core.errors import NoAudioEncoderError, QueryTooLargeError, RetrievalError, UsageError
 from ..core.paths import is_under, path_from_display
 from ..core.types import MAX_UPLOAD_MB_RANGE, Hit
 from ..index import Index
@@ -49,6 +49,8 @@ from .fanout import LocalShard, RemoteShard, ShardedIndex, open_shards
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 20
+NO_AUDIO_ENCODER = ("this index has no audio encoder: it was built without --audio-model and no "
+                    "audio tower was trained (retrieve train-audio); search it with text or images")
 DEFAULT_DEADLINE_S = 30.0  # a request still running after this is answered 503
 DEFAULT_UPLOAD_WORKERS = 2  # uploads decoded and encoded at once; more wait for a turn
 THUMBNAIL_SIZES = (64, 1024)  # smallest and largest side a thumbnail may be asked for
@@ -100,6 +102,8 @@ def _errors(*statuses: int) -> dict:
     text = {400: "A bad request: the detail names the culprit", 401: "A token is needed (Bearer)",
             404: "No such item, or no file to serve",
             413: "An upload over a cap (bytes, megapixels, or seconds of sound or video)",
+            422: "A request this index cannot answer: a sound or video on an index with no audio "
+                 "encoder (or a field out of range)",
             503: "The index cannot answer now, or the request ran past its deadline"}
     return {status: {"model": Detail, "description": text[status]} for status in statuses}
 
@@ -322,6 +326,8 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
             option = "retrieve serve --" + error.parameter.replace("_", "-")
             return JSONResponse({"detail": str(error).replace(f"`{error.parameter}`", option)},
                                 status_code=413)
+        if isinstance(error, NoAudioEncoderError):  # the index's, not the request's: no retry mends it
+            return JSONResponse({"detail": NO_AUDIO_ENCODER}, status_code=422)
         return JSONResponse({"detail": str(error)}, status_code=400 if isinstance(error, UsageError) else 503)
 
     @app.middleware("http")
@@ -371,7 +377,7 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
         headers = {"X-Failed-Shards": ", ".join(failed)} if failed else None
         return JSONResponse(hits, headers=headers)
 
-    search_responses = {**_errors(400, 401, 413, 503), 200: {
+    search_responses = {**_errors(400, 401, 413, 422, 503), 200: {
         "description": "Hits, best first; when some shards did not answer, the X-Failed-Shards "
                        "header names them (partial results)"}}
 

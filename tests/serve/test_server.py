@@ -226,6 +226,19 @@ def test_bad_requests_get_4xx_with_a_clear_message(url, tmp_path, index_dir):
         assert message in json.dumps(response.json())
 
 
+def test_a_sound_on_an_index_without_audio_is_a_4xx_in_the_servers_words(tmp_path, tiny_model, corpus):
+    """It was a 503 naming the Python parameter `audio_model`: no retry mends it."""
+    with Index.open(tmp_path / "index", model=tiny_model, create=True) as index:
+        index.add(corpus / "notes.txt")
+    with running_server(tmp_path / "index") as base:
+        with open(corpus / "sounds" / "low.wav", "rb") as sound:
+            response = post(base, {}, [("audio", ("low.wav", sound.read(), "audio/wav"))])
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("this index has no audio encoder") and "--audio-model" in detail
+    assert "`" not in detail
+
+
 def test_uploads_over_the_limit_are_refused(index_dir, corpus):
     with running_server(index_dir, max_upload_mb=0.05) as base:
         big = np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)
