@@ -88,7 +88,17 @@ def serve_command(index_dir: str, host: str, port: int, token: str | None, insec
     shards = len(shard_dirs) + len(shard_urls)
     click.echo(f"serving {index_dir}{f' and {shards} shards' if shards else ''} at http://{host}:{port} "
                f"(API docs at /docs){' with a token' if token else ''}; Ctrl-C stops", err=True)
+    class StoppingServer(uvicorn.Server):
+        """uvicorn's server, that stops running SQL filters as soon as it is told to exit, so
+        their requests are answered (503) within the drain instead of cut off after it."""
+
+        def handle_exit(self, sig, frame) -> None:
+            app.state.service.stop_filters()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=DRAIN_S)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=DRAIN_S)
+        StoppingServer(config).run()
     finally:
         app.state.service.close()

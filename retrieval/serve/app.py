@@ -168,12 +168,17 @@ class SearchService:
         modality, vector = self.index.item_vector(item_id)
         return {"id": item_id, "modality": modality, "vector": [float(x) for x in vector]}
 
-    def close(self) -> None:
-        """Stop waiting on shards (a hung one must not hold the exit) and close the index."""
+    def stop_filters(self) -> None:
+        """Stop the raw SQL filters running now and refuse new ones (the server is stopping):
+        their requests are answered 503 instead of holding the exit."""
         indexes = [self.index] if isinstance(self.index, Index) else [
             s.index for s in self.index.shards if isinstance(s, LocalShard)]
         for index in indexes:
             index.store.interrupt()
+
+    def close(self) -> None:
+        """Stop waiting on shards (a hung one must not hold the exit) and close the index."""
+        self.stop_filters()
         if isinstance(self.index, ShardedIndex):
             self.index.pool.shutdown(wait=False, cancel_futures=True)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..core.errors import UsageError
+from ..core.errors import RetrievalError, UsageError
 from ..core.imports import without_module
 from ..core.types import MODALITIES
 
@@ -133,6 +133,7 @@ class Store:
         self._opened: list[sqlite3.Connection] = []
         self._opened_lock = threading.Lock()
         self._filtering: set[sqlite3.Connection] = set()  # raw `where` queries running now
+        self._stopping = False  # set by `interrupt`: no raw `where` query runs any more
         if readonly:
             conn = self._reader()
         else:
@@ -160,7 +161,9 @@ class Store:
         return conn
 
     def interrupt(self) -> None:
-        """Stop every raw `where` query running now (a server shutting down)."""
+        """Stop every raw `where` query running now, and refuse later ones (a server shutting
+        down): each ends in a RetrievalError saying so."""
+        self._stopping = True
         with self._opened_lock:
             for conn in self._filtering:
                 conn.interrupt()
@@ -568,9 +571,12 @@ class Store:
             conn.execute("PRAGMA query_only = 1")
             conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, WHERE_MAX_VALUE)
             conn.set_authorizer(_read_item_view_only)
-            conn.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
+            conn.set_progress_handler(lambda: self._stopping or time.monotonic() > deadline, 1000)
             rows = conn.execute(f"SELECT id FROM item_view WHERE {where}").fetchall()
         except sqlite3.Error as error:
+            if self._stopping:  # not the filter's fault: the index is closing under it
+                raise RetrievalError("the SQL filter (where) was stopped: the index is closing; "
+                                     "ask again later") from None
             if time.monotonic() > deadline:
                 reason = (f"stopped after its time limit of {timeout:g} s; make it cheaper, or "
                           "raise `where_timeout`")

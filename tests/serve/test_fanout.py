@@ -230,7 +230,8 @@ def test_a_stopped_shard_costs_its_timeout_not_the_front(indexes, tmp_path):
 
 
 def test_sigterm_drains_and_exits_while_a_request_runs(indexes):
-    """A request that would run for ten minutes does not keep a stopped server alive."""
+    """A request that would run for ten minutes does not keep a stopped server alive, and is
+    answered: its SQL filter is stopped at once (it was cut off unanswered after the drain)."""
     _, shards = indexes
     port = free_port()
     child = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "--index", str(shards[1]),
@@ -239,11 +240,12 @@ def test_sigterm_drains_and_exits_while_a_request_runs(indexes):
     forever = "id IN (WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT x FROM n)"
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}")
+        answers = []
         def ask() -> None:
             try:
-                httpx.get(f"http://127.0.0.1:{port}/api/search", params={"q": "x", "where": forever},
-                          timeout=None)
-            except httpx.HTTPError:  # the server closes it on the way out
+                answers.append(httpx.get(f"http://127.0.0.1:{port}/api/search",
+                                         params={"q": "x", "where": forever}, timeout=None))
+            except httpx.HTTPError:  # the server closed it unanswered
                 pass
 
         asker = threading.Thread(target=ask, daemon=True)
@@ -251,5 +253,9 @@ def test_sigterm_drains_and_exits_while_a_request_runs(indexes):
         time.sleep(1)
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises it once drained
+        asker.join(timeout=30)
+        assert [answer.status_code for answer in answers] == [503]
+        assert answers[0].json()["detail"] == ("the SQL filter (where) was stopped: the index is "
+                                               "closing; ask again later")
     finally:
         child.kill()
