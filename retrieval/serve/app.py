@@ -333,7 +333,10 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
                                 status_code=413)
         if isinstance(error, NoAudioEncoderError):  # the index's, not the request's: no retry mends it
             return JSONResponse({"detail": NO_AUDIO_ENCODER}, status_code=422)
-        return JSONResponse({"detail": str(error)}, status_code=400 if isinstance(error, UsageError) else 503)
+        # the filter's time limit is the server operator's option, not the client's
+        detail = str(error).replace("raise `where_timeout`", "ask the server's operator to raise "
+                                    "its limit (retrieve serve --where-timeout)")
+        return JSONResponse({"detail": detail}, status_code=400 if isinstance(error, UsageError) else 503)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):

@@ -112,6 +112,8 @@ def test_raw_sql_is_refused_unless_allowed_and_then_cannot_hang_the_server(photo
     assert health.status_code == 200
     assert results["blob"].status_code == 400 and "too big" in results["blob"].json()["detail"]
     assert results["loop"].status_code == 400 and "time limit" in results["loop"].json()["detail"]
+    assert "its limit (retrieve serve --where-timeout)" in results["loop"].json()["detail"]
+    assert "where_timeout" not in results["loop"].json()["detail"]  # no client can set it
 
 
 def test_a_symlink_swapped_for_a_file_outside_is_not_served(tmp_path, tiny_model):
