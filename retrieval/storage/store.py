@@ -582,6 +582,8 @@ class Store:
                           "raise `where_timeout`")
             elif "not authorized" in str(error) or "prohibited" in str(error):
                 reason = "it may only read item_view"
+            elif "one statement at a time" in str(error):  # sqlite3's words for a ';'
+                reason = "only one SQL expression is allowed (no ';')"
             else:
                 reason = str(error)
             raise UsageError(f"`where` {where!r}: {reason}; columns are {ITEM_VIEW_COLUMNS}") from None

@@ -118,6 +118,9 @@ def test_raw_where_cannot_escape_the_modality_or_read_other_tables(filtered):
     with Index.open(index_dir, readonly=True) as index:
         with pytest.raises(UsageError, match="syntax error"):
             index.search("picture", k=50, target="image", where="1) OR (1")
+        with pytest.raises(UsageError, match=r"^`where` '1; SELECT 1': only one SQL expression is "
+                                             r"allowed \(no ';'\); columns are "):
+            index.search("picture", where="1; SELECT 1")
         hits = index.search("picture", k=50, target="image", where="0 UNION SELECT id FROM item_view")
         assert len(hits) == 6 and {hit.modality for hit in hits} == {"image"}
         for sneaky in ("id IN (SELECT item_id FROM vectors)", "(SELECT max(root) FROM files) > ''",
