@@ -504,7 +504,7 @@ def test_a_video_result_plays_from_its_moment(page):
 
 def test_screenshots_of_a_search_and_of_the_view(page):
     search_text(page, "a blue triangle")
-    expect(page.locator("#stats")).to_have_text("28 image · 29 text · 9 audio · 3 video")
+    expect(page.locator("#stats")).to_have_text("28 images · 29 texts · 9 sounds · 3 videos")
     shot = screenshot(page, "search-page.png")
     assert shot.stat().st_size > 50_000  # a page of thumbnails, not a blank one
     page.locator(CARDS).first.click()

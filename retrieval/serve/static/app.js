@@ -516,8 +516,17 @@ window.addEventListener("popstate", restore);
 takeTokenFromLink();
 restore();
 
+// Each modality's count with its noun: "1 image", "504 texts", "9 sounds".
+const NOUNS = {image: ["image", "images"], text: ["text", "texts"], audio: ["sound", "sounds"],
+               video: ["video", "videos"]};
+
+function counted(count, kind) {
+  const [one, many] = NOUNS[kind] || [kind, kind];
+  return `${count} ${count === 1 ? one : many}`;
+}
+
 api("/api/stats").then((response) => (response.ok ? response.json() : null)).then((stats) => {
   if (!stats) return;
-  const counts = Object.entries(stats.counts).filter(([, count]) => count).map(([kind, count]) => `${count} ${kind}`);
+  const counts = Object.entries(stats.counts).filter(([, count]) => count).map(([kind, count]) => counted(count, kind));
   $("stats").textContent = counts.join(" · ");
 });
