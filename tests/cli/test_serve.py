@@ -43,8 +43,8 @@ def serve(monkeypatch):
     `ask` returns. `host` is the Host the client calls the app by."""
     def run(*args: str | Path, ask: Callable[[TestClient], Any], host: str = "localhost") -> Any:
         answers = []
-        monkeypatch.setattr("uvicorn.run", lambda app, **options: answers.append(
-            ask(local_client(app, host))))
+        monkeypatch.setattr("uvicorn.Server.run", lambda server, sockets=None: answers.append(
+            ask(local_client(server.config.app, host))))
         result = CliRunner().invoke(cli, ["serve", *map(str, args)])
         assert result.exit_code == 0, result.output
         return answers[0]
@@ -71,7 +71,7 @@ def test_max_upload_mb_refuses_larger_queries(serve, indexes, tmp_path):
 
 @pytest.mark.parametrize("megabytes", ["0.0001", "0", "-1", "nan", "inf", "1e6"])
 def test_max_upload_mb_out_of_range_is_one_line_naming_the_range(indexes, megabytes, monkeypatch):
-    monkeypatch.setattr("uvicorn.run", lambda app, **options: None)  # never serve
+    monkeypatch.setattr("uvicorn.Server.run", lambda server, sockets=None: None)  # never serve
     result = CliRunner().invoke(cli, ["serve", "--index", str(indexes[0]), "--max-upload-mb", megabytes])
     assert result.exit_code == 2, result.output
     assert result.stderr == (f"error: --max-upload-mb must be between 0.01 and 1024 (megabytes), "

@@ -333,13 +333,13 @@ def test_the_cli_routes_searches_through_a_server(url, index_dir, corpus):
 
 def test_serve_binds_to_localhost_unless_told_otherwise(index_dir, monkeypatch):
     calls = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **options: calls.append(options))
+    monkeypatch.setattr("uvicorn.Server.run", lambda server, sockets=None: calls.append(server.config))
     runner = CliRunner()
     assert runner.invoke(cli, ["serve", "--index", str(index_dir)]).exit_code == 0
     assert runner.invoke(cli, ["serve", "--index", str(index_dir), "--host", "0.0.0.0",
                                "--port", "9000", "--insecure"]).exit_code == 0
     open_to_all = runner.invoke(cli, ["serve", "--index", str(index_dir), "--host", "0.0.0.0"])
     assert open_to_all.exit_code == 2 and "give --token" in open_to_all.stderr
-    assert [(c["host"], c["port"]) for c in calls] == [("127.0.0.1", 8000), ("0.0.0.0", 9000)]
+    assert [(c.host, c.port) for c in calls] == [("127.0.0.1", 8000), ("0.0.0.0", 9000)]
     missing = runner.invoke(cli, ["serve", "--index", str(index_dir.parent / "nothing")])
     assert missing.exit_code == 1 and "no index at" in missing.stderr
