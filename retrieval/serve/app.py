@@ -289,7 +289,7 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, shard_urls: Sequence[str] = (), *,
                token: str | None = None, allow_sql: bool = False, where_timeout: float = 3.0,
                allowed_hosts: Sequence[str] = (), relative_paths: bool = False,
-               shard_timeout: float = 10.0, deadline_s: float = DEFAULT_DEADLINE_S,
+               shard_timeout: float = 10.0, deadline_s: float = DEFAULT_DEADLINE_S, int8: bool = False,
                upload_workers: int = DEFAULT_UPLOAD_WORKERS, max_megapixels: float | None = None,
                max_audio_seconds: float | None = None, max_video_seconds: float | None = None
                ) -> FastAPI:
@@ -300,6 +300,7 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
     accepted beside the local ones ("*" accepts any). `allow_sql`: take raw SQL `where=`, run
     for at most `where_timeout` seconds. `relative_paths`: show paths relative to the roots.
     `shard_timeout`: seconds a remote shard may take. `deadline_s`: seconds a request may take.
+    `int8`: encode text queries with the 8-bit text tower (as `Index.open(int8=True)`).
     `max_upload_mb`: the largest upload, counted as it streams in; `max_megapixels`,
     `max_audio_seconds`, `max_video_seconds`: the largest query image and longest query sound
     and video decoded (413 beyond; defaults as for indexing).
@@ -311,10 +312,10 @@ def create_app(index_dir: str | Path | Sequence[str | Path], device: str = "auto
     caps = MediaCaps.given(max_megapixels, max_audio_seconds, max_video_seconds)  # bad ones first
     folders = [index_dir] if isinstance(index_dir, (str, Path)) else list(index_dir)
     if len(folders) == 1 and not shard_urls:
-        index: Index | ShardedIndex = Index.open(folders[0], readonly=True, device=device)
+        index: Index | ShardedIndex = Index.open(folders[0], readonly=True, device=device, int8=int8)
     else:
         index = ShardedIndex(open_shards(folders, shard_urls, device, shard_timeout=shard_timeout,
-                                         token=token))
+                                         token=token, int8=int8))
     service = SearchService(index, relative_paths, upload_workers)
     limit = int(max_upload_mb * 2**20)
     hosts = {h.lower() for h in (*LOCAL_HOSTS, *allowed_hosts)}

@@ -40,8 +40,8 @@ class LocalShard:
     """An index folder opened read-only here; searched from many threads at once (each has
     its own SQLite connection)."""
 
-    def __init__(self, folder: str | Path, device: str = "auto") -> None:
-        self.index = Index.open(folder, readonly=True, device=device)
+    def __init__(self, folder: str | Path, device: str = "auto", int8: bool = False) -> None:
+        self.index = Index.open(folder, readonly=True, device=device, int8=int8)
         self.name = str(self.index.path)
 
     def search(self, **query) -> list[Hit]:
@@ -141,10 +141,11 @@ Shard = LocalShard | RemoteShard
 
 def open_shards(folders: Sequence[str | Path] = (), urls: Sequence[str] = (),
                 device: str = "auto", shard_timeout: float = DEFAULT_SHARD_TIMEOUT_S,
-                token: str | None = None) -> list[Shard]:
+                token: str | None = None, int8: bool = False) -> list[Shard]:
     """Local shards first, then remote ones; shard numbers follow this order. Remote shards
-    give up after `shard_timeout` seconds and are sent `token` as a bearer token."""
-    shards: list[Shard] = [LocalShard(folder, device) for folder in folders]
+    give up after `shard_timeout` seconds and are sent `token` as a bearer token; local ones
+    encode text queries with the 8-bit text tower for `int8`."""
+    shards: list[Shard] = [LocalShard(folder, device, int8) for folder in folders]
     shards += [RemoteShard(url, shard_timeout, token) for url in urls]
     if not shards:
         raise UsageError("no shards: give at least one index folder or server URL")

@@ -114,6 +114,17 @@ def test_device_reaches_the_model(serve, indexes, pictures):
     assert len(refused.stderr.splitlines()) == 1
 
 
+def test_int8_reaches_the_index_and_its_shards(serve, indexes):
+    def int8_and_search(client: TestClient) -> tuple[list[bool], int]:
+        index = client.app.state.service.index
+        opened = [index] if not hasattr(index, "shards") else [s.index for s in index.shards]
+        return [i.context.encoders.int8 for i in opened], images_like("x")(client).status_code
+    assert serve("--index", indexes[0], "--int8", ask=int8_and_search) == ([True], 200)
+    assert serve("--index", indexes[0], "--shard-index", indexes[1], "--int8",
+                 ask=int8_and_search) == ([True, True], 200)
+    assert serve("--index", indexes[0], ask=int8_and_search) == ([False], 200)
+
+
 def stats(client: TestClient):
     return client.get("/api/stats")
 
