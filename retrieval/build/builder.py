@@ -63,6 +63,7 @@ from .reading import (
     unexpected,
 )
 from .report import NO_AUDIO_ENCODER, BuildReport
+from .stop_points import batch_committed
 
 if TYPE_CHECKING:
     import torch
@@ -699,6 +700,7 @@ class Builder:
                         for modality, ids in self.store.delete_files([file.file_id]).items():
                             self.changes[modality].update(dict.fromkeys(ids))
             self.store.bump_generation("text")
+        batch_committed("text")
 
     def _finish_text_file(self, file: _TextFile) -> None:
         source = file.source
