@@ -203,6 +203,7 @@ class Builder:
         self._measure_unmeasured_images()
         self._index_audio([p for p in pending if p[0].kind == "audio"])
         self._index_video([p for p in pending if p[0].kind == "video"])
+        self.encoders.release_image_tower()  # the texts' tower need not share memory with it
         self._index_texts([p for p in pending if p[0].kind in ("text", "captions")])
         self._remove(list(self.gone.values()))
         recovered = [path for path in self.store.skipped_files() if path not in self.still_bad
