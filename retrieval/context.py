@@ -116,6 +116,12 @@ class Encoders:
         tower = None if (self.int8 and not self.readonly) or self._wants_model() else self._tower("image")
         return tower or self.clip
 
+    def release_image_tower(self) -> None:
+        """Let go of the ONNX image tower, so that its session (weights, pre-packed copies and
+        arena: some 400 MB for ViT-B-32) is not resident beside the text tower's while a build
+        encodes captions; opened again should anything need it later."""
+        self._towers.pop("image", None)
+
     def _wants_model(self) -> bool:
         """A build that may run on a GPU keeps to torch, which uses it; queries (a few
         vectors each) are quicker on the towers anyway."""

@@ -63,6 +63,7 @@ from .reading import (
     unexpected,
 )
 from .report import NO_AUDIO_ENCODER, BuildReport
+from .stop_points import batch_committed
 
 if TYPE_CHECKING:
     import torch
@@ -202,6 +203,7 @@ class Builder:
         self._measure_unmeasured_images()
         self._index_audio([p for p in pending if p[0].kind == "audio"])
         self._index_video([p for p in pending if p[0].kind == "video"])
+        self.encoders.release_image_tower()  # the texts' tower need not share memory with it
         self._index_texts([p for p in pending if p[0].kind in ("text", "captions")])
         self._remove(list(self.gone.values()))
         recovered = [path for path in self.store.skipped_files() if path not in self.still_bad
@@ -699,6 +701,7 @@ class Builder:
                         for modality, ids in self.store.delete_files([file.file_id]).items():
                             self.changes[modality].update(dict.fromkeys(ids))
             self.store.bump_generation("text")
+        batch_committed("text")
 
     def _finish_text_file(self, file: _TextFile) -> None:
         source = file.source

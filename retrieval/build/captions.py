@@ -41,6 +41,7 @@ from ..media.images import ImageDecodeError
 from ..storage.store import ImageToCaption, NewItem
 from .reading import UnreadableFile, preprocess_bytes, read_source, unexpected
 from .report import BuildReport
+from .stop_points import batch_committed
 
 if TYPE_CHECKING:
     import torch
@@ -247,3 +248,4 @@ class CaptionWriter:
                                      "image_hash": image.content_hash}, parent_id=image.id)
                 self.changes[self.store.insert_items(image.file_id, [item])[0]] = item.vector
             self.store.bump_generation("text")
+        batch_committed("caption")

@@ -45,14 +45,16 @@ TEXT_FILE = "text.onnx"
 # Under the 0.95 asked for a default, so it is an option (`int8`), never the default.
 INT8_TEXT_FILE = "text.int8.onnx"
 BATCH = 32  # texts or images per ONNX Runtime call
-# Threads for the text tower. A query's few tokens are little work: measured for ViT-B-32 on
-# a shared 2-core machine, one thread took 15 ms a query against 42 ms for two when the
-# machine was busy, and 16 ms against 10 ms in a quiet moment. The image tower, 4 GFLOPs a
-# picture, runs on ONNX Runtime's own count (one thread per core).
+# Threads for a one-shot process's text tower (a `quick` session: `retrieve "..."`). Its one
+# query's few tokens are little work: measured for ViT-B-32 on a shared 2-core machine, one
+# thread took 15 ms a query against 42 ms for two when the machine was busy. Long-lived
+# processes (a build's batches of captions, `Index.search` in a program, the server) run the
+# text tower on one thread per core, threads that do not spin between operators waiting for
+# more work (ONNX Runtime's default is to spin): on a quiet 2-core machine a warm query took
+# 11.4 ms against 18.5 ms on one thread; spinning threads took twice the CPU of the others on
+# a busy one (74 ms against 50 ms a query), and in a build they take the decode threads'
+# time. The image tower, 4 GFLOPs a picture, runs on ONNX Runtime's own count.
 TEXT_THREADS = 1
-# A build's towers run on one thread per core, but their threads do not spin between
-# operators waiting for more work (ONNX Runtime's default, good for one query's latency): in a
-# build the decode threads share the same cores, and a spinning thread takes their time.
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +257,13 @@ def load_text_tower(folder: Path, model_identity: str, quick: bool = False,
                     for_build: bool = False, int8: bool = False) -> OnnxTextEncoder | None:
     """The exported text tower of this model in index folder `folder`, or None; `quick` as
     `open_session` says; with `int8`, its 8-bit twin (INT8_TEXT_FILE) where the export made
-    one, else the fp32 tower. A query's text runs on TEXT_THREADS; a build's batches of
-    captions on one thread per core (see TEXT_THREADS)."""
+    one, else the fp32 tower. A `quick` session (one query, then exit) runs on TEXT_THREADS,
+    any other (a build's, a long-lived process's) on one non-spinning thread per core (see
+    TEXT_THREADS)."""
     entry = _tower_entry(folder, model_identity, "text")
-    threads = 0 if for_build else TEXT_THREADS
+    threads = TEXT_THREADS if quick and not for_build else 0
     file = entry and ((int8 and entry.get("int8_file")) or entry["file"])
-    session = entry and open_session(folder / TOWERS_DIR / file, threads, quick,
-                                     spinning=not for_build)
+    session = entry and open_session(folder / TOWERS_DIR / file, threads, quick, spinning=False)
     if session is None:
         return None
     return OnnxTextEncoder(session, entry["context_length"], entry["trim"], entry["dim"])

@@ -3,9 +3,11 @@ forgets, on a few tiny files (the end-to-end builds are in test_builds.py)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from PIL import Image
 from support import write_image
 from support.recording import record_encoding
 
-from retrieval import Index
+from retrieval import Index, context
 from retrieval.build import builder
 from retrieval.build.builder import Builder, BuildOptions
 from retrieval.encoders import onnx_towers
@@ -120,6 +122,28 @@ def test_vectors_are_the_models(index, folder):
                                                                 k=1)[0].id]))
     expected = encoder.encode_images([Image.open(folder / "p0.png").convert("RGB")])
     assert np.allclose(stored, expected, atol=1e-5)
+
+
+def test_the_image_tower_is_let_go_before_the_text_tower_opens(index, folder, monkeypatch):
+    """A build holds one tower at a time: the image tower's session is gone (no longer
+    referenced anywhere) by the time the texts' tower opens, and the build still encodes both."""
+    load_image_tower, load_text_tower = context.load_image_tower, context.load_text_tower
+    image_towers, image_tower_alive = [], []
+
+    def loading_image_tower(*args, **kwargs):
+        tower = load_image_tower(*args, **kwargs)
+        image_towers.append(weakref.ref(tower))
+        return tower
+
+    def loading_text_tower(*args, **kwargs):
+        gc.collect()
+        image_tower_alive.extend(ref() is not None for ref in image_towers)
+        return load_text_tower(*args, **kwargs)
+
+    monkeypatch.setattr(context, "load_image_tower", loading_image_tower)
+    monkeypatch.setattr(context, "load_text_tower", loading_text_tower)
+    report, images, texts = build(index, folder)
+    assert (image_tower_alive, images, texts) == ([False], 3, ["first line", "second line"])
 
 
 def test_the_image_tower_opens_while_the_build_reads_files(index, folder, monkeypatch):

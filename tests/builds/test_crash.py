@@ -30,6 +30,7 @@ from support.stored import committed_items, integrity, item_ids, items_by_uri, w
 from support.tiny_model import CLASSES
 
 from retrieval import Index
+from retrieval.build.stop_points import STOP_ENV
 from retrieval.core.types import MODALITIES
 from retrieval.train.audio import AudioTrainingOptions
 
@@ -114,6 +115,20 @@ def kill_after(command: list[str], delay: float) -> None:
         process.wait()
 
 
+def kill_when_stopped(command: list[str], kind: str, batches: int, context: str) -> None:
+    """Run `command`, which stops itself once it has committed its `batches`-th batch of `kind`
+    (retrieval.build.stop_points), and SIGKILL it there: the kill lands at that batch boundary
+    however busy the machine is, where polling the database once raced the build to its end."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, STOP_ENV: f"{kind}:{batches}"})
+    try:
+        _, status = os.waitpid(process.pid, os.WUNTRACED)  # returns at the stop, or at an exit
+        assert os.WIFSTOPPED(status), f"{context}: the build ended before its batch {batches} of {kind}"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
 def trial_seeds() -> list:
     """The trials' seeds, all but the first DEFAULT_TRIALS marked slow."""
     return [pytest.param(seed, marks=[pytest.mark.slow] * (number >= DEFAULT_TRIALS))
@@ -167,13 +182,8 @@ def test_killed_caption_phase_resumes_with_the_captions_committed(seed, corpus, 
     context = f"build killed once {target} captions were committed (seed {seed})"
     index_dir = tmp_path / "index"
     shutil.copytree(images_only, index_dir)
-    process = subprocess.Popen(cli("index", str(corpus), "--index", str(index_dir), "--batch-size",
-                                   str(batch), "--quiet"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and (committed_items(index_dir, "text") or 0) < target:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when_stopped(cli("index", str(corpus), "--index", str(index_dir), "--batch-size", str(batch),
+                          "--quiet"), "text", target // batch, context)
     committed = committed_items(index_dir, "text")
     print(f"{context}: {committed} of {IMAGES} captions committed at the kill")
     assert target <= committed < IMAGES, f"{context}: the kill did not land among the captions"
@@ -211,12 +221,7 @@ def test_killed_captioning_resumes_without_loss_or_duplicates(seed, corpus, refe
     context = f"captioning killed once {target} captions were written (seed {seed})"
     index_dir = tmp_path / "index"
     shutil.copytree(reference[0], index_dir)
-    process = subprocess.Popen(caption_command(index_dir, corpus, tiny_coca),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and written_captions(index_dir) < target:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when_stopped(caption_command(index_dir, corpus, tiny_coca), "caption", target // batch, context)
     committed = written_captions(index_dir)
     print(f"{context}: {committed} of {IMAGES} captions written at the kill")
     assert target <= committed < IMAGES, f"{context}: the kill did not land among the captions"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,15 @@ def test_evaluate_entries_depth_ranks_that_many_entries(tmp_path, tiny_model):
     assert any(rank > 10 for rank in deep.values())  # so depth 10 leaves some unranked
 
 
+@pytest.fixture
+def without_java(monkeypatch):
+    """No `java` on the PATH: METEOR (a Java process of seconds) is skipped with its note. Scoring
+    METEOR is proven by tests/train/test_caption_metrics.py; these tests prove options reach the writer."""
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs:
+                        None if name == "java" else which(name, *args, **kwargs))
+
+
 def captioning(shapes: Path, tiny_model: str, *options: str) -> dict:
     """`retrieve evaluate --captioning --json` of `shapes`' captions, scored under `tiny_model`."""
     result = CliRunner().invoke(cli, ["evaluate", str(shapes), "--captions", str(shapes / "captions.tsv"),
@@ -94,14 +104,15 @@ def captioning(shapes: Path, tiny_model: str, *options: str) -> dict:
     return json.loads(result.stdout)
 
 
-def test_captioning_top_p_and_max_length_reach_the_caption_writer(shapes, tiny_model, tiny_coca):
+def test_captioning_top_p_and_max_length_reach_the_caption_writer(shapes, tiny_model, tiny_coca,
+                                                                  without_java):
     found = captioning(shapes, tiny_model, "--caption-model", tiny_coca, "--caption-method", "top-p",
                        "--caption-top-p", "0.5", "--caption-max-length", "2")
     assert found["caption_model"] == tiny_coca and found["method"] == "top-p 0.5, up to 2 tokens"
     assert found["images"] == 18
 
 
-def test_captioning_beam_width_reaches_the_caption_writer(shapes, tiny_model, tiny_coca):
+def test_captioning_beam_width_reaches_the_caption_writer(shapes, tiny_model, tiny_coca, without_java):
     found = captioning(shapes, tiny_model, "--caption-model", tiny_coca, "--caption-beam-width", "2",
                        "--caption-max-length", "2")
     assert found["method"] == "beam width 2, up to 2 tokens"

@@ -27,6 +27,7 @@ from retrieval.encoders.onnx_towers import (
     INT8_TEXT_FILE,
     MANIFEST,
     TEXT_FILE,
+    TEXT_THREADS,
     TOWERS_DIR,
     OnnxImageEncoder,
     OnnxTextEncoder,
@@ -107,6 +108,16 @@ def test_text_tower_equals_open_clip(quick, exported):
         assert np.abs(tower.encode_texts([text])[0] - vector).max() < TOLERANCE
     assert tower.encode_texts([]).shape == (0, encoder.dim)
     assert load_text_tower(folder, "some-other-model") is None
+
+
+@pytest.mark.parametrize("quick, threads", [(False, 0), (True, TEXT_THREADS)], ids=["warm", "one-shot"])
+def test_a_long_lived_text_tower_runs_on_every_core_without_spinning(quick, threads, exported):
+    """A warm query's tower (a long-lived process) takes a thread per core, a one-shot
+    process's TEXT_THREADS; neither's threads spin waiting for work."""
+    encoder, folder = exported
+    options = load_text_tower(folder, encoder.spec.identity, quick).session.get_session_options()
+    assert options.intra_op_num_threads == threads
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @pytest.mark.parametrize("quick", [False, True], ids=["pre-packed", "quick"])

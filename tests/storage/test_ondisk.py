@@ -12,15 +12,25 @@ import pytest
 from support.vectors import DIM, ArraySource, clustered, fill
 
 from retrieval import Index
-from retrieval.storage.ondisk import CHUNK_ROWS, OnDiskIndex, build_on_disk
+from retrieval.storage import ondisk
+from retrieval.storage.ondisk import OnDiskIndex, build_on_disk
 from retrieval.storage.vectors import IVF_MINIMUM, VectorIndex, new_trained_index
 
-COUNT = 2 * CHUNK_ROWS + 5_000  # three chunks, the last one short
+# Chunks of this many rows, not CHUNK_ROWS's 65,536: the merge is the same for three chunks of
+# any size, and a tenth of the vectors costs a tenth of the training, filling and searching.
+TEST_CHUNK_ROWS = 6_000
+COUNT = 2 * TEST_CHUNK_ROWS + 1_000  # three chunks, the last one short (and above IVF_MINIMUM)
 
 
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory):
     """An in-memory IVF-PQ index and an on-disk one, built by two processes, sharing codebooks."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ondisk, "CHUNK_ROWS", TEST_CHUNK_ROWS)  # read by the parent, which cuts the chunks
+        return _twins(tmp_path_factory)
+
+
+def _twins(tmp_path_factory):
     source = ArraySource(COUNT)
     ids, vectors = source.read(0, 1 << 40)
     trained = new_trained_index("ivf-pq", DIM, COUNT, lambda limit: vectors[:limit])

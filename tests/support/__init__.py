@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image
 
 from retrieval.storage.folder import writer_lock
-from support.tiny_model import CLASSES, caption_for, render_shape
 
 
 def write_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> Path:
@@ -30,6 +29,11 @@ def write_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] 
 
 def write_shape_folder(root: Path, seed: int, per_class: int = 3) -> Path:
     """Renders of every (colour, shape) class, with a Flickr captions file."""
+    # Imported here, not above: support.tiny_model imports torch and open_clip (seconds), and
+    # processes that only unpickle a helper of this package (support.vectors.ArraySource in
+    # on-disk shard workers) need neither.
+    from support.tiny_model import CLASSES, caption_for, render_shape
+
     root.mkdir()
     rng = np.random.default_rng(seed)
     lines = []
