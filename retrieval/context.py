@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from .core.errors import ModelLoadError, ModelMismatchError, NoAudioEncoderError, UsageError
+from .core.errors import ModelMismatchError, NoAudioEncoderError, UsageError
 from .encoders.audio import AudioEncoder, is_clap, load_audio_encoder
 from .encoders.onnx_towers import (
     OnnxImageEncoder,
