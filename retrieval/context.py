@@ -191,7 +191,7 @@ class Encoders:
 
     @property
     def audio(self) -> AudioEncoder:
-        """The index's audio encoder; ModelLoadError when it has none yet."""
+        """The index's audio encoder; NoAudioEncoderError when it has none yet."""
         encoder = self.audio_or_none()
         if encoder is None:
             raise NoAudioEncoderError(
