@@ -39,7 +39,7 @@ def with_flags(message: str) -> str:
 
 def warn(line: str) -> None:
     """One warning line on stderr, in the CLI's words."""
-    click.echo(f"warning: {with_flags(line)}", err=True)
+    click.echo(one_line(f"warning: {with_flags(line)}"), err=True)
 
 
 
@@ -142,6 +142,17 @@ def caption_writer_options(command):
     return command
 
 
+# Characters that end a line for `str.splitlines` or move the cursor: a name holding one (a file
+# called "a\rb.jpg", say) must not split an error into two lines or hide part of it.
+_LINE_BREAKERS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f, 0x85)}
+_LINE_BREAKERS.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(message: str) -> str:
+    """`message` as one printable line: control characters and line separators escaped."""
+    return message.translate(_LINE_BREAKERS)
+
+
 def reports_errors(command):
     """Turn the engine's errors into one line on stderr and the right exit code."""
     @wraps(command)
@@ -149,11 +160,11 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except IndexLockedError as error:
-            click.echo(f"error: index {error.path} is being written by {error.holder}; run again "
-                       "when it is done, or add --wait to wait for it", err=True)
+            click.echo(one_line(f"error: index {error.path} is being written by {error.holder}; run "
+                                "again when it is done, or add --wait to wait for it"), err=True)
             sys.exit(error.exit_code)
         except RetrievalError as error:
-            click.echo(f"error: {with_flags(str(error))}", err=True)
+            click.echo(one_line(f"error: {with_flags(str(error))}"), err=True)
             sys.exit(error.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted; what was committed is kept, run again to resume", err=True)
@@ -179,7 +190,7 @@ def usage_line(error: click.UsageError) -> str:
             message = f"must be {_range_words(param.type)}, not {out_of_range[1]}"
         message = f"{flag} {message}" if message.startswith("must ") else f"{flag}: {message}"
     see = f" (see {error.ctx.command_path} --help)" if error.ctx is not None else ""
-    return f"error: {message}{see}"
+    return one_line(f"error: {message}{see}")
 
 
 def _range_words(bounds: click.IntRange | click.FloatRange) -> str:

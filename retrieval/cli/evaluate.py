@@ -18,6 +18,7 @@ from .common import (
     model_options,
     printing_query_warnings,
     reports_errors,
+    warn,
 )
 
 
@@ -89,7 +90,7 @@ def _evaluate_captioning(images: str, captions: str, split: str | None, model, c
     result = evaluate_captioning(images, captions, split, model=model, caption_model=writer, options=options,
                                  device=device, batch_size=batch_size, progress=progress)
     for path in result.unreadable:
-        click.echo(f"warning: skipped {path}: not a readable image (its captions are left out)", err=True)
+        warn(f"skipped {path}: not a readable image (its captions are left out)")
     if as_json:
         click.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return

@@ -223,6 +223,8 @@ def test_index_from_env_variable(built, monkeypatch):
      "error: --learning-rate must be more than 0, not 0.0 (see cli train --help)"),
     (["a dog", "--model", "{other}", "--index", "{built}"], 1, "built with model"),
     (["index", "{tmp}/no-such-folder", "--index", "{built}"], 2, "no such file or folder"),
+    (["index", "{tmp}/no\rsuch\nfolder", "--index", "{built}"], 2,  # a name may not split the line
+     "no\\x0dsuch\\x0afolder: no such file or folder"),
     (["index", "{tmp}", "--index", "{tmp}/new", "--model", "Nope-1"], 1, "unknown model 'Nope-1'"),
     (["index", "{tmp}", "--index", "{tmp}/new", "--model", "hf-hub:org/repo", "--pretrained", "openai"],
      2, "--pretrained cannot be combined with a hf-hub: model (--model hf-hub:org/repo)"),
