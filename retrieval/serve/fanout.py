@@ -19,7 +19,7 @@ import io
 import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,12 +28,13 @@ import numpy as np
 from ..core.errors import RetrievalError, UsageError
 from ..core.types import Hit
 from ..index import Index
+from ..query.encode import MediaCaps
 from ..query.filters import parse_filter
 from .client import server_error
 
 MAX_SHARDS = 1000
 DEFAULT_SHARD_TIMEOUT_S = 10.0
-MEDIA_CAPS = ("max_megapixels", "max_audio_seconds", "max_video_seconds")
+MEDIA_CAPS = tuple(cap.name for cap in fields(MediaCaps))  # the search options that cap query media
 
 
 class LocalShard:
