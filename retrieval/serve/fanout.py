@@ -266,13 +266,15 @@ class ShardedIndex:
     def stats(self) -> dict:
         """Each answering shard's statistics, the counts summed over them, and the names of the
         shards that did not answer (`failed_shards`), as a partial search lists them."""
-        asked = [self.pool.submit(shard.stats) if isinstance(shard, RemoteShard) else shard.stats()
-                 for shard in self.shards]
+        # Remote shards are asked first, all at once; local ones answer in this thread meanwhile,
+        # inside the same try, so a failing local shard is listed like a remote one.
+        remote = {number: self.pool.submit(shard.stats)
+                  for number, shard in enumerate(self.shards) if isinstance(shard, RemoteShard)}
         answered: list[tuple[Shard, dict]] = []
         failed: list[str] = []
-        for shard, answer in zip(self.shards, asked):
+        for number, shard in enumerate(self.shards):
             try:
-                answered.append((shard, answer.result() if isinstance(shard, RemoteShard) else answer))
+                answered.append((shard, remote[number].result() if number in remote else shard.stats()))
             except UsageError:
                 raise
             except RetrievalError:

@@ -120,6 +120,20 @@ def test_the_query_is_encoded_once_and_its_vector_sent_to_every_shard(indexes, e
         assert {hit["id"] % MAX_SHARDS for hit in hits} == {0, 1, 2}
 
 
+def test_stats_list_a_failing_local_shard_like_a_remote_one(indexes, monkeypatch):
+    _, shards = indexes
+    sharded = ShardedIndex(open_shards(shards, device="cpu"))
+    broken = sharded.shards[1]
+
+    def fail():
+        raise RetrievalError("the index folder is gone")
+    monkeypatch.setattr(broken, "stats", fail)
+    stats = sharded.stats()
+    assert stats["failed_shards"] == [broken.name]
+    assert [s["name"] for s in stats["shards"]] == [sharded.shards[0].name, sharded.shards[2].name]
+    sharded.close()
+
+
 def test_a_shard_server_checks_the_vector_it_is_sent(indexes):
     _, shards = indexes
     with running_server(shards[0]) as url:
