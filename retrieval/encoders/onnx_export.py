@@ -20,6 +20,8 @@ import os
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,6 +53,7 @@ from .onnx_towers import (
 from .spec import ModelSpec, weights_fingerprint
 from .tokenizer import ClipTokenizer
 
+OPSET = 17  # of the tracing exporter: LayerNormalization is one operator from opset 17
 TOLERANCE = 1e-4  # the largest difference from open_clip's normalised vectors a tower may show
 INT8_AGREEMENT = 0.99  # the least cosine to open_clip's vectors the 8-bit text tower may show
 LEGACY_FILES = ("text_tower.safetensors",)  # the numpy text tower these towers replaced
@@ -192,11 +195,11 @@ def _export_image(encoder: ClipEncoder, folder: Path) -> dict:
     if ours.shape != tuple(theirs.shape) or np.abs(ours - theirs.numpy()).max() > 1e-5:
         raise NotExported("its preprocessing is not reproduced without torch")
     path = folder / IMAGE_FILE
-    _onnx_export(ImageTower(encoder.model), theirs[:2].to(encoder.device), "pixels", path,
-                 {0: torch.export.Dim("batch")})
+    _onnx_export(ImageTower(encoder.model), theirs[:2].to(encoder.device), "pixels", path, ["batch"])
     expected = encoder.encode_images(probes)
     tower = OnnxImageEncoder(_session_or_fail(path), preprocess, expected.shape[1])
-    _check((expected, tower.encode_images(probes)), (expected[:1], tower.encode_images(probes[:1])))
+    with _running_export():
+        _check((expected, tower.encode_images(probes)), (expected[:1], tower.encode_images(probes[:1])))
     return {"file": IMAGE_FILE, "dim": int(expected.shape[1]), "preprocess": asdict(preprocess)}
 
 
@@ -211,17 +214,19 @@ def _export_text(encoder: ClipEncoder, folder: Path) -> dict:
         raise NotExported("its tokenizer is not reproduced without torch")
     trimmed = can_trim_padding(encoder.model)
     example = tokens[:2]  # the first two probes: one long, one short
-    dims = {0: torch.export.Dim("batch")}
+    axes = ["batch"]
     if trimmed:
         example = example[:, :int(np.flatnonzero(example.any(axis=0)).max()) + 1]
-        dims[1] = torch.export.Dim("length", max=ours.context_length)
+        axes.append("length")
     path = folder / TEXT_FILE
+    # The tracing exporter fixes the attention's sequence length, so a trimmed tower goes to dynamo
     _onnx_export(TextTower(encoder.model, trimmed), torch.from_numpy(example).to(encoder.device),
-                 "tokens", path, dims)
+                 "tokens", path, axes, max_length=ours.context_length, traceable=not trimmed)
     expected = encoder.encode_texts(PROBE_TEXTS)
     tower = OnnxTextEncoder(_session_or_fail(path), ours.context_length, trimmed, expected.shape[1])
-    batched = tower.encode_texts(PROBE_TEXTS)
-    one_by_one = np.concatenate([tower.encode_texts([text]) for text in PROBE_TEXTS])
+    with _running_export():
+        batched = tower.encode_texts(PROBE_TEXTS)
+        one_by_one = np.concatenate([tower.encode_texts([text]) for text in PROBE_TEXTS])
     _check((expected, batched), (expected, one_by_one))
     return {"file": TEXT_FILE, "dim": int(expected.shape[1]), "context_length": ours.context_length,
             "trim": trimmed, "int8_file": _export_int8_text(path, expected, ours.context_length, trimmed)}
@@ -282,6 +287,22 @@ def _session_or_fail(path: Path):
     return session
 
 
+@contextmanager
+def _running_export() -> Iterator[None]:
+    """An export that ONNX Runtime fails to run on the probes is as wrong as one that differs."""
+    try:
+        yield
+    except (OSError, NotExported):
+        raise
+    except Exception as error:
+        raise NotExported(f"ONNX Runtime cannot run the export: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:160] if text else type(error).__name__
+
+
 def _check(*pairs: tuple[np.ndarray, np.ndarray]) -> None:
     """The tower's vectors against open_clip's, as (expected, got) pairs."""
     difference = max(float(np.abs(got - expected).max()) for expected, got in pairs)
@@ -290,24 +311,55 @@ def _check(*pairs: tuple[np.ndarray, np.ndarray]) -> None:
 
 
 def _onnx_export(module: torch.nn.Module, example: torch.Tensor, input_name: str, path: Path,
-                 dims: dict) -> None:
+                 axes: list[str], max_length: int | None = None, traceable: bool = True) -> None:
+    """Write `module`'s graph for inputs like `example`, whose leading dimensions named in
+    `axes` may vary ("length" up to `max_length`).
+
+    The tracing exporter comes first where `traceable`: ten times faster than the dynamo one
+    on small models and three times on ViT-B-32, for the same operators. Dynamo exports what
+    tracing cannot.
+    """
     try:
-        import onnxscript  # noqa: F401  torch's ONNX exporter needs it
+        import onnxscript  # noqa: F401  torch's ONNX exporters need it
     except ImportError:
         raise NotExported("onnxscript is not installed") from None
+    module = module.eval()
     try:
         with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the exporter's advice is for its developers
-            program = torch.onnx.export(module.eval(), (example,), input_names=[input_name],
+            warnings.simplefilter("ignore")  # the exporters' advice is for their developers
+            if traceable and _traced_export(module, example, input_name, path, axes):
+                return
+            dims = {axis: torch.export.Dim(name, max=max_length if name == "length" else None)
+                    for axis, name in enumerate(axes)}
+            program = torch.onnx.export(module, (example,), input_names=[input_name],
                                         output_names=["features"], dynamic_shapes=(dims,),
                                         dynamo=True, external_data=True, verbose=False)
             program.save(str(path), external_data=True)
     except OSError:
         raise
     except Exception as error:  # the exporter raises many kinds for one cause: unsupported code
-        text = str(error).strip()
-        cause = text.splitlines()[0][:160] if text else type(error).__name__
-        raise NotExported(f"the ONNX export failed: {cause}") from None
+        raise NotExported(f"the ONNX export failed: {_first_line(error)}") from None
+
+
+def _traced_export(module: torch.nn.Module, example: torch.Tensor, input_name: str, path: Path,
+                   axes: list[str]) -> bool:
+    """Export by tracing; False (nothing left behind) where tracing cannot. Attention runs its
+    decomposed path meanwhile: the tracer knows no ONNX for the fused kernel."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        torch.onnx.export(module, (example,), str(path), input_names=[input_name],
+                          output_names=["features"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={input_name: dict(enumerate(axes)), "features": {0: axes[0]}})
+        return True
+    except OSError:
+        raise
+    except Exception:  # the same causes as dynamo's, which may still export it
+        for leftover in path.parent.glob(f"{path.name}*"):
+            leftover.unlink()
+        return False
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 if __name__ == "__main__":  # export_in_child: python -m retrieval.encoders.onnx_export NAME PRETRAINED

@@ -20,6 +20,7 @@ from PIL import Image
 from support import run_cli_process, write_image
 
 from retrieval import Index
+from retrieval.encoders import onnx_export
 from retrieval.encoders.clip import ClipEncoder, load_encoder
 from retrieval.encoders.onnx_export import INT8_AGREEMENT, cache_key, export_towers
 from retrieval.encoders.onnx_towers import (
@@ -134,6 +135,29 @@ def test_image_tower_equals_open_clip(quick, exported, tiny_model):
     assert np.abs(tower.encode_images(images[:1]) - expected[:1]).max() < TOLERANCE
     assert tower.encode_images([]).shape == (0, encoder.dim)
     assert load_image_tower(folder, "some-other-model") is None
+
+
+def test_a_tower_that_tracing_cannot_export_is_exported_by_dynamo(exported, tmp_path, monkeypatch):
+    """Tracing is tried first (much the faster); a model it fails on goes to dynamo instead."""
+    encoder, _ = exported
+    export = torch.onnx.export
+
+    def tracing_fails(module, *args, dynamo: bool = True, **kwargs):
+        if not dynamo:
+            raise torch.jit.Error("untraceable")
+        if isinstance(module, onnx_export.TextTower):  # one tower is enough to see it
+            raise RuntimeError("unsupported")
+        return export(module, *args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", tracing_fails)
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    export_towers(encoder, tmp_path)
+    manifest = json.loads((tmp_path / TOWERS_DIR / MANIFEST).read_text())
+    assert manifest["text"] is None and "unsupported" in manifest["skipped"]["text"]
+    assert (tmp_path / TOWERS_DIR / f"{IMAGE_FILE}.data").exists()  # dynamo's: tracing writes none
+    tower = load_image_tower(tmp_path, encoder.spec.identity)
+    images = random_images(3)
+    assert np.abs(tower.encode_images(images) - encoder.encode_images(images)).max() < TOLERANCE
 
 
 def test_each_model_is_exported_once(exported, tmp_path):
