@@ -31,6 +31,9 @@ from support import write_image, write_shape_folder  # noqa: E402
 from support.tiny_coca import TINY_COCA_CFG, create_tiny_coca, train_tiny_coca, with_context  # noqa: E402
 from support.tiny_model import create_tiny_clip, train_tiny_clip, write_local_dir_model  # noqa: E402
 
+from retrieval.encoders.onnx_export import export_to_cache  # noqa: E402
+from retrieval.encoders.spec import ModelSpec  # noqa: E402
+
 WORKERS_AT_MOST = 4
 
 
@@ -79,9 +82,14 @@ def made_once(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path]
 
 def _model_made_once(tmp_path_factory, name: str, model: torch.nn.Module | None = None, seed: int = 0) -> str:
     """A tiny CLIP (`model`, else seeded with `seed`) written once per run in local-dir form:
-    its `local-dir:` spec, the same for every worker."""
-    folder = _made_once(tmp_path_factory, name, lambda out: write_local_dir_model(out, model, seed))
-    return f"local-dir:{folder}"
+    its `local-dir:` spec, the same for every worker. Its ONNX towers are exported into the
+    run's cache (`onnx_cache`) here, where torch is loaded already: a build would export them
+    in a child process, which spends seconds importing torch (test_onnx_towers tests that)."""
+    def make(out: Path) -> None:
+        spec = write_local_dir_model(out, model, seed)
+        export_to_cache(ModelSpec.parse(spec))
+
+    return f"local-dir:{_made_once(tmp_path_factory, name, make)}"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -96,14 +104,14 @@ def onnx_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
+def tiny_model(tmp_path_factory, onnx_cache) -> str:
     """A seeded, untrained tiny CLIP: `local-dir:` spec. Fine wherever meaning is not tested.
     One folder for all workers, so its towers are exported once (tests only read it)."""
     return _model_made_once(tmp_path_factory, "tiny-model", seed=0)
 
 
 @pytest.fixture(scope="session")
-def other_tiny_model(tmp_path_factory) -> str:
+def other_tiny_model(tmp_path_factory, onnx_cache) -> str:
     """A second tiny model with other weights, for model-mismatch tests."""
     return _model_made_once(tmp_path_factory, "other-model", seed=1)
 
@@ -120,7 +128,7 @@ def trained_clip(tmp_path_factory) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
-def trained_model(tmp_path_factory, trained_clip) -> str:
+def trained_model(tmp_path_factory, trained_clip, onnx_cache) -> str:
     """`trained_clip` in local-dir form: its `local-dir:` spec (one folder for all workers, as
     for `tiny_model`)."""
     return _model_made_once(tmp_path_factory, "trained-model", trained_clip)
