@@ -471,9 +471,9 @@ class Index:
         meta.camera=Canon`; see `retrieval.query.filters`); a bad one raises FilterError.
         `where` is raw SQL over item_view's columns, run read-only on item_view alone and
         stopped after `where_timeout` seconds; `under` a path prefix, `min_score` a cosine floor.
-        `dedup` folds near-duplicates (cosine >= the duplicates' default threshold) into the best
-        of them: one hit per group, its `duplicates` listing the others found among the top
-        candidates. `max_megapixels`, `max_audio_seconds` and `max_video_seconds` cap the query's
+        `dedup` folds near-duplicates (cosine >= the duplicates' default threshold, chained as
+        `duplicates` chains them) into the best of them: one hit per group, its `duplicates`
+        listing the others found among the top candidates. `max_megapixels`, `max_audio_seconds` and `max_video_seconds` cap the query's
         images, sounds and videos (QueryTooLargeError beyond; defaults as for indexing).
         """
         return self.searcher.search(query, text=text, image=image, audio=audio, video=video,

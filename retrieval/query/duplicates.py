@@ -410,21 +410,21 @@ def _why_keep(files: list[DuplicateFile]) -> str:
 # -- collapsing search results -------------------------------------------------------------------
 
 def collapse_hits(hits: list[Hit], vectors: np.ndarray, threshold: float | None = None) -> list[Hit]:
-    """One hit per group of near-duplicates among `hits` (best first): each kept hit lists the
-    later hits whose vectors' cosine with it reaches `threshold`, and those are dropped."""
+    """One hit per group of near-duplicates among `hits` (best first): the groups
+    `find_duplicates` makes by vector, chained through any member (a mirrored copy may resemble
+    the original only through a darker one), each kept as its best hit listing the others."""
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
-    if not hits:
-        return []
-    vectors = unit(np.asarray(vectors, dtype=np.float32))
-    similar = vectors @ vectors.T >= threshold
-    taken = np.zeros(len(hits), bool)
+    vectors = unit(np.asarray(vectors, dtype=np.float32).reshape(len(hits), -1))
+    pairs = np.argwhere(np.triu(vectors @ vectors.T >= threshold, k=1))
+    folded: dict[int, list[int]] = {}  # best member -> the others
+    for members in connected_groups(len(hits), pairs):
+        folded[members[0]] = members[1:]
     kept = []
     for i, hit in enumerate(hits):
-        if taken[i]:
+        if i in folded:
+            hit.duplicates = [{"id": hits[j].id, "uri": hits[j].uri, "path": hits[j].path,
+                               "score": hits[j].score} for j in folded[i]]
+        elif any(i in others for others in folded.values()):
             continue
-        others = [j for j in np.flatnonzero(similar[i]) if j > i and not taken[j]]
-        taken[others] = True
-        hit.duplicates = [{"id": hits[j].id, "uri": hits[j].uri, "path": hits[j].path,
-                           "score": hits[j].score} for j in others]
         kept.append(hit)
     return kept

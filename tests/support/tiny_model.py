@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from retrieval.encoders.clip import encode_trimmed_tokens
+
 TINY_MODEL_CFG: dict = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 32},
@@ -126,10 +128,17 @@ def render_batch(per_class: int, rng: np.random.Generator, preprocess: Callable
     return images, labels
 
 
-def _class_text_features(model: torch.nn.Module, tokenizer: Callable) -> torch.Tensor:
-    """L2-normalised text embeddings of the 9 class captions, in CLASSES order."""
+def _class_tokens(tokenizer: Callable) -> torch.Tensor:
+    """Token ids of the 9 class captions, in CLASSES order, cut after the longest one's end:
+    the tower is causal, so the padding after it changes nothing but the cost (8 positions
+    instead of 77)."""
     tokens = tokenizer([caption_for(c, s) for c, s in CLASSES])
-    return F.normalize(model.encode_text(tokens), dim=-1)
+    return tokens[:, :int(tokens.any(dim=0).nonzero().max()) + 1]
+
+
+def _class_text_features(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """L2-normalised text embeddings of `_class_tokens`."""
+    return F.normalize(encode_trimmed_tokens(model, tokens), dim=-1)
 
 
 def _random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -168,6 +177,7 @@ def train_tiny_clip(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
 
+    tokens = _class_tokens(tokenizer)
     model.train()
     for _ in range(steps):
         # Balanced batch: per_class random pool images of every class.
@@ -176,7 +186,7 @@ def train_tiny_clip(
         images, labels = _random_hflip(pool[idx], generator), pool_labels[idx]
 
         image_features = F.normalize(model.encode_image(images), dim=-1)
-        logits = model.logit_scale.exp() * image_features @ _class_text_features(model, tokenizer).T  # (B, 9)
+        logits = model.logit_scale.exp() * image_features @ _class_text_features(model, tokens).T  # (B, 9)
         # Image side: each image against the 9 captions. Text side: each caption
         # against the batch, with all images of its class as positives (uniform
         # soft target), because a batch holds many images per caption.
@@ -206,7 +216,8 @@ def evaluate_recall(
     model.eval()
     images, labels = render_batch(per_class, np.random.default_rng(seed), preprocess)
     image_features = F.normalize(model.encode_image(images), dim=-1)
-    similarity = image_features @ _class_text_features(model, tokenizer).T  # (N, 9)
+    captions = F.normalize(model.encode_text(tokenizer([caption_for(c, s) for c, s in CLASSES])), dim=-1)
+    similarity = image_features @ captions.T  # (N, 9)
     text_to_image = (labels[similarity.argmax(dim=0)] == torch.arange(len(CLASSES))).float().mean().item()
     image_to_text = (similarity.argmax(dim=1) == labels).float().mean().item()
     return text_to_image, image_to_text
