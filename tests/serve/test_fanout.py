@@ -49,16 +49,17 @@ def indexes(parts, trained_model, tmp_path_factory) -> tuple[Path, list[Path]]:
 
 
 def ranked(hits) -> list[tuple[str, float]]:
-    return [(hit.uri, round(hit.score, 5)) for hit in hits]
+    return [(hit.uri, hit.score) for hit in hits]
 
 
 def assert_same_top_k(found: list[tuple[str, float]], index: Index, k: int, **query) -> None:
     """The scores one index ranks first, each hit scored as that index scores it: identical
-    captions in several shards tie, and ties may come in any order."""
+    captions in several shards tie, and ties may come in any order. Scores agree to float
+    noise: a shard encodes its files in other batches than the whole index does."""
     expected = ranked(index.search(k=k, **query))
     everything = dict(ranked(index.search(k=1000, **query)))
-    assert [score for _, score in found] == [score for _, score in expected]
-    assert all(everything[uri] == score for uri, score in found)
+    assert [score for _, score in found] == pytest.approx([score for _, score in expected], abs=1e-5)
+    assert all(everything[uri] == pytest.approx(score, abs=1e-5) for uri, score in found)
 
 
 def test_shards_in_one_process_return_what_one_index_returns(indexes):
