@@ -473,8 +473,9 @@ class Index:
         stopped after `where_timeout` seconds; `under` a path prefix, `min_score` a cosine floor.
         `dedup` folds near-duplicates (cosine >= the duplicates' default threshold, chained as
         `duplicates` chains them) into the best of them: one hit per group, its `duplicates`
-        listing the others found among the top candidates. `max_megapixels`, `max_audio_seconds` and `max_video_seconds` cap the query's
-        images, sounds and videos (QueryTooLargeError beyond; defaults as for indexing).
+        listing the others found among the top candidates. `max_megapixels`,
+        `max_audio_seconds` and `max_video_seconds` cap the query's images, sounds and videos
+        (QueryTooLargeError beyond; defaults as for indexing).
         """
         return self.searcher.search(query, text=text, image=image, audio=audio, video=video,
                                     like=like, vector=vector, vector_of=vector_of, k=k, target=target,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from ..core.imports import exit_quickly
 from .build import convert_command, index_command, info_command, remove_command
 from .common import SearchFirstGroup
 from .duplicates import duplicates_command
@@ -42,7 +43,10 @@ for command in (search_command, index_command, remove_command, convert_command, 
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="retrieve")
+    try:
+        cli(prog_name="retrieve")
+    finally:
+        exit_quickly()
 
 
 if __name__ == "__main__":

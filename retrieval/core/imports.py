@@ -1,7 +1,9 @@
-"""Keeping optional imports of third-party packages out of a process that does not need them."""
+"""Keeping optional imports of third-party packages out of a process that does not need them,
+and their cost out of the end of one that did."""
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,3 +21,10 @@ def without_module(name: str) -> Iterator[None]:
     finally:
         if held_back:
             del sys.modules[name]
+
+
+def exit_quickly() -> None:
+    """For a process about to end: everything it holds is moved out of the garbage collector's
+    reach, so the interpreter's last collections do not walk it. With torch and open_clip
+    loaded they took 1.3 s of a 5.6 s process; the objects are freed all the same."""
+    gc.freeze()

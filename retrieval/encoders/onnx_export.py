@@ -30,6 +30,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
+from ..core.imports import exit_quickly
 from .clip import ClipEncoder, can_trim_padding, encode_trimmed_tokens, load_encoder, text_features
 from .onnx_towers import (
     FORMAT,
@@ -364,3 +365,4 @@ def _traced_export(module: torch.nn.Module, example: torch.Tensor, input_name: s
 
 if __name__ == "__main__":  # export_in_child: python -m retrieval.encoders.onnx_export NAME PRETRAINED
     export_to_cache(ModelSpec(sys.argv[1], sys.argv[2] or None))
+    exit_quickly()
