@@ -55,6 +55,14 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         config.option.dist = "worksteal"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests of the tiny CLIP trained once per run (seconds of one core) go last, in their
+    order: the workers start on the first and on the second half of the tests, and one of
+    them, once at the trained ones, trains it while the other has other work, where both
+    used to reach a trained test at once and one sat waiting for the other's training."""
+    items.sort(key=lambda item: "trained_clip" in item.fixturenames)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """A worker's torch, models and indexes are left out of the interpreter's last garbage
     collections (see retrieval.core.imports.exit_quickly): the run ends a second or two sooner."""
