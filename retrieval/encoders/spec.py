@@ -42,7 +42,7 @@ class Preset:
 MODEL_PRESETS: dict[str, Preset] = {
     "fast": Preset("ViT-B-32", "laion2b_s34b_b79k", "the fastest on a CPU; the default"),
     "balanced": Preset("MobileCLIP2-S0", "dfndr2b",
-                       "higher retrieval quality than ViT-B-32 at about half its CPU speed"),
+                       "higher retrieval quality than ViT-B-32 at 1.3-1.8 times its CPU time per image"),
     "best": Preset("MobileCLIP2-S4", "dfndr2b",
                    "the highest published retrieval quality of the candidates; slow on a CPU, for a GPU"),
 }
