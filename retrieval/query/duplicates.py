@@ -416,15 +416,13 @@ def collapse_hits(hits: list[Hit], vectors: np.ndarray, threshold: float | None 
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     vectors = unit(np.asarray(vectors, dtype=np.float32).reshape(len(hits), -1))
     pairs = np.argwhere(np.triu(vectors @ vectors.T >= threshold, k=1))
-    folded: dict[int, list[int]] = {}  # best member -> the others
-    for members in connected_groups(len(hits), pairs):
-        folded[members[0]] = members[1:]
+    folded = {members[0]: members[1:] for members in connected_groups(len(hits), pairs)}
+    dropped = {j for others in folded.values() for j in others}
     kept = []
     for i, hit in enumerate(hits):
-        if i in folded:
-            hit.duplicates = [{"id": hits[j].id, "uri": hits[j].uri, "path": hits[j].path,
-                               "score": hits[j].score} for j in folded[i]]
-        elif any(i in others for others in folded.values()):
+        if i in dropped:
             continue
+        hit.duplicates = [{"id": hits[j].id, "uri": hits[j].uri, "path": hits[j].path,
+                           "score": hits[j].score} for j in folded.get(i, [])]
         kept.append(hit)
     return kept
