@@ -160,10 +160,35 @@ def test_a_tower_that_tracing_cannot_export_is_exported_by_dynamo(exported, tmp_
     export_towers(encoder, tmp_path)
     manifest = json.loads((tmp_path / TOWERS_DIR / MANIFEST).read_text())
     assert manifest["text"] is None and "unsupported" in manifest["skipped"]["text"]
-    assert exporters == ["tracing", "dynamo", "dynamo"]  # the text tower is not traced (trimmed)
+    assert exporters == ["tracing", "dynamo", "tracing", "dynamo"]
     tower = load_image_tower(tmp_path, encoder.spec.identity)
     images = random_images(3)
     assert np.abs(tower.encode_images(images) - encoder.encode_images(images)).max() < TOLERANCE
+
+
+def test_the_trimmed_text_tower_is_traced_for_every_length_and_the_model_left_as_it_was(
+        exported, tmp_path, monkeypatch):
+    """Tracing keeps the trimmed tower's length a symbol through an attention written for it,
+    lent to the model's blocks during the export only."""
+    encoder, _ = exported
+    export = torch.onnx.export
+    exporters = []
+
+    def recording(module, *args, dynamo: bool = True, **kwargs):
+        exporters.append("dynamo" if dynamo else "tracing")
+        return export(module, *args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", recording)
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    export_towers(encoder, tmp_path)
+    assert exporters == ["tracing", "tracing"]
+    assert not any("attention" in vars(block) for block in encoder.model.transformer.resblocks)
+    tower = load_text_tower(tmp_path, encoder.spec.identity)
+    assert tower.trim
+    expected = encoder.encode_texts(TEXTS)
+    assert np.abs(tower.encode_texts(TEXTS) - expected).max() < TOLERANCE
+    for text, vector in zip(TEXTS, expected):  # one text, trimmed to its own length
+        assert np.abs(tower.encode_texts([text])[0] - vector).max() < TOLERANCE
 
 
 def test_each_model_is_exported_once(exported, tmp_path):
