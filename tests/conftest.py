@@ -23,17 +23,19 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 import shutil  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
 from support import write_image, write_shape_folder  # noqa: E402
-from support.tiny_coca import TINY_COCA_CFG, create_tiny_coca, train_tiny_coca, with_context  # noqa: E402
-from support.tiny_model import create_tiny_clip, train_tiny_clip, write_local_dir_model  # noqa: E402
 
 from retrieval.core.imports import exit_quickly  # noqa: E402
-from retrieval.encoders.onnx_export import export_to_cache  # noqa: E402
-from retrieval.encoders.spec import ModelSpec  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+# Fixtures import torch and open_clip (5 s) where they make models: xdist's controller loads
+# this file too, and workers start only once it has.
 
 WORKERS_AT_MOST = 4
 
@@ -100,6 +102,11 @@ def _model_made_once(tmp_path_factory, name: str, model: torch.nn.Module | None 
     its `local-dir:` spec, the same for every worker. Its ONNX towers are exported into the
     run's cache (`onnx_cache`) here, where torch is loaded already: a build would export them
     in a child process, which spends seconds importing torch (test_onnx_towers tests that)."""
+    from support.tiny_model import write_local_dir_model
+
+    from retrieval.encoders.onnx_export import export_to_cache
+    from retrieval.encoders.spec import ModelSpec
+
     def make(out: Path) -> None:
         spec = write_local_dir_model(out, model, seed)
         export_to_cache(ModelSpec.parse(spec))
@@ -135,6 +142,9 @@ def other_tiny_model(tmp_path_factory, onnx_cache) -> str:
 def trained_clip(tmp_path_factory) -> torch.nn.Module:
     """The tiny CLIP trained for seconds on coloured-shape renders and their captions (once a run,
     shared by xdist workers as a state dict, so `trained_model`'s write-and-reload stays tested)."""
+    import torch
+    from support.tiny_model import create_tiny_clip, train_tiny_clip
+
     folder = _made_once(tmp_path_factory, "trained-clip",
                         lambda out: torch.save(train_tiny_clip(seed=0).state_dict(), out / "state.pt"))
     model, _, _ = create_tiny_clip(seed=0)
@@ -154,6 +164,9 @@ def tiny_coca(tmp_path_factory) -> str:
     """A seeded, untrained tiny CoCa: `local-dir:` spec. Its captions are gibberish, but always
     the same gibberish: fine wherever what they say is not tested. Its context takes captions
     of the default maximum length (20 tokens)."""
+    from support.tiny_coca import create_tiny_coca, with_context
+    from support.tiny_model import write_local_dir_model
+
     config = with_context(22)
     model, _, _ = create_tiny_coca(seed=0, model_cfg=config)
     return write_local_dir_model(tmp_path_factory.mktemp("tiny-coca"), model, model_cfg=config)
@@ -163,6 +176,9 @@ def tiny_coca(tmp_path_factory) -> str:
 def trained_coca(tmp_path_factory, trained_clip) -> str:
     """A tiny CoCa trained for seconds, on `trained_clip`'s eyes, to caption the renders
     ("a red circle"): its `local-dir:` spec."""
+    from support.tiny_coca import TINY_COCA_CFG, train_tiny_coca
+    from support.tiny_model import write_local_dir_model
+
     folder = _made_once(tmp_path_factory, "trained-coca", lambda out: write_local_dir_model(
         out, train_tiny_coca(trained_clip.visual, seed=0), model_cfg=TINY_COCA_CFG))
     return f"local-dir:{folder}"
