@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 
+# The run starts a hundred Python processes that import this package (the CLI, servers, export
+# children); where PYTHONDONTWRITEBYTECODE is set each compiled it from source again. Let them
+# cache it (__pycache__ is ignored by git).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 # No test may reach a model hub: fail fast instead of waiting on a network that is not there.
 # Set before anything imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
