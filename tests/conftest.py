@@ -64,11 +64,12 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests of the tiny CLIP trained once per run (seconds of one core) go last, in their
-    order: the workers start on the first and on the second half of the tests, and one of
-    them, once at the trained ones, trains it while the other has other work, where both
-    used to reach a trained test at once and one sat waiting for the other's training."""
-    items.sort(key=lambda item: "trained_clip" in item.fixturenames)
+    """Tests of the tiny CLIP trained once per run (seconds of one core) go first, in their
+    order: the workers start on the first and on the second half of the tests, so one of
+    them trains it while the other has other work (where both used to reach a trained test
+    at once and one sat waiting for the other's training). Once last, they ended the run:
+    a worker out of tests took half of them over, trained tests and all, and waited."""
+    items.sort(key=lambda item: "trained_clip" not in item.fixturenames)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
