@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
+# Debian's headless shell first: the browser tests took half the CPU they take in the full
+# browser's headless mode (7 against 15 CPU-s in Chromium's own processes). The full browser
+# serves where it is the one installed.
+CHROMIUMS = (Path("/usr/bin/chromium-headless-shell"), Path("/usr/bin/chromium"))
+CHROMIUM = next((path for path in CHROMIUMS if path.exists()), CHROMIUMS[0])
 # Root runs need --no-sandbox; the rest keep Chromium off Google's servers (there is no network).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -17,7 +21,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
 def skip_without_chromium() -> None:
     """Skip the calling test module where Debian's Chromium is not installed."""
     if not CHROMIUM.exists():
-        pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)",
+        pytest.skip(f"browser tests need Debian's Chromium at {CHROMIUMS[0]} or {CHROMIUMS[1]} "
+                    "(apt-get install chromium-headless-shell)",
                     allow_module_level=True)
 
 
