@@ -78,11 +78,13 @@ def cold_queries(index: Path, image: Path, repeats: int, cache: Path) -> dict:
 
 
 def warm_queries(index: Path, texts: list[str]) -> dict:
-    """Warm text query latency through `Index.search` (pre-packed and quick ONNX sessions), and the
-    text encode alone, also with the build's text tower (a thread per core)."""
+    """Warm text query latency through `Index.search` (pre-packed and quick ONNX sessions, and the
+    8-bit twin of `--int8`), and the text encode alone, also with the build's text tower (a thread
+    per core)."""
     figures = {}
-    for label, one_shot in (("pre-packed session", False), ("quick session", True)):
-        with Index.open(index, readonly=True, one_shot=one_shot) as opened:
+    for label, one_shot, int8 in (("pre-packed session", False, False), ("quick session", True, False),
+                                  ("int8 twin (--int8)", False, True)):
+        with Index.open(index, readonly=True, one_shot=one_shot, int8=int8) as opened:
             search, encode = opened.search, opened.text_encoder.encode_texts
             figures[f"search, {label}"] = percentiles(time_each(lambda t, s=search: s(t, k=K), texts)[1])
             figures[f"encode, {label}"] = percentiles(time_each(lambda t, e=encode: e([t]), texts)[1])
