@@ -277,8 +277,7 @@ def _symbolic_attention(model: torch.nn.Module) -> Iterator[bool]:
     open_clip's own forward as for any export.
     """
     blocks = list(getattr(getattr(model, "transformer", None), "resblocks", []))
-    if not blocks or not all(isinstance(getattr(block, "attn", None), torch.nn.MultiheadAttention)
-                             and callable(getattr(block, "attention", None)) for block in blocks):
+    if not blocks or not all(_plain_self_attention(block) for block in blocks):
         yield False
         return
     for block in blocks:
@@ -288,6 +287,15 @@ def _symbolic_attention(model: torch.nn.Module) -> Iterator[bool]:
     finally:
         for block in blocks:
             del block.attention
+
+
+def _plain_self_attention(block: torch.nn.Module) -> bool:
+    """An open_clip block whose attention `_traceable_attention` computes: torch's own, one
+    projection for queries, keys and values, no extra key and value rows."""
+    attention = getattr(block, "attn", None)
+    return (isinstance(attention, torch.nn.MultiheadAttention) and callable(getattr(block, "attention", None))
+            and attention.in_proj_weight is not None and attention.bias_k is None
+            and not attention.add_zero_attn)
 
 
 def _traceable_attention(block: torch.nn.Module, q_x: torch.Tensor, k_x: torch.Tensor | None = None,

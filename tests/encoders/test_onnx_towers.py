@@ -191,6 +191,29 @@ def test_the_trimmed_text_tower_is_traced_for_every_length_and_the_model_left_as
         assert np.abs(tower.encode_texts([text])[0] - vector).max() < TOLERANCE
 
 
+def test_a_text_tower_whose_attention_is_not_plain_goes_to_dynamo(tiny_model, tmp_path, monkeypatch):
+    """Only torch's plain self-attention is lent the traceable one; another kind is left to dynamo
+    (refused here, to keep the test cheap), never traced with a length baked in."""
+    encoder = load_encoder(ModelSpec.parse(tiny_model), "cpu")
+    for block in encoder.model.transformer.resblocks:
+        block.attn.add_zero_attn = True
+    export = torch.onnx.export
+    exporters = []
+
+    def dynamo_refuses(module, *args, dynamo: bool = True, **kwargs):
+        exporters.append(("dynamo" if dynamo else "tracing", type(module).__name__))
+        if dynamo:
+            raise RuntimeError("unsupported")
+        return export(module, *args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_refuses)
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    export_towers(encoder, tmp_path)
+    assert exporters == [("tracing", "ImageTower"), ("dynamo", "TextTower")]
+    manifest = json.loads((tmp_path / TOWERS_DIR / MANIFEST).read_text())
+    assert manifest["text"] is None and "unsupported" in manifest["skipped"]["text"]
+
+
 def test_each_model_is_exported_once(exported, tmp_path):
     """A second index of the model links the cached towers; an old numpy tower is dropped."""
     encoder, first = exported
