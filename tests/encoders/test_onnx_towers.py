@@ -140,27 +140,42 @@ def test_image_tower_equals_open_clip(quick, exported, tiny_model):
     assert load_image_tower(folder, "some-other-model") is None
 
 
+def record_exports(monkeypatch, refuse=lambda exporter, module: None) -> list[tuple[str, str]]:
+    """From now on, torch's ONNX exports are listed as (exporter, module class) as they are
+    asked for; where `refuse(exporter, module)` gives an exception, it is raised instead."""
+    export = torch.onnx.export
+    asked: list[tuple[str, str]] = []
+
+    def recording(module, *args, dynamo: bool = True, **kwargs):
+        exporter = "dynamo" if dynamo else "tracing"
+        asked.append((exporter, type(module).__name__))
+        error = refuse(exporter, module)
+        if error is not None:
+            raise error
+        return export(module, *args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", recording)
+    return asked
+
+
 def test_a_tower_that_tracing_cannot_export_is_exported_by_dynamo(exported, tmp_path, monkeypatch):
     """Tracing is tried first (much the faster); a model it fails on goes to dynamo instead."""
     encoder, _ = exported
-    export = torch.onnx.export
 
-    exporters = []
-
-    def tracing_fails(module, *args, dynamo: bool = True, **kwargs):
-        exporters.append("dynamo" if dynamo else "tracing")
-        if not dynamo:
-            raise torch.jit.Error("untraceable")
+    def tracing_fails(exporter, module):
+        if exporter == "tracing":
+            return torch.jit.Error("untraceable")
         if isinstance(module, onnx_export.TextTower):  # one tower is enough to see it
-            raise RuntimeError("unsupported")
-        return export(module, *args, dynamo=dynamo, **kwargs)
+            return RuntimeError("unsupported")
+        return None
 
-    monkeypatch.setattr(torch.onnx, "export", tracing_fails)
+    exporters = record_exports(monkeypatch, tracing_fails)
     monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
     export_towers(encoder, tmp_path)
     manifest = json.loads((tmp_path / TOWERS_DIR / MANIFEST).read_text())
     assert manifest["text"] is None and "unsupported" in manifest["skipped"]["text"]
-    assert exporters == ["tracing", "dynamo", "tracing", "dynamo"]
+    assert exporters == [("tracing", "ImageTower"), ("dynamo", "ImageTower"),
+                         ("tracing", "TextTower"), ("dynamo", "TextTower")]
     tower = load_image_tower(tmp_path, encoder.spec.identity)
     images = random_images(3)
     assert np.abs(tower.encode_images(images) - encoder.encode_images(images)).max() < TOLERANCE
@@ -171,17 +186,10 @@ def test_the_trimmed_text_tower_is_traced_for_every_length_and_the_model_left_as
     """Tracing keeps the trimmed tower's length a symbol through an attention written for it,
     lent to the model's blocks during the export only."""
     encoder, _ = exported
-    export = torch.onnx.export
-    exporters = []
-
-    def recording(module, *args, dynamo: bool = True, **kwargs):
-        exporters.append("dynamo" if dynamo else "tracing")
-        return export(module, *args, dynamo=dynamo, **kwargs)
-
-    monkeypatch.setattr(torch.onnx, "export", recording)
+    exporters = record_exports(monkeypatch)
     monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
     export_towers(encoder, tmp_path)
-    assert exporters == ["tracing", "tracing"]
+    assert exporters == [("tracing", "ImageTower"), ("tracing", "TextTower")]
     assert not any("attention" in vars(block) for block in encoder.model.transformer.resblocks)
     tower = load_text_tower(tmp_path, encoder.spec.identity)
     assert tower.trim
@@ -197,16 +205,8 @@ def test_a_text_tower_whose_attention_is_not_plain_goes_to_dynamo(tiny_model, tm
     encoder = load_encoder(ModelSpec.parse(tiny_model), "cpu")
     for block in encoder.model.transformer.resblocks:
         block.attn.add_zero_attn = True
-    export = torch.onnx.export
-    exporters = []
-
-    def dynamo_refuses(module, *args, dynamo: bool = True, **kwargs):
-        exporters.append(("dynamo" if dynamo else "tracing", type(module).__name__))
-        if dynamo:
-            raise RuntimeError("unsupported")
-        return export(module, *args, dynamo=dynamo, **kwargs)
-
-    monkeypatch.setattr(torch.onnx, "export", dynamo_refuses)
+    exporters = record_exports(
+        monkeypatch, lambda exporter, module: RuntimeError("unsupported") if exporter == "dynamo" else None)
     monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
     export_towers(encoder, tmp_path)
     assert exporters == [("tracing", "ImageTower"), ("dynamo", "TextTower")]
