@@ -58,6 +58,12 @@ from .tokenizer import ClipTokenizer
 OPSET = 17  # of the tracing exporter: LayerNormalization is one operator from opset 17
 TOLERANCE = 1e-4  # the largest difference from open_clip's normalised vectors a tower may show
 INT8_AGREEMENT = 0.99  # the least cosine to open_clip's vectors the 8-bit text tower may show
+# Weights per block of the 8-bit text tower, each block with a scale of its own. Measured for
+# ViT-B-32 (random weights) over the 5,000 Flickr8k test captions against the fp32 tower:
+# text-to-image top-10 overlap 0.973 for blocks of 32, 0.957 of 64, 0.956 of 128, at the same
+# speed. The per-channel dynamic quantisation this replaced ran a query in 6 ms against 8 ms,
+# but agreed less (0.942) and added 0.85 GB to the export's peak, where this adds 0.4 GB.
+INT8_BLOCK = 32
 LEGACY_FILES = ("text_tower.safetensors",)  # the numpy text tower these towers replaced
 PROBE_TEXTS = ["a dog in the park", "x", "", "two cats asleep on a red sofa by the window",
                "ünïcödé 猫 &amp; emoji 😀", "word " * 100]
@@ -238,24 +244,27 @@ def _export_int8_text(source: Path, expected: np.ndarray, context_length: int, t
     """The 8-bit twin of the text tower in `source` (see INT8_TEXT_FILE), kept when its
     vectors agree with open_clip's `expected` ones on the probe texts; else None, and
     `int8` queries use the fp32 tower."""
+    path = source.with_name(INT8_TEXT_FILE)
     try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        with _root_logger_kept():
+            import onnx
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                DefaultWeightOnlyQuantConfig,
+                MatMulNBitsQuantizer,
+            )
+
+            config = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK, is_symmetric=True, bits=8,
+                                                  accuracy_level=4)  # multiplied in int8
+            quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
     except ImportError:
         return None
-    path = source.with_name(INT8_TEXT_FILE)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantiser's advice goes to the root logger, not the user
-    try:
-        quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm", "Gather"], use_external_data_format=True)
     except OSError:
         raise
     except Exception:  # the quantiser raises many kinds for graphs it does not handle
         return None
-    finally:
-        root.setLevel(level)
-    session = open_session(path, quick=True)
+    session = open_session(path)  # pre-packed, as queries open it (see load_text_tower)
     tower = session and OnnxTextEncoder(session, context_length, trimmed, expected.shape[1])
     got = tower and tower.encode_texts(PROBE_TEXTS)
     if got is None or not (got * expected).sum(axis=1).min() >= INT8_AGREEMENT:  # also catches NaN
@@ -263,6 +272,22 @@ def _export_int8_text(source: Path, expected: np.ndarray, context_length: int, t
             leftover.unlink()
         return None
     return INT8_TEXT_FILE
+
+
+@contextmanager
+def _root_logger_kept() -> Iterator[None]:
+    """ONNX Runtime's quantiser configures the root logger when imported (`basicConfig` at
+    INFO) and logs its progress there, advice for its developers: meanwhile the root logger
+    passes errors only, and it is left as it was."""
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
+    root.addHandler(logging.NullHandler())  # so that basicConfig finds it configured
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 @contextmanager
