@@ -227,6 +227,24 @@ def test_a_text_tower_whose_attention_is_not_plain_goes_to_dynamo(tiny_model, tm
     assert manifest["text"] is None and "unsupported" in manifest["skipped"]["text"]
 
 
+def test_a_tower_with_more_weights_than_tracing_holds_well_goes_to_dynamo(tiny_model, tmp_path, monkeypatch):
+    """Tracing holds passing copies of a tower's weights: a tower with more than TRACE_AT_MOST
+    bytes of them goes to dynamo (refused here, to keep the test cheap), each tower judged by
+    its own weights."""
+    encoder = load_encoder(ModelSpec.parse(tiny_model), "cpu")
+    image = onnx_export.ImageTower(encoder.model).weight_bytes()
+    text = onnx_export.TextTower(encoder.model, trimmed=True).weight_bytes()
+    model = sum(t.numel() * t.element_size() for t in (*encoder.model.parameters(), *encoder.model.buffers()))
+    assert image + text == model and image != text
+    monkeypatch.setattr(onnx_export, "TRACE_AT_MOST", (image + text) // 2)
+    exporters = record_exports(
+        monkeypatch, lambda exporter, module: RuntimeError("unsupported") if exporter == "dynamo" else None)
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    export_towers(encoder, tmp_path)
+    larger, smaller = ("ImageTower", "TextTower") if image > text else ("TextTower", "ImageTower")
+    assert sorted(exporters) == sorted([("dynamo", larger), ("tracing", smaller)])
+
+
 def test_each_model_is_exported_once(exported, tmp_path):
     """A second index of the model links the cached towers; an old numpy tower is dropped."""
     encoder, first = exported
