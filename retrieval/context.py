@@ -150,7 +150,7 @@ class Encoders:
         fingerprint = weights_fingerprint(self.spec)
         key = cached_key(fingerprint)
         if key is None and fingerprint is not None:
-            export_in_child(self.spec.name, self.spec.pretrained)
+            export_in_child(self.spec.name, self.spec.pretrained, fingerprint)
             key = cached_key(fingerprint)
         if key is None or not install_cached(key, self.folder):
             self.clip  # noqa: B018  loads the model, which exports its towers

@@ -1,9 +1,9 @@
 """Export a model's image and text towers to ONNX for the torch-free query path (`onnx_towers`).
 
 Every exported tower is checked against the torch model it came from before it is kept: the
-preprocessed pixels and the token ids must be equal, the vectors within `TOLERANCE`. A tower
-that cannot be exported or does not pass is left out with one logged line, and its queries
-load the model as before.
+preprocessed pixels and the token ids must be equal (here), the vectors within
+`onnx_checks.TOLERANCE` (there, without torch). A tower that cannot be exported or does not
+pass is left out with one logged line, and its queries load the model as before.
 
 Exporting takes seconds (a tiny model) to tens of seconds (ViT-B-32), so each model is
 exported once into a cache (`RETRIEVAL_CACHE`, else `$XDG_CACHE_HOME/retrieval`, else
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import warnings
@@ -29,41 +28,27 @@ from types import MethodType
 import numpy as np
 import torch
 from open_clip.tokenizer import SimpleTokenizer
-from PIL import Image
 
 from ..core.imports import exit_quickly
 from .clip import ClipEncoder, can_trim_padding, encode_trimmed_tokens, load_encoder, text_features
+from .onnx_checks import PROBE_TEXTS, NotExported, finish_export, first_line, probe_images, write_draft
 from .onnx_towers import (
     FORMAT,
     IMAGE_FILE,
-    INT8_TEXT_FILE,
-    MANIFEST,
     TEXT_FILE,
     TOWERS_DIR,
-    OnnxImageEncoder,
-    OnnxTextEncoder,
     Preprocess,
     cache_root,
     install,
-    open_session,
     read_manifest,
     remember_source,
     staging_folder,
-    swap_in,
     warn_skipped,
 )
 from .spec import ModelSpec, weights_fingerprint
 from .tokenizer import ClipTokenizer
 
 OPSET = 17  # of the tracing exporter: LayerNormalization is one operator from opset 17
-TOLERANCE = 1e-4  # the largest difference from open_clip's normalised vectors a tower may show
-INT8_AGREEMENT = 0.99  # the least cosine to open_clip's vectors the 8-bit text tower may show
-# Weights per block of the 8-bit text tower, each block with a scale of its own. Measured for
-# ViT-B-32 (random weights) over the 5,000 Flickr8k test captions against the fp32 tower:
-# text-to-image top-10 overlap 0.973 for blocks of 32, 0.957 of 64, 0.956 of 128, at the same
-# speed. The per-channel dynamic quantisation this replaced ran a query in 6 ms against 8 ms,
-# but agreed less (0.942) and added 0.85 GB to the export's peak, where this adds 0.4 GB.
-INT8_BLOCK = 32
 # Tracing holds about three passing copies of a tower's weights (the constants it folds, the
 # graph it writes, that graph read back): ViT-B-32's image tower (351 MB) peaked 1.4 GB above
 # the loaded model. Dynamo writes the weights straight to their file (0.1 GB above), but is
@@ -71,8 +56,6 @@ INT8_BLOCK = 32
 # So towers with more weights than this go to dynamo.
 TRACE_AT_MOST = 64 * 2**20  # bytes
 LEGACY_FILES = ("text_tower.safetensors",)  # the numpy text tower these towers replaced
-PROBE_TEXTS = ["a dog in the park", "x", "", "two cats asleep on a red sofa by the window",
-               "ünïcödé 猫 &amp; emoji 😀", "word " * 100]
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +97,25 @@ def export_towers(encoder: ClipEncoder, folder: Path, fingerprint: str | None = 
 
 
 def export_to_cache(spec: ModelSpec) -> None:
-    """Load `spec`'s model on the CPU and export its towers into the cache, found again by
-    its weights' fingerprint (what `export_in_child` runs in a process of its own)."""
+    """Load `spec`'s model on the CPU and export its towers into the cache, found again by its
+    weights' fingerprint: in this process (`export_in_child` parts it in two)."""
     fingerprint = weights_fingerprint(spec)
+    key, staging = write_graphs_for_cache(spec)
+    if staging is not None:
+        finish_export(staging, cache_root() / key)
+    remember_source(fingerprint, key)
+
+
+def write_graphs_for_cache(spec: ModelSpec) -> tuple[str, Path | None]:
+    """Load `spec`'s model on the CPU and write its towers' graphs for the cache: its cache key,
+    and the staging folder to finish (`onnx_checks.finish_export`) into `cache_root() / key`,
+    or None when the cache has them (what `export_in_child`'s first process runs)."""
     encoder = load_encoder(spec, "cpu")
     key = cache_key(encoder)
-    if read_manifest(cache_root() / key) is None:
-        _export_into(encoder, key, cache_root() / key)
-    remember_source(fingerprint, key)
+    target = cache_root() / key
+    if read_manifest(target) is not None:
+        return key, None
+    return key, _graphs_staged(encoder, key, target)
 
 
 def cache_key(encoder: ClipEncoder) -> str:
@@ -139,35 +133,30 @@ def cache_key(encoder: ClipEncoder) -> str:
 
 def _export_into(encoder: ClipEncoder, key: str, target: Path) -> None:
     """Export and check both towers in a fresh folder, then rename it to `target`."""
+    finish_export(_graphs_staged(encoder, key, target), target)
+
+
+def _graphs_staged(encoder: ClipEncoder, key: str, target: Path) -> Path:
+    """A fresh folder beside `target` with both towers' graphs and the draft `finish_export`
+    checks them by: a tower that cannot be exported is left out, its reason noted."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(target)
     try:
         manifest: dict = {"format": FORMAT, "model": encoder.spec.identity, "key": key,
                           "image": None, "text": None, "skipped": {}}
+        references = {}
         for tower, export in (("image", _export_image), ("text", _export_text)):
             try:
-                manifest[tower] = export(encoder, staging)
+                manifest[tower], references[tower] = export(encoder, staging)
             except NotExported as reason:
                 manifest["skipped"][tower] = str(reason)
                 for path in staging.glob(f"{tower}.onnx*"):
                     path.unlink()
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for path in staging.iterdir():
-            os.chmod(path, 0o644)  # as readable as the index it serves
-        existing = read_manifest(target)
-        if existing is not None and existing.get("key") == key:
-            # another process exported the same meanwhile: keep its files, which an index
-            # may be linking right now
-            shutil.rmtree(staging)
-        else:
-            swap_in(staging, target)
+        write_draft(staging, manifest, references)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-class NotExported(Exception):
-    """Why a tower was left out; the message is the reason shown to the user."""
+    return staging
 
 
 class ImageTower(torch.nn.Module):
@@ -209,14 +198,14 @@ def _bytes_of(module: torch.nn.Module | None) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def _export_image(encoder: ClipEncoder, folder: Path) -> dict:
+def _export_image(encoder: ClipEncoder, folder: Path) -> tuple[dict, np.ndarray]:
     if _quantized(encoder):
         raise NotExported("its int8 weights are quantised for torch only")
     try:
         preprocess = Preprocess.from_config(getattr(encoder.model.visual, "preprocess_cfg", {}))
     except (ValueError, TypeError) as error:
         raise NotExported(f"its preprocessing is not reproduced without torch: {error}") from None
-    probes = _probe_images(preprocess.size)
+    probes = probe_images(preprocess.size)
     ours = np.stack([preprocess(image) for image in probes])
     theirs = torch.stack([encoder.preprocess(image) for image in probes])
     if ours.shape != tuple(theirs.shape) or np.abs(ours - theirs.numpy()).max() > 1e-5:
@@ -224,13 +213,10 @@ def _export_image(encoder: ClipEncoder, folder: Path) -> dict:
     path = folder / IMAGE_FILE
     _onnx_export(ImageTower(encoder.model), theirs[:2].to(encoder.device), "pixels", path, ["batch"])
     expected = encoder.encode_images(probes)
-    tower = OnnxImageEncoder(_session_or_fail(path), preprocess, expected.shape[1])
-    with _running_export():
-        _check((expected, tower.encode_images(probes)), (expected[:1], tower.encode_images(probes[:1])))
-    return {"file": IMAGE_FILE, "dim": int(expected.shape[1]), "preprocess": asdict(preprocess)}
+    return {"file": IMAGE_FILE, "dim": int(expected.shape[1]), "preprocess": asdict(preprocess)}, expected
 
 
-def _export_text(encoder: ClipEncoder, folder: Path) -> dict:
+def _export_text(encoder: ClipEncoder, folder: Path) -> tuple[dict, np.ndarray]:
     tokenizer = encoder.tokenizer
     if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.reduction_fn is not None \
             or len(tokenizer.all_special_ids) != 2:
@@ -250,63 +236,8 @@ def _export_text(encoder: ClipEncoder, folder: Path) -> dict:
         _onnx_export(TextTower(encoder.model, trimmed), torch.from_numpy(example).to(encoder.device),
                      "tokens", path, axes, max_length=ours.context_length, traceable=traceable)
     expected = encoder.encode_texts(PROBE_TEXTS)
-    tower = OnnxTextEncoder(_session_or_fail(path), ours.context_length, trimmed, expected.shape[1])
-    with _running_export():
-        batched = tower.encode_texts(PROBE_TEXTS)
-        one_by_one = np.concatenate([tower.encode_texts([text]) for text in PROBE_TEXTS])
-    _check((expected, batched), (expected, one_by_one))
     return {"file": TEXT_FILE, "dim": int(expected.shape[1]), "context_length": ours.context_length,
-            "trim": trimmed, "int8_file": _export_int8_text(path, expected, ours.context_length, trimmed)}
-
-
-def _export_int8_text(source: Path, expected: np.ndarray, context_length: int, trimmed: bool) -> str | None:
-    """The 8-bit twin of the text tower in `source` (see INT8_TEXT_FILE), kept when its
-    vectors agree with open_clip's `expected` ones on the probe texts; else None, and
-    `int8` queries use the fp32 tower."""
-    path = source.with_name(INT8_TEXT_FILE)
-    try:
-        with _root_logger_kept():
-            import onnx
-            from onnxruntime.quantization.matmul_nbits_quantizer import (
-                DefaultWeightOnlyQuantConfig,
-                MatMulNBitsQuantizer,
-            )
-
-            config = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK, is_symmetric=True, bits=8,
-                                                  accuracy_level=4)  # multiplied in int8
-            quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
-            quantizer.process()
-            quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
-    except ImportError:
-        return None
-    except OSError:
-        raise
-    except Exception:  # the quantiser raises many kinds for graphs it does not handle
-        return None
-    session = open_session(path)  # pre-packed, as queries open it (see load_text_tower)
-    tower = session and OnnxTextEncoder(session, context_length, trimmed, expected.shape[1])
-    got = tower and tower.encode_texts(PROBE_TEXTS)
-    if got is None or not (got * expected).sum(axis=1).min() >= INT8_AGREEMENT:  # also catches NaN
-        for leftover in path.parent.glob(f"{INT8_TEXT_FILE}*"):
-            leftover.unlink()
-        return None
-    return INT8_TEXT_FILE
-
-
-@contextmanager
-def _root_logger_kept() -> Iterator[None]:
-    """ONNX Runtime's quantiser configures the root logger when imported (`basicConfig` at
-    INFO) and logs its progress there, advice for its developers: meanwhile the root logger
-    passes errors only, and it is left as it was."""
-    root = logging.getLogger()
-    level, handlers = root.level, root.handlers[:]
-    root.addHandler(logging.NullHandler())  # so that basicConfig finds it configured
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+            "trim": trimmed}, expected
 
 
 @contextmanager
@@ -360,28 +291,9 @@ def _traceable_attention(block: torch.nn.Module, q_x: torch.Tensor, k_x: torch.T
     return out if attention.batch_first else out.transpose(0, 1)
 
 
-def _probe_images(size: tuple[int, int]) -> list[Image.Image]:
-    """Images around the tower's input size: larger and smaller, landscape, portrait and
-    square, odd sides (rounding), so that every branch of the preprocessing runs."""
-    height, width = size
-    shapes = [(height, width), (2 * height + 1, int(1.5 * width) + 3), (height // 2 + 3, width + 5),
-              (int(1.3 * height) + 1, width // 3 + 2), (height // 3 + 1, width // 2 + 1)]
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)) for h, w in shapes]
-
-
 def _quantized(encoder: ClipEncoder) -> bool:
     return any(isinstance(module, torch.ao.nn.quantized.dynamic.Linear)
                for module in encoder.model.modules())
-
-
-def _session_or_fail(path: Path):
-    # A quick session: a pre-packed copy of the weights beside the model's own would add
-    # hundreds of MB to the build's peak (the tests check both kinds).
-    session = open_session(path, quick=True)
-    if session is None:
-        raise NotExported("ONNX Runtime cannot load the export (is onnxruntime installed?)")
-    return session
 
 
 def _weights_beside(path: Path) -> None:
@@ -394,29 +306,6 @@ def _weights_beside(path: Path) -> None:
     graph = onnx.load(str(path))
     onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=f"{path.name}.data", size_threshold=1024)
-
-
-@contextmanager
-def _running_export() -> Iterator[None]:
-    """An export that ONNX Runtime fails to run on the probes is as wrong as one that differs."""
-    try:
-        yield
-    except (OSError, NotExported):
-        raise
-    except Exception as error:
-        raise NotExported(f"ONNX Runtime cannot run the export: {_first_line(error)}") from None
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:160] if text else type(error).__name__
-
-
-def _check(*pairs: tuple[np.ndarray, np.ndarray]) -> None:
-    """The tower's vectors against open_clip's, as (expected, got) pairs."""
-    difference = max(float(np.abs(got - expected).max()) for expected, got in pairs)
-    if not difference <= TOLERANCE:  # also catches NaN
-        raise NotExported(f"its ONNX vectors differ from open_clip's by {difference:.1e}")
 
 
 def _onnx_export(module: ImageTower | TextTower, example: torch.Tensor, input_name: str, path: Path,
@@ -448,7 +337,7 @@ def _onnx_export(module: ImageTower | TextTower, example: torch.Tensor, input_na
     except OSError:
         raise
     except Exception as error:  # the exporter raises many kinds for one cause: unsupported code
-        raise NotExported(f"the ONNX export failed: {_first_line(error)}") from None
+        raise NotExported(f"the ONNX export failed: {first_line(error)}") from None
 
 
 def _traced_export(module: torch.nn.Module, example: torch.Tensor, input_name: str, path: Path,
@@ -474,5 +363,6 @@ def _traced_export(module: torch.nn.Module, example: torch.Tensor, input_name: s
 
 
 if __name__ == "__main__":  # export_in_child: python -m retrieval.encoders.onnx_export NAME PRETRAINED
-    export_to_cache(ModelSpec(sys.argv[1], sys.argv[2] or None))
+    exported_key, unfinished = write_graphs_for_cache(ModelSpec(sys.argv[1], sys.argv[2] or None))
+    print(json.dumps({"key": exported_key, "staging": unfinished and str(unfinished)}))
     exit_quickly()

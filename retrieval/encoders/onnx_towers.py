@@ -385,17 +385,32 @@ def install_cached(key: str, folder: Path) -> bool:
     return True
 
 
-def export_in_child(name: str, pretrained: str | None) -> None:
-    """Export a model's towers into the cache in a process of its own, so that this one never
-    holds torch and the model beside the towers (a first ViT-B-32 build peaked at 2.5 GB doing
-    both). Whatever goes wrong there, the caller finds no towers and loads the model itself,
-    which reports any real cause."""
+def export_in_child(name: str, pretrained: str | None, fingerprint: str | None) -> None:
+    """Export a model's towers into the cache, found again by the weights' `fingerprint`, in two
+    processes of their own: one with torch and the model writes the graphs (`onnx_export`), one
+    without checks them and makes the 8-bit twin (`onnx_checks`). So this process never holds
+    torch, and neither child holds the model beside the towers' sessions (ViT-B-32's export
+    peaked at 2.1 GB in one process; 2.5 GB in the build's own, before). Whatever goes wrong
+    there, the caller finds no towers and loads the model itself, which reports any real cause."""
+    written = _run_child("onnx_export", name, pretrained or "")
+    try:
+        outcome = json.loads(written.stdout.strip().splitlines()[-1])
+        key, staging = outcome["key"], outcome["staging"]
+    except (ValueError, IndexError, KeyError, TypeError):
+        return
+    if staging is not None:
+        _run_child("onnx_checks", staging, str(cache_root() / key))
+    if read_manifest(cache_root() / key) is not None:
+        remember_source(fingerprint, key)
+
+
+def _run_child(module: str, *arguments: str) -> subprocess.CompletedProcess:
+    """`python -m` this package's `module`, its output (stdout) captured, its complaints dropped."""
     package_root = str(Path(__file__).resolve().parents[2])  # the child imports this code
     path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-    module = __name__.rsplit(".", 1)[0] + ".onnx_export"
-    subprocess.run([sys.executable, "-m", module, name, pretrained or ""], check=False,
-                   env={**os.environ, "PYTHONPATH": path}, stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run([sys.executable, "-m", f"{__package__}.{module}", *arguments], check=False,
+                          env={**os.environ, "PYTHONPATH": path}, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
 def warn_skipped(towers: Path) -> None:

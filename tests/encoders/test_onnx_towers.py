@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,8 @@ from support import run_cli_process, write_image
 from retrieval import Index
 from retrieval.encoders import onnx_export
 from retrieval.encoders.clip import ClipEncoder, load_encoder
-from retrieval.encoders.onnx_export import INT8_AGREEMENT, cache_key, export_towers
+from retrieval.encoders.onnx_checks import INT8_AGREEMENT
+from retrieval.encoders.onnx_export import cache_key, export_towers, write_graphs_for_cache
 from retrieval.encoders.onnx_towers import (
     IMAGE_FILE,
     INT8_TEXT_FILE,
@@ -402,7 +405,28 @@ def test_first_build_exports_in_a_child_process(tmp_path, photo_folder, tiny_mod
     assert done.returncode == 0, done.stderr
     assert not imported & {"torch", "open_clip"}
     assert load_image_tower(tmp_path / "index", ModelSpec.parse(tiny_model).identity) is not None
-    assert any((tmp_path / "cache" / TOWERS_DIR).glob(f"*/{TEXT_FILE}"))
+    cache = tmp_path / "cache" / TOWERS_DIR
+    assert not [path for path in cache.iterdir() if path.name.startswith(".")]  # no staging left
+    [manifest] = cache.glob(f"*/{MANIFEST}")
+    assert json.loads(manifest.read_text())["text"]["int8_file"] == INT8_TEXT_FILE
+
+
+def test_the_towers_are_checked_and_the_8_bit_twin_made_without_torch(tmp_path, tiny_model, monkeypatch):
+    """The export's second half (checks, 8-bit twin, renaming into place) runs in a process
+    that never imports torch, apart from the one holding the model."""
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    key, staging = write_graphs_for_cache(ModelSpec.parse(tiny_model))
+    assert not (staging / MANIFEST).exists()  # not usable before its checks
+    target = tmp_path / "cache" / TOWERS_DIR / key
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "retrieval.encoders.onnx_checks",
+                           str(staging), str(target)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if "import time:" in line}
+    assert "onnxruntime" in imported and not imported & {"torch", "open_clip"}
+    assert not staging.exists()
+    manifest = json.loads((target / MANIFEST).read_text())
+    assert manifest["skipped"] == {} and manifest["text"]["int8_file"] == INT8_TEXT_FILE
+    assert {path.name for path in target.iterdir()} >= {IMAGE_FILE, TEXT_FILE, INT8_TEXT_FILE, MANIFEST}
 
 
 def test_int8_text_tower_agrees_with_open_clip(exported, tmp_path):
