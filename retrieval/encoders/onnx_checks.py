@@ -6,8 +6,8 @@ twin, and put the towers in place: the half of an export that needs no torch.
 ONNX Runtime, leaves out one that differs (with its reason in the manifest), and renames the
 folder into place. A model's first build runs the two halves in two processes (see
 `onnx_towers.export_in_child`), so the one that holds torch and the model never also holds the
-towers' ONNX Runtime sessions and the quantiser: ViT-B-32's export peaked at 2.1 GB when one
-process did both, and its torch half peaks at about 1.5 GB alone.
+towers' ONNX Runtime sessions and the quantiser: ViT-B-32's export peaked at 2.6 GB when one
+process did both; its torch half peaks at 1.6 GB alone, this half at about 1 GB.
 """
 
 from __future__ import annotations
@@ -37,12 +37,6 @@ from .onnx_towers import (
 
 TOLERANCE = 1e-4  # the largest difference from open_clip's normalised vectors a tower may show
 INT8_AGREEMENT = 0.99  # the least cosine to open_clip's vectors the 8-bit text tower may show
-# Weights per block of the 8-bit text tower, each block with a scale of its own. Measured for
-# ViT-B-32 (random weights) over the 5,000 Flickr8k test captions against the fp32 tower:
-# text-to-image top-10 overlap 0.973 for blocks of 32, 0.957 of 64, 0.956 of 128, at the same
-# speed. The per-channel dynamic quantisation this replaced ran a query in 6 ms against 8 ms,
-# but agreed less (0.942) and added 0.85 GB to the export's peak, where this adds 0.4 GB.
-INT8_BLOCK = 32
 PROBE_TEXTS = ["a dog in the park", "x", "", "two cats asleep on a red sofa by the window",
                "ünïcödé 猫 &amp; emoji 😀", "word " * 100]
 REFERENCES = "references.npz"  # open_clip's vectors for the probes, in a staging folder
@@ -131,18 +125,10 @@ def _int8_twin(source: Path, expected: np.ndarray, entry: dict) -> str | None:
     path = source.with_name(INT8_TEXT_FILE)
     try:
         with _root_logger_kept():
-            import onnx
-            from onnxruntime.quantization.matmul_nbits_quantizer import (
-                DefaultWeightOnlyQuantConfig,
-                MatMulNBitsQuantizer,
-            )
+            from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            config = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK, is_symmetric=True, bits=8,
-                                                  accuracy_level=4)  # multiplied in int8
-            quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
-            quantizer.process()
-            quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
-            del quantizer
+            quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm", "Gather"], use_external_data_format=True)
     except ImportError:
         return None
     except OSError:
@@ -161,9 +147,9 @@ def _int8_twin(source: Path, expected: np.ndarray, entry: dict) -> str | None:
 
 @contextmanager
 def _root_logger_kept() -> Iterator[None]:
-    """ONNX Runtime's quantiser configures the root logger when imported (`basicConfig` at
-    INFO) and logs its progress there, advice for its developers: meanwhile the root logger
-    passes errors only, and it is left as it was."""
+    """ONNX Runtime's quantisers log advice for their developers to the root logger, and one of
+    them configures it when imported (`basicConfig` at INFO): meanwhile the root logger passes
+    errors only, and it is left as it was."""
     root = logging.getLogger()
     level, handlers = root.level, root.handlers[:]
     root.addHandler(logging.NullHandler())  # so that basicConfig finds it configured

@@ -37,13 +37,15 @@ MANIFEST = "towers.json"
 SOURCES_DIR = "sources"  # in the cache: weights fingerprint -> cache key, for torch-free lookups
 IMAGE_FILE = "image.onnx"
 TEXT_FILE = "text.onnx"
-# The text tower with 8-bit weights (ONNX Runtime's weight-only quantisation of every MatMul,
-# in blocks of 32 weights with a scale each, multiplied in int8): a warm query reads 4x fewer
-# weight bytes. Measured for ViT-B-32 (random weights, bare session, 2 threads, quiet 2-core
-# machine): 5.6 ms a 7-token query against 10.5 ms; its vectors against the fp32 tower's on the
-# 5,000 Flickr8k test captions: cosine 0.9998 at worst, text-to-image top-10 overlap on the
-# 1,000 photos 0.973, the same top 1 for 0.969. Its vectors are not open_clip's within 1e-4,
-# as the fp32 towers' are, so it is an option (`int8`), never the default.
+# The text tower with 8-bit weights (ONNX Runtime's dynamic quantisation of every MatMul, Gemm
+# and the token embedding, per output channel): a warm query reads 4x fewer weight bytes.
+# Measured for ViT-B-32 (random weights, one thread, CPU time, busy 2-core machine): 7.1 ms
+# a query against 15.0 ms; its vectors against the fp32 tower's on the 5,000 Flickr8k test
+# captions: cosine 0.9988 at worst; text-to-image top-10 overlap on the 1,000 photos 0.94.
+# Under the 0.95 asked for a default, so it is an option (`int8`), never the default. Weight-
+# only quantisation in blocks of 32 (MatMulNBits) agreed better (0.973) but ran slower: a warm
+# encode of one caption took 9.2 ms against 6.2 ms for this twin and 12.4 ms for fp32 (thread
+# per core, interleaved; 11.9 / 7.5 / 20.1 ms on one thread).
 INT8_TEXT_FILE = "text.int8.onnx"
 BATCH = 32  # texts or images per ONNX Runtime call
 # Threads for a one-shot process's text tower (a `quick` session: `retrieve "..."`). Its one
@@ -265,8 +267,8 @@ def load_text_tower(folder: Path, model_identity: str, quick: bool = False,
     threads = TEXT_THREADS if quick and not for_build else 0
     twin = int8 and entry and entry.get("int8_file")
     file = entry and (twin or entry["file"])
-    # The 8-bit kernels want their weights pre-packed: a `quick` session of the twin took 167 ms
-    # a query against 8 ms, and opened no faster (ViT-B-32).
+    # The twin's integer kernels want their weights pre-packed: a `quick` session of it opened
+    # no faster and ran a query in 12.7 ms against 5.9 ms (ViT-B-32, one thread).
     session = entry and open_session(folder / TOWERS_DIR / file, threads, quick and not twin, spinning=False)
     if session is None:
         return None

@@ -126,7 +126,7 @@ def test_a_long_lived_text_tower_runs_on_every_core_without_spinning(quick, thre
 
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "8-bit"])
 def test_a_one_shot_text_tower_is_quick_but_its_8_bit_twin_pre_packed(int8, exported):
-    """The 8-bit kernels want their weights pre-packed (ViT-B-32: 167 ms a query without)."""
+    """The 8-bit twin's kernels want their weights pre-packed (ViT-B-32: twice as slow without)."""
     encoder, folder = exported
     tower = load_text_tower(folder, encoder.spec.identity, quick=True, int8=int8)
     options = tower.session.get_session_options()
