@@ -15,6 +15,7 @@ import numpy as np
 from .context import Context, model_args
 from .data import QUERY
 from .engine import Index, OnnxImageEncoder, load_image, load_text_tower
+from .int8 import top10_overlap
 from .measure import (
     K,
     log,
@@ -45,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="whole query processes of each kind [default: 5; --quick: 1]")
     parser.add_argument("--memory-queries", type=int, default=200,
                         help="warm text queries [default: 200; --quick: 20]")
+    parser.add_argument("--memory-twin-texts", type=int, default=5000,
+                        help="captions encoded by both text towers for the 8-bit twin's agreement "
+                             "[default: 5000; --quick: 200]")
     parser.add_argument("--memory-batch-sizes", default="32",
                         help="batch sizes of the encode-only ceiling, comma-separated [default: 32]")
 
@@ -94,6 +98,19 @@ def warm_queries(index: Path, texts: list[str]) -> dict:
             figures["encode, build's tower"] = percentiles(
                 time_each(lambda t: tower.encode_texts([t]), texts)[1])
     return figures
+
+
+def twin_agreement(index: Path, texts: list[str]) -> dict:
+    """The 8-bit text tower (`--int8`) against the fp32 one on `texts`: the least cosine between
+    their vectors, and over text-to-image search among the index's images the mean top-10
+    overlap and the share of queries with the same first hit."""
+    with Index.open(index, readonly=True) as exact, Index.open(index, readonly=True, int8=True) as eight_bit:
+        fp32, int8 = (opened.text_encoder.encode_texts(texts) for opened in (exact, eight_bit))
+        _, images = exact.store.all_vectors("image")
+    exact_scores, eight_bit_scores = fp32 @ images.T, int8 @ images.T
+    return {"texts": len(texts), "least_cosine": float((fp32 * int8).sum(axis=1).min()),
+            "top10_overlap": top10_overlap(exact_scores, eight_bit_scores),
+            "same_first_hit": float(np.mean(exact_scores.argmax(axis=1) == eight_bit_scores.argmax(axis=1)))}
 
 
 def ceiling(index: Path, images: list[Path], sizes: list[int]) -> dict:
@@ -151,6 +168,8 @@ def run(context: Context) -> tuple[dict, str]:
         if corpus.texts else [QUERY] * count
     log("memory: warm queries")
     data["warm"] = warm_queries(index, texts)
+    log("memory: the 8-bit text tower's agreement with the fp32 one")
+    data["twin"] = twin_agreement(index, corpus.texts[:200 if args.quick else args.memory_twin_texts])
     log("memory: the image tower's encode-only ceiling")
     data["ceiling"] = ceiling(index, corpus.images, [int(s) for s in args.memory_batch_sizes.split(",") if s])
     log("memory: `retrieve serve`'s resident memory")
@@ -164,6 +183,11 @@ def run(context: Context) -> tuple[dict, str]:
                for kind, f in data["cold"].items()]),
         table(("warm text query", "p50 ms", "p95 ms"),
               [(label, f"{f['p50_ms']:.1f}", f"{f['p95_ms']:.1f}") for label, f in data["warm"].items()]),
+        table(("8-bit text tower (`--int8`) against fp32", "texts", "least cosine", "top-10 overlap",
+               "same first hit"),
+              [("text→image over the index's images", str(data["twin"]["texts"]),
+                f"{data['twin']['least_cosine']:.5f}", f"{data['twin']['top10_overlap']:.3f}",
+                f"{data['twin']['same_first_hit']:.3f}")]),
         table(("encode-only ceiling, ONNX image tower", "images/s", "CPU s/image"),
               [(f"batch {size}", f"{f['images_per_s']:.1f}", f"{f['cpu_s_per_image']:.3f}")
                for size, f in data["ceiling"].items()]),
