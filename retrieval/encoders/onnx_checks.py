@@ -64,6 +64,14 @@ def write_draft(staging: Path, manifest: dict, references: dict[str, np.ndarray]
     (staging / DRAFT).write_text(json.dumps(manifest))
 
 
+def leave_out(manifest: dict, staging: Path, tower: str, reason: NotExported) -> None:
+    """Drop `tower` from the `manifest` being made in `staging`, naming why, and its files."""
+    manifest[tower] = None
+    manifest["skipped"][tower] = str(reason)
+    for path in staging.glob(f"{tower}.onnx*"):
+        path.unlink()
+
+
 def finish_export(staging: Path, target: Path) -> None:
     """Check the towers drafted in `staging` (see `write_draft`), add the text tower's 8-bit
     twin, write the manifest, and rename the folder to `target`. A tower that fails its check
@@ -78,10 +86,7 @@ def finish_export(staging: Path, target: Path) -> None:
             try:
                 check(staging, manifest[tower], references[tower])
             except NotExported as reason:
-                manifest[tower] = None
-                manifest["skipped"][tower] = str(reason)
-                for path in staging.glob(f"{tower}.*onnx*"):
-                    path.unlink()
+                leave_out(manifest, staging, tower, reason)
         (staging / DRAFT).unlink()
         (staging / REFERENCES).unlink()
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -31,7 +31,15 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from ..core.imports import exit_quickly
 from .clip import ClipEncoder, can_trim_padding, encode_trimmed_tokens, load_encoder, text_features
-from .onnx_checks import PROBE_TEXTS, NotExported, finish_export, first_line, probe_images, write_draft
+from .onnx_checks import (
+    PROBE_TEXTS,
+    NotExported,
+    finish_export,
+    first_line,
+    leave_out,
+    probe_images,
+    write_draft,
+)
 from .onnx_towers import (
     FORMAT,
     IMAGE_FILE,
@@ -149,9 +157,7 @@ def _graphs_staged(encoder: ClipEncoder, key: str, target: Path) -> Path:
             try:
                 manifest[tower], references[tower] = export(encoder, staging)
             except NotExported as reason:
-                manifest["skipped"][tower] = str(reason)
-                for path in staging.glob(f"{tower}.onnx*"):
-                    path.unlink()
+                leave_out(manifest, staging, tower, reason)
         write_draft(staging, manifest, references)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -392,7 +392,7 @@ def export_in_child(name: str, pretrained: str | None, fingerprint: str | None) 
     processes of their own: one with torch and the model writes the graphs (`onnx_export`), one
     without checks them and makes the 8-bit twin (`onnx_checks`). So this process never holds
     torch, and neither child holds the model beside the towers' sessions (ViT-B-32's export
-    peaked at 2.1 GB in one process; 2.5 GB in the build's own, before). Whatever goes wrong
+    peaked at 2.6 GB in one process; 1.6 GB now). Whatever goes wrong
     there, the caller finds no towers and loads the model itself, which reports any real cause."""
     written = _run_child("onnx_export", name, pretrained or "")
     try:
