@@ -1,11 +1,14 @@
 """Export a model's image and text towers to ONNX for the torch-free query path (`onnx_towers`).
 
-Every exported tower is checked against the torch model it came from before it is kept: the
-preprocessed pixels and the token ids must be equal (here), the vectors within
-`onnx_checks.TOLERANCE` (there, without torch). A tower that cannot be exported or does not
-pass is left out with one logged line, and its queries load the model as before.
+open_clip's plain ViT towers are written operator by operator (`onnx_graphs`), the text tower
+with its 8-bit twin; any other tower goes to torch's exporters. Every exported tower is checked
+against the torch model it came from before it is kept: the preprocessed pixels and the token
+ids must be equal (here), the vectors within `onnx_checks.TOLERANCE` (there, without torch). A
+tower that cannot be exported or does not pass is left out with one logged line, and its
+queries load the model as before.
 
-Exporting takes seconds (a tiny model) to tens of seconds (ViT-B-32), so each model is
+Exporting takes seconds (a tiny model, ViT-B-32 written) to tens of seconds (torch's
+exporters on ViT-B-32's size), so each model is
 exported once into a cache (`RETRIEVAL_CACHE`, else `$XDG_CACHE_HOME/retrieval`, else
 `~/.cache/retrieval`), keyed by the model's identity and a sample of its weights, and every
 index of that model gets hard links to (or copies of) the cached files.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import warnings
@@ -29,7 +33,6 @@ import numpy as np
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from ..core.imports import exit_quickly
 from .clip import ClipEncoder, can_trim_padding, encode_trimmed_tokens, load_encoder, text_features
 from .onnx_checks import (
     PROBE_TEXTS,
@@ -40,9 +43,11 @@ from .onnx_checks import (
     probe_images,
     write_draft,
 )
+from .onnx_graphs import OPSET, Unsupported, give_back_pages, write_image_graph, write_text_graph
 from .onnx_towers import (
     FORMAT,
     IMAGE_FILE,
+    INT8_TEXT_FILE,
     TEXT_FILE,
     TOWERS_DIR,
     Preprocess,
@@ -56,7 +61,6 @@ from .onnx_towers import (
 from .spec import ModelSpec, weights_fingerprint
 from .tokenizer import ClipTokenizer
 
-OPSET = 17  # of the tracing exporter: LayerNormalization is one operator from opset 17
 # Tracing holds about three passing copies of a tower's weights (the constants it folds, the
 # graph it writes, that graph read back): ViT-B-32's image tower (351 MB) peaked 1.4 GB above
 # the loaded model. Dynamo writes the weights straight to their file (0.1 GB above), but is
@@ -136,6 +140,8 @@ def cache_key(encoder: ClipEncoder) -> str:
             flat = value.detach().reshape(-1)
             sample = flat[::max(1, flat.numel() // 16)][:16].float().cpu().numpy()
             digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode() + sample.tobytes())
+            # each value read maps the pages around it too: ViT-B-32's sample held 95 MB
+            give_back_pages([value])
     return digest.hexdigest()[:32]
 
 
@@ -217,8 +223,12 @@ def _export_image(encoder: ClipEncoder, folder: Path) -> tuple[dict, np.ndarray]
     if ours.shape != tuple(theirs.shape) or np.abs(ours - theirs.numpy()).max() > 1e-5:
         raise NotExported("its preprocessing is not reproduced without torch")
     path = folder / IMAGE_FILE
-    _onnx_export(ImageTower(encoder.model), theirs[:2].to(encoder.device), "pixels", path, ["batch"])
-    expected = encoder.encode_images(probes)
+    try:
+        write_image_graph(encoder.model.visual, path)
+    except Unsupported:
+        _onnx_export(ImageTower(encoder.model), theirs[:2].to(encoder.device), "pixels", path, ["batch"])
+    with _weights_given_back_after_use(encoder.model):
+        expected = encoder.encode_images(probes)
     return {"file": IMAGE_FILE, "dim": int(expected.shape[1]), "preprocess": asdict(preprocess)}, expected
 
 
@@ -232,18 +242,45 @@ def _export_text(encoder: ClipEncoder, folder: Path) -> tuple[dict, np.ndarray]:
     if not np.array_equal(tokens, tokenizer(PROBE_TEXTS).numpy()):
         raise NotExported("its tokenizer is not reproduced without torch")
     trimmed = can_trim_padding(encoder.model)
+    path = folder / TEXT_FILE
+    try:
+        if not trimmed:
+            raise Unsupported("its text tower reads the padding")
+        write_text_graph(encoder.model, path, twin=folder / INT8_TEXT_FILE)
+    except Unsupported:
+        _export_text_by_torch(encoder, tokens, trimmed, path)
+    with _weights_given_back_after_use(encoder.model):
+        expected = encoder.encode_texts(PROBE_TEXTS)
+    return {"file": TEXT_FILE, "dim": int(expected.shape[1]), "context_length": ours.context_length,
+            "trim": trimmed}, expected
+
+
+def _export_text_by_torch(encoder: ClipEncoder, tokens: np.ndarray, trimmed: bool, path: Path) -> None:
+    """The text tower's graph by torch's exporters, for inputs like the probes' `tokens`."""
     example = tokens[:2]  # the first two probes: one long, one short
     axes = ["batch"]
     if trimmed:
         example = example[:, :int(np.flatnonzero(example.any(axis=0)).max()) + 1]
         axes.append("length")
-    path = folder / TEXT_FILE
     with _symbolic_attention(encoder.model) if trimmed else nullcontext(True) as traceable:
         _onnx_export(TextTower(encoder.model, trimmed), torch.from_numpy(example).to(encoder.device),
-                     "tokens", path, axes, max_length=ours.context_length, traceable=traceable)
-    expected = encoder.encode_texts(PROBE_TEXTS)
-    return {"file": TEXT_FILE, "dim": int(expected.shape[1]), "context_length": ours.context_length,
-            "trim": trimmed}, expected
+                     "tokens", path, axes, max_length=encoder.tokenizer.context_length, traceable=traceable)
+
+
+@contextmanager
+def _weights_given_back_after_use(model: torch.nn.Module) -> Iterator[None]:
+    """Meanwhile each part of `model` gives its weights' pages back once it has run (see
+    `give_back_pages`): encoding the probes pages the weights in one block at a time, where
+    it would hold the whole tower (ViT-B-32's image tower: 351 MB)."""
+    def give_back(module: torch.nn.Module, inputs, output) -> None:
+        give_back_pages([*module.parameters(), *module.buffers()])
+
+    hooks = [module.register_forward_hook(give_back) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @contextmanager
@@ -370,5 +407,7 @@ def _traced_export(module: torch.nn.Module, example: torch.Tensor, input_name: s
 
 if __name__ == "__main__":  # export_in_child: python -m retrieval.encoders.onnx_export NAME PRETRAINED
     exported_key, unfinished = write_graphs_for_cache(ModelSpec(sys.argv[1], sys.argv[2] or None))
-    print(json.dumps({"key": exported_key, "staging": unfinished and str(unfinished)}))
-    exit_quickly()
+    print(json.dumps({"key": exported_key, "staging": unfinished and str(unfinished)}), flush=True)
+    # Every file is written and closed. The interpreter's teardown with torch and open_clip
+    # loaded would take a second and grow the process by 0.1 GB (measured: 768 -> 883 MB).
+    os._exit(0)

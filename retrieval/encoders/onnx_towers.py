@@ -37,8 +37,9 @@ MANIFEST = "towers.json"
 SOURCES_DIR = "sources"  # in the cache: weights fingerprint -> cache key, for torch-free lookups
 IMAGE_FILE = "image.onnx"
 TEXT_FILE = "text.onnx"
-# The text tower with 8-bit weights (ONNX Runtime's dynamic quantisation of every MatMul, Gemm
-# and the token embedding, per output channel): a warm query reads 4x fewer weight bytes.
+# The text tower with 8-bit weights (dynamic quantisation of every product by a weight matrix,
+# per output channel: written with the graph by `onnx_graphs`, else by ONNX Runtime's
+# quantiser, which also takes the token embedding): a warm query reads 4x fewer weight bytes.
 # Measured for ViT-B-32 (random weights, one thread, CPU time, busy 2-core machine): 7.1 ms
 # a query against 15.0 ms; its vectors against the fp32 tower's on the 5,000 Flickr8k test
 # captions: cosine 0.9988 at worst; text-to-image top-10 overlap on the 1,000 photos 0.94.
@@ -392,7 +393,7 @@ def export_in_child(name: str, pretrained: str | None, fingerprint: str | None) 
     processes of their own: one with torch and the model writes the graphs (`onnx_export`), one
     without checks them and makes the 8-bit twin (`onnx_checks`). So this process never holds
     torch, and neither child holds the model beside the towers' sessions (ViT-B-32's export
-    peaked at 2.6 GB in one process; 1.6 GB now). Whatever goes wrong
+    peaked at 2.6 GB in one process; 0.86 GB now). Whatever goes wrong
     there, the caller finds no towers and loads the model itself, which reports any real cause."""
     written = _run_child("onnx_export", name, pretrained or "")
     try:

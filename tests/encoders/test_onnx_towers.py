@@ -26,6 +26,7 @@ from retrieval.encoders import onnx_export
 from retrieval.encoders.clip import ClipEncoder, load_encoder
 from retrieval.encoders.onnx_checks import INT8_AGREEMENT
 from retrieval.encoders.onnx_export import cache_key, export_towers, write_graphs_for_cache
+from retrieval.encoders.onnx_graphs import Unsupported
 from retrieval.encoders.onnx_towers import (
     IMAGE_FILE,
     INT8_TEXT_FILE,
@@ -156,9 +157,18 @@ def test_image_tower_equals_open_clip(quick, exported, tiny_model):
     assert load_image_tower(folder, "some-other-model") is None
 
 
-def record_exports(monkeypatch, refuse=lambda exporter, module: None) -> list[tuple[str, str]]:
+def record_exports(monkeypatch, refuse=lambda exporter, module: None, written: bool = False
+                   ) -> list[tuple[str, str]]:
     """From now on, torch's ONNX exports are listed as (exporter, module class) as they are
-    asked for; where `refuse(exporter, module)` gives an exception, it is raised instead."""
+    asked for; where `refuse(exporter, module)` gives an exception, it is raised instead.
+    Unless `written`, every tower goes to torch's exporters, as one that `onnx_graphs` does
+    not write does."""
+    if not written:
+        def unsupported(*args, **kwargs) -> None:
+            raise Unsupported("refused by the test")
+
+        monkeypatch.setattr(onnx_export, "write_image_graph", unsupported)
+        monkeypatch.setattr(onnx_export, "write_text_graph", unsupported)
     export = torch.onnx.export
     asked: list[tuple[str, str]] = []
 
@@ -172,6 +182,18 @@ def record_exports(monkeypatch, refuse=lambda exporter, module: None) -> list[tu
 
     monkeypatch.setattr(torch.onnx, "export", recording)
     return asked
+
+
+def test_open_clips_plain_towers_are_written_without_torchs_exporters(exported, tmp_path, monkeypatch):
+    """The tiny CLIP is a plain ViT: `onnx_graphs` writes both towers (the tests above check
+    their vectors), torch's exporters are never asked."""
+    encoder, _ = exported
+    exporters = record_exports(monkeypatch, written=True)
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    export_towers(encoder, tmp_path)
+    manifest = json.loads((tmp_path / TOWERS_DIR / MANIFEST).read_text())
+    assert manifest["image"] and manifest["text"]["int8_file"] and not manifest["skipped"]
+    assert exporters == []
 
 
 def test_a_tower_that_tracing_cannot_export_is_exported_by_dynamo(exported, tmp_path, monkeypatch):
@@ -207,6 +229,9 @@ def test_the_trimmed_text_tower_is_traced_for_every_length_and_the_model_left_as
     export_towers(encoder, tmp_path)
     assert exporters == [("tracing", "ImageTower"), ("tracing", "TextTower")]
     assert not any("attention" in vars(block) for block in encoder.model.transformer.resblocks)
+    # a tower torch exported gets its 8-bit twin from ONNX Runtime's quantiser
+    assert load_text_tower(tmp_path, encoder.spec.identity, int8=True).session.get_inputs()
+    assert json.loads((tmp_path / TOWERS_DIR / MANIFEST).read_text())["text"]["int8_file"] == INT8_TEXT_FILE
     tower = load_text_tower(tmp_path, encoder.spec.identity)
     assert tower.trim
     expected = encoder.encode_texts(TEXTS)
