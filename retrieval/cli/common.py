@@ -300,15 +300,19 @@ def wait_or_refuse(index_dir: str, wait: bool) -> None:
 
 @contextmanager
 def printing_query_warnings() -> Iterator[None]:
-    """Show the engine's warnings about a query (a term naming no file) as one line each."""
+    """Show the engine's warnings about a query (a term naming no file) as one line each, once
+    the query has run: a query that fails shows its one error line alone."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", QueryWarning)
+        ran = False
         try:
             yield
+            ran = True
         finally:
             for warning in caught:
                 if issubclass(warning.category, QueryWarning):
-                    warn(str(warning.message))
+                    if ran:
+                        warn(str(warning.message))
                 else:
                     warnings.showwarning(warning.message, warning.category, warning.filename,
                                          warning.lineno)

@@ -113,6 +113,9 @@ def test_a_query_term_like_a_missing_file_warns_and_searches_its_words(built, ph
         "warning: query term 'holiday/beach.jpg' names no image, sound or video file; "
         "searched as text"]
     assert run("a red picture", "--index", built)[2] == ""
+    # a query that fails says only why: its one error line
+    code, _, err = run("holiday/beach.jpg", "--image", photo_folder / "notes.txt", "--index", built)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: query image"), err
 
 
 def test_weights_reach_the_fusion(built):
