@@ -22,6 +22,7 @@ import ctypes
 import functools
 import math
 import mmap
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def write_image_graph(visual: torch.nn.Module, path: Path) -> None:
         _write_image_graph(graph, visual)
 
 
-def _write_image_graph(graph: _Graph, visual: torch.nn.Module) -> None:
+def _write_image_graph(graph: _Graph, visual: VisionTransformer) -> None:
     conv = visual.conv1
     pixels = "pixels"
     x = graph.op("Conv", pixels, graph.weight(conv.weight),
@@ -130,7 +131,7 @@ def _write_text_graph(graph: _Graph, model: torch.nn.Module, pool: str) -> None:
                _feature_count(projection, width))
 
 
-def give_back_pages(tensors) -> None:
+def give_back_pages(tensors: Iterable[torch.Tensor | None]) -> None:
     """Hand the pages under `tensors` back to the page cache, so that they stop counting in this
     process's memory. Pages of a mapped file are read again if the tensor is used again; memory
     of the process's own (no file under it, nowhere to page it out to) stays as it is. Nothing
