@@ -243,9 +243,7 @@ def _export_text(encoder: ClipEncoder, folder: Path) -> tuple[dict, np.ndarray]:
         raise NotExported("its tokenizer is not reproduced without torch")
     trimmed = can_trim_padding(encoder.model)
     path = folder / TEXT_FILE
-    try:
-        if not trimmed:
-            raise Unsupported("its text tower reads the padding")
+    try:  # a tower that reads its padding (not `trimmed`) is refused there too
         write_text_graph(encoder.model, path, twin=folder / INT8_TEXT_FILE)
     except Unsupported:
         _export_text_by_torch(encoder, tokens, trimmed, path)

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import open_clip
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, Transformer, VisionTransformer
+
+from .clip import can_trim_padding
 
 OPSET = 17  # LayerNormalization is one operator from opset 17
 ALIGNMENT = 65536  # offsets of weights in `.data`, so that ONNX Runtime can map them
@@ -86,14 +87,11 @@ def write_text_graph(model: torch.nn.Module, path: Path, twin: Path | None = Non
     length), cut after the batch's longest text, -> features. With `twin`, also its 8-bit twin
     there (see `_Graph`): made in the same pass, where ONNX Runtime's quantiser would hold
     the whole fp32 graph several times over (ViT-B-32: 0.9 GB)."""
-    _require(isinstance(model, open_clip.CLIP) and isinstance(model.token_embedding, torch.nn.Embedding)
-             and getattr(model, "attn_mask", None) is not None,
-             "its text tower is not open_clip's causal text transformer")
-    pool = getattr(model, "text_pool_type", None)
-    _require(pool in ("argmax", "eos", "first"), f"its text tower is pooled by {pool!r}")
+    _require(can_trim_padding(model) and isinstance(model.token_embedding, torch.nn.Embedding),
+             "its text tower is not open_clip's causal text transformer pooled at its end or first token")
     _require(model.transformer.get_cast_dtype() == torch.float32, "its text tower computes in low precision")
     with _Graph(path, twin) as graph:
-        _write_text_graph(graph, model, pool)
+        _write_text_graph(graph, model, model.text_pool_type)
 
 
 def _write_text_graph(graph: _Graph, model: torch.nn.Module, pool: str) -> None:
@@ -304,41 +302,40 @@ class _Graph:
         self._add(numpy_helper.from_array(array, name))
         return name
 
-    def weight(self, tensor: torch.Tensor, transpose: bool = False, twin: bool = True) -> str:
-        """A weight of the model (transposed: as the right side of a MatMul), written to the data
-        file, whose pages under `tensor` are then given back; the twin reads it too if `twin`."""
+    def weight(self, tensor: torch.Tensor) -> str:
+        """A weight of the model, for both graphs, written to the fp32 data file; a large one a
+        slice at a time, each slice's pages given back once written (the token embedding is 100 MB)."""
         source = tensor.detach()
-        shaped = source.t() if transpose else source
-        copied = shaped.dtype != torch.float32 or not shaped.is_contiguous() or shaped.dim() == 0
-        if copied:  # transposed or cast: a copy, whole (none of those is large)
-            parts = [shaped.to(torch.float32).contiguous()]
-        else:  # read a slice at a time, each given back once written: the token embedding is 100 MB
-            rows = max(1, CHUNK // (shaped[0].numel() * shaped.element_size()))
-            parts = [shaped[start:start + rows] for start in range(0, len(shaped), rows)]
-        name = self._name("weight")
-        offset = self._append(self._data, [part.numpy() for part in parts],
-                              [source if copied else part for part in parts])
-        proto = _external(name, TensorProto.FLOAT, shaped.shape, f"{self.path.name}.data", offset,
-                          shaped.numel() * 4)
-        self.initializers.append(proto)
-        if twin:
-            self.twin_initializers.append(proto)
-        return name
+        if source.dtype == torch.float32 and source.is_contiguous() and source.dim() > 0:
+            rows = max(1, CHUNK // (source[0].numel() * source.element_size()))
+            parts = [source[start:start + rows] for start in range(0, len(source), rows)]
+            given_back = parts
+        else:  # cast or strided: a copy, whole (none of those is large)
+            parts, given_back = [source.to(torch.float32).contiguous()], [source]
+        proto = self._fp32(parts, given_back, source.shape)
+        self._add(proto)
+        return proto.name
 
     def matmul(self, x: str, tensor: torch.Tensor, transpose: bool = False) -> str:
         """`x` times weight `tensor` (transposed first if `transpose`): in the twin, with the
         weight in 8 bits per output channel and `x` quantised to 8 bits as it comes, the
-        pattern ONNX Runtime fuses into one integer kernel."""
+        pattern ONNX Runtime fuses into one integer kernel. The weight is read once for both."""
+        source = tensor.detach()
+        weights = (source.t() if transpose else source).to(torch.float32).contiguous()  # (in, out)
+        proto = self._fp32([weights], [], weights.shape)
+        self.initializers.append(proto)  # the twin has its own
         output = self._name("MatMul")
-        weight = self.weight(tensor, transpose, twin=False)
-        self.nodes.append(helper.make_node("MatMul", [x, weight], [output]))
-        if self.twin is None:
-            return output
-        weights = (tensor.detach().t() if transpose else tensor.detach()).to(torch.float32).numpy()
+        self.nodes.append(helper.make_node("MatMul", [x, proto.name], [output]))
+        if self.twin is not None:
+            self._integer_matmul(x, weights.numpy(), output)
+        give_back_pages([source])
+        return output
+
+    def _integer_matmul(self, x: str, weights: np.ndarray, output: str) -> None:
+        """The twin's `output` = `x` times `weights` (in, out), in 8 bits."""
         scales = np.abs(weights).max(axis=0) / 127  # (output channels,)
         scales[scales == 0] = 1
         quantised = np.clip(np.rint(weights / scales), -127, 127).astype(np.int8)
-        give_back_pages([tensor])
         name = self._name("int8")
         offset = self._append(self._twin_data, [quantised], [])
         self.twin_initializers += [
@@ -354,7 +351,6 @@ class _Graph:
             helper.make_node("Cast", [product], [real], to=TensorProto.FLOAT),
             helper.make_node("Mul", [x_scale, f"{name}_scale"], [scale]),
             helper.make_node("Mul", [real, scale], [output])]
-        return output
 
     def save(self, input_info: onnx.ValueInfoProto, output_info: onnx.ValueInfoProto) -> None:
         """Write the graph (and its twin) with the given input and output; the last node's
@@ -376,15 +372,21 @@ class _Graph:
         self.initializers.append(proto)
         self.twin_initializers.append(proto)
 
-    def _append(self, data, arrays: list[np.ndarray], read: list[torch.Tensor]) -> int:
+    def _fp32(self, parts: list[torch.Tensor], given_back: list[torch.Tensor], shape) -> TensorProto:
+        """A float32 weight written to the data file from `parts` one after another (see `_append`)."""
+        offset = self._append(self._data, [part.numpy() for part in parts], given_back)
+        return _external(self._name("weight"), TensorProto.FLOAT, shape, f"{self.path.name}.data", offset,
+                         math.prod(shape) * 4)
+
+    def _append(self, data, arrays: list[np.ndarray], given_back: list[torch.Tensor]) -> int:
         """Write `arrays` one after another at the next aligned offset of file `data`, giving
-        back the pages of `read[i]` once `arrays[i]` is written; the offset."""
+        back the pages of `given_back[i]` once `arrays[i]` is written; the offset."""
         offset = -(-data.tell() // ALIGNMENT) * ALIGNMENT
         data.seek(offset)
         for index, array in enumerate(arrays):
             data.write(memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
-            if index < len(read):
-                give_back_pages([read[index]])
+            if index < len(given_back):
+                give_back_pages([given_back[index]])
         return offset
 
     def _name(self, kind: str) -> str:
