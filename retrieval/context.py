@@ -49,8 +49,7 @@ class Encoders:
 
     Images and texts go through the ONNX towers wherever they serve (no torch import: a
     query starts in a fraction of a second, a build holds half the memory); the model is
-    loaded only for what they cannot do: models that do not export, int8 encoding, a GPU,
-    training and video. `one_shot` is for a process that answers one query and exits: its
+    loaded only for what they cannot do: models that do not export, a GPU, training and video. `one_shot` is for a process that answers one query and exits: its
     towers start at once but run slower (see `open_session`)."""
 
     def __init__(self, folder: Path, spec: ModelSpec, settings: Settings, device: str = "auto",
@@ -99,8 +98,7 @@ class Encoders:
     @property
     def images(self) -> ClipEncoder | OnnxImageEncoder:
         """What encodes images (`preprocess`, `input_side`, `encode_preprocessed`,
-        `encode_images`): the ONNX image tower, else the model (for an int8 build: the image
-        tower has no 8-bit twin; a query's one image is quicker on the tower than loading torch).
+        `encode_images`): the ONNX image tower (its 8-bit twin for `int8`), else the model.
         Waits for a tower's session that is still opening."""
         tower = self.image_preprocessing
         if isinstance(tower, OnnxImageEncoder) and not tower.ready():  # a damaged file
@@ -113,7 +111,7 @@ class Encoders:
         """What `images` will be, for its `preprocess` and `input_side`, without waiting for
         a build's tower session, which opens meanwhile (`load_image_tower`). Its pixels suit
         the model too, should the tower turn out not to open."""
-        tower = None if (self.int8 and not self.readonly) or self._wants_model() else self._tower("image")
+        tower = None if self._wants_model() else self._tower("image")
         return tower or self.clip
 
     def release_image_tower(self) -> None:
@@ -133,7 +131,7 @@ class Encoders:
                 self._bring_towers_up_to_date()
             if kind == "image":
                 tower = load_image_tower(self.folder, self.spec.identity, self.one_shot,
-                                         for_build=not self.readonly)
+                                         for_build=not self.readonly, int8=self.int8)
             else:
                 tower = load_text_tower(self.folder, self.spec.identity, self.one_shot,
                                         for_build=not self.readonly, int8=self.int8)

@@ -78,7 +78,8 @@ def caption_options(command):
 @device_option
 @batch_option
 @click.option("--int8", is_flag=True,
-              help="Encode with 8-bit weights on the CPU: faster, vectors within ~1e-3.")
+              help="Encode with 8-bit weights on the CPU: images about 3x faster for ViT models, "
+                   "vectors at cosine 0.99+ with the exact ones.")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
               help="ray: decode and encode images as a Ray Data job (GPUs where the cluster has them).")
 @click.option("--address", help="With --engine ray: the cluster (auto, ray://HOST:PORT) "

@@ -1,5 +1,6 @@
-"""Check freshly exported ONNX towers against open_clip's own vectors, make the text tower's 8-bit
-twin, and put the towers in place: the half of an export that needs no torch.
+"""Check freshly exported ONNX towers and their 8-bit twins against open_clip's own vectors (making
+the text tower's twin where torch exported it), and put the towers in place: the half of an
+export that needs no torch.
 
 `onnx_export` writes the graphs into a staging folder with open_clip's vectors for the probes
 (REFERENCES) and a draft of the manifest (DRAFT); `finish_export` checks each tower there with
@@ -17,7 +18,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .onnx_towers import (
+    INT8_IMAGE_FILE,
     INT8_TEXT_FILE,
     MANIFEST,
     OnnxImageEncoder,
@@ -36,7 +38,7 @@ from .onnx_towers import (
 )
 
 TOLERANCE = 1e-4  # the largest difference from open_clip's normalised vectors a tower may show
-INT8_AGREEMENT = 0.99  # the least cosine to open_clip's vectors the 8-bit text tower may show
+INT8_AGREEMENT = 0.99  # the least cosine to open_clip's vectors an 8-bit twin may show
 PROBE_TEXTS = ["a dog in the park", "x", "", "two cats asleep on a red sofa by the window",
                "ünïcödé 猫 &amp; emoji 😀", "word " * 100]
 REFERENCES = "references.npz"  # open_clip's vectors for the probes, in a staging folder
@@ -73,8 +75,8 @@ def leave_out(manifest: dict, staging: Path, tower: str, reason: NotExported) ->
 
 
 def finish_export(staging: Path, target: Path) -> None:
-    """Check the towers drafted in `staging` (see `write_draft`), add the text tower's 8-bit
-    twin, write the manifest, and rename the folder to `target`. A tower that fails its check
+    """Check the towers drafted in `staging` (see `write_draft`) and their 8-bit twins, write
+    the manifest, and rename the folder to `target`. A tower that fails its check
     is removed and named, with the reason, under the manifest's "skipped"."""
     try:
         manifest = json.loads((staging / DRAFT).read_text())
@@ -110,6 +112,10 @@ def _check_image(staging: Path, entry: dict, expected: np.ndarray) -> None:
     tower = OnnxImageEncoder(_session_or_fail(staging / entry["file"]), preprocess, entry["dim"])
     with _running_export():
         _check((expected, tower.encode_images(probes)), (expected[:1], tower.encode_images(probes[:1])))
+    del tower
+    entry["int8_file"] = _kept_twin(
+        staging / INT8_IMAGE_FILE, expected,
+        lambda session: OnnxImageEncoder(session, preprocess, entry["dim"]).encode_images(probes))
 
 
 def _check_text(staging: Path, entry: dict, expected: np.ndarray) -> None:
@@ -120,25 +126,30 @@ def _check_text(staging: Path, entry: dict, expected: np.ndarray) -> None:
         one_by_one = np.concatenate([tower.encode_texts([text]) for text in PROBE_TEXTS])
     _check((expected, batched), (expected, one_by_one))
     del tower
-    entry["int8_file"] = _int8_twin(staging / entry["file"], expected, entry)
+    twin = staging / INT8_TEXT_FILE
+    if not twin.exists():  # a tower torch exported: ONNX Runtime's quantiser makes its twin
+        _quantised(staging / entry["file"], twin)
+    entry["int8_file"] = _kept_twin(
+        twin, expected, lambda session: OnnxTextEncoder(
+            session, entry["context_length"], entry["trim"], entry["dim"]).encode_texts(PROBE_TEXTS))
 
 
-def _int8_twin(source: Path, expected: np.ndarray, entry: dict) -> str | None:
-    """The 8-bit twin of the text tower in `source` (see INT8_TEXT_FILE), kept when its
-    vectors agree with open_clip's `expected` ones on the probe texts; else None, and
-    `int8` queries use the fp32 tower. A tower written by `onnx_graphs` came with its twin;
-    ONNX Runtime's quantiser makes one for a tower torch exported."""
-    path = source.with_name(INT8_TEXT_FILE)
-    if not path.exists() and not _quantised(source, path):
+def _kept_twin(path: Path, expected: np.ndarray, encode: Callable[[object], np.ndarray]) -> str | None:
+    """The name of the 8-bit twin at `path` (INT8_TEXT_FILE, INT8_IMAGE_FILE), kept when the
+    vectors `encode` makes of the probes with a session of it agree with open_clip's `expected`
+    ones; else None (no twin, or its files removed), and `int8` encoding uses the fp32 tower."""
+    if not path.exists():
         return None
-    session = open_session(path)  # pre-packed, as queries open it (see load_text_tower)
-    tower = session and OnnxTextEncoder(session, entry["context_length"], entry["trim"], entry["dim"])
-    got = tower and tower.encode_texts(PROBE_TEXTS)
+    session = open_session(path)  # pre-packed, as queries and builds open it (see load_text_tower)
+    try:
+        got = None if session is None else encode(session)
+    except Exception:  # ONNX Runtime raises its own kinds for a graph it cannot run
+        got = None
     if got is None or not (got * expected).sum(axis=1).min() >= INT8_AGREEMENT:  # also catches NaN
-        for leftover in path.parent.glob(f"{INT8_TEXT_FILE}*"):
+        for leftover in path.parent.glob(f"{path.name}*"):
             leftover.unlink()
         return None
-    return INT8_TEXT_FILE
+    return path.name
 
 
 def _quantised(source: Path, path: Path) -> bool:

@@ -1,7 +1,7 @@
 """Export a model's image and text towers to ONNX for the torch-free query path (`onnx_towers`).
 
-open_clip's plain ViT towers are written operator by operator (`onnx_graphs`), the text tower
-with its 8-bit twin; any other tower goes to torch's exporters. Every exported tower is checked
+open_clip's plain ViT towers are written operator by operator (`onnx_graphs`), each with its
+8-bit twin; any other tower goes to torch's exporters. Every exported tower is checked
 against the torch model it came from before it is kept: the preprocessed pixels and the token
 ids must be equal (here), the vectors within `onnx_checks.TOLERANCE` (there, without torch). A
 tower that cannot be exported or does not pass is left out with one logged line, and its
@@ -47,6 +47,7 @@ from .onnx_graphs import OPSET, Unsupported, give_back_pages, write_image_graph,
 from .onnx_towers import (
     FORMAT,
     IMAGE_FILE,
+    INT8_IMAGE_FILE,
     INT8_TEXT_FILE,
     TEXT_FILE,
     TOWERS_DIR,
@@ -224,7 +225,7 @@ def _export_image(encoder: ClipEncoder, folder: Path) -> tuple[dict, np.ndarray]
         raise NotExported("its preprocessing is not reproduced without torch")
     path = folder / IMAGE_FILE
     try:
-        write_image_graph(encoder.model.visual, path)
+        write_image_graph(encoder.model.visual, path, twin=folder / INT8_IMAGE_FILE)
     except Unsupported:
         _onnx_export(ImageTower(encoder.model), theirs[:2].to(encoder.device), "pixels", path, ["batch"])
     with _weights_given_back_after_use(encoder.model):

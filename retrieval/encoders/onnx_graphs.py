@@ -43,16 +43,17 @@ class Unsupported(Exception):
     """The tower is not one this module writes; the message says what differs."""
 
 
-def write_image_graph(visual: torch.nn.Module, path: Path) -> None:
+def write_image_graph(visual: torch.nn.Module, path: Path, twin: Path | None = None) -> None:
     """Write `visual` (an open_clip `VisionTransformer` pooled on its class token) as the graph
-    `path` (weights in `path.data`): float32 pixels (batch, 3, height, width) -> features."""
+    `path` (weights in `path.data`): float32 pixels (batch, 3, height, width) -> features.
+    With `twin`, also its 8-bit twin there (see `_Graph`)."""
     _require(type(visual) is VisionTransformer, "its image tower is not open_clip's VisionTransformer")
     _require(visual.attn_pool is None and visual.pool_type == "tok" and not visual.output_tokens,
              "its image tower is not pooled on its class token")
     conv = visual.conv1
     _require(type(conv) is torch.nn.Conv2d and conv.padding_mode == "zeros"
              and isinstance(conv.padding, tuple), "its patch embedding is not a plain convolution")
-    with _Graph(path) as graph:
+    with _Graph(path, twin) as graph:
         _write_image_graph(graph, visual)
 
 

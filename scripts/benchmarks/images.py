@@ -6,15 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .context import Context, model_args
 from .data import limited_view
-from .engine import ClipEncoder, default_workers, load_image, prefetch_map
+from .engine import ClipEncoder, OnnxImageEncoder, default_workers, load_image, prefetch_map
 from .measure import log, run_measured, timed
 from .report import table
 
@@ -40,6 +42,19 @@ def measure_encode_only(encoder: ClipEncoder, batches: int, seed: int) -> dict:
     _, seconds = timed(lambda: [encoder.encode_image_tensors(pixels) for _ in range(batches)])
     images = batches * encoder.batch_size
     return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+
+
+def measure_tower_encode_only(tower: OnnxImageEncoder, pixels: np.ndarray, size: int) -> dict:
+    """An ONNX image tower on pre-decoded `pixels`, `size` at a time after a warm-up batch:
+    images per wall second and CPU seconds per image (which hardly depend on what else the
+    machine runs)."""
+    tower.encode_pixels(pixels[:size])
+    started, cpu_started, done = time.perf_counter(), time.process_time(), 0
+    for start in range(0, len(pixels) - size + 1, size):
+        tower.encode_pixels(pixels[start:start + size])
+        done += size
+    return {"images_per_s": done / (time.perf_counter() - started),
+            "cpu_s_per_image": (time.process_time() - cpu_started) / max(1, done)}
 
 
 def measure_decode(encoder: ClipEncoder, paths: Sequence[Path]) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ import numpy as np
 from .context import Context, model_args
 from .data import QUERY
 from .engine import Index, OnnxImageEncoder, load_image, load_text_tower
+from .images import measure_tower_encode_only
 from .int8 import top10_overlap
 from .measure import (
     K,
@@ -114,24 +114,15 @@ def twin_agreement(index: Path, texts: list[str]) -> dict:
 
 
 def ceiling(index: Path, images: list[Path], sizes: list[int]) -> dict:
-    """The index's ONNX image tower on pre-decoded pixels: images per wall second and CPU
-    seconds per image, per batch size (CPU seconds hardly depend on what else the machine runs)."""
+    """The index's ONNX image tower on pre-decoded pixels, per batch size (see
+    `measure_tower_encode_only`)."""
     with Index.open(index, readonly=True) as opened:
         tower = opened.image_encoder
         if not isinstance(tower, OnnxImageEncoder):
             return {}
         pixels = np.stack([tower.preprocess(load_image(path, min_side=2 * tower.input_side))
                            for path in images[:max(sizes) * 2]])
-        figures = {}
-        for size in sizes:
-            tower.encode_pixels(pixels[:size])  # warm-up
-            started, cpu_started, done = time.perf_counter(), time.process_time(), 0
-            for start in range(0, len(pixels) - size + 1, size):
-                tower.encode_pixels(pixels[start:start + size])
-                done += size
-            figures[size] = {"images_per_s": done / (time.perf_counter() - started),
-                             "cpu_s_per_image": (time.process_time() - cpu_started) / max(1, done)}
-    return figures
+        return {size: measure_tower_encode_only(tower, pixels, size) for size in sizes}
 
 
 def server_memory(index: Path, image: Path, device: str) -> dict:

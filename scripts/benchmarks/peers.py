@@ -120,10 +120,10 @@ class Ours:
     def cli(self, *arguments: str) -> list[str]:
         return [sys.executable, "-m", "retrieval.cli", *arguments]
 
-    def build(self, index: Path) -> Measured:
+    def build(self, index: Path, *options: str) -> Measured:
         return run_sampled(self.cli("index", str(self.photos.folder), "--index", str(index),
                                     "--model", self.spec.name, "--device", "cpu",
-                                    "--batch-size", str(self.args.batch_size), "--quiet", "--json"))
+                                    "--batch-size", str(self.args.batch_size), "--quiet", "--json", *options))
 
     def first_index(self, round_number: int) -> Measured:
         self.index = self.workdir / f"ours-index-{round_number}"
@@ -132,10 +132,12 @@ class Ours:
     def reindex(self, round_number: int) -> Measured:
         return run_sampled(self.cli("index", "--index", str(self.index), "--quiet", "--json"))
 
-    def later_index(self) -> Measured:
+    def later_index(self, int8: bool = False) -> Measured:
         """A new index of the same photos and model, whose towers the first index exported:
-        what every build after a model's first one costs (no peer has a counterpart)."""
-        return self.build(self.workdir / "ours-later")
+        what every build after a model's first one costs (no peer has a counterpart); with
+        `int8`, encoded by the image tower's 8-bit twin (`--int8`)."""
+        options = ["--int8"] if int8 else []
+        return self.build(self.workdir / f"ours-later{'-int8' if int8 else ''}", *options)
 
     def cold_text(self, round_number: int) -> Measured:
         return run_sampled(self.cli(QUERY, "--index", str(self.index), "-k", str(K)))
@@ -330,6 +332,8 @@ def run(context: Context) -> tuple[dict, str]:
             measured[tool.name][step] = summary(runs[tool.name])
     log("peers: our later index (towers cached)")
     later = summary([attempt(tools[0].later_index)])
+    log("peers: our later index with --int8")
+    later_int8 = summary([attempt(lambda: tools[0].later_index(int8=True))])
     queries = generated_captions(args.peers_queries, args.seed)
     log(f"peers: {len(queries)} warm text queries each")
     warm = interleaved({tool.name: lambda r, t=tool: attempt(lambda: t.warm_text(queries))  # noqa: B023
@@ -340,7 +344,7 @@ def run(context: Context) -> tuple[dict, str]:
     data = {"photos": photos.origin, "count": photos.count, "graph": args.peers_graph, "rounds": rounds,
             "batch": args.batch_size, "bare_encode_images_per_s": bare["images_per_s"],
             "versions": {tool.name: tool.version for tool in tools}, "not_measured": missing,
-            "tools": measured, "ours_later_index": later}
+            "tools": measured, "ours_later_index": later, "ours_later_index_int8": later_int8}
     return data, render(data)
 
 
@@ -386,11 +390,12 @@ def render(data: dict) -> str:
     same_graph = [name for name in names if name != "rclip" and "images_per_s" in tools[name]["first_index"]]
     ceiling = [f"{name}'s whole first index reaches "
                f"**{tools[name]['first_index']['images_per_s'] / bare:.2f}** of it" for name in same_graph]
-    later = data.get("ours_later_index", {})
-    if "median_s" in later:
-        ceiling.append(f"{OURS}'s later index of the same model (towers cached) "
-                       f"**{count / later['median_s'] / bare:.2f}** ({later['median_s']:.1f} s, "
-                       f"{mib(later['peak_rss_bytes'])} at its peak)")
+    for key, how in (("ours_later_index", ""), ("ours_later_index_int8", ", with `--int8`")):
+        later = data.get(key, {})
+        if "median_s" in later:
+            ceiling.append(f"{OURS}'s later index of the same model (towers cached{how}) "
+                           f"**{count / later['median_s'] / bare:.2f}** ({later['median_s']:.1f} s, "
+                           f"{mib(later['peak_rss_bytes'])} at its peak)")
     lines = [
         f"Photos: {data['photos']} (no captions); batch {data['batch']}; this project and "
         f"clip-retrieval run the {data['graph']} graph with random weights, rclip its own ViT-B-32-256 "

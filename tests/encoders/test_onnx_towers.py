@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import open_clip
 import pytest
 import torch
@@ -22,14 +23,16 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from support import run_cli_process, write_image
 
-from retrieval import Index
-from retrieval.encoders import onnx_export
+from retrieval import Index, context
+from retrieval.build.reading import preprocess_bytes
+from retrieval.encoders import onnx_checks, onnx_export
 from retrieval.encoders.clip import ClipEncoder, load_encoder
 from retrieval.encoders.onnx_checks import INT8_AGREEMENT
 from retrieval.encoders.onnx_export import cache_key, export_towers, write_graphs_for_cache
 from retrieval.encoders.onnx_graphs import Unsupported
 from retrieval.encoders.onnx_towers import (
     IMAGE_FILE,
+    INT8_IMAGE_FILE,
     INT8_TEXT_FILE,
     MANIFEST,
     STALE_AFTER,
@@ -195,7 +198,8 @@ def test_open_clips_plain_towers_are_written_without_torchs_exporters(exported, 
     monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
     export_towers(encoder, tmp_path)
     manifest = json.loads((tmp_path / TOWERS_DIR / MANIFEST).read_text())
-    assert manifest["image"] and manifest["text"]["int8_file"] and not manifest["skipped"]
+    assert manifest["image"]["int8_file"] == INT8_IMAGE_FILE and not manifest["skipped"]
+    assert manifest["text"]["int8_file"] == INT8_TEXT_FILE
     assert exporters == []
 
 
@@ -232,9 +236,12 @@ def test_the_trimmed_text_tower_is_traced_for_every_length_and_the_model_left_as
     export_towers(encoder, tmp_path)
     assert exporters == [("tracing", "ImageTower"), ("tracing", "TextTower")]
     assert not any("attention" in vars(block) for block in encoder.model.transformer.resblocks)
-    # a tower torch exported gets its 8-bit twin from ONNX Runtime's quantiser
+    # a text tower torch exported gets its 8-bit twin from ONNX Runtime's quantiser; an image
+    # tower none (an int8 build encodes with the fp32 tower)
     assert load_text_tower(tmp_path, encoder.spec.identity, int8=True).session.get_inputs()
-    assert json.loads((tmp_path / TOWERS_DIR / MANIFEST).read_text())["text"]["int8_file"] == INT8_TEXT_FILE
+    manifest = json.loads((tmp_path / TOWERS_DIR / MANIFEST).read_text())
+    assert manifest["text"]["int8_file"] == INT8_TEXT_FILE and manifest["image"]["int8_file"] is None
+    assert not (tmp_path / TOWERS_DIR / INT8_IMAGE_FILE).exists()
     tower = load_text_tower(tmp_path, encoder.spec.identity)
     assert tower.trim
     expected = encoder.encode_texts(TEXTS)
@@ -322,9 +329,27 @@ def test_weights_changed_in_place_get_another_cache_entry(tiny_model, other_tiny
     assert cache_key(load_encoder(spec, "cpu")) != before
 
 
-@pytest.mark.slow  # an int8 build; test_index's int8 option test covers the build itself
-def test_int8_image_tower_is_skipped_with_one_line(tiny_model, tmp_path, caplog, photo_folder):
-    """int8 weights cannot be exported: one line says so, and image queries load the model."""
+@pytest.mark.slow  # two int8 builds; test_index's int8 option test covers the option itself
+def test_an_int8_build_encodes_images_with_the_8_bit_twin(tiny_model, tmp_path, caplog, photo_folder,
+                                                           monkeypatch):
+    """An int8 build encodes its images with the image tower's 8-bit twin and never loads the
+    model. Should the towers have to come from the int8 model itself (the export's child
+    failed), its image tower cannot be exported: one line says so, and image queries load the model."""
+    with Index.open(tmp_path / "twin", model=tiny_model, create=True, int8=True) as index:
+        index.add(photo_folder)
+        assert not index.context.encoders.loaded_clip
+    with Index.open(tmp_path / "twin", readonly=True) as index:
+        ids, stored = index.store.all_vectors("image")
+        rows = index.store.items([int(i) for i in ids])
+        twin, exact = (load_image_tower(tmp_path / "twin", index.spec.identity, int8=int8)
+                       for int8 in (True, False))
+        pixels = [preprocess_bytes(Path(rows[int(i)].uri).read_bytes(), exact.preprocess,
+                                   exact.input_side, 100) for i in ids]
+    assert np.abs(stored - twin.encode_preprocessed(pixels)).max() < 1e-5
+    assert np.abs(stored - exact.encode_preprocessed(pixels)).max() > TOLERANCE
+
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "empty cache"))
+    monkeypatch.setattr(context, "export_in_child", lambda *args: None)
     with caplog.at_level(logging.WARNING), \
             Index.open(tmp_path / "index", model=tiny_model, create=True, int8=True) as index:
         index.add(photo_folder)
@@ -473,7 +498,8 @@ def test_the_towers_are_checked_and_the_8_bit_twin_made_without_torch(tmp_path, 
     assert not staging.exists()
     manifest = json.loads((target / MANIFEST).read_text())
     assert manifest["skipped"] == {} and manifest["text"]["int8_file"] == INT8_TEXT_FILE
-    assert {path.name for path in target.iterdir()} >= {IMAGE_FILE, TEXT_FILE, INT8_TEXT_FILE, MANIFEST}
+    assert {path.name for path in target.iterdir()} >= {IMAGE_FILE, TEXT_FILE, INT8_IMAGE_FILE,
+                                                        INT8_TEXT_FILE, MANIFEST}
 
 
 def test_int8_text_tower_agrees_with_open_clip(exported, tmp_path):
@@ -488,6 +514,37 @@ def test_int8_text_tower_agrees_with_open_clip(exported, tmp_path):
     got = tower.encode_texts(TEXTS)
     assert (got * expected).sum(axis=1).min() >= INT8_AGREEMENT
     assert np.abs(got - expected).max() > TOLERANCE  # the 8-bit weights, not the fp32 tower's
+
+
+def test_int8_image_tower_agrees_with_open_clip(exported, tmp_path):
+    """The export keeps an 8-bit twin of the plain ViT image tower when it agrees with open_clip."""
+    encoder, _ = exported
+    export_towers(encoder, tmp_path)
+    assert json.loads((tmp_path / TOWERS_DIR / MANIFEST).read_text())["image"]["int8_file"] == INT8_IMAGE_FILE
+    images = random_images(40)  # more than one ONNX Runtime batch
+    expected = encoder.encode_images(images)
+    for quick in (False, True):  # a one-shot query's session pre-packs the twin too
+        tower = load_image_tower(tmp_path, encoder.spec.identity, quick, int8=True)
+        got = tower.encode_images(images)
+        assert (got * expected).sum(axis=1).min() >= INT8_AGREEMENT
+        assert np.abs(got - expected).max() > TOLERANCE  # the 8-bit weights, not the fp32 tower's
+        graph = onnx.load(str(tmp_path / TOWERS_DIR / INT8_IMAGE_FILE), load_external_data=False)
+        assert "MatMulInteger" in {node.op_type for node in graph.graph.node}
+
+
+def test_twins_that_disagree_with_open_clip_are_dropped(tmp_path, tiny_model, monkeypatch):
+    """A twin is kept only when its vectors agree with open_clip's on the probes: else its files
+    go, the manifest names none, and int8 encoding uses the fp32 towers."""
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_checks, "INT8_AGREEMENT", 1.01)  # more than any twin can show
+    key, staging = write_graphs_for_cache(ModelSpec.parse(tiny_model))
+    assert {INT8_IMAGE_FILE, INT8_TEXT_FILE} <= {path.name for path in staging.iterdir()}
+    target = tmp_path / "towers"
+    onnx_checks.finish_export(staging, target)
+    manifest = json.loads((target / MANIFEST).read_text())
+    assert manifest["image"]["int8_file"] is None and manifest["text"]["int8_file"] is None
+    assert not list(target.glob("*.int8.*"))
+    assert manifest["skipped"] == {}  # the fp32 towers stay
 
 
 def test_cli_int8_text_query_does_not_import_torch(tmp_path, photo_folder, tiny_model):
