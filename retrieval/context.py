@@ -49,8 +49,9 @@ class Encoders:
 
     Images and texts go through the ONNX towers wherever they serve (no torch import: a
     query starts in a fraction of a second, a build holds half the memory); the model is
-    loaded only for what they cannot do: models that do not export, a GPU, training and video. `one_shot` is for a process that answers one query and exits: its
-    towers start at once but run slower (see `open_session`)."""
+    loaded only for what they cannot do: models that do not export, a GPU, training and
+    video. `one_shot` is for a process that answers one query and exits: its towers start at
+    once but run slower (see `open_session`)."""
 
     def __init__(self, folder: Path, spec: ModelSpec, settings: Settings, device: str = "auto",
                  batch_size: int = 32, int8: bool = False, readonly: bool = False,

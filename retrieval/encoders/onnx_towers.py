@@ -33,7 +33,10 @@ from PIL import Image
 
 from .tokenizer import ClipTokenizer
 
-FORMAT = 2  # 2: plain ViT image towers have an 8-bit twin too; older exports are made again
+FORMAT = 2  # what an export writes. 2: plain ViT image towers have an 8-bit twin too
+# Formats a reader uses: an index whose towers are of format 1 answers queries as before (no
+# image twin); its next build exports the towers of this format (`cached_key`).
+READABLE_FORMATS = (1, 2)
 TOWERS_DIR = "onnx"  # inside an index folder, and inside the export cache
 MANIFEST = "towers.json"
 SOURCES_DIR = "sources"  # in the cache: weights fingerprint -> cache key, for torch-free lookups
@@ -303,7 +306,7 @@ def read_manifest(towers: Path) -> dict | None:
         manifest = json.loads((towers / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") in READABLE_FORMATS else None
 
 
 def open_session(path: Path, threads: int = 0, quick: bool = False, spinning: bool = True):
@@ -364,35 +367,46 @@ def cache_root() -> Path:
 
 def cached_key(fingerprint: str | None) -> str | None:
     """The cache key of towers exported from the weights `weights_fingerprint` describes, when
-    the cache holds them: found without loading the model (or importing torch)."""
+    the cache holds them in the current FORMAT: found without loading the model (or importing
+    torch)."""
+    key = _remembered_key(fingerprint)
+    manifest = key and read_manifest(cache_root() / key)
+    return key if manifest and manifest["format"] == FORMAT else None
+
+
+def _remembered_key(fingerprint: str | None) -> str | None:
     if fingerprint is None:
         return None
     try:
-        key = (cache_root() / SOURCES_DIR / _hashed(fingerprint)).read_text().strip()
+        return (cache_root() / SOURCES_DIR / _hashed(fingerprint)).read_text().strip()
     except OSError:
         return None
-    return key if read_manifest(cache_root() / key) is not None else None
 
 
 def remember_source(fingerprint: str | None, key: str) -> None:
-    """Note that the weights `fingerprint` describes export to the towers cached under `key`."""
+    """Note that the weights `fingerprint` describes export to the towers cached under `key`.
+    Towers cached for them before (an older FORMAT: its key differs) are removed: indexes hold
+    links or copies of their own, and 0.7 GB (ViT-B-32) would otherwise stay for good."""
     if fingerprint is None:
         return
     folder = cache_root() / SOURCES_DIR
+    superseded = _remembered_key(fingerprint)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         staging = folder / f".{_hashed(fingerprint)}.{os.getpid()}"
         staging.write_text(key)
         os.replace(staging, folder / _hashed(fingerprint))
     except OSError:  # no cache to write: the next build loads the model to find its towers
-        pass
+        return
+    if superseded and superseded != key and re.fullmatch("[0-9a-f]{32}", superseded):
+        shutil.rmtree(cache_root() / superseded, ignore_errors=True)
 
 
 def install_cached(key: str, folder: Path) -> bool:
     """Give index folder `folder` the cached towers `key`, unless it has them; False when the
     disk would not take them."""
     present = read_manifest(folder / TOWERS_DIR)
-    if present is not None and present.get("key") == key:
+    if present is not None and present.get("key") == key and present["format"] == FORMAT:
         return True
     try:
         install(cache_root() / key, folder / TOWERS_DIR)

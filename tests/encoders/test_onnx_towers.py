@@ -28,7 +28,7 @@ from retrieval.build.reading import preprocess_bytes
 from retrieval.encoders import onnx_checks, onnx_export
 from retrieval.encoders.clip import ClipEncoder, load_encoder
 from retrieval.encoders.onnx_checks import INT8_AGREEMENT
-from retrieval.encoders.onnx_export import cache_key, export_towers, write_graphs_for_cache
+from retrieval.encoders.onnx_export import cache_key, export_to_cache, export_towers, write_graphs_for_cache
 from retrieval.encoders.onnx_graphs import Unsupported
 from retrieval.encoders.onnx_towers import (
     IMAGE_FILE,
@@ -42,11 +42,12 @@ from retrieval.encoders.onnx_towers import (
     OnnxImageEncoder,
     OnnxTextEncoder,
     Preprocess,
+    cached_key,
     load_image_tower,
     load_text_tower,
     staging_folder,
 )
-from retrieval.encoders.spec import ModelSpec
+from retrieval.encoders.spec import ModelSpec, weights_fingerprint
 from retrieval.encoders.tokenizer import ClipTokenizer
 
 TEXTS = ["a dog in the park", "", "x", "two " * 100, "ünïcödé 猫 text", "it's 3.14 &amp; <b>",
@@ -545,6 +546,51 @@ def test_twins_that_disagree_with_open_clip_are_dropped(tmp_path, tiny_model, mo
     assert manifest["image"]["int8_file"] is None and manifest["text"]["int8_file"] is None
     assert not list(target.glob("*.int8.*"))
     assert manifest["skipped"] == {}  # the fp32 towers stay
+
+
+def test_an_index_with_towers_of_the_older_format_answers_queries_and_its_next_build_updates_them(
+        tmp_path, tiny_model, photo_folder, monkeypatch):
+    """Towers exported before the image twin (format 1) still serve queries without torch; the
+    next build that encodes brings them to the current format, twin and all."""
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    index_dir = tmp_path / "index"
+    with Index.open(index_dir, model=tiny_model, create=True) as index:
+        index.add(photo_folder)
+    towers = index_dir / TOWERS_DIR
+    manifest = json.loads((towers / MANIFEST).read_text())
+    manifest["format"] = 1
+    del manifest["image"]["int8_file"]
+    for path in [towers / MANIFEST, *towers.glob(f"{INT8_IMAGE_FILE}*")]:
+        path.unlink()  # links to the cache's files: not written through
+    (towers / MANIFEST).write_text(json.dumps(manifest))
+    with Index.open(index_dir, readonly=True, int8=True) as reader:
+        assert isinstance(reader.image_encoder, OnnxImageEncoder)  # the fp32 tower: no twin
+        hits = reader.search(image=photo_folder / "beach" / "img0.jpg", target="image", k=1)
+        assert hits[0].uri.endswith("img0.jpg")
+        assert not reader.context.encoders.loaded_clip
+    write_image(photo_folder / "new.jpg", (90, 90, 90))
+    with Index.open(index_dir) as writer:
+        writer.add(photo_folder)
+    manifest = json.loads((towers / MANIFEST).read_text())
+    assert manifest["format"] == 2 and manifest["image"]["int8_file"] == INT8_IMAGE_FILE
+
+
+def test_an_export_of_the_current_format_replaces_an_older_one_in_the_cache(tmp_path, tiny_model,
+                                                                             monkeypatch):
+    """The cache does not offer a writer towers of an older format, and lets them go once the
+    same weights are exported anew (their key differs: the format is part of it)."""
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    spec = ModelSpec.parse(tiny_model)
+    with monkeypatch.context() as older:
+        older.setattr(onnx_export, "FORMAT", 1)
+        export_to_cache(spec)
+    [old] = (tmp_path / "cache" / TOWERS_DIR).glob(f"*/{MANIFEST}")
+    assert json.loads(old.read_text())["format"] == 1
+    assert cached_key(weights_fingerprint(spec)) is None  # a build exports again
+    export_to_cache(spec)
+    key = cached_key(weights_fingerprint(spec))
+    assert key is not None and key != old.parent.name
+    assert not old.parent.exists()
 
 
 def test_cli_int8_text_query_does_not_import_torch(tmp_path, photo_folder, tiny_model):
