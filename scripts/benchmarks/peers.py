@@ -311,6 +311,17 @@ def summary(results: Sequence[object]) -> dict:
             "peak_tree_pss_bytes": max(r.peak_tree_pss_bytes for r in done)}
 
 
+def bare_rate(spec: ModelSpec, args: argparse.Namespace) -> float:
+    """The model's bare torch encode-only rate (images/s), the model let go of afterwards. The run
+    measures it before and after the rounds: this machine's speed drifts within minutes."""
+    log(f"peers: bare encode-only rate of {args.peers_graph}")
+    encoder = load_encoder(spec, "cpu", args.batch_size)
+    rate = measure_encode_only(encoder, args.encode_batches, args.seed)["images_per_s"]
+    del encoder
+    gc.collect()
+    return rate
+
+
 def run(context: Context) -> tuple[dict, str]:
     args = context.args
     count = args.peers_images or (20 if args.quick else 1000)
@@ -318,11 +329,7 @@ def run(context: Context) -> tuple[dict, str]:
     photos = prepare_photos(args, context.workdir, count)
     log(f"peers: {photos.count} photos; writing the models ({args.peers_graph}, random weights)")
     tools, missing = contenders(context, photos)
-    log(f"peers: bare encode-only rate of {args.peers_graph}")
-    encoder = load_encoder(tools[0].spec, "cpu", args.batch_size)
-    bare = measure_encode_only(encoder, args.encode_batches, args.seed)
-    del encoder
-    gc.collect()
+    bare_before = bare_rate(tools[0].spec, args)
     measured: dict[str, dict[str, object]] = {tool.name: {} for tool in tools}
     for step in ("first_index", "reindex", "cold_text", "cold_image"):
         log(f"peers: {step.replace('_', ' ')}, {rounds} interleaved round(s)")
@@ -341,8 +348,10 @@ def run(context: Context) -> tuple[dict, str]:
     for tool in tools:
         result = warm[tool.name][0]
         measured[tool.name]["warm_text"] = {"failed": result.reason} if isinstance(result, Failed) else result
+    bare_after = bare_rate(tools[0].spec, args)
     data = {"photos": photos.origin, "count": photos.count, "graph": args.peers_graph, "rounds": rounds,
-            "batch": args.batch_size, "bare_encode_images_per_s": bare["images_per_s"],
+            "batch": args.batch_size, "bare_encode_images_per_s": (bare_before + bare_after) / 2,
+            "bare_before_and_after": [bare_before, bare_after],
             "versions": {tool.name: tool.version for tool in tools}, "not_measured": missing,
             "tools": measured, "ours_later_index": later, "ours_later_index_int8": later_int8}
     return data, render(data)
@@ -404,7 +413,9 @@ def render(data: dict) -> str:
                *[f"our lead over {name}²" for name in names[1:]]), rows), "",
         table(("warm text query", "p50", "p95"), warm), "",
         f"Bare {data['graph']} encode-only rate in the same run (`encode_image_tensors`, batch "
-        f"{data['batch']}): {bare:.1f} images/s" + ("; " + ", ".join(ceiling) if ceiling else "") + ".", "",
+        f"{data['batch']}, torch): {bare:.1f} images/s, the mean of "
+        f"{' before and '.join(f'{rate:.1f}' for rate in data['bare_before_and_after'])} after the rounds"
+        + ("; against it, " + ", ".join(ceiling) if ceiling else "") + ".", "",
         "¹ This project and rclip: a new process answering one query (rclip with `-n`, skipping its "
         "index update). clip-retrieval has no command-line search: its back end started, to its "
         "first answer (which carries base64 thumbnails, its default).",
