@@ -18,7 +18,7 @@ from support.tiny_model import TINY_MODEL_CFG, write_local_dir_model
 from retrieval.encoders.clip import load_encoder
 from retrieval.encoders.onnx_checks import INT8_AGREEMENT
 from retrieval.encoders.onnx_export import export_towers
-from retrieval.encoders.onnx_graphs import Unsupported, write_image_graph, write_text_graph
+from retrieval.encoders.onnx_graphs import Unsupported, give_back_pages, write_image_graph, write_text_graph
 from retrieval.encoders.onnx_towers import open_session
 from retrieval.encoders.spec import ModelSpec
 
@@ -156,3 +156,23 @@ def test_an_export_gives_the_weights_pages_back(tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
     export_towers(encoder, tmp_path / "index")
     assert mapped_kib(weights) < size // 10
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_pages_given_back_keep_their_values(tmp_path):
+    """A mapped file's pages leave the process (and are mapped again when read); pages of the
+    process's own, a tensor in memory or a mapped page it wrote, keep their values."""
+    expected = torch.arange(1_000_000, dtype=torch.float32)
+    own = expected.clone()
+    give_back_pages([own])
+    assert torch.equal(own, expected)
+    path = tmp_path / "weights.bin"
+    expected.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=expected.numel())
+    assert torch.equal(mapped, expected) and mapped_kib(path) > 3000
+    give_back_pages([mapped])
+    assert mapped_kib(path) < 100
+    assert torch.equal(mapped, expected)  # read again
+    mapped[0] = -1  # now that page is the process's own copy
+    give_back_pages([mapped])
+    assert mapped[0] == -1 and torch.equal(mapped[1:], expected[1:])
