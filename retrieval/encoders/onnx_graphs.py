@@ -7,7 +7,7 @@ operators repeated per block, so they are written here from the live model: each
 copied once, from the mapped checkpoint into the graph's `.data` file, and its pages are given
 back to the page cache at once (`give_back_pages`). The export's process then holds torch and
 about one weight at a time instead of torch and the whole model: ViT-B-32's took 0.86 GB and
-8-15 s against 1.64 GB and 21.5 s with torch's exporters, for graphs as fast in ONNX Runtime
+8-9 s against 1.64 GB and 21.5 s with torch's exporters, for graphs as fast in ONNX Runtime
 (image 19.5-20.0 against 18.5-20.1 images/s; text 95 against 94 captions/s batched, 12.9
 against 12.1 ms a caption alone) whose vectors differ from those graphs' by 2e-6.
 
