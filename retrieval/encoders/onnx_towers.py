@@ -62,7 +62,8 @@ INT8_IMAGE_FILE = "image.int8.onnx"
 # ".<name>.old.<random>") in which nothing changed for this long was left by a killed process:
 # an export writes its files within minutes.
 STALE_AFTER = 3600  # seconds
-_STAGING_NAME = re.compile(rf"^\.([0-9a-f]{{32}}|{TOWERS_DIR})\.")
+_CACHE_KEY = "[0-9a-f]{32}"  # a folder of the cache (onnx_export.cache_key)
+_STAGING_NAME = re.compile(rf"^\.({_CACHE_KEY}|{TOWERS_DIR})\.")
 BATCH = 32  # texts or images per ONNX Runtime call
 # Threads for a one-shot process's text tower (a `quick` session: `retrieve "..."`). Its one
 # query's few tokens are little work: measured for ViT-B-32 on a shared 2-core machine, one
@@ -398,7 +399,7 @@ def remember_source(fingerprint: str | None, key: str) -> None:
         os.replace(staging, folder / _hashed(fingerprint))
     except OSError:  # no cache to write: the next build loads the model to find its towers
         return
-    if superseded and superseded != key and re.fullmatch("[0-9a-f]{32}", superseded):
+    if superseded and superseded != key and re.fullmatch(_CACHE_KEY, superseded):
         shutil.rmtree(cache_root() / superseded, ignore_errors=True)
 
 
